@@ -1,0 +1,102 @@
+"""The pipeline's configuration: typed, validated, loaded from YAML (``configs/default.yaml``).
+
+The command line, the Python API and the Prefect flows all take a :class:`PipelineConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slide_clip.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TissueConfig(_Section):
+    """Tissue detection on the thumbnail; sizes are physical (µm, µm²)."""
+
+    thumbnail_max_side: int = Field(2048, ge=256, le=8192, description="thumbnail's longest side, px")
+    smoothing_um: float = Field(8.0, ge=0)
+    min_saturation: float = Field(0.05, ge=0, le=1)
+    closing_um: float = Field(16.0, ge=0)
+    min_object_um2: float = Field(20_000.0, ge=0)
+    min_hole_um2: float = Field(10_000.0, ge=0)
+    dark_value: float = Field(0.15, ge=0, le=1)
+    exclude_pen: bool = True
+
+
+class TilingConfig(_Section):
+    """The tile grid: exact target resolution and size."""
+
+    target_mpp: float = Field(0.5, gt=0, le=50, description="tile resolution, µm/px")
+    tile_size: int = Field(224, ge=16, le=4096, description="tile side, px at target_mpp")
+    overlap: float = Field(0.0, ge=0, lt=1, description="fraction shared with a neighbour")
+    min_tissue: float = Field(0.25, ge=0, le=1, description="tiles with less tissue are dropped")
+
+
+class EncodeConfig(_Section):
+    """The image encoder and how batches reach it."""
+
+    model: str = "quiltnet-b-32"
+    checkpoint: str | None = None
+    registries: tuple[str, ...] = ()
+    batch_size: int = Field(64, ge=1, le=4096)
+    num_workers: int = Field(2, ge=0, le=64)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    chunk_rows: int = Field(2048, ge=1, description="embedding rows per Zarr chunk")
+    flush_seconds: float = Field(60.0, gt=0, description="longest time between writes")
+
+
+class PipelineConfig(_Section):
+    tissue: TissueConfig = TissueConfig()
+    tiling: TilingConfig = TilingConfig()
+    encode: EncodeConfig = EncodeConfig()
+
+    def with_overrides(self, **sections: dict[str, Any]) -> "PipelineConfig":
+        """A copy with fields replaced, e.g. ``with_overrides(tiling={"tile_size": 256})``.
+
+        ``None`` values are ignored, so command-line options left unset keep the file's.
+        """
+        data = self.model_dump()
+        for section, values in sections.items():
+            data[section].update({k: v for k, v in (values or {}).items() if v is not None})
+        return _validate(data, "overrides")
+
+
+def _validate(data: Any, source: str) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data or {})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"invalid configuration: {where}: {first['msg']}", path=source) from None
+
+
+def load_config(path: str | Path | None = None) -> PipelineConfig:
+    """Read a pipeline config YAML (the project's default when ``path`` is None)."""
+    p = Path(path) if path else DEFAULT_CONFIG
+    if not p.is_file():
+        raise ConfigError("config file not found", path=p)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config is not valid YAML ({e.__class__.__name__})", path=p) from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("config must be a mapping of sections (tissue, tiling, encode)", path=p)
+    cfg = _validate(data, str(p))
+    enc = cfg.encode
+    if enc.registries:  # registry paths in a config file are relative to that file
+        regs = tuple(str((p.parent / r).resolve()) if not Path(r).is_absolute() else r for r in enc.registries)
+        cfg = cfg.with_overrides(encode={"registries": regs})
+    if enc.checkpoint and not Path(enc.checkpoint).is_absolute():
+        cfg = cfg.with_overrides(encode={"checkpoint": str((p.parent / enc.checkpoint).resolve())})
+    return cfg

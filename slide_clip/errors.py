@@ -1,0 +1,43 @@
+"""Errors a user can act on.
+
+Every error raised for a user's bad input is a :class:`SlideClipError`: its text is one
+line that names the file, says what is wrong and what to do. The command line prints that
+line, never a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SlideClipError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+    def __init__(self, problem: str, *, path: str | Path | None = None, hint: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.problem = problem
+        self.hint = hint
+        text = problem if self.path is None else f"{self.path}: {problem}"
+        if hint:
+            text = f"{text}. {hint}" if not text.endswith(".") else f"{text} {hint}"
+        super().__init__(" ".join(text.split()))  # always one line
+
+
+class SlideError(SlideClipError):
+    """The slide cannot be opened, is not a brightfield RGB whole-slide image, or is corrupt."""
+
+
+class MppError(SlideError):
+    """The slide's resolution (micrometres per pixel) is missing or implausible."""
+
+
+class ConfigError(SlideClipError):
+    """A configuration file or option is invalid."""
+
+
+class WeightsError(SlideClipError):
+    """Model weights could not be obtained."""
+
+
+class StoreError(SlideClipError):
+    """A slide store is missing, partial, or does not match the request."""

@@ -1,0 +1,339 @@
+"""Opening whole-slide images and describing them.
+
+Everything OpenSlide reads is accepted: Aperio SVS, generic tiled TIFF, DICOM WSI (a folder
+or any file of the series), Hamamatsu, MIRAX, Philips, Leica, Ventana and the rest. Every
+failure for a user's bad input is a :class:`~slide_clip.errors.SlideError` naming the file.
+
+Resolution is in micrometres per level-0 pixel (µm/px, "mpp"). It comes from the slide's
+metadata unless the caller gives an override; where it came from is recorded.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import openslide
+
+from slide_clip.errors import ConfigError, MppError, SlideError
+
+#: Plausible range of a brightfield scan's level-0 resolution, µm/px. 96 dpi (264.6 µm/px)
+#: and 72 dpi artefacts of image writers fall far outside it.
+MPP_RANGE = (0.05, 20.0)
+
+#: A slide whose level 0 is coarser than the target by more than this factor would need its
+#: tiles upsampled: the result no longer shows the tissue at the target resolution.
+MAX_UPSAMPLE = 1.25
+
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a slide is, as OpenSlide reports it (level-0 pixels unless stated)."""
+
+    path: str
+    name: str
+    vendor: str
+    width: int
+    height: int
+    level_count: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp_x: float | None
+    mpp_y: float | None
+    mpp_source: str  # "metadata", "override" or "missing"
+    objective_power: float | None
+    fingerprint: str
+    associated_images: tuple[str, ...] = field(default=())
+
+    @property
+    def mpp(self) -> float | None:
+        """Mean of mpp x and y, µm per level-0 pixel."""
+        if self.mpp_x is None or self.mpp_y is None:
+            return None
+        return (self.mpp_x + self.mpp_y) / 2
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["level_dimensions"] = [list(x) for x in self.level_dimensions]
+        d["level_downsamples"] = list(self.level_downsamples)
+        d["associated_images"] = list(self.associated_images)
+        return d
+
+
+def slide_id(path: str | Path) -> str:
+    """A slide's identifier: its file name without extension (its folder name for DICOM)."""
+    p = Path(path)
+    if p.is_dir():
+        return p.name
+    name = p.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    if p.suffix.lower() in _DICOM_SUFFIXES:
+        return p.parent.name
+    return p.stem
+
+
+def resolve_slide_path(path: str | Path) -> Path:
+    """The file OpenSlide should open for ``path``.
+
+    A DICOM WSI series is a folder of instances: a folder resolves to its largest
+    ``.dcm`` file (OpenSlide finds the rest of the series beside it).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SlideError("no such file or folder", path=p, hint="Check the path.")
+    if p.is_dir():
+        dcms = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _DICOM_SUFFIXES]
+        if not dcms:
+            raise SlideError(
+                "is a folder without DICOM (.dcm) files",
+                path=p,
+                hint="Give a slide file, or a folder holding one DICOM WSI series.",
+            )
+        return max(dcms, key=lambda f: f.stat().st_size)
+    return p
+
+
+def _float_prop(props, key) -> float | None:
+    try:
+        v = float(props[key])
+    except (KeyError, ValueError, TypeError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _fingerprint(osr: openslide.OpenSlide, file: Path) -> str:
+    """A stable identity of the slide's pixels.
+
+    OpenSlide's quickhash-1 (a hash of the slide's smallest level and metadata) where the
+    format provides one; otherwise a sha256 of the file's size and first and last MiB.
+    """
+    qh = osr.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
+    if qh:
+        return f"quickhash1:{qh}"
+    h = hashlib.sha256()
+    size = file.stat().st_size
+    h.update(str(size).encode())
+    with open(file, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 1 << 20:
+            f.seek(max(size - (1 << 20), 0))
+            h.update(f.read())
+    return f"sha256-ends:{h.hexdigest()}"
+
+
+def open_slide(
+    path: str | Path, mpp_override: float | None = None
+) -> tuple[openslide.OpenSlide, SlideInfo]:
+    """Open a whole-slide image and describe it.
+
+    Parameters
+    ----------
+    path
+        A slide file, or a folder holding one DICOM WSI series.
+    mpp_override
+        Level-0 resolution in µm/px to use instead of the slide's metadata (both axes).
+
+    Returns
+    -------
+    The open OpenSlide handle (the caller closes it) and the slide's :class:`SlideInfo`.
+    The mpp is not checked here; :func:`check_mpp` does that against a target.
+    """
+    file = resolve_slide_path(path)
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(file))
+    except Exception as e:  # noqa: BLE001 - OpenSlide raises several types
+        raise SlideError(f"cannot be read: {e}", path=path) from None
+    if fmt is None:
+        raise SlideError(
+            "is not a whole-slide image OpenSlide can read (a plain image, a non-pyramidal "
+            "or non-RGB TIFF, or a corrupt file)",
+            path=path,
+            hint="Convert it to a pyramidal brightfield TIFF or give the scanner's original file.",
+        )
+    try:
+        osr = openslide.OpenSlide(str(file))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(
+            f"is a {fmt} file OpenSlide cannot open as a brightfield RGB slide",
+            path=path,
+            hint="Fluorescence, multi-channel and 16-bit images are not supported.",
+        ) from None
+    except Exception as e:  # noqa: BLE001
+        raise SlideError(
+            f"is corrupt or truncated ({str(e).strip() or type(e).__name__})",
+            path=path,
+            hint="Copy the file again from its source.",
+        ) from None
+    try:
+        info = _describe(osr, file, path, mpp_override)
+    except Exception:
+        osr.close()
+        raise
+    return osr, info
+
+
+def _describe(osr, file: Path, path, mpp_override) -> SlideInfo:
+    props = osr.properties
+    mpp_x = _float_prop(props, openslide.PROPERTY_NAME_MPP_X)
+    mpp_y = _float_prop(props, openslide.PROPERTY_NAME_MPP_Y)
+    if mpp_override is not None:
+        if not (mpp_override > 0 and math.isfinite(mpp_override)):
+            raise MppError(f"mpp override {mpp_override} is not a positive number", path=path)
+        mpp_x = mpp_y = float(mpp_override)
+        source = "override"
+    elif mpp_x is not None or mpp_y is not None:
+        mpp_x = mpp_x or mpp_y
+        mpp_y = mpp_y or mpp_x
+        source = "metadata"
+    else:
+        source = "missing"
+    try:
+        fingerprint = _fingerprint(osr, file)
+    except OSError as e:
+        raise SlideError(f"cannot be read: {e}", path=path) from None
+    return SlideInfo(
+        path=str(Path(path).expanduser().resolve()),
+        name=slide_id(path),
+        vendor=props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
+        width=int(osr.dimensions[0]),
+        height=int(osr.dimensions[1]),
+        level_count=int(osr.level_count),
+        level_dimensions=tuple((int(w), int(h)) for w, h in osr.level_dimensions),
+        level_downsamples=tuple(float(d) for d in osr.level_downsamples),
+        mpp_x=mpp_x,
+        mpp_y=mpp_y,
+        mpp_source=source,
+        objective_power=_float_prop(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER),
+        fingerprint=fingerprint,
+        associated_images=tuple(sorted(osr.associated_images.keys())),
+    )
+
+
+def slide_info(path: str | Path, mpp_override: float | None = None) -> SlideInfo:
+    """Describe a slide without keeping it open."""
+    osr, info = open_slide(path, mpp_override)
+    osr.close()
+    return info
+
+
+def check_mpp(info: SlideInfo, target_mpp: float) -> tuple[float, float]:
+    """Validate a slide's resolution against the target and return (mpp_x, mpp_y).
+
+    Raises :class:`MppError` when the mpp is missing, implausible, or so much coarser than
+    the target that tiles would have to be upsampled.
+    """
+    if info.mpp_x is None or info.mpp_y is None:
+        raise MppError(
+            "has no resolution (mpp) in its metadata",
+            path=info.path,
+            hint="Give it with --mpp (µm per level-0 pixel) or an --mpp-csv of slide,mpp rows.",
+        )
+    lo, hi = MPP_RANGE
+    for v in (info.mpp_x, info.mpp_y):
+        if not lo <= v <= hi:
+            raise MppError(
+                f"resolution {v:g} µm/px ({info.mpp_source}) is implausible for a slide scan "
+                f"(expected {lo:g}-{hi:g}; 264.6 is a 96-dpi image-writer default)",
+                path=info.path,
+                hint="Give the true resolution with --mpp or --mpp-csv.",
+            )
+    coarse = max(info.mpp_x, info.mpp_y)
+    if coarse > target_mpp * MAX_UPSAMPLE:
+        raise MppError(
+            f"level 0 is {coarse:g} µm/px, far coarser than the target {target_mpp:g} µm/px "
+            f"(tiles would be upsampled {coarse / target_mpp:.1f}x)",
+            path=info.path,
+            hint=f"Use --target-mpp {coarse:g} or coarser, or check the slide's mpp.",
+        )
+    if abs(info.mpp_x - info.mpp_y) / max(info.mpp_x, info.mpp_y) > 0.1:
+        raise MppError(
+            f"pixels are not square (mpp x {info.mpp_x:g}, y {info.mpp_y:g})",
+            path=info.path,
+            hint="Check the slide's metadata or give --mpp.",
+        )
+    return info.mpp_x, info.mpp_y
+
+
+def read_mpp_csv(path: str | Path) -> dict[str, float]:
+    """Read a CSV of per-slide mpp overrides.
+
+    Columns ``slide`` (a path, a file name or a slide id) and ``mpp`` (µm/px). Keys of the
+    returned mapping are the ``slide`` values as given and their slide ids, so a slide is
+    matched by its full path, its file name or its id.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("mpp CSV not found", path=p)
+    out: dict[str, float] = {}
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"slide", "mpp"} <= set(reader.fieldnames):
+            raise ConfigError(
+                "mpp CSV needs the columns 'slide' and 'mpp'", path=p, hint="Add a header row: slide,mpp"
+            )
+        for i, row in enumerate(reader, start=2):
+            try:
+                mpp = float(row["mpp"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"line {i}: mpp {row['mpp']!r} is not a number", path=p) from None
+            key = (row["slide"] or "").strip()
+            if not key:
+                raise ConfigError(f"line {i}: empty slide", path=p)
+            out[key] = mpp
+            out[Path(key).name] = mpp
+            out[slide_id(key)] = mpp
+    return out
+
+
+def lookup_mpp(mpps: dict[str, float], slide_path: str | Path) -> float | None:
+    """The override for ``slide_path`` in a mapping from :func:`read_mpp_csv`, if any."""
+    p = Path(slide_path)
+    for key in (str(p), str(p.expanduser().resolve()), p.name, slide_id(p)):
+        if key in mpps:
+            return mpps[key]
+    return None
+
+
+def find_slides(inputs: list[str | Path], pattern: str | None = None) -> list[Path]:
+    """Expand files and folders into a sorted list of slide paths.
+
+    A folder holding ``.dcm`` files counts as one DICOM slide; other folders are searched
+    (recursively) for files whose extension OpenSlide handles, or ``pattern`` if given.
+    """
+    exts = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
+            ".bif", ".dcm", ".czi", ".jpg", ".jpeg", ".png"}
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if not p.is_dir():
+            found.append(p)
+            continue
+        if any(f.suffix.lower() in _DICOM_SUFFIXES for f in p.iterdir() if f.is_file()):
+            found.append(p)
+            continue
+        dicom_dirs: set[Path] = set()
+        candidates = sorted(p.rglob(pattern)) if pattern else sorted(p.rglob("*"))
+        for f in candidates:
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            if f.suffix.lower() in _DICOM_SUFFIXES:
+                dicom_dirs.add(f.parent)
+            elif pattern or f.suffix.lower() in exts:
+                found.append(f)
+        found.extend(sorted(dicom_dirs))
+    seen: set[str] = set()
+    unique = []
+    for f in found:
+        key = os.path.abspath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique

@@ -1,0 +1,300 @@
+"""The per-slide Zarr v3 store: the one place its layout is written (see docs/FORMAT.md).
+
+::
+
+    <slide_id>.zarr/                     group; attrs: slide_clip, slide, tiling, versions, status
+      tiles/coords          (n, 2) int64    level-0 x, y of each tile's top-left corner
+      tiles/grid            (n, 2) int32    grid row, col
+      tiles/tissue_fraction (n,)   float32
+      tissue/mask           (h, w) bool     thumbnail pixels
+      tissue/thumbnail      (h, w, 3) uint8
+      embeddings/<model>/               group; attrs: model provenance, status, rows_written
+        features            (n, d) float32  L2-normalised, rows in tile order
+
+A store is ``tiled`` once its tile arrays are written; an embedding group is ``partial``
+until its last row is written, then ``complete``. ``rows_written`` only grows after the
+rows it counts are on disk, so a rerun resumes exactly there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from slide_clip.errors import StoreError
+
+FORMAT_VERSION = 1
+STORE_SUFFIX = ".zarr"
+
+STATUS_TILED = "tiled"
+STATUS_PARTIAL = "partial"
+STATUS_COMPLETE = "complete"
+
+#: Rows of embeddings per chunk: thousands of tiles, a few MB for a 512-d float32 model.
+DEFAULT_CHUNK_ROWS = 2048
+
+_COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
+
+
+def store_path(out_dir: str | Path, slide_name: str) -> Path:
+    return Path(out_dir) / f"{slide_name}{STORE_SUFFIX}"
+
+
+def model_key(model_name: str) -> str:
+    """The group name of a model's embeddings: its name with path-unsafe characters replaced."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("slide-clip", "openslide-python", "openslide-bin", "open_clip_torch", "torch", "zarr",
+                "scikit-image", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    try:
+        import openslide
+
+        out["openslide"] = openslide.__library_version__
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+@contextmanager
+def store_lock(path: str | Path):
+    """Hold an exclusive lock on a store while writing (``<store>.lock`` beside it).
+
+    The lock is an OS file lock: a killed writer releases it. A second writer gets a
+    :class:`StoreError` instead of interleaving rows.
+    """
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError("is being written by another process", path=path,
+                             hint="Wait for it to finish, or write to another --out.") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class SlideStore:
+    """Read and write one slide's store."""
+
+    def __init__(self, path: str | Path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | Path) -> "SlideStore":
+        """Open an existing store for reading and appending."""
+        p = Path(path)
+        if not (p / "zarr.json").is_file():
+            raise StoreError("is not a slide-clip store (no zarr.json)", path=p,
+                             hint="Run `slide-clip embed` on the slide first.")
+        try:
+            g = zarr.open_group(str(p), mode="r+", zarr_format=3)
+        except Exception as e:  # noqa: BLE001
+            raise StoreError(f"cannot be opened as Zarr v3 ({e})", path=p) from None
+        if "slide_clip" not in g.attrs:
+            raise StoreError("is a Zarr store but not a slide-clip store", path=p)
+        return cls(p, g)
+
+    @classmethod
+    def create(cls, path: str | Path, slide: dict, tiling: dict) -> "SlideStore":
+        """Create (replacing anything there) a store with its slide and tiling attributes."""
+        p = Path(path)
+        if p.exists():
+            shutil.rmtree(p)
+        g = zarr.open_group(str(p), mode="w", zarr_format=3)
+        g.attrs.update({
+            "slide_clip": {"format_version": FORMAT_VERSION, "created": _now()},
+            "slide": slide,
+            "tiling": tiling,
+            "versions": package_versions(),
+            "status": "tiling",
+        })
+        return cls(p, g)
+
+    # ----------------------------------------------------------------- attributes
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def slide(self) -> dict:
+        return dict(self.group.attrs["slide"])
+
+    @property
+    def tiling(self) -> dict:
+        return dict(self.group.attrs["tiling"])
+
+    @property
+    def status(self) -> str:
+        return str(self.group.attrs.get("status", "unknown"))
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.group["tiles/coords"].shape[0])
+
+    # ----------------------------------------------------------------- tiles
+    def write_tiles(self, coords, grid, tissue_fraction, mask, thumbnail, thumb_attrs: dict) -> None:
+        """Write the tile grid and the tissue mask, then mark the store ``tiled``."""
+        n = int(coords.shape[0])
+        rows = max(1, min(n, 65536))
+        g = self.group
+        g.create_array("tiles/coords", data=np.asarray(coords, dtype=np.int64), chunks=(rows, 2),
+                       compressors=_COMPRESSORS)
+        g.create_array("tiles/grid", data=np.asarray(grid, dtype=np.int32), chunks=(rows, 2),
+                       compressors=_COMPRESSORS)
+        g.create_array("tiles/tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32),
+                       chunks=(rows,), compressors=_COMPRESSORS)
+        g.create_array("tissue/mask", data=np.asarray(mask, dtype=bool), compressors=_COMPRESSORS)
+        g.create_array("tissue/thumbnail", data=np.asarray(thumbnail, dtype=np.uint8),
+                       chunks=(min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3),
+                       compressors=_COMPRESSORS)
+        g["tissue"].attrs.update(thumb_attrs)
+        g.attrs.update({"status": STATUS_TILED, "n_tiles": n})
+
+    def coords(self) -> np.ndarray:
+        return self.group["tiles/coords"][:]
+
+    def grid(self) -> np.ndarray:
+        return self.group["tiles/grid"][:]
+
+    def tissue_fraction(self) -> np.ndarray:
+        return self.group["tiles/tissue_fraction"][:]
+
+    def mask(self) -> np.ndarray:
+        return self.group["tissue/mask"][:]
+
+    def thumbnail(self) -> np.ndarray:
+        return self.group["tissue/thumbnail"][:]
+
+    # ----------------------------------------------------------------- embeddings
+    def models(self) -> list[str]:
+        if "embeddings" not in self.group:
+            return []
+        return sorted(self.group["embeddings"].group_keys())
+
+    def embedding_attrs(self, model: str) -> dict:
+        key = f"embeddings/{model_key(model)}"
+        if key not in self.group:
+            raise StoreError(f"has no embeddings for model {model!r}", path=self.path,
+                             hint=f"Models in it: {', '.join(self.models()) or 'none'}.")
+        return dict(self.group[key].attrs)
+
+    def is_complete(self, model: str) -> bool:
+        key = f"embeddings/{model_key(model)}"
+        return key in self.group and self.group[key].attrs.get("status") == STATUS_COMPLETE
+
+    def embeddings(self, model: str, allow_partial: bool = False) -> np.ndarray:
+        """The model's (n, d) embeddings; raises on a partial store unless ``allow_partial``.
+
+        With ``allow_partial`` only the rows written so far are returned.
+        """
+        attrs = self.embedding_attrs(model)
+        arr = self.group[f"embeddings/{model_key(model)}/features"]
+        if attrs.get("status") != STATUS_COMPLETE:
+            if not allow_partial:
+                raise StoreError(
+                    f"embeddings for {model!r} are partial ({attrs.get('rows_written', 0)} of "
+                    f"{arr.shape[0]} tiles)", path=self.path,
+                    hint="Run `slide-clip embed` again to resume it.",
+                )
+            return arr[: int(attrs.get("rows_written", 0))]
+        return arr[:]
+
+    def begin_embeddings(self, provenance: dict, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> "EmbeddingWriter":
+        """Start or resume writing a model's embeddings.
+
+        A new group is created if none exists or if the existing one was written by other
+        weights (a different ``weights_sha256``), in which case it is replaced.
+        """
+        n = self.n_tiles
+        key = f"embeddings/{model_key(provenance['name'])}"
+        d = int(provenance["embed_dim"])
+        if key in self.group:
+            old = dict(self.group[key].attrs)
+            if old.get("weights_sha256") == provenance["weights_sha256"] and old.get("embed_dim") == d:
+                return EmbeddingWriter(self.group[key], n)
+            del self.group[key]
+        grp = self.group.require_group(key)
+        rows = max(1, min(n, chunk_rows))
+        grp.create_array("features", shape=(n, d), chunks=(rows, d), dtype="float32",
+                         fill_value=np.nan, compressors=_COMPRESSORS)
+        grp.attrs.update({**provenance, "status": STATUS_PARTIAL, "rows_written": 0, "n_tiles": n,
+                          "started": _now()})
+        return EmbeddingWriter(grp, n)
+
+
+class EmbeddingWriter:
+    """Appends rows of embeddings in tile order and records progress.
+
+    Rows are buffered and written a whole chunk at a time (or after ``flush_seconds``), then
+    ``rows_written`` is advanced. The last write marks the group ``complete``.
+    """
+
+    def __init__(self, group: zarr.Group, n_tiles: int, flush_seconds: float = 60.0):
+        self.group = group
+        self.array = group["features"]
+        self.n = n_tiles
+        self.rows_written = int(group.attrs.get("rows_written", 0))
+        self.chunk_rows = int(self.array.chunks[0])
+        self.flush_seconds = flush_seconds
+        self._buf: list[np.ndarray] = []
+        self._buffered = 0
+        self._last_flush = time.monotonic()
+
+    @property
+    def complete(self) -> bool:
+        return self.group.attrs.get("status") == STATUS_COMPLETE
+
+    @property
+    def next_row(self) -> int:
+        """The first row not yet handed to :meth:`append`."""
+        return self.rows_written + self._buffered
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float32)
+        if self.next_row + rows.shape[0] > self.n:
+            raise ValueError("more embedding rows than tiles")
+        self._buf.append(rows)
+        self._buffered += rows.shape[0]
+        end = self.next_row
+        at_chunk_end = end % self.chunk_rows == 0 or end == self.n
+        if at_chunk_end or time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffered:
+            data = np.concatenate(self._buf, axis=0)
+            start = self.rows_written
+            self.array[start:start + data.shape[0]] = data
+            self.rows_written = start + data.shape[0]
+            self._buf, self._buffered = [], 0
+            self.group.attrs.update({"rows_written": self.rows_written, "updated": _now()})
+        self._last_flush = time.monotonic()
+        if self.rows_written == self.n and not self.complete:
+            self.group.attrs.update({"status": STATUS_COMPLETE, "finished": _now()})

@@ -1,0 +1,148 @@
+"""Finding tissue on a low-resolution thumbnail.
+
+Functions take arrays and return arrays. Sizes given to the algorithms are physical
+(µm, µm²) and converted with the thumbnail's resolution, so a mask does not depend on the
+scanner's resolution. Coordinates here are thumbnail pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from skimage import color, filters, morphology
+
+from slide_clip.config import TissueConfig
+
+#: The thumbnail's longest side, pixels: a few thousand at most, whatever the slide's size.
+DEFAULT_THUMBNAIL_MAX_SIDE = 2048
+
+#: Source pixels read at once while building a thumbnail: bounds memory (64 MB of RGBA).
+_STRIP_PIXELS = 16_000_000
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A downsampled RGB picture of the whole slide.
+
+    ``downsample`` is level-0 pixels per thumbnail pixel (x, y); ``mpp`` is µm per
+    thumbnail pixel (mean of both axes).
+    """
+
+    image: np.ndarray  # (h, w, 3) uint8
+    downsample: tuple[float, float]
+    mpp: float | None
+
+
+def read_thumbnail(osr, max_side: int = DEFAULT_THUMBNAIL_MAX_SIDE, mpp: float | None = None) -> Thumbnail:
+    """Read the whole slide at a size whose longest side is ``max_side`` pixels or less.
+
+    Reads the coarsest pyramid level still at least as large as the thumbnail, in strips,
+    so memory stays bounded by the thumbnail and one strip, never by the slide's size.
+    Transparent (unscanned) areas become white.
+    """
+    w0, h0 = osr.dimensions
+    scale = min(1.0, max_side / max(w0, h0))
+    tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+    # Coarsest level whose size is still >= the thumbnail's.
+    level = 0
+    for i, (lw, lh) in enumerate(osr.level_dimensions):
+        if lw >= tw and lh >= th:
+            level = i
+    lw, lh = osr.level_dimensions[level]
+    ds = osr.level_downsamples[level]
+    out = np.empty((th, tw, 3), dtype=np.uint8)
+    # Each band of thumbnail rows maps to a band of level rows; bands resize independently.
+    rows_per_strip = max(1, int(_STRIP_PIXELS / (lw * lh / th)))
+    for ty0 in range(0, th, rows_per_strip):
+        ty1 = min(th, ty0 + rows_per_strip)
+        ly0 = int(math.floor(ty0 * lh / th))
+        ly1 = min(lh, int(math.ceil(ty1 * lh / th)))
+        region = osr.read_region((0, int(round(ly0 * ds))), level, (lw, max(1, ly1 - ly0)))
+        rgb = _rgba_to_rgb_white(region)
+        # Exact box of this band within the level strip, sub-pixel.
+        box = (0.0, ty0 * lh / th - ly0, float(lw), ty1 * lh / th - ly0)
+        band = rgb.resize((tw, ty1 - ty0), Image.Resampling.BOX, box=box)
+        out[ty0:ty1] = np.asarray(band)
+    mpp_thumb = None if mpp is None else mpp * (w0 / tw + h0 / th) / 2
+    return Thumbnail(out, (w0 / tw, h0 / th), mpp_thumb)
+
+
+def _rgba_to_rgb_white(img: Image.Image) -> Image.Image:
+    """Composite an RGBA region onto white (OpenSlide marks unscanned areas transparent)."""
+    if img.mode != "RGBA":
+        return img.convert("RGB")
+    bg = Image.new("RGB", img.size, (255, 255, 255))
+    bg.paste(img, mask=img.getchannel("A"))
+    return bg
+
+
+def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueConfig()) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail.
+
+    Parameters
+    ----------
+    rgb
+        (h, w, 3) uint8 thumbnail, background white.
+    mpp
+        µm per thumbnail pixel; converts the physical sizes in ``params`` to pixels.
+    params
+        Thresholds and sizes.
+
+    Returns
+    -------
+    (h, w) bool array, True on tissue.
+
+    Notes
+    -----
+    Stained tissue is saturated, glass is not: the saturation channel is smoothed and
+    thresholded with Otsu's method (never below ``params.min_saturation``, so a blank slide
+    yields an empty mask). Very dark pixels (folds' cores, dust, slide edges, black ink)
+    and green/cyan ink are removed before morphological clean-up.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError("tissue_mask needs an (h, w, 3) RGB array")
+    hsv = color.rgb2hsv(rgb)
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    sigma = params.smoothing_um / mpp
+    sat_s = filters.gaussian(sat, sigma=sigma) if sigma >= 0.5 else sat
+    candidates = sat_s[val > params.dark_value]
+    if candidates.size == 0 or float(np.ptp(candidates)) < 1e-6:
+        thresh = params.min_saturation
+    else:
+        thresh = max(float(filters.threshold_otsu(candidates)), params.min_saturation)
+    mask = sat_s > thresh
+    artefact = val < params.dark_value
+    if params.exclude_pen:
+        artefact |= (hue > 70 / 360) & (hue < 200 / 360) & (sat > 0.2)
+    mask &= ~morphology.dilation(artefact, morphology.disk(1))
+    r = int(round(params.closing_um / mpp))
+    if r >= 1:
+        mask = morphology.binary_closing(mask, morphology.disk(r))
+    px_area = mpp * mpp
+    mask = morphology.remove_small_holes(mask, max_size=max(1, int(params.min_hole_um2 / px_area)))
+    mask = morphology.remove_small_objects(mask, max_size=max(1, int(params.min_object_um2 / px_area)))
+    return mask.astype(bool)
+
+
+def qc_image(
+    rgb: np.ndarray,
+    mask: np.ndarray,
+    tile_boxes: np.ndarray | None = None,
+) -> Image.Image:
+    """The thumbnail with the tissue outline (green) and kept tiles (blue boxes).
+
+    ``tile_boxes`` is an (n, 4) array of x0, y0, x1, y1 in thumbnail pixels.
+    """
+    img = Image.fromarray(rgb).convert("RGB")
+    draw = ImageDraw.Draw(img, "RGBA")
+    if tile_boxes is not None:
+        for x0, y0, x1, y1 in np.asarray(tile_boxes, dtype=float):
+            draw.rectangle((x0, y0, x1, y1), outline=(30, 80, 255, 200))
+    out = np.asarray(img).copy()
+    edge = mask & ~morphology.binary_erosion(mask, morphology.disk(1))
+    edge = morphology.binary_dilation(edge, morphology.disk(1)) if max(mask.shape) > 600 else edge
+    out[edge] = (0, 200, 0)
+    return Image.fromarray(out)
