@@ -312,7 +312,9 @@ def load_encoder(
             f"model {spec.name!r}: open_clip has no architecture {spec.arch!r}",
             hint="See open_clip.list_models(), or give an 'arch_config' JSON in the registry.",
         )
-    kwargs: dict[str, Any] = {}
+    # require_pretrained: open_clip would otherwise fall back to random weights when a hub
+    # download fails after the config was found.
+    kwargs: dict[str, Any] = {} if spec.random_weights else {"require_pretrained": True}
     if spec.image_mean:
         kwargs["image_mean"] = spec.image_mean
     if spec.image_std:

@@ -152,12 +152,9 @@ def open_slide(
     except Exception as e:  # noqa: BLE001 - OpenSlide raises several types
         raise SlideError(f"cannot be read: {e}", path=path) from None
     if fmt is None:
-        raise SlideError(
-            "is not a whole-slide image OpenSlide can read (a plain image, a non-pyramidal "
-            "or non-RGB TIFF, or a corrupt file)",
-            path=path,
-            hint="Convert it to a pyramidal brightfield TIFF or give the scanner's original file.",
-        )
+        problem, hint = _why_unreadable(file)
+        raise SlideError(problem, path=path, hint=hint)
+    _check_tiff_pixels(file, path)
     try:
         osr = openslide.OpenSlide(str(file))
     except openslide.OpenSlideUnsupportedFormatError:
@@ -178,6 +175,69 @@ def open_slide(
         osr.close()
         raise
     return osr, info
+
+
+def _is_tiff(file: Path) -> bool:
+    with open(file, "rb") as f:
+        return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+_CONVERT = "Convert it to a pyramidal brightfield TIFF, or give the scanner's original file."
+_RECOPY = "Copy the file again from its source."
+
+
+def _why_unreadable(file: Path) -> tuple[str, str]:
+    """Why OpenSlide recognises no format: a plain image, a plain TIFF, or a broken file."""
+    if file.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
+        return "is a plain image, not a whole-slide image (no pyramid, no resolution)", _CONVERT
+    try:
+        if not _is_tiff(file):
+            return "is not a whole-slide image format OpenSlide reads, or the file is corrupt", _CONVERT
+    except OSError as e:
+        return f"cannot be read ({e.strerror})", "Check the file's permissions."
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(file) as tif:
+            page = tif.pages[0]
+            if not page.is_tiled:
+                return "is a plain (untiled, non-pyramidal) TIFF, not a whole-slide image", _CONVERT
+    except Exception:  # noqa: BLE001 - any parse failure means a broken file
+        return "is a corrupt or truncated TIFF", _RECOPY
+    return "is a TIFF that OpenSlide cannot read: corrupt, truncated or an unsupported layout", _RECOPY
+
+
+def _check_tiff_pixels(file: Path, path) -> None:
+    """Refuse TIFF-based slides whose pixels are not 8-bit RGB (fluorescence, 16-bit grey).
+
+    OpenSlide converts any TIFF to RGBA, so a multiplex or 16-bit image would otherwise
+    be read as garbage colours.
+    """
+    try:
+        if not _is_tiff(file):
+            return
+    except OSError:
+        return
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(file) as tif:
+            page = tif.pages[0]
+            spp = int(page.samplesperpixel)
+            bits = int(page.bitspersample)
+            photometric = int(page.photometric)
+            n_pages = len(tif.pages)
+    except Exception:  # noqa: BLE001 - OpenSlide opened it; leave the verdict to reads
+        return
+    rgb_like = photometric in (2, 6) or (photometric == 7 and spp >= 3)  # RGB, YCbCr, CIELab-ish
+    if bits != 8 or spp not in (3, 4) or not rgb_like:
+        kind = f"{spp}-channel" if spp > 1 else "single-channel"
+        extra = " (multiplex fluorescence?)" if spp > 4 or (spp == 1 and n_pages > 4) else ""
+        raise SlideError(
+            f"is a {bits}-bit {kind} image{extra}, not an 8-bit brightfield RGB slide",
+            path=path,
+            hint="slide-clip handles brightfield H&E/IHC RGB slides only.",
+        )
 
 
 def _describe(osr, file: Path, path, mpp_override) -> SlideInfo:

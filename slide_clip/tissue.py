@@ -120,7 +120,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueConfig
     mask &= ~morphology.dilation(artefact, morphology.disk(1))
     r = int(round(params.closing_um / mpp))
     if r >= 1:
-        mask = morphology.binary_closing(mask, morphology.disk(r))
+        mask = morphology.closing(mask, morphology.disk(r))
     px_area = mpp * mpp
     mask = morphology.remove_small_holes(mask, max_size=max(1, int(params.min_hole_um2 / px_area)))
     mask = morphology.remove_small_objects(mask, max_size=max(1, int(params.min_object_um2 / px_area)))
@@ -142,7 +142,7 @@ def qc_image(
         for x0, y0, x1, y1 in np.asarray(tile_boxes, dtype=float):
             draw.rectangle((x0, y0, x1, y1), outline=(30, 80, 255, 200))
     out = np.asarray(img).copy()
-    edge = mask & ~morphology.binary_erosion(mask, morphology.disk(1))
-    edge = morphology.binary_dilation(edge, morphology.disk(1)) if max(mask.shape) > 600 else edge
+    edge = mask & ~morphology.erosion(mask, morphology.disk(1))
+    edge = morphology.dilation(edge, morphology.disk(1)) if max(mask.shape) > 600 else edge
     out[edge] = (0, 200, 0)
     return Image.fromarray(out)
