@@ -18,7 +18,11 @@ import numpy as np
 TEXTURES = {
     "tissue": {"base": (232, 160, 200), "spot": (120, 60, 160), "period": (14.0, 11.0), "cut": 0.55},
     "dense": {"base": (150, 80, 170), "spot": (70, 30, 110), "period": (5.0, 6.0), "cut": 0.2},
+    # Artefacts, not tissue: a green marker stroke and black debris.
+    "green_ink": {"base": (40, 150, 70), "spot": (30, 130, 60), "period": (9.0, 9.0), "cut": 0.9},
+    "black": {"base": (15, 15, 18), "spot": (25, 25, 25), "period": (9.0, 9.0), "cut": 0.9},
 }
+ARTEFACTS = frozenset({"green_ink", "black"})
 GLASS = (243, 241, 246)
 
 
@@ -66,15 +70,22 @@ class Scene:
         return np.clip(out, 0, 255).astype(np.uint8)
 
     def truth(self, shape: tuple[int, int], texture: str | None = None) -> np.ndarray:
-        """Ground-truth mask (h, w) of the whole slide at a scale, True inside regions."""
+        """Ground-truth mask (h, w) of the whole slide at a scale.
+
+        True where tissue shows (of ``texture`` only, if given); artefacts painted later
+        cover what lies under them.
+        """
         h, w = shape
         xs = (np.arange(w) + 0.5) * self.width / w
         ys = (np.arange(h) + 0.5) * self.height / h
         X, Y = np.meshgrid(xs, ys)
         m = np.zeros(shape, dtype=bool)
         for r in self.regions:
-            if texture is None or r.texture == texture:
-                m |= r.contains(X, Y)
+            inside = r.contains(X, Y)
+            if r.texture in ARTEFACTS or (texture is not None and r.texture != texture):
+                m &= ~inside
+            else:
+                m |= inside
         return m
 
 

