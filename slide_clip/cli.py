@@ -27,8 +27,15 @@ _state = {"debug": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of unexpected errors.")):
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of unexpected errors and library logs.")):
+    import logging
+    import warnings
+
     _state["debug"] = debug
+    if not debug:  # open_clip and the hub client log warnings that our own errors explain better
+        logging.basicConfig(level=logging.CRITICAL)
+        logging.getLogger().setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _fail(message: str, code: int = 2):

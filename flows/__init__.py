@@ -1,0 +1,1 @@
+"""Prefect flows: which slides, in what order, with what concurrency (to come)."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over slide_clip, one module per pipeline stage (to come)."""

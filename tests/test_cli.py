@@ -1,0 +1,148 @@
+"""The slide-clip command line, run as a user runs it: a real process, real files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slide_clip.store import SlideStore
+from slide_clip.synthetic import Region, Scene
+
+CLI = [sys.executable, "-m", "slide_clip.cli"]
+
+
+def run(*args, timeout=600):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_help_reads_well():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("info", "embed", "models"):
+        assert cmd in r.stdout
+    r = run("embed", "--help")
+    for opt in ("--out", "--config", "--model", "--mpp", "--mpp-csv", "--tile-size", "--target-mpp",
+                "--batch-size", "--workers", "--device", "--checkpoint"):
+        assert opt in r.stdout
+
+
+def test_info_prints_metadata_table(cmu_svs, cmu_dicom):
+    r = run("info", cmu_svs, cmu_dicom)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["slide", "vendor", "size", "levels"]
+    assert "CMU-1-Small-Region" in lines[1] and "aperio" in lines[1] and "2220x2967" in lines[1]
+    assert "0.499" in lines[1] and "dicom" in lines[2]
+    r = run("info", "--json", cmu_svs)
+    assert json.loads(r.stdout)["mpp_x"] == pytest.approx(0.499)
+
+
+def test_info_bad_path_is_one_line():
+    r = run("info", "/no/such/slide.svs")
+    assert r.returncode == 1
+    assert r.stderr.strip() == "error: /no/such/slide.svs: no such file or folder. Check the path."
+
+
+def test_models_lists_registry():
+    r = run("models")
+    assert r.returncode == 0 and "quiltnet-b-32" in r.stdout and "biomedclip" in r.stdout
+
+
+def test_multi_slide_run_goes_on_past_bad_slides(tmp_path, cmu_svs, make_slide, tiny_registry):
+    good, _ = make_slide("tissue_0.5", mpp=0.5)
+    no_mpp, _ = make_slide("no_mpp", write_mpp=None)
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"\x00" * 4096)
+    out = tmp_path / "out"
+    r = run("embed", good, cmu_svs, broken, no_mpp, tmp_path / "missing.svs", "--out", out,
+            "--models", tiny_registry, "--model", "tiny", "--batch-size", "16", "--workers", "1",
+            "--device", "cpu")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr + r.stdout
+    status = dict(line.split("\t")[:2] for line in r.stdout.strip().splitlines()[1:])
+    assert status == {"tissue_0.5": "ok", "CMU-1-Small-Region": "ok", "broken": "failed",
+                      "no_mpp": "failed", "missing": "failed"}
+    assert "no_mpp.tif: has no resolution (mpp) in its metadata" in r.stdout
+    assert "--mpp" in r.stdout
+    for name in ("tissue_0.5", "CMU-1-Small-Region"):
+        assert SlideStore.open(out / f"{name}.zarr").is_complete("tiny")
+    # the missing mpp given as a CSV override: now it runs
+    csv = tmp_path / "mpp.csv"
+    csv.write_text(f"slide,mpp\n{no_mpp.name},0.5\n")
+    r = run("embed", no_mpp, "--out", out, "--mpp-csv", csv, "--models", tiny_registry, "--model", "tiny",
+            "--workers", "0", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert SlideStore.open(out / "no_mpp.zarr").slide["mpp_source"] == "override"
+
+
+def test_unknown_model_is_one_line(tmp_path, make_slide):
+    good, _ = make_slide("tissue_0.5", mpp=0.5)
+    r = run("embed", good, "--out", tmp_path, "--model", "nonesuch")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: unknown model 'nonesuch'")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_option_value_is_one_line(tmp_path, make_slide):
+    good, _ = make_slide("tissue_0.5", mpp=0.5)
+    r = run("embed", good, "--out", tmp_path, "--tile-size", "3")
+    assert r.returncode == 2 and "tiling.tile_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def _rows_written(store: Path) -> int:
+    meta = store / "embeddings" / "tiny" / "zarr.json"
+    try:
+        return int(json.loads(meta.read_text())["attributes"]["rows_written"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_killed_run_resumes_to_an_identical_store(tmp_path, make_slide, tiny_registry):
+    scene = Scene(6000, 4000, (Region("rect", (0, 0, 6000, 4000)),))
+    slide, _ = make_slide("big_tissue", mpp=0.5, scene=scene)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        "encode:\n  model: tiny\n  batch_size: 8\n  num_workers: 1\n  device: cpu\n  chunk_rows: 16\n"
+        f"  registries: [{tiny_registry}]\n"
+    )
+    args = [slide, "--config", config, "--no-progress"]
+    ref = run("embed", *args, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    reference = SlideStore.open(tmp_path / "ref" / "big_tissue.zarr")
+    n = reference.n_tiles
+    assert n > 300
+
+    out = tmp_path / "killed"
+    store = out / "big_tissue.zarr"
+    proc = subprocess.Popen([*CLI, "embed", *map(str, args), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while _rows_written(store) < 48 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _rows_written(store)
+    assert 48 <= killed_at < n, f"the run was not interrupted mid-slide ({killed_at} of {n})"
+
+    partial = SlideStore.open(store)
+    assert not partial.is_complete("tiny")
+    with pytest.raises(Exception, match="partial"):
+        partial.embeddings("tiny")
+    assert partial.embeddings("tiny", allow_partial=True).shape[0] == killed_at
+
+    resumed = run("embed", *args, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{n - killed_at} encoded" in resumed.stderr
+    final = SlideStore.open(store)
+    assert final.is_complete("tiny")
+    assert np.array_equal(final.coords(), reference.coords())
+    a, b = final.embeddings("tiny"), reference.embeddings("tiny")
+    assert not np.isnan(a).any()
+    assert np.array_equal(a, b)
