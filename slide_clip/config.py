@@ -56,10 +56,28 @@ class EncodeConfig(_Section):
     flush_seconds: float = Field(60.0, gt=0, description="longest time between writes")
 
 
+class ScoringConfig(_Section):
+    """Slide-level aggregation of tile scores."""
+
+    topk: int = Field(50, ge=1, description="k of the top-k pooled slide score, fixed in advance")
+    decision: Literal["topk", "mean", "area"] = Field(
+        "topk", description="which slide score decides the predicted label")
+
+
+class HeatmapConfig(_Section):
+    """Heatmap rendering (always at thumbnail scale)."""
+
+    smoothing_tiles: float = Field(0.0, ge=0, description="Gaussian sigma over neighbouring tiles; 0 = none")
+    colormap: str = Field("viridis", description="a perceptual matplotlib colormap")
+    alpha: float = Field(0.55, ge=0, le=1, description="opacity of the probability overlay")
+
+
 class PipelineConfig(_Section):
     tissue: TissueConfig = TissueConfig()
     tiling: TilingConfig = TilingConfig()
     encode: EncodeConfig = EncodeConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    heatmap: HeatmapConfig = HeatmapConfig()
 
     def with_overrides(self, **sections: dict[str, Any]) -> "PipelineConfig":
         """A copy with fields replaced, e.g. ``with_overrides(tiling={"tile_size": 256})``.
@@ -91,7 +109,7 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"config is not valid YAML ({e.__class__.__name__})", path=p) from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError("config must be a mapping of sections (tissue, tiling, encode)", path=p)
+        raise ConfigError("config must be a mapping of sections (tissue, tiling, encode, scoring, heatmap)", path=p)
     cfg = _validate(data, str(p))
     enc = cfg.encode
     if enc.registries:  # registry paths in a config file are relative to that file

@@ -254,9 +254,20 @@ def embed_slides(
             r = _failed(s, f"{s}: unexpected error: {detail}", t0)
             r.extra["traceback"] = traceback.format_exc()
         results.append(r)
+        _write_status(out_dir, r)
         if on_result:
             on_result(r)
     return results
+
+
+def _write_status(out_dir, r: SlideResult) -> None:
+    """Record what happened to a slide in ``out/status/<slide_id>.json`` (read by summaries)."""
+    import json
+
+    d = Path(out_dir) / "status"
+    d.mkdir(parents=True, exist_ok=True)
+    data = {k: v for k, v in r.to_dict().items() if k != "extra"}
+    (d / f"{r.name}.json").write_text(json.dumps(data, indent=1))
 
 
 def _failed(slide, message: str, t0: float) -> SlideResult:

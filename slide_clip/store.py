@@ -10,6 +10,11 @@
       tissue/thumbnail      (h, w, 3) uint8
       embeddings/<model>/               group; attrs: model provenance, status, rows_written
         features            (n, d) float32  L2-normalised, rows in tile order
+      scores/<model>/<set>/             group; attrs: kind, classes, prompt_hash, logit_scale, ...
+        logits              (n, c) float32  logit_scale x cosine similarity
+        probs               (n, c) float32  softmax over classes
+        grid                (c, rows, cols) float32  per-class probability per grid cell, NaN off tissue
+        classifier          (c, d) float32  the class embeddings used (L2-normalised rows)
 
 A store is ``tiled`` once its tile arrays are written; an embedding group is ``partial``
 until its last row is written, then ``complete``. ``rows_written`` only grows after the
@@ -50,7 +55,7 @@ def store_path(out_dir: str | Path, slide_name: str) -> Path:
 
 
 def model_key(model_name: str) -> str:
-    """The group name of a model's embeddings: its name with path-unsafe characters replaced."""
+    """The group name of a model (or a score set): its name with path-unsafe characters replaced."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
 
 
@@ -247,6 +252,47 @@ class SlideStore:
         grp.attrs.update({**provenance, "status": STATUS_PARTIAL, "rows_written": 0, "n_tiles": n,
                           "started": _now()})
         return EmbeddingWriter(grp, n)
+
+
+    # ----------------------------------------------------------------- scores
+    def write_scores(self, model: str, set_name: str, logits, probs, classifier, attrs: dict,
+                     grid=None) -> None:
+        """Write (replacing) a score set: tile logits and probabilities, the classifier used and
+        (optionally) the (classes, rows, cols) probability grid of the heatmaps."""
+        key = f"scores/{model_key(model)}/{model_key(set_name)}"
+        if key in self.group:
+            del self.group[key]
+        grp = self.group.require_group(key)
+        n, c = np.asarray(probs).shape
+        rows = max(1, min(n, 65536))
+        grp.create_array("logits", data=np.asarray(logits, np.float32), chunks=(rows, c), compressors=_COMPRESSORS)
+        grp.create_array("probs", data=np.asarray(probs, np.float32), chunks=(rows, c), compressors=_COMPRESSORS)
+        grp.create_array("classifier", data=np.asarray(classifier, np.float32), compressors=_COMPRESSORS)
+        if grid is not None:
+            grp.create_array("grid", data=np.asarray(grid, np.float32), compressors=_COMPRESSORS)
+        grp.attrs.update({**attrs, "set": set_name, "model": model, "created": _now(), "status": STATUS_COMPLETE})
+
+    def score_sets(self, model: str | None = None) -> list[tuple[str, str]]:
+        """(model key, set key) of every score set, or of one model's."""
+        if "scores" not in self.group:
+            return []
+        out = []
+        for mk in sorted(self.group["scores"].group_keys()):
+            if model is not None and mk != model_key(model):
+                continue
+            for sk in sorted(self.group[f"scores/{mk}"].group_keys()):
+                out.append((mk, sk))
+        return out
+
+    def scores(self, model: str, set_name: str) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(probs, logits, attrs) of a score set."""
+        key = f"scores/{model_key(model)}/{model_key(set_name)}"
+        if key not in self.group:
+            have = ", ".join(f"{m}/{s}" for m, s in self.score_sets()) or "none"
+            raise StoreError(f"has no scores {set_name!r} for model {model!r}", path=self.path,
+                             hint=f"Run `slide-clip zeroshot` or `fewshot` first (score sets in it: {have}).")
+        g = self.group[key]
+        return g["probs"][:], g["logits"][:], dict(g.attrs)
 
 
 class EmbeddingWriter:

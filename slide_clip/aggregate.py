@@ -1,0 +1,84 @@
+"""Slide-level aggregation of tile scores, and cohort tables (pandas)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from slide_clip.zeroshot import softmax
+
+
+def slide_scores(
+    probs: np.ndarray,
+    logits: np.ndarray,
+    tissue_fraction: np.ndarray,
+    class_names: list[str],
+    *,
+    topk: int = 50,
+    decision: str = "topk",
+) -> dict:
+    """Per-class slide scores and the predicted label.
+
+    Returns a dict with, per class: ``mean_prob`` (mean tile probability), ``area_fraction``
+    (share of the tissue area, weighting each tile by its tissue fraction, whose tiles' top
+    class is this class), ``topk_logit`` (mean of the k highest tile logits; k = ``topk``,
+    or every tile when there are fewer) and ``slide_prob`` (softmax of the top-k logits over
+    classes: logits already carry the model's logit scale). ``predicted`` is the class
+    with the highest ``decision`` score (``topk`` → slide_prob, ``mean`` → mean_prob,
+    ``area`` → area_fraction); None for a slide without tiles.
+    """
+    n, c = probs.shape if probs.ndim == 2 else (0, len(class_names))
+    if n == 0:
+        nan = {k: float("nan") for k in class_names}
+        return {"mean_prob": nan, "area_fraction": dict(nan), "topk_logit": dict(nan), "slide_prob": dict(nan),
+                "predicted": None, "k": 0, "decision": decision}
+    mean_prob = probs.mean(axis=0)
+    top = probs.argmax(axis=1)
+    w = np.asarray(tissue_fraction, np.float64)
+    area = np.array([w[top == i].sum() for i in range(c)]) / max(w.sum(), 1e-12)
+    k = min(topk, n)
+    topk_logit = np.sort(logits, axis=0)[-k:].mean(axis=0)
+    slide_prob = softmax(topk_logit[None, :])[0]
+    decide = {"topk": slide_prob, "mean": mean_prob, "area": area}[decision]
+
+    def named(v):
+        return {name: float(x) for name, x in zip(class_names, v)}
+
+    return {"mean_prob": named(mean_prob), "area_fraction": named(area), "topk_logit": named(topk_logit),
+            "slide_prob": named(slide_prob), "predicted": class_names[int(np.argmax(decide))], "k": int(k),
+            "decision": decision}
+
+
+def summary_row(summary: dict) -> dict:
+    """Flatten a per-slide summary JSON into one table row."""
+    row = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    for metric in ("mean_prob", "area_fraction", "slide_prob", "topk_logit"):
+        for cls, v in (summary.get(metric) or {}).items():
+            row[f"{metric}:{cls}"] = v
+    return row
+
+
+def cohort_table(summaries: list[dict]) -> pd.DataFrame:
+    """One row per slide (failed slides included, with their error), sorted by slide id."""
+    rows = [summary_row(s) for s in summaries]
+    df = pd.DataFrame(rows)
+    if "slide_id" in df:
+        df = df.sort_values("slide_id", kind="stable").reset_index(drop=True)
+    return df
+
+
+def write_cohort_table(df: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:
+    """Write ``<stem>.csv`` and ``<stem>.parquet``."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    csv, parquet = stem.with_suffix(".csv"), stem.with_suffix(".parquet")
+    df.to_csv(csv, index=False)
+    df.to_parquet(parquet, index=False)
+    return csv, parquet
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

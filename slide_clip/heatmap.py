@@ -1,0 +1,130 @@
+"""Heatmaps of tile probabilities, always at thumbnail or tile-grid scale.
+
+Memory never depends on the slide's full resolution: grids are (rows, cols) of tiles, and
+pictures are the size of the stored thumbnail. Frames: ``grid`` arrays are grid cells at
+the stride spacing; ``value_map``/overlays are thumbnail pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+
+def probability_grid(grid_rc: np.ndarray, values: np.ndarray, grid_shape, overlap: float = 0.0) -> np.ndarray:
+    """Per-cell mean of tile values on the grid; NaN where no tile (outside tissue).
+
+    Cells are stride-sized. With overlap, a tile covers ``round(1 / (1 - overlap))`` cells a
+    side and overlapping tiles' values are averaged.
+    """
+    rows, cols = (int(x) for x in grid_shape)
+    m = max(1, int(round(1.0 / (1.0 - overlap))))
+    total = np.zeros((rows + m - 1, cols + m - 1), np.float64)
+    count = np.zeros_like(total)
+    r, c = np.asarray(grid_rc[:, 0], int), np.asarray(grid_rc[:, 1], int)
+    v = np.asarray(values, np.float64)
+    for dr in range(m):
+        for dc in range(m):
+            np.add.at(total, (r + dr, c + dc), v)
+            np.add.at(count, (r + dr, c + dc), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = total / count
+    out[count == 0] = np.nan
+    return out
+
+
+def smooth_grid(grid: np.ndarray, sigma_tiles: float) -> np.ndarray:
+    """Gaussian smoothing over neighbouring tiles that ignores (and keeps) NaN cells."""
+    if sigma_tiles <= 0:
+        return grid
+    valid = ~np.isnan(grid)
+    num = ndimage.gaussian_filter(np.where(valid, grid, 0.0), sigma_tiles, mode="constant")
+    den = ndimage.gaussian_filter(valid.astype(np.float64), sigma_tiles, mode="constant")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = num / den
+    out[~valid] = np.nan
+    return out
+
+
+def grid_to_thumbnail(grid: np.ndarray, stride_level0, thumb_shape, thumb_downsample) -> np.ndarray:
+    """Sample a cell grid at every thumbnail pixel (nearest cell): (h, w) float, NaN off-grid."""
+    h, w = thumb_shape
+    ys = (np.arange(h) + 0.5) * thumb_downsample[1]
+    xs = (np.arange(w) + 0.5) * thumb_downsample[0]
+    ri = np.floor(ys / stride_level0[1]).astype(int)
+    ci = np.floor(xs / stride_level0[0]).astype(int)
+    rows, cols = grid.shape
+    out = np.full((h, w), np.nan)
+    rv, cv = (ri >= 0) & (ri < rows), (ci >= 0) & (ci < cols)
+    out[np.ix_(rv, cv)] = grid[np.ix_(ri[rv], ci[cv])]
+    return out
+
+
+def overlay(thumbnail: np.ndarray, mask: np.ndarray, value_map: np.ndarray, colormap: str = "viridis",
+            alpha: float = 0.55, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
+    """The thumbnail with ``value_map`` drawn in ``colormap`` only inside tissue (uint8 RGB)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps[colormap]
+    norm = np.clip((np.nan_to_num(value_map, nan=0.0) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    colour = (cmap(norm)[..., :3] * 255).astype(np.float32)
+    draw = mask & ~np.isnan(value_map)
+    out = thumbnail.astype(np.float32)
+    out[draw] = (1 - alpha) * out[draw] + alpha * colour[draw]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def render_png(image: np.ndarray, path: str | Path, title: str, colormap: str = "viridis",
+               label: str = "probability") -> Path:
+    """Save an overlay picture with a colour bar and a title (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib import cm, colors
+
+    h, w = image.shape[:2]
+    dpi = 100
+    scale = min(1.0, 1600 / max(h, w))  # the picture is at most 1600 px: never slide-sized
+    fig_w, fig_h = w * scale / dpi + 1.4, h * scale / dpi + 0.6
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=dpi)
+    ax.imshow(image, interpolation="antialiased")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=11)
+    sm = cm.ScalarMappable(norm=colors.Normalize(0, 1), cmap=colormap)
+    fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02, label=label)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def tiles_geojson(coords: np.ndarray, extent, probs: np.ndarray, class_names: list[str],
+                  path: str | Path, name: str = "") -> Path:
+    """Write tiles as QuPath-importable GeoJSON: level-0 polygons with per-class probabilities.
+
+    Each feature is a QuPath ``tile`` object classified as its top class, with measurements
+    ``p(<class>)``.
+    """
+    ex, ey = float(extent[0]), float(extent[1])
+    features = []
+    top = probs.argmax(axis=1) if len(probs) else np.array([], int)
+    for (x, y), p, t in zip(np.asarray(coords, float), probs, top):
+        x1, y1 = x + ex, y + ey
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
+            "properties": {
+                "objectType": "tile",
+                "classification": {"name": class_names[int(t)]},
+                "measurements": {f"p({c})": float(v) for c, v in zip(class_names, p)},
+            },
+        })
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"type": "FeatureCollection", "name": name, "features": features}))
+    return path

@@ -1,0 +1,398 @@
+"""Scoring stores: zero-shot and few-shot tile labels, slide summaries, heatmaps, cohort tables.
+
+Works on stores made by :mod:`slide_clip.pipeline`; never re-encodes a stored tile. Output
+files live beside the stores (``out`` is a store's folder)::
+
+    out/summaries/<model>/<set>/<slide_id>.json     per-slide summary
+    out/heatmaps/<model>/<set>/<slide_id>_<class>.png, <slide_id>.geojson
+    out/classifiers/<model>/<set>-<hash>-<weights>.npz   cached text classifiers
+    out/status/<slide_id>.json                      what `embed` did to each slide
+    out/cohort-<set>-<model>.csv / .parquet         one row per slide
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slide_clip.aggregate import cohort_table, slide_scores, write_cohort_table
+from slide_clip.config import PipelineConfig
+from slide_clip.errors import ConfigError, SlideClipError, StoreError
+from slide_clip.heatmap import grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid, tiles_geojson
+from slide_clip.prompts import PromptSet
+from slide_clip.store import STATUS_TILED, SlideStore, model_key
+from slide_clip.zeroshot import ClassifierCache, prototypes, softmax, text_classifier, tile_logits
+
+
+def find_stores(inputs: list[str | Path]) -> list[Path]:
+    """Stores given directly, or every ``*.zarr`` store in given folders (sorted)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.suffix == ".zarr" or (p / "zarr.json").is_file():
+            out.append(p)
+        elif p.is_dir():
+            out.extend(sorted(q for q in p.glob("*.zarr") if q.is_dir()))
+        else:
+            raise StoreError("is neither a slide store nor a folder of stores", path=p,
+                             hint="Give an <out> folder of `slide-clip embed` or a <slide>.zarr in it.")
+    return out
+
+
+def open_scored_store(path: Path, model: str | None) -> tuple[SlideStore, str]:
+    """Open a store that is fully tiled and has complete embeddings; return it and the model name."""
+    store = SlideStore.open(path)
+    if store.status != STATUS_TILED:
+        raise StoreError("is partial (tiling did not finish)", path=path, hint="Run `slide-clip embed` again.")
+    keys = store.models()
+    names = {k: store.embedding_attrs(k).get("name", k) for k in keys}
+    if model is None:
+        if len(keys) != 1:
+            raise StoreError(f"holds {len(keys)} models ({', '.join(names.values()) or 'none'})", path=path,
+                             hint="Choose one with --model.")
+        name = names[keys[0]]
+    else:
+        if model_key(model) not in keys:
+            raise StoreError(f"has no embeddings from model {model!r} (it has: {', '.join(names.values()) or 'none'})",
+                             path=path, hint="Embed the slides with that model first, or pick a stored one.")
+        name = names[model_key(model)]
+    if not store.is_complete(name):
+        a = store.embedding_attrs(name)
+        raise StoreError(f"embeddings for {name!r} are partial ({a.get('rows_written', 0)} of {store.n_tiles} tiles)",
+                         path=path, hint="Run `slide-clip embed` again to finish them.")
+    return store, name
+
+
+class EncoderPool:
+    """Loads each model at most once per run, and only when a classifier must be computed."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self._loaded: dict[str, object] = {}
+
+    def get(self, name: str, expected_sha256: str, where: Path):
+        from slide_clip.encoders import load_encoder, resolve_model
+
+        if name not in self._loaded:
+            e = self.cfg.encode
+            ckpt = e.checkpoint if e.model == name else None
+            self._loaded[name] = load_encoder(resolve_model(name, e.registries, ckpt), e.device, e.precision)
+        enc = self._loaded[name]
+        if enc.weights_sha256 != expected_sha256:
+            raise StoreError(
+                f"embeddings were made by other weights than model {name!r} loads now "
+                f"(stored {expected_sha256[:12]}…, loaded {enc.weights_sha256[:12]}…)", path=where,
+                hint="Give the weights the store was made with (--checkpoint), or re-embed the slide.")
+        return enc
+
+
+def _out_dir(store: SlideStore) -> Path:
+    return store.path.parent
+
+
+def _summary_path(out: Path, model: str, set_name: str, slide: str) -> Path:
+    return out / "summaries" / model_key(model) / model_key(set_name) / f"{slide}.json"
+
+
+def score_store(store: SlideStore, model: str, set_name: str, classifier: np.ndarray, class_names: list[str],
+                attrs: dict, cfg: PipelineConfig, t0: float) -> dict:
+    """Score every tile with ``classifier``, write scores, heatmap grid and the slide summary."""
+    emb = store.embedding_attrs(model)
+    feats = store.embeddings(model)
+    logit_scale = float(emb["logit_scale"])  # the model's own, recorded at embedding time
+    logits = tile_logits(feats, classifier, logit_scale)
+    probs = softmax(logits) if len(logits) else np.zeros((0, len(class_names)), np.float32)
+    t = store.tiling
+    grid = np.stack([probability_grid(store.grid(), probs[:, i], t["grid_shape"], t["overlap"])
+                     for i in range(len(class_names))])
+    store.write_scores(model, set_name, logits, probs, classifier,
+                       {**attrs, "classes": class_names, "logit_scale": logit_scale,
+                        "weights_sha256": emb["weights_sha256"]}, grid=grid)
+    s = cfg.scoring
+    agg = slide_scores(probs, logits, store.tissue_fraction(), class_names, topk=s.topk, decision=s.decision)
+    summary = {
+        "slide_id": store.slide["name"],
+        "status": "ok",
+        "error": None,
+        "slide": store.slide["path"],
+        "store": str(store.path),
+        "n_tiles": store.n_tiles,
+        "tissue_area_mm2": store.group["tissue"].attrs.get("tissue_area_mm2"),
+        "model": model,
+        "random_weights": bool(emb.get("random_weights")),
+        "score_set": set_name,
+        "kind": attrs["kind"],
+        "classes": class_names,
+        **agg,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds_embed": _embed_seconds(store),
+    }
+    path = _summary_path(_out_dir(store), model, set_name, summary["slide_id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _embed_seconds(store: SlideStore):
+    p = _out_dir(store) / "status" / f"{store.slide['name']}.json"
+    try:
+        return json.loads(p.read_text()).get("seconds")
+    except (OSError, ValueError):
+        return None
+
+
+def _failed_summary(path: Path, error: str, model: str | None, set_name: str, kind: str, t0: float) -> dict:
+    from slide_clip.store import STORE_SUFFIX
+
+    slide = path.name[: -len(STORE_SUFFIX)] if path.name.endswith(STORE_SUFFIX) else path.name
+    summary = {"slide_id": slide, "status": "failed", "error": error, "store": str(path), "model": model,
+               "score_set": set_name, "kind": kind, "seconds": round(time.perf_counter() - t0, 3)}
+    if model and path.parent.is_dir():
+        sp = _summary_path(path.parent, model, set_name, slide)
+        sp.parent.mkdir(parents=True, exist_ok=True)
+        sp.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@dataclass
+class _Job:
+    kind: str
+    set_name: str
+    class_names: list[str]
+    attrs: dict
+
+
+def _score_many(stores, model, job: _Job, classifier_for, cfg, on_result=None) -> list[dict]:
+    results = []
+    for path in stores:
+        t0 = time.perf_counter()
+        try:
+            store, name = open_scored_store(path, model)
+            clf = classifier_for(store, name)
+            r = score_store(store, name, job.set_name, clf, job.class_names, job.attrs, cfg, t0)
+        except SlideClipError as exc:
+            if exc.path is None:
+                raise  # not about this store (a model or config problem): stop the run
+            r = _failed_summary(Path(path), str(exc), model, job.set_name, job.kind, t0)
+        results.append(r)
+        if on_result:
+            on_result(r)
+    return results
+
+
+def zeroshot(stores: list[Path], prompts: PromptSet, cfg: PipelineConfig, *, model: str | None = None,
+             on_result=None) -> list[dict]:
+    """Zero-shot score every store's tiles with a prompt set (text classifiers cached on disk)."""
+    pool = EncoderPool(cfg)
+
+    def classifier_for(store: SlideStore, name: str) -> np.ndarray:
+        sha = store.embedding_attrs(name)["weights_sha256"]
+        cache = ClassifierCache(_out_dir(store) / "classifiers")
+        clf = cache.get(name, sha, prompts)
+        if clf is None:
+            clf = text_classifier(pool.get(name, sha, store.path), prompts)
+            cache.put(name, sha, prompts, clf)
+        return clf
+
+    job = _Job("zeroshot", prompts.name, prompts.class_names,
+               {"kind": "zeroshot", "prompt_set": prompts.name, "prompt_hash": prompts.hash,
+                "templates": list(prompts.templates),
+                "synonyms": {c.name: list(c.synonyms) for c in prompts.classes}})
+    return _score_many(stores, model, job, classifier_for, cfg, on_result)
+
+
+# ----------------------------------------------------------------------------- few-shot
+@dataclass(frozen=True)
+class Example:
+    label: str
+    slide: str | None = None
+    x: int | None = None
+    y: int | None = None
+    image: str | None = None
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """Labelled example tiles from a CSV: ``slide,x,y,label`` (level-0 top-left) or ``image,label``.
+
+    Relative slide and image paths are relative to the CSV's folder.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("examples CSV not found", path=p)
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or [])
+        if "label" not in cols or not ({"slide", "x", "y"} <= cols or "image" in cols):
+            raise ConfigError("examples CSV needs columns slide,x,y,label or image,label", path=p)
+        out = []
+        for i, row in enumerate(reader, start=2):
+            label = (row.get("label") or "").strip()
+            if not label:
+                raise ConfigError(f"line {i}: empty label", path=p)
+            if row.get("image"):
+                img = Path(row["image"])
+                out.append(Example(label, image=str(img if img.is_absolute() else p.parent / img)))
+                continue
+            try:
+                x, y = int(float(row["x"])), int(float(row["y"]))
+            except (TypeError, ValueError):
+                raise ConfigError(f"line {i}: x and y must be level-0 pixel numbers", path=p) from None
+            s = Path(row["slide"])
+            slide = str(s if s.is_absolute() or not (p.parent / s).exists() else p.parent / s)
+            out.append(Example(label, slide=slide, x=x, y=y))
+    labels = {e.label for e in out}
+    if len(labels) < 2:
+        raise ConfigError(f"examples CSV needs at least two classes (has {sorted(labels)})", path=p)
+    return out
+
+
+def example_features(examples: list[Example], stores: dict[str, SlideStore], model: str, weights_sha256: str,
+                     pool: EncoderPool, where: Path) -> np.ndarray:
+    """Embeddings of the example tiles: the stored row where the tile is in a store, else encoded."""
+    import openslide
+    from PIL import Image
+
+    from slide_clip.pipeline import grid_from_store
+    from slide_clip.slide import slide_id
+    from slide_clip.tiling import read_tile
+
+    feats: list[np.ndarray | None] = [None] * len(examples)
+    todo: list[tuple[int, Image.Image]] = []
+    for i, ex in enumerate(examples):
+        if ex.image:
+            try:
+                todo.append((i, Image.open(ex.image).convert("RGB")))
+            except OSError as e:
+                raise ConfigError(f"example image cannot be read ({e})", path=ex.image) from None
+            continue
+        store = stores.get(slide_id(ex.slide))
+        if store is None:
+            raise ConfigError(f"example slide {ex.slide!r} has no store among those given", path=where,
+                              hint="Embed that slide into the same --out folder, or give its store.")
+        coords = store.coords()
+        hit = np.flatnonzero((coords[:, 0] == ex.x) & (coords[:, 1] == ex.y))
+        if hit.size:
+            feats[i] = store.embeddings(model)[hit[0]]
+            continue
+        slide_file = ex.slide if Path(ex.slide).exists() else store.slide["path"]
+        osr = openslide.OpenSlide(str(slide_file))
+        try:
+            todo.append((i, read_tile(osr, ex.x, ex.y, grid_from_store(store))))
+        finally:
+            osr.close()
+    if todo:
+        import torch
+
+        enc = pool.get(model, weights_sha256, where)
+        batch = torch.stack([enc.preprocess(img) for _, img in todo])
+        encoded = enc.encode_images(batch)
+        for (i, _), f in zip(todo, encoded):
+            feats[i] = f
+    return np.stack(feats).astype(np.float32)
+
+
+def fewshot(stores: list[Path], examples_csv: str | Path, cfg: PipelineConfig, *, model: str | None = None,
+            name: str | None = None, on_result=None) -> list[dict]:
+    """Score stores with prototypes built from labelled example tiles (one prototype per label)."""
+    examples = read_examples(examples_csv)
+    class_names = sorted({e.label for e in examples})
+    opened = {}
+    for p in stores:
+        try:
+            s, _ = open_scored_store(p, model)
+            opened[s.slide["name"]] = s
+        except SlideClipError:
+            continue  # reported per store below
+    if not opened:
+        raise StoreError("no complete store to take embeddings from", path=examples_csv)
+    first = next(iter(opened.values()))
+    mname = model or next(iter(first.embedding_attrs(k)["name"] for k in first.models()))
+    sha = first.embedding_attrs(mname)["weights_sha256"]
+    pool = EncoderPool(cfg)
+    feats = example_features(examples, opened, mname, sha, pool, Path(examples_csv))
+    protos = prototypes(feats, [e.label for e in examples], class_names)
+    set_name = name or f"fewshot-{Path(examples_csv).stem}"
+    digest = hashlib.sha256(protos.tobytes()).hexdigest()
+    counts = {c: sum(e.label == c for e in examples) for c in class_names}
+
+    def classifier_for(store: SlideStore, n: str) -> np.ndarray:
+        if store.embedding_attrs(n)["weights_sha256"] != sha:
+            raise StoreError(f"embeddings for {n!r} come from other weights than the examples'", path=store.path)
+        return protos
+
+    job = _Job("fewshot", set_name, class_names,
+               {"kind": "fewshot", "examples": str(examples_csv), "examples_per_class": counts,
+                "prompt_hash": digest})
+    return _score_many(stores, mname, job, classifier_for, cfg, on_result)
+
+
+# ----------------------------------------------------------------------------- heatmaps
+def heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str | None = None,
+             classes: list[str] | None = None) -> list[Path]:
+    """PNG heatmaps (one per class) and a QuPath GeoJSON of one store's score set."""
+    store, name = open_scored_store(store_path, model)
+    probs, _, attrs = store.scores(name, set_name)
+    class_names = list(attrs["classes"])
+    wanted = classes or class_names
+    unknown = [c for c in wanted if c not in class_names]
+    if unknown:
+        raise ConfigError(f"score set {set_name!r} has no class {unknown[0]!r} (classes: {', '.join(class_names)})")
+    t = store.tiling
+    tissue = store.group["tissue"].attrs
+    thumb, mask = store.thumbnail(), store.mask()
+    h = cfg.heatmap
+    slide = store.slide["name"]
+    out = _out_dir(store) / "heatmaps" / model_key(name) / model_key(set_name)
+    written = []
+    for c in wanted:
+        i = class_names.index(c)
+        grid = probability_grid(store.grid(), probs[:, i], t["grid_shape"], t["overlap"])
+        grid = smooth_grid(grid, h.smoothing_tiles)
+        vmap = grid_to_thumbnail(grid, t["stride_level0"], mask.shape, tissue["downsample"])
+        img = overlay(thumb, mask, vmap, h.colormap, h.alpha)
+        title = f"{slide}: P({c})  [{set_name}, {name}]"
+        if attrs.get("kind") == "zeroshot" and store.embedding_attrs(name).get("random_weights"):
+            title += "  RANDOM WEIGHTS"
+        written.append(render_png(img, out / f"{slide}_{model_key(c)}.png", title, h.colormap, f"P({c})"))
+    written.append(tiles_geojson(store.coords(), t["tile_extent_level0"], probs, class_names,
+                                 out / f"{slide}.geojson", name=f"{slide} {set_name}"))
+    return written
+
+
+# ----------------------------------------------------------------------------- cohort
+def summarize(out_dir: str | Path, *, set_name: str | None = None, model: str | None = None):
+    """Gather per-slide summaries (and slides that failed to embed) into one cohort table.
+
+    Writes ``out/cohort-<set>-<model>.csv`` and ``.parquet``; returns (table, csv, parquet).
+    """
+    out = Path(out_dir)
+    root = out / "summaries"
+    pairs = sorted({(p.parent.parent.name, p.parent.name) for p in root.glob("*/*/*.json")}) if root.is_dir() else []
+    if model:
+        pairs = [pr for pr in pairs if pr[0] == model_key(model)]
+    if set_name:
+        pairs = [pr for pr in pairs if pr[1] == model_key(set_name)]
+    if not pairs:
+        raise StoreError("has no slide summaries" + (f" for {set_name!r}" if set_name else ""), path=out,
+                         hint="Run `slide-clip zeroshot` or `fewshot` on it first.")
+    if len(pairs) > 1:
+        listed = ", ".join(f"{s} ({m})" for m, s in pairs)
+        raise ConfigError(f"{out} has several score sets: {listed}", hint="Choose with --set and --model.")
+    mk, sk = pairs[0]
+    summaries = [json.loads(p.read_text()) for p in sorted((root / mk / sk).glob("*.json"))]
+    have = {s["slide_id"] for s in summaries}
+    for p in sorted((out / "status").glob("*.json")) if (out / "status").is_dir() else []:
+        st = json.loads(p.read_text())
+        if st.get("status") == "failed" and st.get("name") not in have:
+            summaries.append({"slide_id": st["name"], "status": "failed", "error": st.get("error"),
+                              "slide": st.get("slide"), "score_set": sk, "model": mk,
+                              "seconds": st.get("seconds")})
+    df = cohort_table(summaries)
+    csv_path, parquet_path = write_cohort_table(df, out / f"cohort-{sk}-{mk}")
+    return df, csv_path, parquet_path
