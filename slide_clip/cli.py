@@ -157,6 +157,136 @@ def embed(
     raise typer.Exit(1 if n_failed else 0)
 
 
+def _scoring_config(config, registry, checkpoint, device, topk=None, decision=None):
+    from slide_clip.config import load_config
+
+    return load_config(config).with_overrides(
+        encode={"registries": tuple(str(r) for r in registry) or None,
+                "checkpoint": str(checkpoint.resolve()) if checkpoint else None, "device": device},
+        scoring={"topk": topk, "decision": decision},
+    )
+
+
+def _report_scores(results) -> None:
+    failed = 0
+    for r in results:
+        if r["status"] == "failed":
+            failed += 1
+            typer.echo(f"failed   {r['slide_id']}  {r['error']}")
+        else:
+            probs = ", ".join(f"{c} {v:.3f}" for c, v in r["slide_prob"].items()) if r["n_tiles"] else "no tiles"
+            typer.echo(f"ok       {r['slide_id']}  {r['n_tiles']} tiles  predicted: {r['predicted']}  ({probs})")
+    typer.echo(f"{len(results) - failed} of {len(results)} slides scored, {failed} failed")
+    raise typer.Exit(1 if failed else 0)
+
+
+_STORES_ARG = typer.Argument(..., help="Slide stores (<slide>.zarr) or output folders of `embed`.")
+_MODEL_OPT = typer.Option(None, "--model", "-m", help="The stored model to use (needed when a store holds several).")
+_REG_OPT = typer.Option([], "--models", help="Extra model registry YAML files.")
+_CKPT_OPT = typer.Option(None, help="Local weights file of the stored model (to compute text embeddings offline).")
+_CFG_OPT = typer.Option(None, "--config", "-c", help="Pipeline config YAML (scoring and heatmap sections).")
+_DEV_OPT = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps.")
+
+
+@app.command()
+def zeroshot(
+    stores: List[Path] = _STORES_ARG,
+    prompts: str = typer.Option(..., "--prompts", "-p", help="Prompt set YAML, or a shipped name (tumour, tissue_types)."),
+    model: Optional[str] = _MODEL_OPT,
+    registry: List[Path] = _REG_OPT,
+    checkpoint: Optional[Path] = _CKPT_OPT,
+    config: Optional[Path] = _CFG_OPT,
+    device: Optional[str] = _DEV_OPT,
+    topk: Optional[int] = typer.Option(None, help="k of the top-k pooled slide score (default 50)."),
+    decision: Optional[str] = typer.Option(None, help="Slide label from: topk, mean or area (default topk)."),
+):
+    """Score every tile against text prompts (no re-encoding) and write slide summaries.
+
+    Text classifiers are computed once per model and prompt set and cached in <out>/classifiers.
+    """
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import find_stores, zeroshot as run_zeroshot
+
+    try:
+        cfg = _scoring_config(config, registry, checkpoint, device, topk, decision)
+        ps = load_prompts(prompts)
+        results = run_zeroshot(find_stores(stores), ps, cfg, model=model)
+    except SlideClipError as e:
+        _fail(str(e))
+    _report_scores(results)
+
+
+@app.command()
+def fewshot(
+    stores: List[Path] = _STORES_ARG,
+    examples: Path = typer.Option(..., "--examples", "-e", help="CSV of labelled tiles: slide,x,y,label (level-0 top-left) or image,label."),
+    name: Optional[str] = typer.Option(None, help="Name of the score set (default fewshot-<csv name>)."),
+    model: Optional[str] = _MODEL_OPT,
+    registry: List[Path] = _REG_OPT,
+    checkpoint: Optional[Path] = _CKPT_OPT,
+    config: Optional[Path] = _CFG_OPT,
+    device: Optional[str] = _DEV_OPT,
+    topk: Optional[int] = typer.Option(None, help="k of the top-k pooled slide score (default 50)."),
+    decision: Optional[str] = typer.Option(None, help="Slide label from: topk, mean or area (default topk)."),
+):
+    """Score every tile against prototypes of a few labelled example tiles per class."""
+    from slide_clip.scoring import find_stores, fewshot as run_fewshot
+
+    try:
+        cfg = _scoring_config(config, registry, checkpoint, device, topk, decision)
+        results = run_fewshot(find_stores(stores), examples, cfg, model=model, name=name)
+    except SlideClipError as e:
+        _fail(str(e))
+    _report_scores(results)
+
+
+@app.command()
+def heatmap(
+    stores: List[Path] = _STORES_ARG,
+    score_set: str = typer.Option(..., "--set", "-s", help="Score set name (the prompt set's name, or fewshot-…)."),
+    model: Optional[str] = _MODEL_OPT,
+    classes: List[str] = typer.Option([], "--class", help="Only these classes (repeatable; default all)."),
+    smooth: Optional[float] = typer.Option(None, help="Gaussian smoothing over neighbouring tiles, sigma in tiles."),
+    config: Optional[Path] = _CFG_OPT,
+):
+    """Draw a probability heatmap PNG per class and a QuPath GeoJSON per slide."""
+    from slide_clip.config import load_config
+    from slide_clip.scoring import find_stores, heatmaps
+
+    try:
+        cfg = load_config(config).with_overrides(heatmap={"smoothing_tiles": smooth})
+        paths = find_stores(stores)
+    except SlideClipError as e:
+        _fail(str(e))
+    failed = 0
+    for p in paths:
+        try:
+            for f in heatmaps(p, score_set, cfg, model=model, classes=list(classes) or None):
+                typer.echo(str(f))
+        except SlideClipError as e:
+            failed += 1
+            typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def summarize(
+    out: Path = typer.Argument(..., help="An output folder of `embed` and `zeroshot`/`fewshot`."),
+    score_set: Optional[str] = typer.Option(None, "--set", "-s", help="Score set (needed when there are several)."),
+    model: Optional[str] = _MODEL_OPT,
+):
+    """Write the cohort table (CSV and Parquet): one row per slide, failed slides with their error."""
+    from slide_clip.scoring import summarize as run_summarize
+
+    try:
+        df, csv_path, parquet_path = run_summarize(out, set_name=score_set, model=model)
+    except SlideClipError as e:
+        _fail(str(e))
+    cols = [c for c in ("slide_id", "status", "n_tiles", "predicted", "error") if c in df]
+    typer.echo(df[cols].to_string(index=False))
+    typer.echo(f"{csv_path}\n{parquet_path}")
+
+
 def main():  # console-script entry point
     try:
         app()
