@@ -146,3 +146,47 @@ def test_killed_run_resumes_to_an_identical_store(tmp_path, make_slide, tiny_reg
     a, b = final.embeddings("tiny"), reference.embeddings("tiny")
     assert not np.isnan(a).any()
     assert np.array_equal(a, b)
+
+
+def test_zeroshot_heatmap_summarize_commands(tmp_path, make_slide, cmu_svs, tiny_registry):
+    good, _ = make_slide("tissue_0.5", mpp=0.5)
+    out = tmp_path / "out"
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"\x00" * 100)
+    common = ["--models", tiny_registry]
+    r = run("embed", good, cmu_svs, broken, "--out", out, *common, "--model", "tiny", "--workers", "0",
+            "--device", "cpu", "--no-progress")
+    assert r.returncode == 1  # the broken slide
+    r = run("zeroshot", out, "--prompts", "tumour", *common)
+    assert r.returncode == 0, r.stderr
+    assert "ok       CMU-1-Small-Region" in r.stdout and "predicted: " in r.stdout
+    r = run("heatmap", out, "--set", "tumour", "--class", "tumour", "--smooth", "1")
+    assert r.returncode == 0, r.stderr
+    files = [Path(line) for line in r.stdout.split()]
+    assert {f.name for f in files} == {"CMU-1-Small-Region_tumour.png", "CMU-1-Small-Region.geojson",
+                                       "tissue_0.5_tumour.png", "tissue_0.5.geojson"}
+    assert all(f.is_file() for f in files)
+    r = run("summarize", out)
+    assert r.returncode == 0, r.stderr
+    assert (out / "cohort-tumour-tiny.csv").is_file() and (out / "cohort-tumour-tiny.parquet").is_file()
+    import pandas as pd
+
+    df = pd.read_csv(out / "cohort-tumour-tiny.csv")
+    assert sorted(df["slide_id"]) == ["CMU-1-Small-Region", "broken", "tissue_0.5"]
+    assert df.set_index("slide_id").loc["broken", "status"] == "failed"
+
+
+def test_scoring_commands_bad_input_is_one_line(tmp_path, make_slide, tiny_registry):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntemplates: ['no slot']\nclasses:\n  - {name: a, synonyms: [a]}\n  - {name: b, synonyms: [b]}\n")
+    r = run("zeroshot", tmp_path, "--prompts", bad)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: {bad}: invalid prompt set: template 'no slot' must have exactly one '{{}}' slot for the class name"
+    r = run("zeroshot", tmp_path / "nothing.zarr", "--prompts", "tumour")
+    assert r.returncode == 1 and "nothing.zarr: is not a slide-clip store" in r.stdout
+    r = run("heatmap", tmp_path / "nothing.zarr", "--set", "tumour")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    r = run("summarize", tmp_path)
+    assert r.returncode == 2 and "has no slide summaries" in r.stderr
+    r = run("fewshot", tmp_path, "--examples", tmp_path / "none.csv")
+    assert r.returncode == 2 and "examples CSV not found" in r.stderr
