@@ -357,8 +357,8 @@ def heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str
         vmap = grid_to_thumbnail(grid, t["stride_level0"], mask.shape, tissue["downsample"])
         img = overlay(thumb, mask, vmap, h.colormap, h.alpha)
         title = f"{slide}: P({c})  [{set_name}, {name}]"
-        if attrs.get("kind") == "zeroshot" and store.embedding_attrs(name).get("random_weights"):
-            title += "  RANDOM WEIGHTS"
+        if store.embedding_attrs(name).get("random_weights"):
+            title += "  (random weights: not a trained model)"
         written.append(render_png(img, out / f"{slide}_{model_key(c)}.png", title, h.colormap, f"P({c})"))
     written.append(tiles_geojson(store.coords(), t["tile_extent_level0"], probs, class_names,
                                  out / f"{slide}.geojson", name=f"{slide} {set_name}"))

@@ -132,3 +132,30 @@ def write_slide(
                       compressionargs={"level": compression_level} if compression == "zlib" else None,
                       subfiletype=1 if level else 0, **kwargs)
     return path
+
+
+def demo_scene(mpp: float = 0.5) -> Scene:
+    """A 3 x 2 mm slide: an ellipse of tissue holding a rectangle of a second, denser texture."""
+    def px(um):
+        return um / mpp
+
+    return Scene(int(px(3000)), int(px(2000)), (
+        Region("ellipse", (px(150), px(150), px(2850), px(1850)), "tissue"),
+        Region("rect", (px(1700), px(500), px(2500), px(1500)), "dense"),
+    ))
+
+
+def main(argv=None) -> None:
+    """``python -m slide_clip.synthetic OUT.tif [--mpp 0.5]``: write the demo slide."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write a synthetic two-texture brightfield slide (pyramidal TIFF).")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--mpp", type=float, default=0.5, help="µm per level-0 pixel (default 0.5)")
+    a = ap.parse_args(argv)
+    write_slide(a.out, demo_scene(a.mpp), a.mpp)
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()
