@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from slide_clip.config import PipelineConfig
-from slide_clip.errors import SlideClipError, SlideError, StoreError
+from slide_clip.errors import ConfigError, SlideClipError, SlideError, StoreError, WeightsError
 from slide_clip.slide import SlideInfo, check_mpp, open_slide, resolve_slide_path
-from slide_clip.store import SlideStore, store_lock, store_path
+from slide_clip.store import STATUS_CREATED, STATUS_TILED, SlideStore, store_lock, store_path
 from slide_clip.tiling import TileGrid, make_grid, thumbnail_boxes
 from slide_clip.tissue import qc_image, read_thumbnail, tissue_mask
 
@@ -42,48 +42,41 @@ class SlideResult:
         return asdict(self)
 
 
-def tiling_attrs(cfg: PipelineConfig, info: SlideInfo, grid: TileGrid) -> dict:
-    """The store's ``tiling`` attributes: what decides the tiles."""
+def _settings(cfg: PipelineConfig) -> dict:
+    """The store's ``tiling`` attributes that decide the tiles (the grid geometry is added later)."""
     t = cfg.tiling
-    return {
-        "target_mpp": t.target_mpp,
-        "tile_size": t.tile_size,
-        "overlap": t.overlap,
-        "min_tissue": t.min_tissue,
-        "tile_extent_level0": list(grid.extent),
-        "stride_level0": list(grid.stride),
-        "grid_shape": list(grid.shape),
-        "read_level": grid.read_level,
-        "read_downsample": grid.read_downsample,
-        "tissue": cfg.tissue.model_dump(),
-    }
+    return {"target_mpp": t.target_mpp, "tile_size": t.tile_size, "overlap": t.overlap,
+            "min_tissue": t.min_tissue, "tissue": cfg.tissue.model_dump()}
 
 
-def _settings_key(tiling: dict) -> dict:
-    return {k: tiling[k] for k in ("target_mpp", "tile_size", "overlap", "min_tissue", "tissue")}
+def _reusable(path: Path, info: SlideInfo, cfg: PipelineConfig, mpp_xy, overwrite: bool) -> SlideStore | None:
+    """The existing store at ``path`` if it holds this slide at these settings; None to rebuild."""
+    if not (path / "zarr.json").is_file():
+        return None
+    store = SlideStore.open(path)
+    if store.status == STATUS_CREATED or overwrite:
+        return None
+    old = store.slide
+    if old.get("fingerprint") != info.fingerprint:
+        raise StoreError("was made from another slide file (fingerprint differs)", path=path,
+                         hint="Use --overwrite to replace it, or another --out.")
+    tiling = store.tiling
+    if {k: tiling.get(k) for k in _settings(cfg)} != _settings(cfg) or old.get("mpp_x") != mpp_xy[0]:
+        raise StoreError("was tiled with other settings", path=path,
+                         hint="Use --overwrite to re-tile it, or another --out.")
+    return store
 
 
-def tile_slide(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False) -> SlideStore:
-    """Find tissue and lay the tile grid; write them (and a QC picture) to the store at ``path``.
+def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False) -> SlideStore:
+    """Stage 1: check the resolution, read the thumbnail, find tissue; write them to a new store.
 
-    An existing store is reused when it was tiled from the same slide (fingerprint) with the
-    same settings; with other settings or another slide it is an error unless ``overwrite``.
+    An existing store is reused when it holds the same slide (fingerprint) at the same
+    settings; another slide or other settings are an error unless ``overwrite``.
     """
     mpp_xy = check_mpp(info, cfg.tiling.target_mpp)
-    if (path / "zarr.json").is_file():
-        store = SlideStore.open(path)
-        if store.status != "tiling" and not overwrite:
-            old = store.slide
-            if old.get("fingerprint") != info.fingerprint:
-                raise StoreError("was made from another slide file (fingerprint differs)", path=path,
-                                 hint="Use --overwrite to replace it, or another --out.")
-            probe = {"target_mpp": cfg.tiling.target_mpp, "tile_size": cfg.tiling.tile_size,
-                     "overlap": cfg.tiling.overlap, "min_tissue": cfg.tiling.min_tissue,
-                     "tissue": cfg.tissue.model_dump()}
-            if _settings_key(store.tiling) != probe or old.get("mpp_x") != mpp_xy[0]:
-                raise StoreError("was tiled with other settings", path=path,
-                                 hint="Use --overwrite to re-tile it, or another --out.")
-            return store
+    store = _reusable(path, info, cfg, mpp_xy, overwrite)
+    if store is not None:
+        return store
     thumb = read_thumbnail(osr, cfg.tissue.thumbnail_max_side, info.mpp)
     median = float(np.median(thumb.image)) / 255
     if median < _MIN_BRIGHTFIELD_MEDIAN:
@@ -93,23 +86,42 @@ def tile_slide(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwri
             hint="slide-clip handles brightfield RGB slides only.",
         )
     mask = tissue_mask(thumb.image, thumb.mpp, cfg.tissue)
-    t = cfg.tiling
-    grid = make_grid((info.width, info.height), mpp_xy, info.level_downsamples, mask, thumb.downsample,
-                     target_mpp=t.target_mpp, tile_size=t.tile_size, overlap=t.overlap,
-                     min_tissue=t.min_tissue)
     slide_attrs = {**info.to_dict(), "mpp_x": mpp_xy[0], "mpp_y": mpp_xy[1]}
-    store = SlideStore.create(path, slide_attrs, tiling_attrs(cfg, info, grid))
-    qc = qc_image(thumb.image, mask, thumbnail_boxes(grid, thumb.downsample))
-    qc_path = path.with_name(path.name[: -len(".zarr")] + "_qc.png")
-    qc.save(qc_path)
-    tissue_area_mm2 = float(mask.sum()) * thumb.downsample[0] * thumb.downsample[1] * mpp_xy[0] * mpp_xy[1] / 1e6
-    store.write_tiles(grid.coords, grid.grid, grid.tissue_fraction, mask, thumb.image, {
-        "downsample": list(thumb.downsample),
-        "mpp": thumb.mpp,
-        "tissue_area_mm2": tissue_area_mm2,
-        "qc_image": qc_path.name,
+    store = SlideStore.create(path, slide_attrs, _settings(cfg))
+    area = float(mask.sum()) * thumb.downsample[0] * thumb.downsample[1] * mpp_xy[0] * mpp_xy[1] / 1e6
+    store.write_tissue(mask, thumb.image, {"downsample": list(thumb.downsample), "mpp": thumb.mpp,
+                                           "tissue_area_mm2": area})
+    return store
+
+
+def lay_tiles(store: SlideStore, cfg: PipelineConfig) -> SlideStore:
+    """Stage 2: lay the tile grid over the stored mask, write it and the QC picture."""
+    if store.status == STATUS_TILED:
+        return store
+    s = store.slide
+    tissue = store.group["tissue"].attrs
+    downsample = tuple(tissue["downsample"])
+    mask, thumb = store.mask(), store.thumbnail()
+    t = cfg.tiling
+    grid = make_grid((s["width"], s["height"]), (s["mpp_x"], s["mpp_y"]), s["level_downsamples"], mask,
+                     downsample, target_mpp=t.target_mpp, tile_size=t.tile_size, overlap=t.overlap,
+                     min_tissue=t.min_tissue)
+    qc_path = store.path.with_name(store.path.name[: -len(".zarr")] + "_qc.png")
+    qc_image(thumb, mask, thumbnail_boxes(grid, downsample)).save(qc_path)
+    store.group["tissue"].attrs.update({"qc_image": qc_path.name})
+    store.write_tiles(grid.coords, grid.grid, grid.tissue_fraction, {
+        "tile_extent_level0": list(grid.extent),
+        "stride_level0": list(grid.stride),
+        "grid_shape": list(grid.shape),
+        "read_level": grid.read_level,
+        "read_downsample": grid.read_downsample,
     })
     return store
+
+
+def tile_slide(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False) -> SlideStore:
+    """Find tissue and lay the tile grid (stages 1 and 2) into the store at ``path``."""
+    return lay_tiles(detect_tissue(osr, info, cfg, path, overwrite=overwrite), cfg)
 
 
 def grid_from_store(store: SlideStore) -> TileGrid:
@@ -173,6 +185,47 @@ def encode_store(store: SlideStore, slide_file: str, encoder, cfg: PipelineConfi
     return done
 
 
+def embeddings_done(store: SlideStore, spec, encoder=None) -> bool:
+    """Whether ``store`` already holds complete embeddings from this model and weights.
+
+    Decided without loading the model where possible: by the loaded encoder's weights hash
+    if one is given, else by the checkpoint file's sha256 (local weights), the weights
+    source (hub or pretrained tag), or the random-weights flag (``random:ARCH``).
+    """
+    from slide_clip.encoders import file_sha256
+
+    if not store.is_complete(spec.name):
+        return False
+    a = store.embedding_attrs(spec.name)
+    if encoder is not None:
+        return a.get("weights_sha256") == encoder.weights_sha256
+    if spec.weights_kind == "random":
+        return bool(a.get("random_weights"))
+    if spec.weights_kind == "file":
+        return Path(spec.weights).is_file() and a.get("checkpoint_sha256") == file_sha256(spec.weights)
+    return a.get("weights_source") == spec.weights and a.get("arch") == spec.arch
+
+
+class EncoderCache:
+    """Loads the configured encoder once, on first need (so finished slides load no model)."""
+
+    def __init__(self, cfg: PipelineConfig, encoder=None):
+        from slide_clip.encoders import resolve_model
+
+        e = cfg.encode
+        self.cfg = cfg
+        self.encoder = encoder
+        self.spec = encoder.spec if encoder is not None else resolve_model(e.model, e.registries, e.checkpoint)
+
+    def get(self):
+        from slide_clip.encoders import load_encoder
+
+        if self.encoder is None:
+            e = self.cfg.encode
+            self.encoder = load_encoder(self.spec, e.device, e.precision)
+        return self.encoder
+
+
 def embed_slide(
     slide: str | Path,
     out_dir: str | Path,
@@ -180,18 +233,19 @@ def embed_slide(
     *,
     mpp: float | None = None,
     encoder=None,
+    encoders: EncoderCache | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> SlideResult:
     """Process one slide into ``out_dir/<slide_id>.zarr``: tissue, tiles, embeddings.
 
-    Raises :class:`~slide_clip.errors.SlideClipError` for bad input. ``encoder`` (from
-    :func:`slide_clip.encoders.load_encoder`) is loaded from ``cfg`` when not given; pass
-    one to reuse it across slides.
+    Raises :class:`~slide_clip.errors.SlideClipError` for bad input. The encoder is loaded
+    from ``cfg`` only if the slide needs encoding; pass ``encoder`` (from
+    :func:`slide_clip.encoders.load_encoder`) or an :class:`EncoderCache` to share one
+    across slides.
     """
-    from slide_clip.encoders import load_encoder, resolve_model
-
     cfg = cfg or PipelineConfig()
+    encoders = encoders or EncoderCache(cfg, encoder)
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,17 +254,13 @@ def embed_slide(
         path = store_path(out, info.name)
         with store_lock(path):
             store = tile_slide(osr, info, cfg, path, overwrite=overwrite)
-            if encoder is None:
-                e = cfg.encode
-                spec = resolve_model(e.model, e.registries, e.checkpoint)
-                encoder = load_encoder(spec, e.device, e.precision)
-            already = store.is_complete(encoder.name) and store.embedding_attrs(encoder.name).get(
-                "weights_sha256") == encoder.weights_sha256
-            encoded = 0 if already else encode_store(store, str(resolve_slide_path(slide)), encoder, cfg, progress=progress)
+            done = embeddings_done(store, encoders.spec, encoders.encoder)
+            encoded = 0 if done else encode_store(store, str(resolve_slide_path(slide)), encoders.get(), cfg,
+                                                  progress=progress)
     finally:
         osr.close()
     return SlideResult(
-        slide=str(slide), name=info.name, status="skipped" if already else "ok", store=str(path),
+        slide=str(slide), name=info.name, status="skipped" if done else "ok", store=str(path),
         n_tiles=store.n_tiles, encoded=encoded, seconds=round(time.perf_counter() - t0, 3),
     )
 
@@ -228,39 +278,41 @@ def embed_slides(
 ) -> list[SlideResult]:
     """Process several slides; a failing slide is recorded and the others go on.
 
-    The encoder is loaded once, when the first slide needs it.
+    The encoder is loaded once, when the first slide needs it. Each slide's outcome is also
+    written to ``out/status/<slide_id>.json``.
     """
-    from slide_clip.encoders import load_encoder, resolve_model
     from slide_clip.slide import lookup_mpp
 
     cfg = cfg or PipelineConfig()
+    encoders = EncoderCache(cfg)
     results: list[SlideResult] = []
-    encoder = None
     for s in slides:
         t0 = time.perf_counter()
         try:
-            if encoder is None:
-                e = cfg.encode
-                encoder = load_encoder(resolve_model(e.model, e.registries, e.checkpoint), e.device, e.precision)
             override = mpp if mpp is not None else (lookup_mpp(mpps, s) if mpps else None)
-            r = embed_slide(s, out_dir, cfg, mpp=override, encoder=encoder, overwrite=overwrite,
+            r = embed_slide(s, out_dir, cfg, mpp=override, encoders=encoders, overwrite=overwrite,
                             progress=progress)
         except SlideClipError as exc:
-            if exc.path is None and not isinstance(exc, (SlideError, StoreError)):
+            if isinstance(exc, (WeightsError, ConfigError)):
                 raise  # a problem with the model or config fails every slide: stop now
-            r = _failed(s, str(exc), t0)
+            r = failed_result(s, str(exc), t0)
         except Exception as exc:  # noqa: BLE001 - one bad slide never loses the others
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
-            r = _failed(s, f"{s}: unexpected error: {detail}", t0)
+            r = failed_result(s, unexpected_error(s, exc), t0)
             r.extra["traceback"] = traceback.format_exc()
         results.append(r)
-        _write_status(out_dir, r)
+        record_status(out_dir, r)
         if on_result:
             on_result(r)
     return results
 
 
-def _write_status(out_dir, r: SlideResult) -> None:
+def unexpected_error(slide, exc: BaseException) -> str:
+    """One line for an error that is not the user's (a bug or a system fault)."""
+    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
+    return f"{slide}: unexpected error: {detail}"
+
+
+def record_status(out_dir, r: SlideResult) -> None:
     """Record what happened to a slide in ``out/status/<slide_id>.json`` (read by summaries)."""
     import json
 
@@ -270,7 +322,7 @@ def _write_status(out_dir, r: SlideResult) -> None:
     (d / f"{r.name}.json").write_text(json.dumps(data, indent=1))
 
 
-def _failed(slide, message: str, t0: float) -> SlideResult:
+def failed_result(slide, message: str, t0: float) -> SlideResult:
     from slide_clip.slide import slide_id
 
     return SlideResult(slide=str(slide), name=slide_id(slide), status="failed", error=message,

@@ -16,7 +16,8 @@
         grid                (c, rows, cols) float32  per-class probability per grid cell, NaN off tissue
         classifier          (c, d) float32  the class embeddings used (L2-normalised rows)
 
-A store is ``tiled`` once its tile arrays are written; an embedding group is ``partial``
+A store is ``created``, then ``tissue`` once its mask is written, then ``tiled`` once its
+tile arrays are written; an embedding group is ``partial``
 until its last row is written, then ``complete``. ``rows_written`` only grows after the
 rows it counts are on disk, so a rerun resumes exactly there.
 """
@@ -40,6 +41,8 @@ from slide_clip.errors import StoreError
 FORMAT_VERSION = 1
 STORE_SUFFIX = ".zarr"
 
+STATUS_CREATED = "created"
+STATUS_TISSUE = "tissue"
 STATUS_TILED = "tiled"
 STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
@@ -138,7 +141,7 @@ class SlideStore:
             "slide": slide,
             "tiling": tiling,
             "versions": package_versions(),
-            "status": "tiling",
+            "status": STATUS_CREATED,
         })
         return cls(p, g)
 
@@ -164,23 +167,32 @@ class SlideStore:
         return int(self.group["tiles/coords"].shape[0])
 
     # ----------------------------------------------------------------- tiles
-    def write_tiles(self, coords, grid, tissue_fraction, mask, thumbnail, thumb_attrs: dict) -> None:
-        """Write the tile grid and the tissue mask, then mark the store ``tiled``."""
+    def write_tissue(self, mask, thumbnail, attrs: dict) -> None:
+        """Write the thumbnail and tissue mask (thumbnail pixels), then mark the store ``tissue``."""
+        g = self.group
+        if "tissue" in g:
+            del g["tissue"]
+        g.create_array("tissue/mask", data=np.asarray(mask, dtype=bool), compressors=_COMPRESSORS)
+        g.create_array("tissue/thumbnail", data=np.asarray(thumbnail, dtype=np.uint8),
+                       chunks=(min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3),
+                       compressors=_COMPRESSORS)
+        g["tissue"].attrs.update(attrs)
+        g.attrs.update({"status": STATUS_TISSUE})
+
+    def write_tiles(self, coords, grid, tissue_fraction, geometry: dict) -> None:
+        """Write the tile grid and its geometry (merged into ``tiling``), then mark the store ``tiled``."""
         n = int(coords.shape[0])
         rows = max(1, min(n, 65536))
         g = self.group
+        if "tiles" in g:
+            del g["tiles"]
         g.create_array("tiles/coords", data=np.asarray(coords, dtype=np.int64), chunks=(rows, 2),
                        compressors=_COMPRESSORS)
         g.create_array("tiles/grid", data=np.asarray(grid, dtype=np.int32), chunks=(rows, 2),
                        compressors=_COMPRESSORS)
         g.create_array("tiles/tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32),
                        chunks=(rows,), compressors=_COMPRESSORS)
-        g.create_array("tissue/mask", data=np.asarray(mask, dtype=bool), compressors=_COMPRESSORS)
-        g.create_array("tissue/thumbnail", data=np.asarray(thumbnail, dtype=np.uint8),
-                       chunks=(min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3),
-                       compressors=_COMPRESSORS)
-        g["tissue"].attrs.update(thumb_attrs)
-        g.attrs.update({"status": STATUS_TILED, "n_tiles": n})
+        g.attrs.update({"tiling": {**self.tiling, **geometry}, "status": STATUS_TILED, "n_tiles": n})
 
     def coords(self) -> np.ndarray:
         return self.group["tiles/coords"][:]
