@@ -33,8 +33,9 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of 
 
     _state["debug"] = debug
     if not debug:  # open_clip and the hub client log warnings that our own errors explain better
-        logging.basicConfig(level=logging.CRITICAL)
-        logging.getLogger().setLevel(logging.CRITICAL)
+        root = logging.getLogger()
+        root.addHandler(logging.NullHandler())  # so logging.warning() never installs a default handler
+        root.setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 

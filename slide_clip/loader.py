@@ -62,12 +62,35 @@ def make_loader(
     kwargs = {}
     if num_workers > 0:
         kwargs = {"persistent_workers": False, "prefetch_factor": 4,
-                  "multiprocessing_context": "fork" if _fork_ok() else "spawn"}
+                  "multiprocessing_context": worker_context()}
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=False, **kwargs)
 
 
-def _fork_ok() -> bool:
+def worker_context():
+    """How loader workers start: a fork server on Linux, ``spawn`` elsewhere.
+
+    Workers are never forked from the calling process itself: it runs other threads (Zarr's
+    I/O loop, an orchestrator's event loop, thread pools) and holds file locks, and a forked
+    child would inherit both. The fork server imports torch and OpenSlide once, so workers
+    forked from it start in a fraction of a second; :func:`start_worker_server` starts it
+    early so that import overlaps other work.
+    """
+    import multiprocessing as mp
     import sys
 
-    return sys.platform.startswith("linux") and not torch.cuda.is_initialized()
+    if not sys.platform.startswith("linux"):
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", "openslide", "slide_clip.loader"])
+    return ctx
+
+
+def start_worker_server(num_workers: int) -> None:
+    """Start the fork server in the background (no wait) if loader workers will be needed."""
+    if num_workers > 0:
+        ctx = worker_context()
+        if ctx.get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()

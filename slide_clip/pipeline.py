@@ -6,6 +6,7 @@ Each stage is also callable alone (:func:`tile_slide`, :func:`encode_store`).
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -216,13 +217,16 @@ class EncoderCache:
         self.cfg = cfg
         self.encoder = encoder
         self.spec = encoder.spec if encoder is not None else resolve_model(e.model, e.registries, e.checkpoint)
+        self._lock = threading.Lock()
 
     def get(self):
+        """The encoder, loaded on first call (thread-safe: loaded once)."""
         from slide_clip.encoders import load_encoder
 
-        if self.encoder is None:
-            e = self.cfg.encode
-            self.encoder = load_encoder(self.spec, e.device, e.precision)
+        with self._lock:
+            if self.encoder is None:
+                e = self.cfg.encode
+                self.encoder = load_encoder(self.spec, e.device, e.precision)
         return self.encoder
 
 
@@ -244,9 +248,12 @@ def embed_slide(
     :func:`slide_clip.encoders.load_encoder`) or an :class:`EncoderCache` to share one
     across slides.
     """
+    from slide_clip.loader import start_worker_server
+
     cfg = cfg or PipelineConfig()
     encoders = encoders or EncoderCache(cfg, encoder)
     t0 = time.perf_counter()
+    start_worker_server(cfg.encode.num_workers)  # its imports overlap tissue detection
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     osr, info = open_slide(slide, mpp)
@@ -306,6 +313,59 @@ def embed_slides(
     return results
 
 
+# ----------------------------------------------------------------------------- stage functions
+# Path-in, small-values-out wrappers of the stages above, for orchestration layers (the
+# Prefect tasks): nothing returned holds a model, an array or an open slide.
+
+def check_slide(slide: str | Path, mpp: float | None, target_mpp: float) -> dict:
+    """Open the slide, validate it and its resolution; returns its SlideInfo as a dict."""
+    osr, info = open_slide(slide, mpp)
+    osr.close()
+    check_mpp(info, target_mpp)
+    return info.to_dict()
+
+
+def tissue_stage(slide: str | Path, out_dir: str | Path, cfg: PipelineConfig, *, mpp: float | None = None,
+                 overwrite: bool = False) -> str:
+    """Stage 1 for a slide file: the store with its tissue mask (reused if already made)."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    osr, info = open_slide(slide, mpp)
+    try:
+        path = store_path(out_dir, info.name)
+        with store_lock(path):
+            detect_tissue(osr, info, cfg, path, overwrite=overwrite)
+    finally:
+        osr.close()
+    return str(path)
+
+
+def tiles_stage(store: str | Path, cfg: PipelineConfig) -> int:
+    """Stage 2 for a store: lay the tile grid; returns the number of tiles."""
+    with store_lock(store):
+        return lay_tiles(SlideStore.open(store), cfg).n_tiles
+
+
+def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, encoders: EncoderCache, *,
+                 force: bool = False, progress: bool = False) -> dict:
+    """Stage 3 for a store: encode its tiles unless complete for this model and weights.
+
+    Returns ``{"model", "encoded", "skipped"}``. ``force`` re-encodes from scratch.
+    """
+    from slide_clip.loader import start_worker_server
+
+    start_worker_server(cfg.encode.num_workers)
+    with store_lock(store):
+        st = SlideStore.open(store)
+        if st.status != STATUS_TILED:
+            raise StoreError("is not tiled yet", path=store, hint="Run the tissue and tile stages first.")
+        if force and encoders.spec.name in [st.embedding_attrs(k).get("name") for k in st.models()]:
+            st.drop_embeddings(encoders.spec.name)
+        if embeddings_done(st, encoders.spec, encoders.encoder):
+            return {"model": encoders.spec.name, "encoded": 0, "skipped": True}
+        n = encode_store(st, str(resolve_slide_path(slide)), encoders.get(), cfg, progress=progress)
+    return {"model": encoders.spec.name, "encoded": n, "skipped": False}
+
+
 def unexpected_error(slide, exc: BaseException) -> str:
     """One line for an error that is not the user's (a bug or a system fault)."""
     detail = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
@@ -318,7 +378,8 @@ def record_status(out_dir, r: SlideResult) -> None:
 
     d = Path(out_dir) / "status"
     d.mkdir(parents=True, exist_ok=True)
-    data = {k: v for k, v in r.to_dict().items() if k != "extra"}
+    data = r.to_dict()
+    data["extra"] = {k: v for k, v in data["extra"].items() if k != "traceback"}
     (d / f"{r.name}.json").write_text(json.dumps(data, indent=1))
 
 

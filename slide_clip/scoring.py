@@ -186,6 +186,24 @@ def _score_many(stores, model, job: _Job, classifier_for, cfg, on_result=None) -
     return results
 
 
+def current_summary(store_path: str | Path, prompts: PromptSet, model: str | None = None) -> dict | None:
+    """The slide's summary if its scores for ``prompts`` are up to date (same prompt hash), else None."""
+    try:
+        store, name = open_scored_store(Path(store_path), model)
+        _, _, attrs = store.scores(name, prompts.name)
+    except SlideClipError:
+        return None
+    if attrs.get("prompt_hash") != prompts.hash or attrs.get("weights_sha256") != store.embedding_attrs(name).get(
+            "weights_sha256"):
+        return None
+    p = _summary_path(_out_dir(store), name, prompts.name, store.slide["name"])
+    try:
+        summary = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("status") == "ok" else None
+
+
 def zeroshot(stores: list[Path], prompts: PromptSet, cfg: PipelineConfig, *, model: str | None = None,
              on_result=None) -> list[dict]:
     """Zero-shot score every store's tiles with a prompt set (text classifiers cached on disk)."""
@@ -366,10 +384,13 @@ def heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str
 
 
 # ----------------------------------------------------------------------------- cohort
-def summarize(out_dir: str | Path, *, set_name: str | None = None, model: str | None = None):
+def summarize(out_dir: str | Path, *, set_name: str | None = None, model: str | None = None,
+              metadata: dict[str, dict] | None = None, only: list[str] | None = None):
     """Gather per-slide summaries (and slides that failed to embed) into one cohort table.
 
-    Writes ``out/cohort-<set>-<model>.csv`` and ``.parquet``; returns (table, csv, parquet).
+    ``metadata`` maps slide ids to extra columns (patient id, ...); ``only`` keeps just
+    these slide ids. Writes ``out/cohort-<set>-<model>.csv`` and ``.parquet``; returns
+    (table, csv, parquet).
     """
     out = Path(out_dir)
     root = out / "summaries"
@@ -393,6 +414,11 @@ def summarize(out_dir: str | Path, *, set_name: str | None = None, model: str | 
             summaries.append({"slide_id": st["name"], "status": "failed", "error": st.get("error"),
                               "slide": st.get("slide"), "score_set": sk, "model": mk,
                               "seconds": st.get("seconds")})
+    if only is not None:
+        keep = set(only)
+        summaries = [s for s in summaries if s["slide_id"] in keep]
+    for s in summaries:
+        s.update((metadata or {}).get(s["slide_id"], {}))
     df = cohort_table(summaries)
     csv_path, parquet_path = write_cohort_table(df, out / f"cohort-{sk}-{mk}")
     return df, csv_path, parquet_path

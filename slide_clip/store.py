@@ -243,6 +243,12 @@ class SlideStore:
             return arr[: int(attrs.get("rows_written", 0))]
         return arr[:]
 
+    def drop_embeddings(self, model: str) -> None:
+        """Delete a model's embeddings (to re-encode from scratch)."""
+        key = f"embeddings/{model_key(model)}"
+        if key in self.group:
+            del self.group[key]
+
     def begin_embeddings(self, provenance: dict, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> "EmbeddingWriter":
         """Start or resume writing a model's embeddings.
 

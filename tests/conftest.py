@@ -8,10 +8,19 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
+
+# No model hub is reachable here: fail hub look-ups at once instead of retrying (read by
+# huggingface_hub at import, so set before anything imports it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prefect: a private home per test session, no telemetry (offline machine).
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="slide-clip-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
 
 from slide_clip.synthetic import Region, Scene, write_slide
 
@@ -167,3 +176,12 @@ def cfg(tiny_registry):
         encode={"model": "tiny", "registries": (str(tiny_registry),), "batch_size": 16, "num_workers": 1,
                 "device": "cpu"}
     )
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test harness (temporary server and database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,145 @@
+"""The cohort flow: many slides with bounded concurrency, a summary table and reports.
+
+Input is any mix of slide files, folders (with a glob ``pattern``) and CSV manifests
+(``path`` plus optional ``mpp``, ``patient_id`` and metadata columns, carried into the
+summary). Each slide runs the per-slide flow, in this process or, with ``deployment``, as
+a run of the per-slide deployment picked up by any worker of its work pool. A failing slide
+never stops the others; it is reported with its error.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
+from prefect.artifacts import update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.process_slide import process_slide
+from slide_clip.config import PipelineConfig, load_config
+from slide_clip.errors import SlideClipError
+from slide_clip.manifest import CohortSlide, cohort_slides
+from flows import quiet_user_errors
+from tasks.summary import summary_task
+
+
+def _status(out: str, sid: str) -> dict | None:
+    try:
+        return json.loads((Path(out) / "status" / f"{sid}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class _Progress:
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.lock = threading.Lock()
+        self.id = create_progress_artifact(0.0, key="cohort-progress", description="slides finished (%)")
+
+    def step(self):
+        with self.lock:
+            self.done += 1
+            update_progress_artifact(self.id, 100.0 * self.done / max(1, self.total))
+
+
+@task(name="run-slide", cache_policy=NO_CACHE)
+def run_slide(item: dict, out: str, config: PipelineConfig, prompts: list[str], heatmaps: bool, force: bool,
+              deployment: str | None, encoder_limit: str | None) -> dict:
+    """One slide through the per-slide flow (subflow, or a deployment run); never raises."""
+    cs = CohortSlide(**item)
+    params = {"slide": cs.path, "out": out, "config": config, "mpp": cs.mpp, "prompts": prompts,
+              "heatmaps": heatmaps, "force": force, "encoder_limit": encoder_limit,
+              "metadata": cs.row_metadata()}
+    error = None
+    if deployment:
+        from prefect.deployments import run_deployment
+
+        params["config"] = config.model_dump(mode="json")
+        fr = run_deployment(deployment, parameters=params, timeout=None, poll_interval=1)
+        if not fr.state or not fr.state.is_completed():
+            error = f"{cs.path}: flow run {fr.name} ended {fr.state.name if fr.state else 'without a state'}"
+    else:
+        state = process_slide(**params, return_state=True)
+        if not state.is_completed():
+            try:
+                state.result()
+            except Exception as exc:  # noqa: BLE001 - the slide's own one-line error
+                error = str(exc)
+    status = _status(out, cs.slide_id) or {}
+    if error and status.get("status") != "failed":
+        status = {"name": cs.slide_id, "slide": cs.path, "status": "failed", "error": error}
+    return {"slide_id": cs.slide_id, **status}
+
+
+@flow(name="process-cohort", log_prints=True)
+def process_cohort(
+    slides: list[str],
+    out: str,
+    pattern: str | None = None,
+    config: PipelineConfig | None = None,
+    prompts: list[str] = ["tumour"],  # noqa: B006
+    heatmaps: bool = True,
+    force: bool = False,
+    max_concurrency: int = 2,
+    deployment: str | None = None,
+    encoder_limit: str | None = None,
+) -> dict:
+    """Process a cohort into ``out``; returns per-slide statuses and the summary tables' paths.
+
+    ``encoder_limit`` names a Prefect global concurrency limit held while encoding
+    (``"{host}"`` is replaced by the machine's name), e.g. ``slide-clip-encoder-{host}``.
+    """
+    quiet_user_errors()
+    cfg = config or load_config()
+    log = get_run_logger()
+    try:
+        cohort = cohort_slides(slides, pattern)
+    except SlideClipError as exc:
+        log.error(str(exc))
+        raise
+    log.info(f"{len(cohort)} slides, at most {max_concurrency} at a time -> {out}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    progress = _Progress(len(cohort))
+    results = []
+    with ThreadPoolTaskRunner(max_workers=max(1, max_concurrency)) as runner:
+        futures = [runner.submit(run_slide, parameters={
+            "item": {"path": c.path, "mpp": c.mpp, "patient_id": c.patient_id, "metadata": c.metadata},
+            "out": out, "config": cfg, "prompts": prompts, "heatmaps": heatmaps, "force": force,
+            "deployment": deployment, "encoder_limit": encoder_limit}) for c in cohort]
+        for f in futures:
+            results.append(f.result())
+            progress.step()
+    ids = [c.slide_id for c in cohort]
+    metadata = {c.slide_id: c.row_metadata() for c in cohort}
+    score_sets = sorted({s for r in results for s in (r.get("extra") or {}).get("scores", {})})
+    tables = {name: summary_task(out, name, None, metadata, ids) for name in score_sets}
+    _report(results, tables, out)
+    n_failed = sum(r.get("status") == "failed" for r in results)
+    log.info(f"{len(results) - n_failed} of {len(results)} slides done, {n_failed} failed")
+    return {"slides": results, "tables": {k: {"csv": v["csv"], "parquet": v["parquet"]} for k, v in tables.items()},
+            "failed": n_failed}
+
+
+def _report(results: list[dict], tables: dict, out: str) -> None:
+    """A table artifact per score set and a markdown artifact of per-slide status and heatmaps."""
+    for name, t in tables.items():
+        create_table_artifact(t["rows"], key=f"cohort-summary-{name.replace('_', '-').lower()}",
+                              description=f"Cohort summary ({name}): one row per slide. {t['csv']}")
+    lines = [f"# Cohort: {len(results)} slides -> `{out}`", "", "| slide | status | tiles | detail |",
+             "|---|---|---|---|"]
+    for r in results:
+        extra = r.get("extra") or {}
+        if r.get("status") == "failed":
+            detail = r.get("error") or ""
+        else:
+            parts = []
+            for name, s in extra.get("scores", {}).items():
+                maps = ", ".join(f"`{p}`" for p in s.get("heatmaps", []) if p.endswith(".png"))
+                parts.append(f"{name}: **{s.get('predicted')}** {maps}")
+            detail = "<br>".join(parts)
+        lines.append(f"| {r.get('slide_id')} | {r.get('status')} | {r.get('n_tiles', '')} | {detail} |")
+    create_markdown_artifact("\n".join(lines), key="cohort-report", description="Per-slide status and heatmaps")

@@ -1,0 +1,92 @@
+"""The per-slide flow: check, tissue, tile grid, encode, zero-shot, heatmaps.
+
+Skips work already done: a complete store for the same slide fingerprint, model and tiling
+settings is not re-encoded, and scores are only recomputed when the prompt set changed.
+``force`` redoes everything. The outcome is written to ``out/status/<slide_id>.json``,
+also when the slide fails (then the flow run fails too).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from prefect import flow, get_run_logger
+from prefect.context import get_run_context
+
+from slide_clip.config import PipelineConfig, load_config
+from slide_clip.errors import SlideClipError
+from slide_clip.pipeline import SlideResult, failed_result, record_status, unexpected_error
+from slide_clip.slide import slide_id
+from flows import quiet_user_errors
+from tasks.encode import encode_task
+from tasks.heatmap import heatmap_task
+from tasks.slide import check_slide_task
+from tasks.tiles import tiles_task
+from tasks.tissue import tissue_task
+from tasks.zeroshot import zeroshot_task
+
+
+def _where() -> dict:
+    """Which process ran the slide (a worker's flow-run process reports its worker as parent)."""
+    ctx = get_run_context()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(),
+            "flow_run_id": str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else None}
+
+
+@flow(name="process-slide", log_prints=True)
+def process_slide(
+    slide: str,
+    out: str,
+    config: PipelineConfig | None = None,
+    mpp: float | None = None,
+    prompts: list[str] = ["tumour"],  # noqa: B006 - Prefect parameters are copied per run
+    heatmaps: bool = True,
+    force: bool = False,
+    encoder_limit: str | None = None,
+    metadata: dict | None = None,
+) -> dict:
+    """Process one slide into ``out``; returns its status record (JSON-able)."""
+    quiet_user_errors()
+    cfg = config or load_config()
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    try:
+        check_slide_task(slide, cfg, mpp)
+        store = tissue_task(slide, out, cfg, mpp, force)
+        n_tiles = tiles_task(store, cfg)
+        enc = encode_task(store, slide, cfg, force, encoder_limit)
+        scored = {}
+        for p in prompts:
+            summary = zeroshot_task(store, p, cfg, enc["model"], force)
+            scored[summary["score_set"]] = {"predicted": summary["predicted"], "rescored": summary["rescored"],
+                                            "slide_prob": summary["slide_prob"]}
+            if heatmaps and summary["rescored"]:
+                scored[summary["score_set"]]["heatmaps"] = heatmap_task(store, summary["score_set"], cfg,
+                                                                        enc["model"])
+        did_work = enc["encoded"] > 0 or any(v["rescored"] for v in scored.values())
+        result = SlideResult(slide=slide, name=slide_id(slide), status="ok" if did_work else "skipped",
+                             store=store, n_tiles=n_tiles, encoded=enc["encoded"],
+                             seconds=round(time.perf_counter() - t0, 3),
+                             extra={"scores": scored, "metadata": metadata or {}, **_where()})
+    except SlideClipError as exc:
+        result = failed_result(slide, str(exc), t0)
+        result.extra.update({"metadata": metadata or {}, **_where()})
+        record_status(out, result)
+        log.error(str(exc))
+        raise
+    except Exception as exc:
+        result = failed_result(slide, unexpected_error(slide, exc), t0)
+        result.extra.update({"metadata": metadata or {}, **_where()})
+        record_status(out, result)
+        raise
+    record_status(out, result)
+    log.info(f"{result.status}: {result.name} ({result.n_tiles} tiles, {result.encoded} encoded)")
+    return result.to_dict()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    print(process_slide(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,89 @@
+"""Which slides a cohort holds: folders, files, or a CSV manifest with per-slide metadata."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slide_clip.errors import ConfigError
+from slide_clip.slide import find_slides, slide_id
+
+
+@dataclass(frozen=True)
+class CohortSlide:
+    """One slide of a cohort: its path, an optional mpp override and metadata columns."""
+
+    path: str
+    mpp: float | None = None
+    patient_id: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def slide_id(self) -> str:
+        return slide_id(self.path)
+
+    def row_metadata(self) -> dict:
+        """Metadata carried into the cohort table (patient_id first)."""
+        out = {"patient_id": self.patient_id} if self.patient_id is not None else {}
+        return {**out, **self.metadata}
+
+
+def read_manifest(path: str | Path) -> list[CohortSlide]:
+    """A CSV with a ``path`` column and optional ``mpp``, ``patient_id`` and any other columns.
+
+    Relative paths are relative to the CSV's folder; other columns are kept as metadata.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("manifest not found", path=p)
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        if "path" not in (reader.fieldnames or []):
+            raise ConfigError("manifest needs a 'path' column", path=p,
+                              hint="Columns: path, and optionally mpp, patient_id and any metadata.")
+        rows = []
+        for i, row in enumerate(reader, start=2):
+            raw = (row.pop("path") or "").strip()
+            if not raw:
+                raise ConfigError(f"line {i}: empty path", path=p)
+            sp = Path(raw).expanduser()
+            sp = sp if sp.is_absolute() else p.parent / sp
+            mpp_text = (row.pop("mpp", None) or "").strip()
+            try:
+                mpp = float(mpp_text) if mpp_text else None
+            except ValueError:
+                raise ConfigError(f"line {i}: mpp {mpp_text!r} is not a number", path=p) from None
+            if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+                raise ConfigError(f"line {i}: mpp must be positive", path=p)
+            patient = (row.pop("patient_id", None) or "").strip() or None
+            meta = {k: v for k, v in row.items() if k}
+            rows.append(CohortSlide(str(sp), mpp, patient, meta))
+    _check_unique(rows, p)
+    return rows
+
+
+def cohort_slides(inputs: list[str | Path], pattern: str | None = None) -> list[CohortSlide]:
+    """Expand files, folders (with ``pattern``) and ``.csv`` manifests into cohort slides."""
+    out: list[CohortSlide] = []
+    plain: list[str | Path] = []
+    for item in inputs:
+        if str(item).lower().endswith(".csv"):
+            out.extend(read_manifest(item))
+        else:
+            plain.append(item)
+    if plain:
+        out.extend(CohortSlide(str(p)) for p in find_slides(plain, pattern))
+    _check_unique(out, None)
+    return out
+
+
+def _check_unique(rows: list[CohortSlide], where) -> None:
+    seen: dict[str, str] = {}
+    for r in rows:
+        if r.slide_id in seen and seen[r.slide_id] != r.path:
+            raise ConfigError(f"two slides share the id {r.slide_id!r} ({seen[r.slide_id]} and {r.path}); "
+                              "their stores would collide", path=where,
+                              hint="Rename one, or process them into different --out folders.")
+        seen[r.slide_id] = r.path

@@ -1,0 +1,122 @@
+"""The Prefect flows under one test harness: a cohort with a broken slide, skip-done reruns."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slide_clip.store import SlideStore
+from slide_clip.synthetic import Region, Scene
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, make_slide):
+    d = tmp_path_factory.mktemp("cohort")
+    a, _ = make_slide("tissue_0.5", mpp=0.5)
+    b, _ = make_slide("tissue_0.263", mpp=0.263)
+    c, _ = make_slide("no_mpp", write_mpp=None)
+    broken = d / "broken.svs"
+    broken.write_bytes(b"\x00" * 1000)
+    manifest = d / "manifest.csv"
+    manifest.write_text(
+        "path,mpp,patient_id,site\n"
+        f"{a},,P1,left\n{b},,P2,right\n{c},0.5,P3,left\n{broken},,P4,right\n"
+    )
+    return manifest
+
+
+def _read_artifact(key):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def test_cohort_flow_with_a_broken_slide_then_a_skipping_rerun(cohort, cfg, tmp_path):
+    from flows.process_cohort import process_cohort
+
+    out = tmp_path / "out"
+    r = process_cohort(slides=[str(cohort)], out=str(out), config=cfg, prompts=["tumour"], max_concurrency=2)
+    status = {s["slide_id"]: s for s in r["slides"]}
+    assert {k: v["status"] for k, v in status.items()} == {
+        "tissue_0.5": "ok", "tissue_0.263": "ok", "no_mpp": "ok", "broken": "failed"}
+    assert r["failed"] == 1
+    assert "broken.svs: is not a whole-slide image" in status["broken"]["error"]
+    for sid in ("tissue_0.5", "tissue_0.263", "no_mpp"):
+        store = SlideStore.open(out / f"{sid}.zarr")
+        assert store.is_complete("tiny")
+        assert store.scores("tiny", "tumour")[0].shape == (store.n_tiles, 2)
+        assert (out / "heatmaps" / "tiny" / "tumour" / f"{sid}_tumour.png").is_file()
+    assert SlideStore.open(out / "no_mpp.zarr").slide["mpp_source"] == "override"
+    # the cohort table: every slide, the broken one with its error, the manifest's metadata
+    df = pd.read_csv(r["tables"]["tumour"]["csv"]).set_index("slide_id")
+    assert sorted(df.index) == ["broken", "no_mpp", "tissue_0.263", "tissue_0.5"]
+    assert df.loc["broken", "status"] == "failed" and "not a whole-slide image" in df.loc["broken", "error"]
+    assert df.loc["tissue_0.263", "patient_id"] == "P2" and df.loc["no_mpp", "site"] == "left"
+    assert pd.read_parquet(r["tables"]["tumour"]["parquet"]).shape[0] == 4
+    # artifacts: the summary table and the markdown report
+    [table] = _read_artifact("cohort-summary-tumour")
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {row["slide_id"] for row in rows} == set(df.index)
+    [report] = _read_artifact("cohort-report")
+    assert report.type == "markdown" and "broken" in report.data and "tissue_0.5_tumour.png" in report.data
+    assert _read_artifact("cohort-progress")
+
+    finished = {sid: SlideStore.open(out / f"{sid}.zarr").embedding_attrs("tiny")["finished"]
+                for sid in ("tissue_0.5", "tissue_0.263", "no_mpp")}
+    # second run: every finished slide is skipped (nothing encoded, nothing re-scored)
+    r2 = process_cohort(slides=[str(cohort)], out=str(out), config=cfg, prompts=["tumour"])
+    again = {s["slide_id"]: s for s in r2["slides"]}
+    for sid, when in finished.items():
+        assert again[sid]["status"] == "skipped" and again[sid]["encoded"] == 0
+        assert not again[sid]["extra"]["scores"]["tumour"]["rescored"]
+        assert SlideStore.open(out / f"{sid}.zarr").embedding_attrs("tiny")["finished"] == when
+    assert again["broken"]["status"] == "failed"
+
+
+def test_changed_prompts_only_rescore_and_force_redoes(make_slide, cfg, tmp_path):
+    from flows.process_slide import process_slide
+
+    slide, _ = make_slide("tissue_0.5", mpp=0.5)
+    out = tmp_path / "out"
+    first = process_slide(str(slide), str(out), config=cfg, prompts=["tumour"])
+    assert first["status"] == "ok" and first["encoded"] > 0
+    store = SlideStore.open(first["store"])
+    feats = store.embeddings("tiny").copy()
+    finished = store.embedding_attrs("tiny")["finished"]
+    second = process_slide(str(slide), str(out), config=cfg, prompts=["tumour", "tissue_types"])
+    assert second["encoded"] == 0 and second["status"] == "ok"
+    assert second["extra"]["scores"]["tissue_types"]["rescored"] is True
+    assert second["extra"]["scores"]["tumour"]["rescored"] is False
+    assert SlideStore.open(first["store"]).embedding_attrs("tiny")["finished"] == finished
+    forced = process_slide(str(slide), str(out), config=cfg, prompts=["tumour"], force=True)
+    assert forced["encoded"] == store.n_tiles
+    assert np.array_equal(SlideStore.open(first["store"]).embeddings("tiny"), feats)
+
+
+def test_bad_slide_fails_the_slide_flow_with_its_one_line_error(tmp_path, cfg):
+    from flows.process_slide import process_slide
+
+    bad = tmp_path / "plain.png"
+    from PIL import Image
+
+    Image.new("RGB", (100, 100), "white").save(bad)
+    state = process_slide(str(bad), str(tmp_path / "out"), config=cfg, return_state=True)
+    assert state.is_failed()
+    status = json.loads((tmp_path / "out" / "status" / "plain.json").read_text())
+    assert status["status"] == "failed" and status["error"].startswith(f"{bad}: is a plain image")
+
+
+def test_retry_policy_is_for_transient_failures_only():
+    from prefect.states import Failed
+
+    from slide_clip.errors import SlideError
+    from tasks._policy import transient
+
+    assert transient(None, None, Failed(data=OSError("disk went away"))) is True
+    assert transient(None, None, Failed(data=SlideError("bad", path="x.svs"))) is False
