@@ -121,7 +121,9 @@ def serve(
     params = {"slides": [str(watch.resolve())], "out": str(out.resolve()), "pattern": pattern,
               "config": cfg.model_dump(mode="json"), "prompts": list(prompts), "max_concurrency": concurrency}
     kwargs = {"cron": cron} if cron else {"interval": interval}
-    process_cohort.serve(name=name, parameters=params, **kwargs)
+    # limit=1: a run still going when the next is due makes that one wait, so two runs never
+    # race for the same new slide.
+    process_cohort.serve(name=name, parameters=params, limit=1, **kwargs)
 
 
 @app.command()

@@ -7,8 +7,8 @@ a run of the per-slide deployment picked up by any worker of its work pool. A fa
 never stops the others; it is reported with its error.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a served deployment pickles the flow into a
+# subprocess, and string annotations would not resolve there (PipelineConfig would be unknown).
 import json
 import threading
 from pathlib import Path

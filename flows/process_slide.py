@@ -6,8 +6,8 @@ settings is not re-encoded, and scores are only recomputed when the prompt set c
 also when the slide fails (then the flow run fails too).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a served deployment pickles the flow into a
+# subprocess, and string annotations would not resolve there (PipelineConfig would be unknown).
 import os
 import socket
 import time

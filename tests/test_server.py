@@ -1,0 +1,171 @@
+"""Against a real `prefect server start` on loopback: a scheduled watch deployment, and two
+workers of one work pool sharing a cohort."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from slide_clip.store import SlideStore
+
+PY = sys.executable
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout, what, procs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for p in procs:
+            assert p.poll() is None, f"{p.args[:4]} exited with {p.returncode} while waiting for {what}"
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server on 127.0.0.1 with its own home; yields the env clients need."""
+    home = tmp_path_factory.mktemp("prefect_server_home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy():
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        _wait(healthy, 180, "the Prefect server to answer", [proc])
+        yield {**env, "PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+               "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _api(env, path, body):
+    req = urllib.request.Request(env["PREFECT_API_URL"] + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _status(out: Path, sid: str):
+    try:
+        return json.loads((out / "status" / f"{sid}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def test_scheduled_watch_processes_a_new_slide_once(server, tmp_path, make_slide, tiny_registry):
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen(
+        [PY, "-m", "flows.cli", "serve", "--watch", str(watch), "--out", str(out), "--interval", "15",
+         "--name", "watch-test", "--models", str(tiny_registry), "--model", "tiny", "--workers", "0",
+         "--device", "cpu"],
+        env=server, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        src, _ = make_slide("tissue_0.5", mpp=0.5)
+        shutil.copy(src, watch / "dropped.tif")
+        first = _wait(lambda: (s := _status(out, "dropped")) and s["status"] != "failed" and s,
+                      300, "a scheduled run to process the dropped slide", [serve])
+        assert first["status"] == "ok" and first["encoded"] > 0, first
+        finished = SlideStore.open(out / "dropped.zarr").embedding_attrs("tiny")["finished"]
+        # the next scheduled run sees the slide again and leaves it alone
+        again = _wait(lambda: (s := _status(out, "dropped")) and
+                      s["extra"]["flow_run_id"] != first["extra"]["flow_run_id"] and s,
+                      300, "the next scheduled run", [serve])
+        assert again["status"] == "skipped" and again["encoded"] == 0, again
+        assert SlideStore.open(out / "dropped.zarr").embedding_attrs("tiny")["finished"] == finished
+        # both were scheduled runs of the served deployment (the second one's status file is
+        # written just before its flow run reaches COMPLETED on the server)
+        def completed():
+            runs = _api(server, "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+                                                      "deployments": {"name": {"any_": ["watch-test"]}}})
+            return runs if len(runs) >= 2 else None
+
+        runs = _wait(completed, 60, "two completed scheduled runs", [serve])
+        assert all(r["auto_scheduled"] for r in runs)
+    finally:
+        _stop(serve)
+        log.close()
+
+
+def test_two_workers_share_a_cohort_each_slide_once(server, tmp_path, make_slide, tiny_registry):
+    r = subprocess.run([PY, "-m", "flows.cli", "deploy", "--pool", "test-pool"], env=server,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "process-slide/process-slide" in r.stdout
+    workers, logs = [], []
+    for i in range(2):
+        logs.append(open(tmp_path / f"worker{i}.log", "w"))
+        workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "test-pool", "--limit", "1",
+                                         "--name", f"worker-{i}"], env=server, stdout=logs[-1],
+                                        stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        src, _ = make_slide("tissue_0.5", mpp=0.5)
+        slides = []
+        for i in range(4):
+            p = tmp_path / "slides" / f"slide{i}.tif"
+            p.parent.mkdir(exist_ok=True)
+            shutil.copy(src, p)
+            slides.append(str(p))
+        out = tmp_path / "out"
+        r = subprocess.run([PY, "-m", "flows.cli", "run", *slides, "--out", str(out), "--deployment",
+                            "process-slide/process-slide", "--concurrency", "4", "--models", str(tiny_registry),
+                            "--model", "tiny", "--workers", "0", "--device", "cpu", "--no-heatmaps"],
+                           env=server, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        statuses = [_status(out, f"slide{i}") for i in range(4)]
+        assert all(s["status"] == "ok" for s in statuses), statuses
+        for i in range(4):
+            assert SlideStore.open(out / f"slide{i}.zarr").is_complete("tiny")
+        # both workers took slides: each flow run process is a child of the worker that ran it
+        assert {s["extra"]["parent_pid"] for s in statuses} == {w.pid for w in workers}
+        # every slide was processed exactly once
+        runs = _api(server, "/flow_runs/filter", {"deployments": {"name": {"any_": ["process-slide"]}}})
+        per_slide = {}
+        for fr in runs:
+            per_slide.setdefault(Path(fr["parameters"]["slide"]).stem, []).append(fr["state_type"])
+        assert per_slide == {f"slide{i}": ["COMPLETED"] for i in range(4)}
+    finally:
+        for w in workers:
+            _stop(w)
+        for f in logs:
+            f.close()
