@@ -13,6 +13,7 @@ import typer
 
 from slide_clip.cli import _fail, app
 from slide_clip.errors import SlideClipError
+from tasks import ENCODER_LIMIT
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,9 +131,8 @@ def serve(
 def deploy(
     pool: str = typer.Option(..., help="Work pool (type process) whose workers run the per-slide flow."),
     name: str = typer.Option("process-slide", help="Deployment name."),
-    encoder_limit: str = typer.Option("slide-clip-encoder-{host}",
-                                      help="Global concurrency limit held while encoding ({host}: machine name)."),
-    create_limit: bool = typer.Option(True, help="Create this machine's encoder limit (1 slot) if missing."),
+    encoder_limit: str = typer.Option(ENCODER_LIMIT, help="Global concurrency limit held while encoding "
+                                      "({host}: the worker's machine name; created with 1 slot on first use)."),
 ):
     """Register the per-slide flow as a deployment of a work pool, for workers on several machines.
 
@@ -140,30 +140,17 @@ def deploy(
     project installed at the same path), then hand a cohort to them with
     `slide-clip run ... --deployment process-slide/NAME`.
     """
-    import socket
-
     from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-    from prefect.utilities.asyncutils import run_coro_as_sync
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
 
     from flows.process_slide import process_slide
 
-    async def ensure():
-        async with get_client() as client:
-            try:
-                await client.read_work_pool(pool)
-            except ObjectNotFound:
-                await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            if create_limit:
-                limit_name = encoder_limit.format(host=socket.gethostname())
-                try:
-                    await client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(name=limit_name, limit=1))
-                except ObjectAlreadyExists:
-                    pass
-
-    run_coro_as_sync(ensure())
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     flow = process_slide.from_source(source=str(REPO_ROOT), entrypoint="flows/process_slide.py:process_slide")
     dep_id = flow.deploy(name=name, work_pool_name=pool, parameters={"encoder_limit": encoder_limit},
                          build=False, push=False, print_next_steps=False)

@@ -59,6 +59,8 @@ def run_slide(item: dict, out: str, config: PipelineConfig, prompts: list[str], 
         from prefect.deployments import run_deployment
 
         params["config"] = config.model_dump(mode="json")
+        if encoder_limit is None:  # keep the deployment's own limit (set by `slide-clip deploy`)
+            del params["encoder_limit"]
         fr = run_deployment(deployment, parameters=params, timeout=None, poll_interval=1)
         if not fr.state or not fr.state.is_completed():
             error = f"{cs.path}: flow run {fr.name} ended {fr.state.name if fr.state else 'without a state'}"

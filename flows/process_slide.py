@@ -69,7 +69,8 @@ def process_slide(
         result = SlideResult(slide=slide, name=slide_id(slide), status="ok" if did_work else "skipped",
                              store=store, n_tiles=n_tiles, encoded=enc["encoded"],
                              seconds=round(time.perf_counter() - t0, 3),
-                             extra={"scores": scored, "metadata": metadata or {}, **_where()})
+                             extra={"scores": scored, "metadata": metadata or {}, "encode_window": enc["window"],
+                                    "batch_size": enc["batch_size"], **_where()})
     except SlideClipError as exc:
         result = failed_result(slide, str(exc), t0)
         result.extra.update({"metadata": metadata or {}, **_where()})

@@ -4,3 +4,8 @@ Tasks take and return paths and small JSON-able values (never models, arrays or 
 handles), cache nothing (``NO_CACHE``: the stores on disk are the cache), and retry only
 transient failures: a user's bad input (:class:`slide_clip.errors.SlideClipError`) is final.
 """
+
+#: The global concurrency limit held around encoding; "{host}" is the machine's name, so each
+#: GPU machine gets its own limit, created with one slot on first use (raise it with
+#: `prefect gcl update NAME --limit N` for a machine with N GPUs).
+ENCODER_LIMIT = "slide-clip-encoder-{host}"

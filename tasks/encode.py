@@ -3,7 +3,8 @@
 The encoder is loaded once per worker process and model (not per slide). Within a process
 one slide encodes at a time per device (other slides' tissue and tiling go on meanwhile);
 across processes, a Prefect global concurrency limit named by ``limit`` does the same for a
-machine's GPU. A CUDA out-of-memory error retries the slide with half the batch size.
+machine's GPU: the limit is created with one slot the first time a machine uses it. A CUDA
+out-of-memory error retries the slide with half the batch size.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -20,14 +22,35 @@ from slide_clip.config import PipelineConfig
 from slide_clip.pipeline import EncoderCache, encode_stage
 from tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
 
-#: The global concurrency limit deployments use around encoding; "{host}" is this machine's
-#: name, so `prefect gcl create slide-clip-encoder-<host> --limit 1` gives one encoder per GPU
-#: machine. A limit that does not exist does not block (Prefect logs a warning).
-DEFAULT_LIMIT = "slide-clip-encoder-{host}"
-
 _lock = threading.Lock()
 _encoders: dict[str, EncoderCache] = {}
 _device_locks: dict[str, threading.Lock] = {}
+_limits_ensured: set[str] = set()
+
+
+def limit_name(template: str) -> str:
+    """The concurrency limit's name on this machine (``{host}`` replaced by the host name)."""
+    return template.format(host=socket.gethostname())
+
+
+def ensure_limit(name: str, slots: int = 1) -> None:
+    """Create the global concurrency limit ``name`` with ``slots`` unless it exists.
+
+    Prefect treats a limit that does not exist as no limit at all, so a worker on a new
+    machine would otherwise run encoders side by side on one GPU.
+    """
+    if name in _limits_ensured:
+        return
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+        except ObjectAlreadyExists:
+            pass
+    _limits_ensured.add(name)
 
 
 def _device_lock(config: PipelineConfig) -> threading.Lock:
@@ -48,17 +71,25 @@ def encoders_for(config: PipelineConfig) -> EncoderCache:
       retry_condition_fn=transient)
 def encode_task(store: str, slide: str, config: PipelineConfig, force: bool = False,
                 limit: str | None = None) -> dict:
-    """Encode the store's tiles; returns ``{"model", "encoded", "skipped", "batch_size"}``."""
+    """Encode the store's tiles.
+
+    Returns ``{"model", "encoded", "skipped", "batch_size", "window"}``: ``window`` is the
+    wall-clock [start, end] (epoch seconds) during which this slide held the device.
+    """
     import torch
 
     encoders = encoders_for(config)
     cfg = config
-    name = limit.format(host=socket.gethostname()) if limit else None
+    name = limit_name(limit) if limit else None
+    if name:
+        ensure_limit(name)
     while True:
         try:
             with _device_lock(cfg), (concurrency(name, occupy=1) if name else contextlib.nullcontext()):
+                start = time.time()
                 out = encode_stage(store, slide, cfg, encoders, force=force)
-            return {**out, "batch_size": cfg.encode.batch_size}
+                window = [start, time.time()]
+            return {**out, "batch_size": cfg.encode.batch_size, "window": window}
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if cfg.encode.batch_size == 1:

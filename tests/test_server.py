@@ -158,6 +158,13 @@ def test_two_workers_share_a_cohort_each_slide_once(server, tmp_path, make_slide
             assert SlideStore.open(out / f"slide{i}.zarr").is_complete("tiny")
         # both workers took slides: each flow run process is a child of the worker that ran it
         assert {s["extra"]["parent_pid"] for s in statuses} == {w.pid for w in workers}
+        # one encoder at a time on this machine: the per-host limit was created with one slot
+        # and the slides' encode windows never overlap, although two workers ran at once
+        host = statuses[0]["extra"]["host"]
+        limits = _api(server, "/v2/concurrency_limits/filter", {})
+        assert {(lim["name"], lim["limit"]) for lim in limits} >= {(f"slide-clip-encoder-{host}", 1)}
+        windows = sorted(s["extra"]["encode_window"] for s in statuses)
+        assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:])), windows
         # every slide was processed exactly once
         runs = _api(server, "/flow_runs/filter", {"deployments": {"name": {"any_": ["process-slide"]}}})
         per_slide = {}
