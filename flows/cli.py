@@ -76,7 +76,7 @@ def run(
         _fail(state.message or "the cohort flow failed")
     result = state.result()
     for r in result["slides"]:
-        tail = r.get("error") if r.get("status") == "failed" else f"{r.get('n_tiles')} tiles"
+        tail = r.get("error") if r.get("status") in ("failed", "waiting") else f"{r.get('n_tiles')} tiles"
         typer.echo(f"{r.get('status', '?'):8s} {r['slide_id']}  {tail}")
     for name, t in result["tables"].items():
         typer.echo(f"summary {name}: {t['csv']}")
@@ -99,11 +99,17 @@ def serve(
     concurrency: int = typer.Option(2, help="Slides processed at the same time."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes per slide."),
+    deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment "
+                                             "(process-slide/NAME from `slide-clip deploy`) instead of "
+                                             "processing it here."),
+    settle: float = typer.Option(60.0, help="Seconds a slide's files must be unchanged before it is processed "
+                                 "(a slide still being copied in waits for the next run)."),
 ):
     """Serve the cohort flow on a schedule against a Prefect server (PREFECT_API_URL).
 
     Each run processes the watched folder; finished slides are skipped, so a run only does
-    the slides added since the last one. Runs until stopped (Ctrl-C).
+    the slides added since the last one. With --deployment, the slides go to the workers
+    of that deployment's work pool. Runs until stopped (Ctrl-C).
     """
     if (cron is None) == (interval is None):
         _fail("give exactly one of --cron or --interval")
@@ -120,7 +126,8 @@ def serve(
     from flows.process_cohort import process_cohort
 
     params = {"slides": [str(watch.resolve())], "out": str(out.resolve()), "pattern": pattern,
-              "config": cfg.model_dump(mode="json"), "prompts": list(prompts), "max_concurrency": concurrency}
+              "config": cfg.model_dump(mode="json"), "prompts": list(prompts), "max_concurrency": concurrency,
+              "deployment": deployment, "settle_seconds": settle}
     kwargs = {"cron": cron} if cron else {"interval": interval}
     # limit=1: a run still going when the next is due makes that one wait, so two runs never
     # race for the same new slide.

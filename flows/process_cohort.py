@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.process_slide import process_slide
 from slide_clip.config import PipelineConfig, load_config
 from slide_clip.errors import SlideClipError
-from slide_clip.manifest import CohortSlide, cohort_slides
+from slide_clip.manifest import CohortSlide, cohort_slides, split_settled
 from flows import quiet_user_errors
 from tasks.summary import summary_task
 
@@ -89,11 +89,14 @@ def process_cohort(
     max_concurrency: int = 2,
     deployment: str | None = None,
     encoder_limit: str | None = None,
+    settle_seconds: float = 0.0,
 ) -> dict:
     """Process a cohort into ``out``; returns per-slide statuses and the summary tables' paths.
 
     ``encoder_limit`` names a Prefect global concurrency limit held while encoding
     (``"{host}"`` is replaced by the machine's name), e.g. ``slide-clip-encoder-{host}``.
+    Slides whose files changed in the last ``settle_seconds`` are still being copied in: they
+    are reported as ``waiting`` and left for a later run.
     """
     quiet_user_errors()
     cfg = config or load_config()
@@ -103,6 +106,9 @@ def process_cohort(
     except SlideClipError as exc:
         log.error(str(exc))
         raise
+    cohort, waiting = split_settled(cohort, settle_seconds)
+    for c in waiting:
+        log.info(f"{c.path}: changed in the last {settle_seconds:g} s (still being copied?); left for the next run")
     log.info(f"{len(cohort)} slides, at most {max_concurrency} at a time -> {out}")
     Path(out).mkdir(parents=True, exist_ok=True)
     progress = _Progress(len(cohort))
@@ -115,6 +121,8 @@ def process_cohort(
         for f in futures:
             results.append(f.result())
             progress.step()
+    results += [{"slide_id": c.slide_id, "slide": c.path, "status": "waiting",
+                 "error": f"changed in the last {settle_seconds:g} s; left for the next run"} for c in waiting]
     ids = [c.slide_id for c in cohort]
     metadata = {c.slide_id: c.row_metadata() for c in cohort}
     score_sets = sorted({s for r in results for s in (r.get("extra") or {}).get("scores", {})})
@@ -135,7 +143,7 @@ def _report(results: list[dict], tables: dict, out: str) -> None:
              "|---|---|---|---|"]
     for r in results:
         extra = r.get("extra") or {}
-        if r.get("status") == "failed":
+        if r.get("status") in ("failed", "waiting"):
             detail = r.get("error") or ""
         else:
             parts = []

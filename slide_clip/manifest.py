@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,3 +88,28 @@ def _check_unique(rows: list[CohortSlide], where) -> None:
                               "their stores would collide", path=where,
                               hint="Rename one, or process them into different --out folders.")
         seen[r.slide_id] = r.path
+
+
+def last_modified(path: str | Path) -> float:
+    """Newest modification time (epoch s) of a slide's files: the file, a DICOM folder's
+    files, and a MIRAX slide's companion folder (``slide.mrxs`` + ``slide/``)."""
+    p = Path(path)
+    files = [p]
+    for d in (p, p.with_suffix("")):
+        if d.is_dir():
+            files += [f for f in d.iterdir() if f.is_file()]
+    times = [f.stat().st_mtime for f in files if f.exists()]
+    return max(times) if times else 0.0
+
+
+def split_settled(slides: list[CohortSlide], settle_seconds: float,
+                  now: float | None = None) -> tuple[list[CohortSlide], list[CohortSlide]]:
+    """(ready, waiting): slides whose files changed within ``settle_seconds`` are still being
+    copied in, and wait for a later run."""
+    if settle_seconds <= 0:
+        return list(slides), []
+    now = time.time() if now is None else now
+    ready, waiting = [], []
+    for s in slides:
+        (waiting if now - last_modified(s.path) < settle_seconds else ready).append(s)
+    return ready, waiting

@@ -120,3 +120,19 @@ def test_retry_policy_is_for_transient_failures_only():
 
     assert transient(None, None, Failed(data=OSError("disk went away"))) is True
     assert transient(None, None, Failed(data=SlideError("bad", path="x.svs"))) is False
+
+
+def test_cohort_leaves_slides_still_being_copied_for_the_next_run(make_slide, cfg, tmp_path):
+    import shutil
+
+    from flows.process_cohort import process_cohort
+
+    src, _ = make_slide("tissue_0.5", mpp=0.5)
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    shutil.copy(src, watch / "arriving.tif")  # copied just now: its mtime is fresh
+    out = tmp_path / "out"
+    r = process_cohort(slides=[str(watch)], out=str(out), config=cfg, settle_seconds=3600)
+    [s] = r["slides"]
+    assert s["slide_id"] == "arriving" and s["status"] == "waiting" and r["failed"] == 0
+    assert not (out / "arriving.zarr").exists() and not (out / "status" / "arriving.json").exists()

@@ -98,7 +98,7 @@ def test_scheduled_watch_processes_a_new_slide_once(server, tmp_path, make_slide
     serve = subprocess.Popen(
         [PY, "-m", "flows.cli", "serve", "--watch", str(watch), "--out", str(out), "--interval", "15",
          "--name", "watch-test", "--models", str(tiny_registry), "--model", "tiny", "--workers", "0",
-         "--device", "cpu"],
+         "--device", "cpu", "--settle", "3"],
         env=server, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         src, _ = make_slide("tissue_0.5", mpp=0.5)
