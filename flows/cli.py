@@ -53,7 +53,7 @@ def run(
     force: bool = typer.Option(False, help="Redo every stage, even for finished slides."),
     concurrency: int = typer.Option(2, help="Slides processed at the same time."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes per slide."),
+    workers: Optional[str] = typer.Option(None, help="DataLoader worker processes per slide: a number, or auto."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per batch."),
     deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment (scale-out)."),
     encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit held while encoding."),
@@ -98,7 +98,7 @@ def serve(
     prompts: List[str] = _PROMPTS,
     concurrency: int = typer.Option(2, help="Slides processed at the same time."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes per slide."),
+    workers: Optional[str] = typer.Option(None, help="DataLoader worker processes per slide: a number, or auto."),
     deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment "
                                              "(process-slide/NAME from `slide-clip deploy`) instead of "
                                              "processing it here."),
@@ -138,8 +138,9 @@ def serve(
 def deploy(
     pool: str = typer.Option(..., help="Work pool (type process) whose workers run the per-slide flow."),
     name: str = typer.Option("process-slide", help="Deployment name."),
-    encoder_limit: str = typer.Option(ENCODER_LIMIT, help="Global concurrency limit held while encoding "
-                                      "({host}: the worker's machine name; created with 1 slot on first use)."),
+    encoder_limit: str = typer.Option(ENCODER_LIMIT, help="Global concurrency limit held while encoding, "
+                                      "created with 1 slot on first use ({host}: the worker's machine; {gpu}: "
+                                      "its CUDA_VISIBLE_DEVICES, for one worker per GPU)."),
 ):
     """Register the per-slide flow as a deployment of a work pool, for workers on several machines.
 
@@ -162,6 +163,47 @@ def deploy(
     dep_id = flow.deploy(name=name, work_pool_name=pool, parameters={"encoder_limit": encoder_limit},
                          build=False, push=False, print_next_steps=False)
     typer.echo(f"deployment process-slide/{name} ({dep_id}) on work pool {pool}")
+
+
+def _prefect_check():
+    from slide_clip.doctor import FAIL, OK, Check
+
+    import prefect
+    from prefect.settings import PREFECT_API_URL
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if not url:
+        return Check(OK, "prefect", f"prefect {prefect.__version__}; no PREFECT_API_URL: `run` starts a "
+                                    "temporary server, `serve` and `deploy` need `prefect server start`")
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as r:
+            healthy = r.status == 200
+    except OSError as e:
+        return Check(FAIL, "prefect", f"server {url} does not answer ({e}): start it with `prefect server start`")
+    return Check(OK if healthy else FAIL, "prefect", f"prefect {prefect.__version__}; server {url} "
+                                                     + ("answers" if healthy else "is unhealthy"))
+
+
+@app.command()
+def doctor(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder to check for writing."),
+    device: str = typer.Option("auto", help="Device to check: auto, cpu, cuda, cuda:N or mps."),
+    registry: List[Path] = _REG,
+):
+    """Check the installation: OpenSlide, the device, model weights, Zarr, Prefect.
+
+    Exit code 1 if a check fails; warnings (no GPU, weights not downloaded yet) do not fail.
+    """
+    from slide_clip.doctor import FAIL, run_checks
+
+    checks = run_checks(out, device, tuple(str(r) for r in registry))
+    checks.append(_prefect_check())
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        typer.echo(f"{c.status:4s}  {c.name.ljust(width)}  {c.detail}")
+    raise typer.Exit(1 if any(c.status == FAIL for c in checks) else 0)
 
 
 def main():  # console-script entry point

@@ -109,7 +109,8 @@ def embed(
     overlap: Optional[float] = typer.Option(None, help="Fraction of a tile shared with its neighbour (default 0)."),
     min_tissue: Optional[float] = typer.Option(None, help="Drop tiles with a smaller tissue fraction (default 0.25)."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per batch (default 64)."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes reading tiles (default 2)."),
+    workers: Optional[str] = typer.Option(None, help="DataLoader worker processes reading tiles: a number, or auto "
+                                          "(default: none on a CPU, min(8, cores - 1) on a GPU)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps (default auto)."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16 or bf16 (default auto)."),
     pattern: Optional[str] = typer.Option(None, help="Glob for slides inside folders (default: known slide extensions)."),

@@ -6,7 +6,7 @@ The command line, the Python API and the Prefect flows all take a :class:`Pipeli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -49,7 +49,8 @@ class EncodeConfig(_Section):
     checkpoint: str | None = None
     registries: tuple[str, ...] = ()
     batch_size: int = Field(64, ge=1, le=4096)
-    num_workers: int = Field(2, ge=0, le=64)
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=0, le=64)] = Field(
+        "auto", description="loader worker processes; auto: none on a CPU, min(8, cores - 1) on a GPU")
     device: str = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     chunk_rows: int = Field(2048, ge=1, description="embedding rows per Zarr chunk")
@@ -87,16 +88,24 @@ class PipelineConfig(_Section):
         data = self.model_dump()
         for section, values in sections.items():
             data[section].update({k: v for k, v in (values or {}).items() if v is not None})
-        return _validate(data, "overrides")
+        return _validate(data, "options given")
+
+
+def _field(loc) -> str:
+    """A field's dotted name, without the union branches pydantic adds (``literal['auto']``)."""
+    return ".".join(str(x) for x in loc if not (isinstance(x, str) and ("[" in x or x.startswith("constrained-"))))
 
 
 def _validate(data: Any, source: str) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data or {})
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"invalid configuration: {where}: {first['msg']}", path=source) from None
+        errors = e.errors()
+        where = _field(errors[0]["loc"])
+        msgs = [err["msg"] for err in errors if _field(err["loc"]) == where]  # one per union branch
+        msg = " or ".join(dict.fromkeys(m if i == 0 else m.removeprefix("Input should be ").strip()
+                                        for i, m in enumerate(msgs)))
+        raise ConfigError(f"invalid configuration: {where}: {msg}", path=source) from None
 
 
 def load_config(path: str | Path | None = None) -> PipelineConfig:

@@ -67,6 +67,23 @@ def make_loader(
                       pin_memory=pin_memory, drop_last=False, **kwargs)
 
 
+def resolve_workers(num_workers, device) -> int:
+    """Loader worker processes for ``num_workers`` (an int, or ``"auto"``) on ``device``.
+
+    ``auto`` reads tiles in the calling process on a CPU: there the model costs ~40x more
+    than reading and preprocessing a tile, and a worker process would preempt torch's own
+    threads (measured in docs/BENCHMARKS.md). On a GPU, decoding dominates: ``min(8,
+    cores - 1)`` workers.
+    """
+    import os
+
+    if num_workers != "auto":
+        return int(num_workers)
+    if getattr(device, "type", str(device)) == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def worker_context():
     """How loader workers start: a fork server on Linux, ``spawn`` elsewhere.
 

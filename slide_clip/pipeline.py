@@ -150,7 +150,7 @@ def encode_store(store: SlideStore, slide_file: str, encoder, cfg: PipelineConfi
     """
     from tqdm.auto import tqdm
 
-    from slide_clip.loader import make_loader
+    from slide_clip.loader import make_loader, resolve_workers
 
     e = cfg.encode
     writer = store.begin_embeddings(encoder.provenance(), chunk_rows=e.chunk_rows)
@@ -160,7 +160,8 @@ def encode_store(store: SlideStore, slide_file: str, encoder, cfg: PipelineConfi
     start = writer.next_row
     grid = grid_from_store(store)
     loader = make_loader(slide_file, grid, encoder.preprocess, start=start, batch_size=e.batch_size,
-                         num_workers=e.num_workers, pin_memory=encoder.device.type == "cuda")
+                         num_workers=resolve_workers(e.num_workers, encoder.device),
+                         pin_memory=encoder.device.type == "cuda")
     done = 0
     bar = tqdm(total=len(grid), initial=start, unit="tile", desc=store.path.stem, disable=not progress,
                dynamic_ncols=True, leave=False)
@@ -230,6 +231,15 @@ class EncoderCache:
         return self.encoder
 
 
+def _start_workers_early(cfg: PipelineConfig) -> None:
+    """Start the loader's fork server now if this run will use worker processes."""
+    from slide_clip.encoders import pick_device
+    from slide_clip.loader import resolve_workers, start_worker_server
+
+    e = cfg.encode
+    start_worker_server(resolve_workers(e.num_workers, pick_device(e.device)))
+
+
 def embed_slide(
     slide: str | Path,
     out_dir: str | Path,
@@ -248,12 +258,10 @@ def embed_slide(
     :func:`slide_clip.encoders.load_encoder`) or an :class:`EncoderCache` to share one
     across slides.
     """
-    from slide_clip.loader import start_worker_server
-
     cfg = cfg or PipelineConfig()
     encoders = encoders or EncoderCache(cfg, encoder)
     t0 = time.perf_counter()
-    start_worker_server(cfg.encode.num_workers)  # its imports overlap tissue detection
+    _start_workers_early(cfg)  # the fork server's imports overlap tissue detection
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     osr, info = open_slide(slide, mpp)
@@ -351,9 +359,7 @@ def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, enco
 
     Returns ``{"model", "encoded", "skipped"}``. ``force`` re-encodes from scratch.
     """
-    from slide_clip.loader import start_worker_server
-
-    start_worker_server(cfg.encode.num_workers)
+    _start_workers_early(cfg)
     with store_lock(store):
         st = SlideStore.open(store)
         if st.status != STATUS_TILED:

@@ -6,6 +6,6 @@ transient failures: a user's bad input (:class:`slide_clip.errors.SlideClipError
 """
 
 #: The global concurrency limit held around encoding; "{host}" is the machine's name, so each
-#: GPU machine gets its own limit, created with one slot on first use (raise it with
-#: `prefect gcl update NAME --limit N` for a machine with N GPUs).
+#: GPU machine gets its own limit, created with one slot on first use. For one worker per
+#: GPU, add "{gpu}" (the worker's CUDA_VISIBLE_DEVICES): "slide-clip-encoder-{host}-gpu{gpu}".
 ENCODER_LIMIT = "slide-clip-encoder-{host}"

@@ -10,6 +10,7 @@ out-of-memory error retries the slide with half the batch size.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from slide_clip.config import PipelineConfig
+from slide_clip.errors import ConfigError
 from slide_clip.pipeline import EncoderCache, encode_stage
 from tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
 
@@ -29,8 +31,13 @@ _limits_ensured: set[str] = set()
 
 
 def limit_name(template: str) -> str:
-    """The concurrency limit's name on this machine (``{host}`` replaced by the host name)."""
-    return template.format(host=socket.gethostname())
+    """The concurrency limit's name here: ``{host}`` is the machine's name, ``{gpu}`` the
+    process's ``CUDA_VISIBLE_DEVICES`` (``all`` if unset), for one worker per GPU."""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip().replace(",", "+") or "all"
+    try:
+        return template.format(host=socket.gethostname(), gpu=gpu)
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(f"encoder limit name {template!r} may only use the fields {{host}} and {{gpu}}") from None
 
 
 def ensure_limit(name: str, slots: int = 1) -> None:

@@ -190,3 +190,35 @@ def test_scoring_commands_bad_input_is_one_line(tmp_path, make_slide, tiny_regis
     assert r.returncode == 2 and "has no slide summaries" in r.stderr
     r = run("fewshot", tmp_path, "--examples", tmp_path / "none.csv")
     assert r.returncode == 2 and "examples CSV not found" in r.stderr
+
+
+def test_doctor_checks_the_installation(tmp_path, tiny_registry):
+    def doctor(*args, **env):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "doctor", *map(str, args)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+    out = tmp_path / "out"
+    r = doctor("--out", out, "--models", tiny_registry, "--device", "cpu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+
+    def line(status, name):
+        found = [ln for ln in lines if ln.split()[0] == status and ln[6:].startswith(name)]
+        assert found, f"no '{status} {name}' line in:\n{r.stdout}"
+        return found[0]
+
+    assert "opens with its mpp" in line("ok", "openslide")
+    assert "cpu" in line("ok", "device")
+    assert str(tiny_registry.parent / "tiny.pt") in line("ok", "model tiny")
+    assert "not cached" in line("warn", "model quiltnet-b-32")  # no hub here: a warning, not a failure
+    assert str(out) in line("ok", "zarr") and out.is_dir() and not any(out.iterdir())
+    assert "temporary server" in line("ok", "prefect")
+    # a registry whose checkpoint is gone warns; a Prefect server that does not answer fails
+    gone = tmp_path / "gone.yaml"
+    gone.write_text(tiny_registry.read_text().replace(str(tiny_registry.parent / "tiny.pt"), str(tmp_path / "x.pt")))
+    r = doctor("--models", gone, "--device", "cpu", PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    assert "not found: give --checkpoint" in line("warn", "model tiny")
+    assert "does not answer" in line("FAIL", "prefect")
+    assert "Traceback" not in r.stdout + r.stderr

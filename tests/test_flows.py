@@ -112,16 +112,6 @@ def test_bad_slide_fails_the_slide_flow_with_its_one_line_error(tmp_path, cfg):
     assert status["status"] == "failed" and status["error"].startswith(f"{bad}: is a plain image")
 
 
-def test_retry_policy_is_for_transient_failures_only():
-    from prefect.states import Failed
-
-    from slide_clip.errors import SlideError
-    from tasks._policy import transient
-
-    assert transient(None, None, Failed(data=OSError("disk went away"))) is True
-    assert transient(None, None, Failed(data=SlideError("bad", path="x.svs"))) is False
-
-
 def test_cohort_leaves_slides_still_being_copied_for_the_next_run(make_slide, cfg, tmp_path):
     import shutil
 
