@@ -188,6 +188,8 @@ _REG_OPT = typer.Option([], "--models", help="Extra model registry YAML files.")
 _CKPT_OPT = typer.Option(None, help="Local weights file of the stored model (to compute text embeddings offline).")
 _CFG_OPT = typer.Option(None, "--config", "-c", help="Pipeline config YAML (scoring and heatmap sections).")
 _DEV_OPT = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps.")
+_TOPK_OPT = typer.Option(None, help="k of the top-k pooled slide score (default 50).")
+_DECISION_OPT = typer.Option(None, help="Slide label from: topk, mean or area (default topk).")
 
 
 @app.command()
@@ -199,8 +201,8 @@ def zeroshot(
     checkpoint: Optional[Path] = _CKPT_OPT,
     config: Optional[Path] = _CFG_OPT,
     device: Optional[str] = _DEV_OPT,
-    topk: Optional[int] = typer.Option(None, help="k of the top-k pooled slide score (default 50)."),
-    decision: Optional[str] = typer.Option(None, help="Slide label from: topk, mean or area (default topk)."),
+    topk: Optional[int] = _TOPK_OPT,
+    decision: Optional[str] = _DECISION_OPT,
 ):
     """Score every tile against text prompts (no re-encoding) and write slide summaries.
 
@@ -228,8 +230,8 @@ def fewshot(
     checkpoint: Optional[Path] = _CKPT_OPT,
     config: Optional[Path] = _CFG_OPT,
     device: Optional[str] = _DEV_OPT,
-    topk: Optional[int] = typer.Option(None, help="k of the top-k pooled slide score (default 50)."),
-    decision: Optional[str] = typer.Option(None, help="Slide label from: topk, mean or area (default topk)."),
+    topk: Optional[int] = _TOPK_OPT,
+    decision: Optional[str] = _DECISION_OPT,
 ):
     """Score every tile against prototypes of a few labelled example tiles per class."""
     from slide_clip.scoring import find_stores, fewshot as run_fewshot
