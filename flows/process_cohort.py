@@ -94,7 +94,9 @@ def process_cohort(
     """Process a cohort into ``out``; returns per-slide statuses and the summary tables' paths.
 
     ``encoder_limit`` names a Prefect global concurrency limit held while encoding
-    (``"{host}"`` is replaced by the machine's name), e.g. ``slide-clip-encoder-{host}``.
+    (``"{host}"`` is replaced by the machine's name, ``"{gpu}"`` by its CUDA_VISIBLE_DEVICES),
+    e.g. ``slide-clip-encoder-{host}``; with ``deployment`` and no ``encoder_limit``, the
+    deployment's own limit holds.
     Slides whose files changed in the last ``settle_seconds`` are still being copied in: they
     are reported as ``waiting`` and left for a later run.
     """

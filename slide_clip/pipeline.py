@@ -108,7 +108,8 @@ def lay_tiles(store: SlideStore, cfg: PipelineConfig) -> SlideStore:
                      downsample, target_mpp=t.target_mpp, tile_size=t.tile_size, overlap=t.overlap,
                      min_tissue=t.min_tissue)
     qc_path = store.path.with_name(store.path.name[: -len(".zarr")] + "_qc.png")
-    qc_image(thumb, mask, thumbnail_boxes(grid, downsample)).save(qc_path)
+    # compress_level 1: zlib's default (6) spends over a second on a 2048 px picture for a few % of size
+    qc_image(thumb, mask, thumbnail_boxes(grid, downsample)).save(qc_path, compress_level=1)
     store.group["tissue"].attrs.update({"qc_image": qc_path.name})
     store.write_tiles(grid.coords, grid.grid, grid.tissue_fraction, {
         "tile_extent_level0": list(grid.extent),
@@ -208,8 +209,22 @@ def embeddings_done(store: SlideStore, spec, encoder=None) -> bool:
     return a.get("weights_source") == spec.weights and a.get("arch") == spec.arch
 
 
+def _finished(path: Path, spec) -> bool:
+    """Whether the store at ``path`` already holds complete embeddings of ``spec`` (cheap check)."""
+    if not (path / "zarr.json").is_file():
+        return False
+    try:
+        return embeddings_done(SlideStore.open(path), spec)
+    except SlideClipError:
+        return False
+
+
 class EncoderCache:
-    """Loads the configured encoder once, on first need (so finished slides load no model)."""
+    """Loads the configured encoder once, on first need (so finished slides load no model).
+
+    :meth:`preload` starts loading in a background thread, so that building the model
+    overlaps a slide's tissue detection; :meth:`get` waits for it (and raises its error).
+    """
 
     def __init__(self, cfg: PipelineConfig, encoder=None):
         from slide_clip.encoders import resolve_model
@@ -219,15 +234,38 @@ class EncoderCache:
         self.encoder = encoder
         self.spec = encoder.spec if encoder is not None else resolve_model(e.model, e.registries, e.checkpoint)
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
-    def get(self):
-        """The encoder, loaded on first call (thread-safe: loaded once)."""
+    def _load(self) -> None:
         from slide_clip.encoders import load_encoder
 
         with self._lock:
             if self.encoder is None:
                 e = self.cfg.encode
                 self.encoder = load_encoder(self.spec, e.device, e.precision)
+
+    def _load_in_background(self) -> None:
+        try:
+            self._load()
+        except BaseException as exc:  # noqa: BLE001 - handed to get()
+            self._error = exc
+
+    def preload(self) -> None:
+        """Start loading in a background thread (no-op if loaded or already loading)."""
+        if self.encoder is None and self._thread is None:
+            self._thread = threading.Thread(target=self._load_in_background, name="load-encoder", daemon=True)
+            self._thread.start()
+
+    def get(self):
+        """The encoder, loaded on first call (thread-safe: loaded once)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+        self._load()
         return self.encoder
 
 
@@ -268,6 +306,8 @@ def embed_slide(
     try:
         path = store_path(out, info.name)
         with store_lock(path):
+            if overwrite or not _finished(path, encoders.spec):
+                encoders.preload()  # the model builds while tissue is found
             store = tile_slide(osr, info, cfg, path, overwrite=overwrite)
             done = embeddings_done(store, encoders.spec, encoders.encoder)
             encoded = 0 if done else encode_store(store, str(resolve_slide_path(slide)), encoders.get(), cfg,

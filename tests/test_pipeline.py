@@ -93,9 +93,13 @@ def test_dicom_series_folder(cmu_store, cmu_dicom, tmp_path):
 
 
 def test_rerun_skips_a_complete_store(cmu_store, cmu_svs):
+    from slide_clip.pipeline import EncoderCache
+
     result, store, cfg = cmu_store
-    again = embed_slide(cmu_svs, store.path.parent, cfg, progress=False)
+    encoders = EncoderCache(cfg)
+    again = embed_slide(cmu_svs, store.path.parent, cfg, encoders=encoders, progress=False)
     assert again.status == "skipped" and again.encoded == 0
+    assert encoders.encoder is None and encoders._thread is None  # no model built, not even in the background
 
 
 def test_second_model_in_the_same_store(cmu_store, cmu_svs):
