@@ -1,4 +1,4 @@
-"""Benchmark ``slide-clip embed`` on CPU: pipeline throughput vs the bare encoder, and peak memory.
+"""Benchmark ``slide-clip embed``: pipeline throughput vs the bare encoder, and peak memory (CPU by default, ``--device cuda`` on a GPU).
 
 Two questions, answered in one run:
 
@@ -265,13 +265,13 @@ def encode_loop_seconds(store: Path, model: str) -> tuple[float | None, dict]:
 
 
 def run_cli(slide: Path, out: Path, *, model: str, batch_size: int, workers: int, threads: int,
-            poll: float) -> dict:
+            poll: float, device: str = "cpu", precision: str = "fp32") -> dict:
     exe = Path(sys.executable).with_name("slide-clip")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     cmd = [str(exe), "embed", str(slide), "--out", str(out), "--model", model, "--batch-size", str(batch_size),
-           "--workers", str(workers), "--device", "cpu", "--precision", "fp32", "--no-progress"]
+           "--workers", str(workers), "--device", device, "--precision", precision, "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log_out, log_err = out / "stdout.txt", out / "stderr.txt"
     with open(log_out, "wb") as fo, open(log_err, "wb") as fe:
@@ -346,7 +346,8 @@ def probe_cli_threads(threads: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- encoder alone
-def encoder_alone(store: Path, slide: Path, *, model: str, batch_size: int, warmup: int, repeats: int) -> dict:
+def encoder_alone(store: Path, slide: Path, *, model: str, batch_size: int, warmup: int, repeats: int,
+                  device: str = "cpu", precision: str = "fp32") -> dict:
     """Read and preprocess the store's tiles into memory, then time ``encode_images`` alone."""
     import numpy as np
     import openslide
@@ -358,7 +359,7 @@ def encoder_alone(store: Path, slide: Path, *, model: str, batch_size: int, warm
     from slide_clip.tiling import read_tile
 
     t0 = time.perf_counter()
-    enc = load_encoder(resolve_model(model), device="cpu", precision="fp32")
+    enc = load_encoder(resolve_model(model), device=device, precision=precision)
     load_s = time.perf_counter() - t0
     grid = grid_from_store(SlideStore.open(store))
     osr = openslide.OpenSlide(str(slide))
@@ -425,6 +426,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mpp", type=float, default=0.5, help="slide resolution, µm/px (default 0.5)")
     ap.add_argument("--model", default="random:ViT-B-32")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (both sides; default cpu)")
+    ap.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16 (autocast on CUDA; default fp32)")
     ap.add_argument("--workers", default="1,2", help="DataLoader worker counts, comma-separated (default 1,2)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads for both sides (default: torch's default here)")
@@ -472,6 +475,7 @@ def main(argv=None) -> int:
             out = args.workdir / "out" / f"{w}x{h}_w{nw}"
             print(f"embed {w}x{h} workers={nw} (run {rep + 1}) ...", flush=True)
             r = run_cli(path, out, model=args.model, batch_size=args.batch_size, workers=nw, threads=threads,
+                        device=args.device, precision=args.precision,
                         poll=args.poll)
             r["size"] = f"{w}x{h}"
             r["repeat"] = rep
@@ -485,6 +489,7 @@ def main(argv=None) -> int:
     first = results["runs"][0]
     print("encoder alone ...", flush=True)
     ea = encoder_alone(Path(first["store"]), slides[0], model=args.model, batch_size=args.batch_size,
+                       device=args.device, precision=args.precision,
                        warmup=args.warmup, repeats=args.encoder_repeats)
     results["encoder_alone"] = ea
     for r in results["runs"]:
