@@ -116,18 +116,15 @@ def check_store(workdir: Path) -> list[Check]:
 
 def run_checks(out_dir: str | Path | None = None, device: str = "auto", registries=()) -> list[Check]:
     """Run every check; ``out_dir`` (created if missing) is where stores would be written."""
+    def zarr_in(base: Path) -> list[Check]:  # a hidden folder, removed after: nothing is left in out_dir
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".doctor-", dir=base) as d:
+            return check_store(Path(d))
+
     checks: list[Check] = []
     with tempfile.TemporaryDirectory(prefix="slide-clip-doctor-") as tmp:
         checks += _guard("openslide", lambda: check_openslide(Path(tmp)))
         checks += _guard("device", lambda: check_device(device))
         checks += _guard("open_clip", lambda: check_models(registries))
-        if out_dir is not None:
-            def in_out():
-                d = Path(out_dir)
-                d.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(prefix=".doctor-", dir=d) as t:
-                    return check_store(Path(t))
-            checks += _guard("zarr", in_out)
-        else:
-            checks += _guard("zarr", lambda: check_store(Path(tmp)))
+        checks += _guard("zarr", lambda: zarr_in(Path(out_dir) if out_dir is not None else Path(tmp)))
     return checks

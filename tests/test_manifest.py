@@ -60,4 +60,3 @@ def test_slides_being_copied_wait_for_a_later_run(tmp_path):
     assert [s.slide_id for s in ready] == ["old"]
     assert sorted(s.slide_id for s in waiting) == ["fresh", "scan"]
     assert split_settled(slides, 0) == (slides, [])
-
