@@ -13,9 +13,11 @@ import typer
 
 from slide_clip.cli import _fail, app
 from slide_clip.errors import SlideClipError
-from tasks import ENCODER_LIMIT
+from slide_clip_tasks import ENCODER_LIMIT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+#: This package's folder (``flows/`` in the repo, ``slide_clip_flows/`` when installed) and its
+#: parent: a deployment loads the per-slide flow from there by file path.
+FLOWS_DIR = Path(__file__).resolve().parent
 
 # Offline machines: no telemetry from a local Prefect server.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -66,7 +68,7 @@ def run(
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, batch_size)
     except SlideClipError as e:
         _fail(str(e))
-    from flows.process_cohort import process_cohort
+    from slide_clip_flows.process_cohort import process_cohort
 
     state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,
                            prompts=list(prompts), heatmaps=not no_heatmaps, force=force,
@@ -123,7 +125,7 @@ def serve(
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, None)
     except SlideClipError as e:
         _fail(str(e))
-    from flows.process_cohort import process_cohort
+    from slide_clip_flows.process_cohort import process_cohort
 
     params = {"slides": [str(watch.resolve())], "out": str(out.resolve()), "pattern": pattern,
               "config": cfg.model_dump(mode="json"), "prompts": list(prompts), "max_concurrency": concurrency,
@@ -152,14 +154,15 @@ def deploy(
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
 
-    from flows.process_slide import process_slide
+    from slide_clip_flows.process_slide import process_slide
 
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-    flow = process_slide.from_source(source=str(REPO_ROOT), entrypoint="flows/process_slide.py:process_slide")
+    flow = process_slide.from_source(source=str(FLOWS_DIR.parent),
+                                      entrypoint=f"{FLOWS_DIR.name}/process_slide.py:process_slide")
     dep_id = flow.deploy(name=name, work_pool_name=pool, parameters={"encoder_limit": encoder_limit},
                          build=False, push=False, print_next_steps=False)
     typer.echo(f"deployment process-slide/{name} ({dep_id}) on work pool {pool}")

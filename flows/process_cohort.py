@@ -19,12 +19,12 @@ from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.process_slide import process_slide
+from slide_clip_flows.process_slide import process_slide
 from slide_clip.config import PipelineConfig, load_config
 from slide_clip.errors import SlideClipError
 from slide_clip.manifest import CohortSlide, cohort_slides, split_settled
-from flows import quiet_user_errors
-from tasks.summary import summary_task
+from slide_clip_flows import quiet_user_errors
+from slide_clip_tasks.summary import summary_task
 
 
 def _status(out: str, sid: str) -> dict | None:

@@ -19,13 +19,13 @@ from slide_clip.config import PipelineConfig, load_config
 from slide_clip.errors import SlideClipError
 from slide_clip.pipeline import SlideResult, failed_result, record_status, unexpected_error
 from slide_clip.slide import slide_id
-from flows import quiet_user_errors
-from tasks.encode import encode_task
-from tasks.heatmap import heatmap_task
-from tasks.slide import check_slide_task
-from tasks.tiles import tiles_task
-from tasks.tissue import tissue_task
-from tasks.zeroshot import zeroshot_task
+from slide_clip_flows import quiet_user_errors
+from slide_clip_tasks.encode import encode_task
+from slide_clip_tasks.heatmap import heatmap_task
+from slide_clip_tasks.slide import check_slide_task
+from slide_clip_tasks.tiles import tiles_task
+from slide_clip_tasks.tissue import tissue_task
+from slide_clip_tasks.zeroshot import zeroshot_task
 
 
 def _where() -> dict:

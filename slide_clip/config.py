@@ -12,8 +12,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slide_clip.errors import ConfigError
+from slide_clip.resources import config_file
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULT_CONFIG = config_file("default.yaml")
 
 
 class _Section(BaseModel):

@@ -27,9 +27,10 @@ import torch
 import yaml
 
 from slide_clip.errors import ConfigError, WeightsError
+from slide_clip.resources import config_file
 
 #: The registry shipped with the project.
-DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "configs" / "models.yaml"
+DEFAULT_REGISTRY = config_file("models.yaml")
 
 RANDOM_PREFIX = "random:"
 

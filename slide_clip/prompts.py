@@ -24,8 +24,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from slide_clip.errors import ConfigError
+from slide_clip.resources import config_file
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
+PROMPTS_DIR = config_file("prompts")
 
 
 class PromptClass(BaseModel):

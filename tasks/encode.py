@@ -22,7 +22,7 @@ from prefect.concurrency.sync import concurrency
 from slide_clip.config import PipelineConfig
 from slide_clip.errors import ConfigError
 from slide_clip.pipeline import EncoderCache, encode_stage
-from tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
+from slide_clip_tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
 
 _lock = threading.Lock()
 _encoders: dict[str, EncoderCache] = {}

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from slide_clip.scoring import summarize
-from tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
+from slide_clip_tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
 
 
 @task(name="cohort-summary", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS,

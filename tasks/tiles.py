@@ -5,7 +5,7 @@ from prefect.cache_policies import NO_CACHE
 
 from slide_clip.config import PipelineConfig
 from slide_clip.pipeline import tiles_stage
-from tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
+from slide_clip_tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
 
 
 @task(name="tile-grid", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS,

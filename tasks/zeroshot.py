@@ -7,7 +7,7 @@ from slide_clip.config import PipelineConfig
 from slide_clip.errors import SlideClipError
 from slide_clip.prompts import load_prompts
 from slide_clip.scoring import current_summary, zeroshot
-from tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
+from slide_clip_tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
 
 
 @task(name="zeroshot", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS,

@@ -194,7 +194,7 @@ def test_scoring_commands_bad_input_is_one_line(tmp_path, make_slide, tiny_regis
 
 def test_doctor_checks_the_installation(tmp_path, tiny_registry):
     def doctor(*args, **env):
-        return subprocess.run([sys.executable, "-m", "flows.cli", "doctor", *map(str, args)], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "slide_clip_flows.cli", "doctor", *map(str, args)], capture_output=True,
                               text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
 
     out = tmp_path / "out"

@@ -37,7 +37,7 @@ def _read_artifact(key):
 
 
 def test_cohort_flow_with_a_broken_slide_then_a_skipping_rerun(cohort, cfg, tmp_path):
-    from flows.process_cohort import process_cohort
+    from slide_clip_flows.process_cohort import process_cohort
 
     out = tmp_path / "out"
     r = process_cohort(slides=[str(cohort)], out=str(out), config=cfg, prompts=["tumour"], max_concurrency=2)
@@ -80,7 +80,7 @@ def test_cohort_flow_with_a_broken_slide_then_a_skipping_rerun(cohort, cfg, tmp_
 
 
 def test_changed_prompts_only_rescore_and_force_redoes(make_slide, cfg, tmp_path):
-    from flows.process_slide import process_slide
+    from slide_clip_flows.process_slide import process_slide
 
     slide, _ = make_slide("tissue_0.5", mpp=0.5)
     out = tmp_path / "out"
@@ -100,7 +100,7 @@ def test_changed_prompts_only_rescore_and_force_redoes(make_slide, cfg, tmp_path
 
 
 def test_bad_slide_fails_the_slide_flow_with_its_one_line_error(tmp_path, cfg):
-    from flows.process_slide import process_slide
+    from slide_clip_flows.process_slide import process_slide
 
     bad = tmp_path / "plain.png"
     from PIL import Image
@@ -115,7 +115,7 @@ def test_bad_slide_fails_the_slide_flow_with_its_one_line_error(tmp_path, cfg):
 def test_cohort_leaves_slides_still_being_copied_for_the_next_run(make_slide, cfg, tmp_path):
     import shutil
 
-    from flows.process_cohort import process_cohort
+    from slide_clip_flows.process_cohort import process_cohort
 
     src, _ = make_slide("tissue_0.5", mpp=0.5)
     watch = tmp_path / "watch"

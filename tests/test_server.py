@@ -96,7 +96,7 @@ def test_scheduled_watch_processes_a_new_slide_once(server, tmp_path, make_slide
     watch.mkdir()
     log = open(tmp_path / "serve.log", "w")
     serve = subprocess.Popen(
-        [PY, "-m", "flows.cli", "serve", "--watch", str(watch), "--out", str(out), "--interval", "15",
+        [PY, "-m", "slide_clip_flows.cli", "serve", "--watch", str(watch), "--out", str(out), "--interval", "15",
          "--name", "watch-test", "--models", str(tiny_registry), "--model", "tiny", "--workers", "0",
          "--device", "cpu", "--settle", "3"],
         env=server, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -128,7 +128,7 @@ def test_scheduled_watch_processes_a_new_slide_once(server, tmp_path, make_slide
 
 
 def test_two_workers_share_a_cohort_each_slide_once(server, tmp_path, make_slide, tiny_registry):
-    r = subprocess.run([PY, "-m", "flows.cli", "deploy", "--pool", "test-pool"], env=server,
+    r = subprocess.run([PY, "-m", "slide_clip_flows.cli", "deploy", "--pool", "test-pool"], env=server,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "process-slide/process-slide" in r.stdout
@@ -147,7 +147,7 @@ def test_two_workers_share_a_cohort_each_slide_once(server, tmp_path, make_slide
             shutil.copy(src, p)
             slides.append(str(p))
         out = tmp_path / "out"
-        r = subprocess.run([PY, "-m", "flows.cli", "run", *slides, "--out", str(out), "--deployment",
+        r = subprocess.run([PY, "-m", "slide_clip_flows.cli", "run", *slides, "--out", str(out), "--deployment",
                             "process-slide/process-slide", "--concurrency", "4", "--models", str(tiny_registry),
                             "--model", "tiny", "--workers", "0", "--device", "cpu", "--no-heatmaps"],
                            env=server, capture_output=True, text=True, timeout=900)

@@ -9,7 +9,7 @@ def test_retry_policy_is_for_transient_failures_only():
     from prefect.states import Failed
 
     from slide_clip.errors import SlideError
-    from tasks._policy import transient
+    from slide_clip_tasks._policy import transient
 
     assert transient(None, None, Failed(data=OSError("disk went away"))) is True
     assert transient(None, None, Failed(data=SlideError("bad", path="x.svs"))) is False
@@ -18,7 +18,7 @@ def test_retry_policy_is_for_transient_failures_only():
 def test_encoder_limit_names(monkeypatch):
     import socket
 
-    from tasks.encode import limit_name
+    from slide_clip_tasks.encode import limit_name
 
     host = socket.gethostname()
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
