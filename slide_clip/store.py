@@ -243,6 +243,31 @@ class SlideStore:
             return arr[: int(attrs.get("rows_written", 0))]
         return arr[:]
 
+    def iter_embeddings(self, model: str, rows: int | None = None):
+        """Yield ``(start, block)`` over a complete model's embeddings, ``rows`` at a time.
+
+        ``block`` is a float32 ``(k, d)`` slice of rows ``start:start + k`` in tile order. Memory
+        stays at one block (default: one Zarr chunk). A partial group, or a block with
+        non-finite values (a lost chunk file reads as the NaN fill value), raises
+        :class:`StoreError` naming the store: a damaged store is never a result.
+        """
+        attrs = self.embedding_attrs(model)
+        arr = self.group[f"embeddings/{model_key(model)}/features"]
+        if attrs.get("status") != STATUS_COMPLETE:
+            raise StoreError(
+                f"embeddings for {model!r} are partial ({attrs.get('rows_written', 0)} of "
+                f"{arr.shape[0]} tiles)", path=self.path, hint="Run `slide-clip embed` again to resume it.")
+        step = int(rows or arr.chunks[0])
+        for start in range(0, arr.shape[0], step):
+            block = np.asarray(arr[start:start + step], dtype=np.float32)
+            if not np.isfinite(block).all():
+                bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                raise StoreError(
+                    f"is damaged: embeddings for {model!r} hold missing values from row {bad} "
+                    "(a chunk file is lost or unreadable)", path=self.path,
+                    hint="Re-embed the slide with --overwrite, or restore the store from a copy.")
+            yield start, block
+
     def drop_embeddings(self, model: str) -> None:
         """Delete a model's embeddings (to re-encode from scratch)."""
         key = f"embeddings/{model_key(model)}"
