@@ -5,6 +5,7 @@ No image or tensor code lives here; the tasks call the slide_clip library.
 
 import logging
 
+import slide_clip_tasks  # noqa: F401 - first: sets Prefect's telemetry off before Prefect is imported
 from slide_clip.errors import SlideClipError
 
 

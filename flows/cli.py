@@ -19,23 +19,33 @@ from slide_clip_tasks import ENCODER_LIMIT
 #: parent: a deployment loads the per-slide flow from there by file path.
 FLOWS_DIR = Path(__file__).resolve().parent
 
-# Offline machines: no telemetry from a local Prefect server.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-
-def _flow_config(config, model, registry, checkpoint, device, workers, batch_size):
+def _flow_config(config, model, registry, checkpoint, device, workers, batch_size, tiling=None, precision=None):
     from slide_clip.config import load_config
 
     return load_config(config).with_overrides(
+        tiling=tiling or {},
         encode={"model": model, "registries": tuple(str(r) for r in registry) or None,
                 "checkpoint": str(checkpoint.resolve()) if checkpoint else None, "device": device,
-                "num_workers": workers, "batch_size": batch_size})
+                "num_workers": workers, "batch_size": batch_size, "precision": precision})
+
+
+def _require_server(command: str) -> None:
+    """``serve`` and ``deploy`` need a lasting server: refuse, in one line, without one."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        _fail(f"{command} needs a running Prefect server (a deployment on a temporary server is lost when "
+              "the command ends): start one with `prefect server start` and set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
 
 _SLIDES = typer.Argument(..., help="Slide files, folders of slides, or CSV manifests (path, mpp, patient_id, ...).")
 _OUT = typer.Option(..., "--out", "-o", help="Output folder: stores, heatmaps, summaries, cohort tables.")
-_CFG = typer.Option(None, "--config", "-c", help="Pipeline config YAML (default: configs/default.yaml).")
-_MODEL = typer.Option(None, "--model", "-m", help="Registry name of the encoder.")
+_CFG = typer.Option(None, "--config", "-c", help="Pipeline config YAML (default: the shipped default.yaml).")
+_MODEL = typer.Option(None, "--model", "-m", help="Registry name of the encoder, or random:ARCH (testing only).")
 _REG = typer.Option([], "--models", help="Extra model registry YAML files.")
 _CKPT = typer.Option(None, help="Local weights file for the model.")
 _PROMPTS = typer.Option(["tumour"], "--prompts", "-p", help="Prompt sets to score (repeatable).")
@@ -51,10 +61,18 @@ def run(
     registry: List[Path] = _REG,
     checkpoint: Optional[Path] = _CKPT,
     prompts: List[str] = _PROMPTS,
+    mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
+    mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides "
+                                           "(over a manifest's mpp column; --mpp wins over both)."),
+    target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default 0.5)."),
+    tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution."),
+    overlap: Optional[float] = typer.Option(None, help="Fraction of a tile shared with its neighbour (default 0)."),
+    min_tissue: Optional[float] = typer.Option(None, help="Drop tiles with a smaller tissue fraction (default 0.25)."),
     no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip the heatmap pictures."),
     force: bool = typer.Option(False, help="Redo every stage, even for finished slides."),
     concurrency: int = typer.Option(2, help="Slides processed at the same time."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16 or bf16 (default auto)."),
     workers: Optional[str] = typer.Option(None, help="DataLoader worker processes per slide: a number, or auto."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per batch."),
     deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment (scale-out)."),
@@ -63,26 +81,59 @@ def run(
     """Run the whole pipeline on a cohort as a Prefect flow (no server needed: a temporary one starts).
 
     Finished slides are skipped; changed prompts only re-score. Exit code 1 if any slide failed.
+    The last lines say where the stores, heatmaps and cohort tables are.
     """
+    from slide_clip.prompts import load_prompts
+    from slide_clip.slide import read_mpp_csv
+
     try:
-        cfg = _flow_config(config, model, registry, checkpoint, device, workers, batch_size)
+        tiling = {"target_mpp": target_mpp, "tile_size": tile_size, "overlap": overlap, "min_tissue": min_tissue}
+        cfg = _flow_config(config, model, registry, checkpoint, device, workers, batch_size, tiling, precision)
+        for p in prompts:  # a bad prompt set fails now, not after every slide is embedded
+            load_prompts(p)
+        if mpp_csv:
+            read_mpp_csv(mpp_csv)
     except SlideClipError as e:
         _fail(str(e))
-    from slide_clip_flows.process_cohort import process_cohort
+    from slide_clip_flows.temporary_server import temporary_server
 
-    state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,
-                           prompts=list(prompts), heatmaps=not no_heatmaps, force=force,
-                           max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
-                           return_state=True)
-    if not state.is_completed():
-        _fail(state.message or "the cohort flow failed")
-    result = state.result()
+    try:
+        with temporary_server(echo=lambda line: typer.echo(line, err=True)):
+            from slide_clip_flows.process_cohort import process_cohort
+
+            state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,
+                                   prompts=list(prompts), heatmaps=not no_heatmaps, force=force,
+                                   max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
+                                   mpp=mpp, mpp_csv=str(mpp_csv.resolve()) if mpp_csv else None,
+                                   return_state=True)
+            if not state.is_completed():
+                _fail(state.message or "the cohort flow failed")
+            result = state.result()
+    except SlideClipError as e:
+        _fail(str(e))
+    _report_run(result, out)
+    raise typer.Exit(1 if result["failed"] else 0)
+
+
+def _report_run(result: dict, out: Path) -> None:
+    """A line per slide, then where the stores, heatmaps and cohort tables went."""
+    from slide_clip.store import model_key
+
+    heatmap_dirs = set()
     for r in result["slides"]:
         tail = r.get("error") if r.get("status") in ("failed", "waiting") else f"{r.get('n_tiles')} tiles"
         typer.echo(f"{r.get('status', '?'):8s} {r['slide_id']}  {tail}")
-    for name, t in result["tables"].items():
-        typer.echo(f"summary {name}: {t['csv']}")
-    raise typer.Exit(1 if result["failed"] else 0)
+        for name, s in ((r.get("extra") or {}).get("scores") or {}).items():
+            d = out / "heatmaps" / model_key(s.get("model") or "") / model_key(name)
+            if s.get("model") and d.is_dir():  # drawn now or by an earlier run
+                heatmap_dirs.add(str(d))
+    n_failed = result["failed"]
+    typer.echo(f"{len(result['slides']) - n_failed} of {len(result['slides'])} slides done, {n_failed} failed")
+    typer.echo(f"stores: {out}/<slide>.zarr (QC pictures {out}/<slide>_qc.png)")
+    for d in sorted(heatmap_dirs):
+        typer.echo(f"heatmaps: {d}")
+    for t in result["tables"].values():
+        typer.echo(f"cohort table: {t['csv']} (and .parquet)")
 
 
 @app.command()
@@ -115,12 +166,7 @@ def serve(
     """
     if (cron is None) == (interval is None):
         _fail("give exactly one of --cron or --interval")
-    if not os.environ.get("PREFECT_API_URL"):
-        from prefect.settings import PREFECT_API_URL
-
-        if not PREFECT_API_URL.value():
-            _fail("serve needs a Prefect server: start one with `prefect server start` and set "
-                  "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    _require_server("serve")
     try:
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, None)
     except SlideClipError as e:
@@ -150,6 +196,7 @@ def deploy(
     project installed at the same path), then hand a cohort to them with
     `slide-clip run ... --deployment process-slide/NAME`.
     """
+    _require_server("deploy")
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound

@@ -9,6 +9,7 @@ never stops the others; it is reported with its error.
 
 # No `from __future__ import annotations` here: a served deployment pickles the flow into a
 # subprocess, and string annotations would not resolve there (PipelineConfig would be unknown).
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -90,6 +91,8 @@ def process_cohort(
     deployment: str | None = None,
     encoder_limit: str | None = None,
     settle_seconds: float = 0.0,
+    mpp: float | None = None,
+    mpp_csv: str | None = None,
 ) -> dict:
     """Process a cohort into ``out``; returns per-slide statuses and the summary tables' paths.
 
@@ -99,12 +102,14 @@ def process_cohort(
     deployment's own limit holds.
     Slides whose files changed in the last ``settle_seconds`` are still being copied in: they
     are reported as ``waiting`` and left for a later run.
+    ``mpp`` overrides every slide's resolution (µm per level-0 pixel); ``mpp_csv`` names a CSV
+    of ``slide,mpp`` overrides, which win over a manifest's ``mpp`` column.
     """
     quiet_user_errors()
     cfg = config or load_config()
     log = get_run_logger()
     try:
-        cohort = cohort_slides(slides, pattern)
+        cohort = _with_mpp(cohort_slides(slides, pattern), mpp, mpp_csv)
     except SlideClipError as exc:
         log.error(str(exc))
         raise
@@ -127,13 +132,27 @@ def process_cohort(
                  "error": f"changed in the last {settle_seconds:g} s; left for the next run"} for c in waiting]
     ids = [c.slide_id for c in cohort]
     metadata = {c.slide_id: c.row_metadata() for c in cohort}
-    score_sets = sorted({s for r in results for s in (r.get("extra") or {}).get("scores", {})})
-    tables = {name: summary_task(out, name, None, metadata, ids) for name in score_sets}
+    # one table per score set of this run's model (an output folder may hold other models' sets)
+    score_sets = sorted({(name, s.get("model")) for r in results
+                         for name, s in ((r.get("extra") or {}).get("scores") or {}).items()})
+    tables = {name: summary_task(out, name, model, metadata, ids) for name, model in score_sets}
     _report(results, tables, out)
     n_failed = sum(r.get("status") == "failed" for r in results)
     log.info(f"{len(results) - n_failed} of {len(results)} slides done, {n_failed} failed")
     return {"slides": results, "tables": {k: {"csv": v["csv"], "parquet": v["parquet"]} for k, v in tables.items()},
             "failed": n_failed}
+
+
+def _with_mpp(cohort: list[CohortSlide], mpp: float | None, mpp_csv: str | None) -> list[CohortSlide]:
+    """Apply ``--mpp`` (every slide) or ``--mpp-csv`` (per slide) over the manifest's own mpp."""
+    from slide_clip.slide import lookup_mpp, read_mpp_csv
+
+    if mpp is not None:
+        return [dataclasses.replace(c, mpp=mpp) for c in cohort]
+    if mpp_csv:
+        table = read_mpp_csv(mpp_csv)
+        return [dataclasses.replace(c, mpp=lookup_mpp(table, c.path) or c.mpp) for c in cohort]
+    return cohort
 
 
 def _report(results: list[dict], tables: dict, out: str) -> None:

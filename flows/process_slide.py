@@ -52,16 +52,20 @@ def process_slide(
     cfg = config or load_config()
     log = get_run_logger()
     t0 = time.perf_counter()
+    store = n_tiles = None  # kept in the status of a slide that fails after they are known
+    embed_seconds = {}
     try:
         check_slide_task(slide, cfg, mpp)
         store = tissue_task(slide, out, cfg, mpp, force)
         n_tiles = tiles_task(store, cfg)
         enc = encode_task(store, slide, cfg, force, encoder_limit)
+        if enc["encoded"] > 0:  # else record_status keeps the value of the run that encoded
+            embed_seconds = {"seconds_embed": round(time.perf_counter() - t0, 3)}
         scored = {}
         for p in prompts:
             summary = zeroshot_task(store, p, cfg, enc["model"], force)
             scored[summary["score_set"]] = {"predicted": summary["predicted"], "rescored": summary["rescored"],
-                                            "slide_prob": summary["slide_prob"]}
+                                            "slide_prob": summary["slide_prob"], "model": enc["model"]}
             if heatmaps and summary["rescored"]:
                 scored[summary["score_set"]]["heatmaps"] = heatmap_task(store, summary["score_set"], cfg,
                                                                         enc["model"])
@@ -70,16 +74,18 @@ def process_slide(
                              store=store, n_tiles=n_tiles, encoded=enc["encoded"],
                              seconds=round(time.perf_counter() - t0, 3),
                              extra={"scores": scored, "metadata": metadata or {}, "encode_window": enc["window"],
-                                    "batch_size": enc["batch_size"], **_where()})
+                                    "batch_size": enc["batch_size"], **embed_seconds, **_where()})
     except SlideClipError as exc:
         result = failed_result(slide, str(exc), t0)
-        result.extra.update({"metadata": metadata or {}, **_where()})
+        result.store, result.n_tiles = store, n_tiles
+        result.extra.update({"metadata": metadata or {}, **embed_seconds, **_where()})
         record_status(out, result)
         log.error(str(exc))
         raise
     except Exception as exc:
         result = failed_result(slide, unexpected_error(slide, exc), t0)
-        result.extra.update({"metadata": metadata or {}, **_where()})
+        result.store, result.n_tiles = store, n_tiles
+        result.extra.update({"metadata": metadata or {}, **embed_seconds, **_where()})
         record_status(out, result)
         raise
     record_status(out, result)

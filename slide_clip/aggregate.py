@@ -52,9 +52,18 @@ def slide_scores(
             "decision": decision}
 
 
+#: How list values (a score set's ``classes``) are written in a table cell.
+LIST_SEPARATOR = ";"
+
+
 def summary_row(summary: dict) -> dict:
-    """Flatten a per-slide summary JSON into one table row."""
-    row = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    """Flatten a per-slide summary JSON into one table row.
+
+    Per-class metrics become ``<metric>:<class>`` columns; lists (``classes``) become one
+    string joined by ``;`` (never a Python list repr in a CSV cell).
+    """
+    row = {k: (LIST_SEPARATOR.join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+           for k, v in summary.items() if not isinstance(v, dict)}
     for metric in ("mean_prob", "area_fraction", "slide_prob", "topk_logit"):
         for cls, v in (summary.get(metric) or {}).items():
             row[f"{metric}:{cls}"] = v

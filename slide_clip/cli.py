@@ -251,6 +251,8 @@ def heatmap(
     model: Optional[str] = _MODEL_OPT,
     classes: List[str] = typer.Option([], "--class", help="Only these classes (repeatable; default all)."),
     smooth: Optional[float] = typer.Option(None, help="Gaussian smoothing over neighbouring tiles, sigma in tiles."),
+    scale: Optional[str] = typer.Option(None, help="Colour scale: fixed (probability 0-1, the default; comparable "
+                                        "across slides) or auto (stretched to each slide's range, for flat maps)."),
     config: Optional[Path] = _CFG_OPT,
 ):
     """Draw a probability heatmap PNG per class and a QuPath GeoJSON per slide."""
@@ -258,7 +260,7 @@ def heatmap(
     from slide_clip.scoring import find_stores, heatmaps
 
     try:
-        cfg = load_config(config).with_overrides(heatmap={"smoothing_tiles": smooth})
+        cfg = load_config(config).with_overrides(heatmap={"smoothing_tiles": smooth, "scale": scale})
         paths = find_stores(stores)
     except SlideClipError as e:
         _fail(str(e))
@@ -279,16 +281,23 @@ def summarize(
     score_set: Optional[str] = typer.Option(None, "--set", "-s", help="Score set (needed when there are several)."),
     model: Optional[str] = _MODEL_OPT,
 ):
-    """Write the cohort table (CSV and Parquet): one row per slide, failed slides with their error."""
-    from slide_clip.scoring import summarize as run_summarize
+    """Write cohort tables (CSV and Parquet): one row per slide, failed slides with their error.
+
+    One table per score set and model found in OUT (or only those chosen with --set/--model).
+    """
+    from slide_clip.scoring import summarize_all
 
     try:
-        df, csv_path, parquet_path = run_summarize(out, set_name=score_set, model=model)
+        tables = summarize_all(out, set_name=score_set, model=model)
     except SlideClipError as e:
         _fail(str(e))
-    cols = [c for c in ("slide_id", "status", "n_tiles", "predicted", "error") if c in df]
-    typer.echo(df[cols].to_string(index=False))
-    typer.echo(f"{csv_path}\n{parquet_path}")
+    for i, (mk, sk, df, csv_path, parquet_path) in enumerate(tables):
+        if i:
+            typer.echo("")
+        typer.echo(f"== {sk} ({mk}): {len(df)} slides")
+        cols = [c for c in ("slide_id", "status", "n_tiles", "predicted", "error") if c in df]
+        typer.echo(df[cols].to_string(index=False))
+        typer.echo(f"{csv_path}\n{parquet_path}")
 
 
 def main():  # console-script entry point

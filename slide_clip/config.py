@@ -72,6 +72,9 @@ class HeatmapConfig(_Section):
     smoothing_tiles: float = Field(0.0, ge=0, description="Gaussian sigma over neighbouring tiles; 0 = none")
     colormap: str = Field("viridis", description="a perceptual matplotlib colormap")
     alpha: float = Field(0.55, ge=0, le=1, description="opacity of the probability overlay")
+    scale: Literal["fixed", "auto"] = Field(
+        "fixed", description="colour scale: fixed 0-1 probabilities (comparable across slides), or auto: "
+        "stretched to this slide's min-max, for flat maps (labelled as such)")
 
 
 class PipelineConfig(_Section):

@@ -77,9 +77,27 @@ def overlay(thumbnail: np.ndarray, mask: np.ndarray, value_map: np.ndarray, colo
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def value_range(value_map: np.ndarray, mask: np.ndarray, scale: str = "fixed") -> tuple[float, float]:
+    """The colour scale's (vmin, vmax): (0, 1) for ``fixed``; for ``auto``, the min and max of
+    ``value_map`` inside tissue (``mask``; both in thumbnail pixels), widened to at least 1e-3
+    so a perfectly flat map still draws."""
+    if scale == "fixed":
+        return 0.0, 1.0
+    if scale != "auto":
+        raise ValueError(f"scale must be 'fixed' or 'auto', not {scale!r}")
+    v = value_map[mask & ~np.isnan(value_map)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo < 1e-3:
+        mid = (lo + hi) / 2
+        lo, hi = mid - 5e-4, mid + 5e-4
+    return lo, hi
+
+
 def render_png(image: np.ndarray, path: str | Path, title: str, colormap: str = "viridis",
-               label: str = "probability") -> Path:
-    """Save an overlay picture with a colour bar and a title (matplotlib, Agg)."""
+               label: str = "probability", vmin: float = 0.0, vmax: float = 1.0) -> Path:
+    """Save an overlay picture with a colour bar spanning ``vmin``-``vmax`` and a title (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -94,7 +112,7 @@ def render_png(image: np.ndarray, path: str | Path, title: str, colormap: str = 
     ax.imshow(image, interpolation="antialiased")
     ax.set_axis_off()
     ax.set_title(title, fontsize=11)
-    sm = cm.ScalarMappable(norm=colors.Normalize(0, 1), cmap=colormap)
+    sm = cm.ScalarMappable(norm=colors.Normalize(vmin, vmax), cmap=colormap)
     fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02, label=label)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

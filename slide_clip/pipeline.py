@@ -109,7 +109,9 @@ def lay_tiles(store: SlideStore, cfg: PipelineConfig) -> SlideStore:
                      min_tissue=t.min_tissue)
     qc_path = store.path.with_name(store.path.name[: -len(".zarr")] + "_qc.png")
     # compress_level 1: zlib's default (6) spends over a second on a 2048 px picture for a few % of size
-    qc_image(thumb, mask, thumbnail_boxes(grid, downsample)).save(qc_path, compress_level=1)
+    qc_image(thumb, mask, thumbnail_boxes(grid, downsample), title=qc_title(s, grid, len(grid),
+                                                                       tissue.get("tissue_area_mm2"))
+             ).save(qc_path, compress_level=1)
     store.group["tissue"].attrs.update({"qc_image": qc_path.name})
     store.write_tiles(grid.coords, grid.grid, grid.tissue_fraction, {
         "tile_extent_level0": list(grid.extent),
@@ -119,6 +121,21 @@ def lay_tiles(store: SlideStore, cfg: PipelineConfig) -> SlideStore:
         "read_downsample": grid.read_downsample,
     })
     return store
+
+
+def qc_title(slide: dict, grid: TileGrid, n_tiles: int, tissue_mm2: float | None) -> str:
+    """The QC picture's title: slide, the mpp used (and where it came from), tiles kept, tissue area.
+
+    ``slide`` is the store's slide attributes (``mpp_x`` is the resolution used, override or
+    metadata); ``grid`` the tile grid laid (its tile size and target mpp).
+    """
+    mpp = slide.get("mpp_x")
+    source = slide.get("mpp_source")
+    parts = [str(slide.get("name")),
+             f"slide {mpp:.4g} µm/px" + (f" ({source})" if source else "") if mpp else "slide mpp unknown",
+             f"{n_tiles} tiles of {grid.tile_size} px at {grid.target_mpp:g} µm/px",
+             f"tissue {tissue_mm2:.2f} mm²" if tissue_mm2 is not None else "tissue area unknown"]
+    return "  |  ".join(parts)
 
 
 def tile_slide(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False) -> SlideStore:
@@ -314,9 +331,11 @@ def embed_slide(
                                                   progress=progress)
     finally:
         osr.close()
+    seconds = round(time.perf_counter() - t0, 3)
     return SlideResult(
         slide=str(slide), name=info.name, status="skipped" if done else "ok", store=str(path),
-        n_tiles=store.n_tiles, encoded=encoded, seconds=round(time.perf_counter() - t0, 3),
+        n_tiles=store.n_tiles, encoded=encoded, seconds=seconds,
+        extra={"seconds_embed": seconds} if encoded else {},
     )
 
 
@@ -419,14 +438,27 @@ def unexpected_error(slide, exc: BaseException) -> str:
 
 
 def record_status(out_dir, r: SlideResult) -> None:
-    """Record what happened to a slide in ``out/status/<slide_id>.json`` (read by summaries)."""
+    """Record what happened to a slide in ``out/status/<slide_id>.json`` (read by summaries).
+
+    ``extra.seconds_embed`` (seconds from opening the slide to its last embedding written,
+    in the run that encoded it) is carried over from the previous record when this run
+    encoded nothing (a finished slide skipped, or only re-scored).
+    """
     import json
 
     d = Path(out_dir) / "status"
     d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{r.name}.json"
     data = r.to_dict()
     data["extra"] = {k: v for k, v in data["extra"].items() if k != "traceback"}
-    (d / f"{r.name}.json").write_text(json.dumps(data, indent=1))
+    if "seconds_embed" not in data["extra"] and r.status != "failed" and not r.encoded:
+        try:
+            previous = json.loads(path.read_text()).get("extra", {}).get("seconds_embed")
+        except (OSError, ValueError, AttributeError):
+            previous = None
+        if previous is not None:
+            data["extra"]["seconds_embed"] = previous
+    path.write_text(json.dumps(data, indent=1))
 
 
 def failed_result(slide, message: str, t0: float) -> SlideResult:

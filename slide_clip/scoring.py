@@ -24,7 +24,8 @@ import numpy as np
 from slide_clip.aggregate import cohort_table, slide_scores, write_cohort_table
 from slide_clip.config import PipelineConfig
 from slide_clip.errors import ConfigError, SlideClipError, StoreError
-from slide_clip.heatmap import grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid, tiles_geojson
+from slide_clip.heatmap import (grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid,
+                                tiles_geojson, value_range)
 from slide_clip.prompts import PromptSet
 from slide_clip.store import STATUS_TILED, SlideStore, model_key
 from slide_clip.zeroshot import ClassifierCache, prototypes, softmax, text_classifier, tile_logits
@@ -139,12 +140,17 @@ def score_store(store: SlideStore, model: str, set_name: str, classifier: np.nda
     return summary
 
 
-def _embed_seconds(store: SlideStore):
-    p = _out_dir(store) / "status" / f"{store.slide['name']}.json"
+def _read_status(out: Path, slide: str) -> dict:
+    """``out/status/<slide>.json`` (what embedding or a flow did to the slide), or {}."""
     try:
-        return json.loads(p.read_text()).get("seconds")
+        st = json.loads((out / "status" / f"{slide}.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return st if isinstance(st, dict) else {}
+
+
+def _embed_seconds(store: SlideStore):
+    return (_read_status(_out_dir(store), store.slide["name"]).get("extra") or {}).get("seconds_embed")
 
 
 def _failed_summary(path: Path, error: str, model: str | None, set_name: str, kind: str, t0: float) -> dict:
@@ -373,47 +379,90 @@ def heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str
         grid = probability_grid(store.grid(), probs[:, i], t["grid_shape"], t["overlap"])
         grid = smooth_grid(grid, h.smoothing_tiles)
         vmap = grid_to_thumbnail(grid, t["stride_level0"], mask.shape, tissue["downsample"])
-        img = overlay(thumb, mask, vmap, h.colormap, h.alpha)
+        vmin, vmax = value_range(vmap, mask, h.scale)
+        img = overlay(thumb, mask, vmap, h.colormap, h.alpha, vmin, vmax)
         title = f"{slide}: P({c})  [{set_name}, {name}]"
+        label = f"P({c})"
+        if h.scale == "auto":
+            title += "\ncolours stretched to this slide's range: not comparable across slides"
+            label = f"P({c}), auto scale {vmin:.3g}-{vmax:.3g}"
         if store.embedding_attrs(name).get("random_weights"):
             title += "  (random weights: not a trained model)"
-        written.append(render_png(img, out / f"{slide}_{model_key(c)}.png", title, h.colormap, f"P({c})"))
+        written.append(render_png(img, out / f"{slide}_{model_key(c)}.png", title, h.colormap, label, vmin, vmax))
     written.append(tiles_geojson(store.coords(), t["tile_extent_level0"], probs, class_names,
                                  out / f"{slide}.geojson", name=f"{slide} {set_name}"))
     return written
 
 
 # ----------------------------------------------------------------------------- cohort
+def score_set_pairs(out_dir: str | Path, *, set_name: str | None = None,
+                    model: str | None = None) -> list[tuple[str, str]]:
+    """The (model key, score set key) pairs with slide summaries in ``out/summaries/``."""
+    root = Path(out_dir) / "summaries"
+    pairs = sorted({(p.parent.parent.name, p.parent.name) for p in root.glob("*/*/*.json")}) if root.is_dir() else []
+    if model:
+        pairs = [pr for pr in pairs if pr[0] == model_key(model)]
+    if set_name:
+        pairs = [pr for pr in pairs if pr[1] == model_key(set_name)]
+    return pairs
+
+
 def summarize(out_dir: str | Path, *, set_name: str | None = None, model: str | None = None,
               metadata: dict[str, dict] | None = None, only: list[str] | None = None):
     """Gather per-slide summaries (and slides that failed to embed) into one cohort table.
 
     ``metadata`` maps slide ids to extra columns (patient id, ...); ``only`` keeps just
     these slide ids. Writes ``out/cohort-<set>-<model>.csv`` and ``.parquet``; returns
-    (table, csv, parquet).
+    (table, csv, parquet). An output folder with several score sets (or models) needs
+    ``set_name`` (and ``model``); :func:`summarize_all` writes one table for each.
     """
     out = Path(out_dir)
-    root = out / "summaries"
-    pairs = sorted({(p.parent.parent.name, p.parent.name) for p in root.glob("*/*/*.json")}) if root.is_dir() else []
-    if model:
-        pairs = [pr for pr in pairs if pr[0] == model_key(model)]
-    if set_name:
-        pairs = [pr for pr in pairs if pr[1] == model_key(set_name)]
+    pairs = score_set_pairs(out, set_name=set_name, model=model)
     if not pairs:
         raise StoreError("has no slide summaries" + (f" for {set_name!r}" if set_name else ""), path=out,
                          hint="Run `slide-clip zeroshot` or `fewshot` on it first.")
     if len(pairs) > 1:
         listed = ", ".join(f"{s} ({m})" for m, s in pairs)
         raise ConfigError(f"{out} has several score sets: {listed}", hint="Choose with --set and --model.")
-    mk, sk = pairs[0]
+    return _summarize_pair(out, *pairs[0], metadata=metadata, only=only)
+
+
+def summarize_all(out_dir: str | Path, *, set_name: str | None = None, model: str | None = None,
+                  metadata: dict[str, dict] | None = None, only: list[str] | None = None):
+    """One cohort table per score set and model in ``out`` (optionally only those named).
+
+    Returns a list of (model key, set key, table, csv, parquet).
+    """
+    out = Path(out_dir)
+    pairs = score_set_pairs(out, set_name=set_name, model=model)
+    if not pairs:
+        raise StoreError("has no slide summaries" + (f" for {set_name!r}" if set_name else "")
+                         + (f" of model {model!r}" if model else ""), path=out,
+                         hint="Run `slide-clip zeroshot` or `fewshot` on it first.")
+    return [(mk, sk, *_summarize_pair(out, mk, sk, metadata=metadata, only=only)) for mk, sk in pairs]
+
+
+def _summarize_pair(out: Path, mk: str, sk: str, *, metadata=None, only=None):
+    root = out / "summaries"
     summaries = [json.loads(p.read_text()) for p in sorted((root / mk / sk).glob("*.json"))]
     have = {s["slide_id"] for s in summaries}
     for p in sorted((out / "status").glob("*.json")) if (out / "status").is_dir() else []:
         st = json.loads(p.read_text())
         if st.get("status") == "failed" and st.get("name") not in have:
             summaries.append({"slide_id": st["name"], "status": "failed", "error": st.get("error"),
-                              "slide": st.get("slide"), "score_set": sk, "model": mk,
-                              "seconds": st.get("seconds")})
+                              "slide": st.get("slide"), "store": st.get("store"), "n_tiles": st.get("n_tiles"),
+                              "score_set": sk, "model": mk, "seconds": st.get("seconds")})
+    for s in summaries:
+        # the status file is the latest record of the slide: how long its embedding took, and
+        # for a slide that failed at scoring, its store and tile count
+        st = _read_status(out, s["slide_id"])
+        embed = (st.get("extra") or {}).get("seconds_embed")
+        if embed is not None:
+            s["seconds_embed"] = embed
+        for k in ("store", "n_tiles"):
+            if s.get(k) is None and st.get(k) is not None:
+                s[k] = st[k]
+        s.setdefault("seconds_embed", None)
     if only is not None:
         keep = set(only)
         summaries = [s for s in summaries if s["slide_id"] in keep]

@@ -127,22 +127,64 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueConfig
     return mask.astype(bool)
 
 
+#: Tile outline colour of the QC picture: yellow, the complement of H&E's purple and pink, so
+#: outlines stay visible over stained tissue; the tissue outline is green.
+QC_TILE_COLOUR = (255, 225, 0)
+QC_TISSUE_COLOUR = (0, 200, 0)
+
+
 def qc_image(
     rgb: np.ndarray,
     mask: np.ndarray,
     tile_boxes: np.ndarray | None = None,
+    title: str | None = None,
 ) -> Image.Image:
-    """The thumbnail with the tissue outline (green) and kept tiles (blue boxes).
+    """The thumbnail with the tissue outline (green), kept tiles (yellow boxes) and a title line.
 
-    ``tile_boxes`` is an (n, 4) array of x0, y0, x1, y1 in thumbnail pixels.
+    ``tile_boxes`` is an (n, 4) array of x0, y0, x1, y1 in thumbnail pixels. ``title``, if
+    given, is written in a white band above the thumbnail (the picture grows by the band's
+    height; thumbnail pixel (0, 0) is then at (0, band height)).
     """
     img = Image.fromarray(rgb).convert("RGB")
-    draw = ImageDraw.Draw(img, "RGBA")
+    draw = ImageDraw.Draw(img)
     if tile_boxes is not None:
         for x0, y0, x1, y1 in np.asarray(tile_boxes, dtype=float):
-            draw.rectangle((x0, y0, x1, y1), outline=(30, 80, 255, 200))
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=QC_TILE_COLOUR)
     out = np.asarray(img).copy()
     edge = mask & ~morphology.erosion(mask, morphology.disk(1))
     edge = morphology.dilation(edge, morphology.disk(1)) if max(mask.shape) > 600 else edge
-    out[edge] = (0, 200, 0)
-    return Image.fromarray(out)
+    out[edge] = QC_TISSUE_COLOUR
+    picture = Image.fromarray(out)
+    if not title:
+        return picture
+    return _with_title(picture, title)
+
+
+def _title_font(size: int):
+    """DejaVu Sans from matplotlib (it has µ and ²), else Pillow's default font."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), size)
+    except (ImportError, OSError, ValueError):
+        try:
+            return ImageFont.load_default(size=size)
+        except (TypeError, OSError):
+            return ImageFont.load_default()
+
+
+def _with_title(picture: Image.Image, title: str) -> Image.Image:
+    """``picture`` below a white band holding ``title`` in black (font scaled to the width)."""
+    w, h = picture.size
+    size = int(np.clip(w / 60, 10, 28))
+    font = _title_font(size)
+    while size > 8 and ImageDraw.Draw(picture).textlength(title, font=font) > w - 8:
+        size -= 1
+        font = _title_font(size)
+    band = int(size * 1.8)
+    canvas = Image.new("RGB", (w, h + band), (255, 255, 255))
+    canvas.paste(picture, (0, band))
+    ImageDraw.Draw(canvas).text((4, (band - size) // 2), title, fill=(0, 0, 0), font=font)
+    return canvas
