@@ -54,6 +54,7 @@ def process_slide(
     t0 = time.perf_counter()
     store = n_tiles = None  # kept in the status of a slide that fails after they are known
     embed_seconds = {}
+    scored = {}  # score sets done, kept in the status of a slide that fails at a later set
     try:
         check_slide_task(slide, cfg, mpp)
         store = tissue_task(slide, out, cfg, mpp, force)
@@ -61,7 +62,6 @@ def process_slide(
         enc = encode_task(store, slide, cfg, force, encoder_limit)
         if enc["encoded"] > 0:  # else record_status keeps the value of the run that encoded
             embed_seconds = {"seconds_embed": round(time.perf_counter() - t0, 3)}
-        scored = {}
         for p in prompts:
             summary = zeroshot_task(store, p, cfg, enc["model"], force)
             scored[summary["score_set"]] = {"predicted": summary["predicted"], "rescored": summary["rescored"],
@@ -78,14 +78,14 @@ def process_slide(
     except SlideClipError as exc:
         result = failed_result(slide, str(exc), t0)
         result.store, result.n_tiles = store, n_tiles
-        result.extra.update({"metadata": metadata or {}, **embed_seconds, **_where()})
+        result.extra.update({"scores": scored, "metadata": metadata or {}, **embed_seconds, **_where()})
         record_status(out, result)
         log.error(str(exc))
         raise
     except Exception as exc:
         result = failed_result(slide, unexpected_error(slide, exc), t0)
         result.store, result.n_tiles = store, n_tiles
-        result.extra.update({"metadata": metadata or {}, **embed_seconds, **_where()})
+        result.extra.update({"scores": scored, "metadata": metadata or {}, **embed_seconds, **_where()})
         record_status(out, result)
         raise
     record_status(out, result)
