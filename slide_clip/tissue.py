@@ -147,9 +147,12 @@ def qc_image(
     """
     img = Image.fromarray(rgb).convert("RGB")
     draw = ImageDraw.Draw(img)
-    if tile_boxes is not None:
-        for x0, y0, x1, y1 in np.asarray(tile_boxes, dtype=float):
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=QC_TILE_COLOUR)
+    if tile_boxes is not None and len(tile_boxes):
+        boxes = np.asarray(tile_boxes, dtype=float)
+        # 2 px lines where tiles are big enough on the thumbnail to keep their inside visible
+        width = 2 if np.median(boxes[:, 2] - boxes[:, 0]) >= 12 else 1
+        for x0, y0, x1, y1 in boxes:
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=QC_TILE_COLOUR, width=width)
     out = np.asarray(img).copy()
     edge = mask & ~morphology.erosion(mask, morphology.disk(1))
     edge = morphology.dilation(edge, morphology.disk(1)) if max(mask.shape) > 600 else edge

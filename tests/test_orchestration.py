@@ -283,3 +283,39 @@ def test_heatmap_value_range():
     # and the fixed scale gives that tile a mid-scale colour instead
     img = overlay(thumb, mask, vmap, "viridis", 1.0, 0.0, 1.0)
     assert np.abs(img[r, c].astype(float) - top).max() > 50
+
+
+def test_qc_picture_title_and_visible_tile_outlines(tmp_path, make_slide, cfg):
+    from PIL import Image
+
+    from slide_clip.pipeline import tiles_stage, tissue_stage
+
+    slide, _ = make_slide("tissue_0.5", mpp=0.5)
+    store_path = tissue_stage(slide, tmp_path, cfg)
+    n = tiles_stage(store_path, cfg)
+    store = SlideStore.open(store_path)
+    thumb = store.thumbnail()
+    qc = np.asarray(Image.open(tmp_path / "tissue_0.5_qc.png").convert("RGB")).astype(int)
+    band = qc.shape[0] - thumb.shape[0]
+    assert qc.shape[1] == thumb.shape[1] and band >= 15
+    title = qc[:band]
+    assert (title.sum(axis=2) < 150).sum() > 50, "no dark text in the title band"
+    assert (title.sum(axis=2) > 700).mean() > 0.8, "the title band is not white"
+    # the title's facts, as the store records them
+    from slide_clip.pipeline import grid_from_store, qc_title
+
+    area = store.group["tissue"].attrs["tissue_area_mm2"]
+    assert qc_title(store.slide, grid_from_store(store), n, area) == (
+        f"tissue_0.5  |  slide 0.5 µm/px (metadata)  |  {n} tiles of 224 px at 0.5 µm/px  |  tissue {area:.2f} mm²")
+    # every kept tile's top edge is drawn in a colour far from any stained tissue pixel
+    pic = qc[band:]
+    t = store.tiling
+    ds = store.group["tissue"].attrs["downsample"]
+    tissue_px = thumb[store.mask()].astype(int)
+    luma = np.array([0.2126, 0.7152, 0.0722])
+    for x, y in store.coords()[:: max(1, n // 20)]:
+        cx, cy = int((x + t["tile_extent_level0"][0] / 2) / ds[0]), int(y / ds[1])
+        edge = pic[cy, cx]
+        assert np.abs(tissue_px - edge).sum(axis=1).min() > 200, (edge, (x, y))
+        # and brighter than 99% of the (purple and pink) tissue: it never sinks into the stain
+        assert edge @ luma > np.percentile(tissue_px @ luma, 99) + 20, (edge, (x, y))
