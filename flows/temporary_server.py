@@ -101,7 +101,7 @@ def _server_env() -> dict[str, str]:
     return env
 
 
-_RETRY_HINT = ("Retry, or start a server with `prefect server start` and set "
+_RETRY_HINT = ("retry, or start a server with `prefect server start` and set "
                "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
 
@@ -138,7 +138,7 @@ def start(timeout: float | None = None, on_start=None) -> tuple[subprocess.Popen
     raise PrefectServerError(
         f"the temporary Prefect server exited at start (exit code {proc.returncode}"
         + (f": {detail}" if detail else "") + f"; full log {log})",
-        hint=f"Check PREFECT_HOME ({_prefect_home()}) is a writable folder. {_RETRY_HINT}")
+        hint=f"Check that PREFECT_HOME ({_prefect_home()}) is a writable folder, then {_RETRY_HINT}.")
 
 
 def _prefect_home() -> str:

@@ -98,7 +98,7 @@ def test_temporary_server_failures_are_one_line(tmp_path, make_slide, tiny_regis
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: the temporary Prefect server did not answer within 1 s")
-    assert "PREFECT_API_URL" in r.stderr and "Retry" in r.stderr
+    assert "PREFECT_API_URL" in r.stderr and "retry" in r.stderr
     # cannot start: its database folder is not writable (PREFECT_HOME/db is a file)
     home = tmp_path / "home"
     home.mkdir()
