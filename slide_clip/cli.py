@@ -296,7 +296,8 @@ def summarize(
             typer.echo("")
         typer.echo(f"== {sk} ({mk}): {len(df)} slides")
         cols = [c for c in ("slide_id", "status", "n_tiles", "predicted", "error") if c in df]
-        typer.echo(df[cols].to_string(index=False))
+        shown = df[cols].astype(object)
+        typer.echo(shown.where(shown.notna(), "").to_string(index=False))
         typer.echo(f"{csv_path}\n{parquet_path}")
 
 
