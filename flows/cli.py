@@ -66,8 +66,13 @@ def run(
     """
     try:
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, batch_size)
+        from slide_clip.pipeline import resampling_note
+
+        note = resampling_note(cfg)  # the same check `embed` makes, said once
     except SlideClipError as e:
         _fail(str(e))
+    if note:
+        typer.echo(note, err=True)
     from slide_clip_flows.process_cohort import process_cohort
 
     state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,

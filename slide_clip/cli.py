@@ -105,7 +105,8 @@ def embed(
     mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
     mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides."),
     target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default 0.5)."),
-    tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default 224)."),
+    tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default: the model's input "
+                                    "size; another size is resampled to it, and recorded)."),
     overlap: Optional[float] = typer.Option(None, help="Fraction of a tile shared with its neighbour (default 0)."),
     min_tissue: Optional[float] = typer.Option(None, help="Drop tiles with a smaller tissue fraction (default 0.25)."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per batch (default 64)."),
@@ -145,6 +146,11 @@ def embed(
                 line += f"  {r.n_tiles} tiles, {r.encoded} encoded, {r.seconds:.1f} s"
             typer.echo(line, err=True)
 
+        from slide_clip.pipeline import resampling_note
+
+        note = resampling_note(cfg)
+        if note:
+            typer.echo(note, err=True)
         results = embed_slides(paths, out, cfg, mpps=mpps, mpp=mpp, overwrite=overwrite,
                                progress=progress and sys.stderr.isatty(), on_result=report)
     except SlideClipError as e:

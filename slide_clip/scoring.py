@@ -76,13 +76,20 @@ class EncoderPool:
         self.cfg = cfg
         self._loaded: dict[str, object] = {}
 
-    def get(self, name: str, expected_sha256: str, where: Path):
-        from slide_clip.encoders import load_encoder, resolve_model
+    def get(self, name: str, expected_sha256: str, where: Path, attrs: dict | None = None):
+        """The encoder of stored model ``name`` (``attrs``: its store's embedding attributes).
+
+        With ``attrs``, the model is rebuilt from what the store recorded (no ``--models``
+        registry needed); without, it is looked up by name.
+        """
+        from slide_clip.encoders import load_encoder, resolve_model, resolve_stored_model
 
         if name not in self._loaded:
             e = self.cfg.encode
-            ckpt = e.checkpoint if e.model == name else None
-            self._loaded[name] = load_encoder(resolve_model(name, e.registries, ckpt), e.device, e.precision)
+            ckpt = e.checkpoint if e.model == name or attrs is not None and e.checkpoint else None
+            spec = (resolve_stored_model(name, attrs, e.registries, ckpt, where) if attrs is not None
+                    else resolve_model(name, e.registries, ckpt))
+            self._loaded[name] = load_encoder(spec, e.device, e.precision)
         enc = self._loaded[name]
         if enc.weights_sha256 != expected_sha256:
             raise StoreError(
@@ -214,7 +221,7 @@ def zeroshot(stores: list[Path], prompts: PromptSet, cfg: PipelineConfig, *, mod
         cache = ClassifierCache(_out_dir(store) / "classifiers")
         clf = cache.get(name, sha, prompts)
         if clf is None:
-            clf = text_classifier(pool.get(name, sha, store.path), prompts)
+            clf = text_classifier(pool.get(name, sha, store.path, store.embedding_attrs(name)), prompts)
             cache.put(name, sha, prompts, clf)
         return clf
 
@@ -307,7 +314,8 @@ def example_features(examples: list[Example], stores: dict[str, SlideStore], mod
     if todo:
         import torch
 
-        enc = pool.get(model, weights_sha256, where)
+        first = next(iter(stores.values()), None)
+        enc = pool.get(model, weights_sha256, where, first.embedding_attrs(model) if first is not None else None)
         batch = torch.stack([enc.preprocess(img) for _, img in todo])
         encoded = enc.encode_images(batch)
         for (i, _), f in zip(todo, encoded):
