@@ -83,15 +83,26 @@ def _table(header, rows):
 def models(
     registry: List[Path] = typer.Option([], "--models", help="Extra model registry YAML files."),
 ):
-    """List the model registry: name, architecture, weights source."""
+    """List the model registry: kind, backend, input size, training µm/px, licence, gated, weights."""
     from slide_clip.encoders import load_registry
 
     try:
         reg = load_registry(*registry)
     except SlideClipError as e:
         _fail(str(e))
-    _table(["name", "arch", "weights", "description"],
-           [[s.name, s.arch, s.weights or "random", s.description] for s in reg.values()])
+    from slide_clip.encoders import model_input_size
+
+    def size(s):
+        try:
+            return str(model_input_size(s))
+        except SlideClipError:
+            return "?"
+
+    _table(["name", "kind", "backend", "input", "mpp", "licence", "gated", "weights", "description"],
+           [[s.name, "vision-only" if s.vision_only else "vision-language", s.backend, size(s),
+             f"{s.training_mpp:g}" if s.training_mpp else "-", s.licence or "-", "yes" if s.gated else "no",
+             s.weights or "random", s.description] for s in reg.values()])
+    typer.echo("Every name also works as random:NAME[@seed=N] (seeded random weights, for testing).")
 
 
 @app.command()

@@ -204,7 +204,7 @@ def encode_store(store: SlideStore, slide_file: str, encoder, cfg: PipelineConfi
     e = cfg.encode
     tiling = store.tiling
     size = int(tiling["tile_size"])
-    seen = encoder.image_size[0]
+    seen = int(encoder.preprocess_cfg.get("resize_size") or encoder.image_size[0])  # px the tile is resized to
     # what this model saw: the tile resampled from tile_size to its input size
     writer = store.begin_embeddings({**encoder.provenance(), "tile_size": size, "resampled": size != seen,
                                      "seen_mpp": float(tiling["target_mpp"]) * size / seen},

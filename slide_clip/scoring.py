@@ -30,6 +30,10 @@ from slide_clip.store import STATUS_TILED, SlideStore, model_key
 from slide_clip.zeroshot import ClassifierCache, prototypes, softmax, text_classifier, tile_logits
 
 
+#: Temperature of few-shot scores for vision-only models (they have no learned logit_scale).
+VISION_ONLY_LOGIT_SCALE = 100.0
+
+
 def find_stores(inputs: list[str | Path]) -> list[Path]:
     """Stores given directly, or every ``*.zarr`` store in given folders (sorted)."""
     out: list[Path] = []
@@ -112,7 +116,9 @@ def score_store(store: SlideStore, model: str, set_name: str, classifier: np.nda
     """Score every tile with ``classifier``, write scores, heatmap grid and the slide summary."""
     emb = store.embedding_attrs(model)
     feats = store.embeddings(model)
-    logit_scale = float(emb["logit_scale"])  # the model's own, recorded at embedding time
+    # the model's own, recorded at embedding time; vision-only models have none (few-shot only):
+    # CLIP's usual 100, recorded with the scores
+    logit_scale = float(emb["logit_scale"]) if emb.get("logit_scale") is not None else VISION_ONLY_LOGIT_SCALE
     logits = tile_logits(feats, classifier, logit_scale)
     probs = softmax(logits) if len(logits) else np.zeros((0, len(class_names)), np.float32)
     t = store.tiling
@@ -217,6 +223,10 @@ def zeroshot(stores: list[Path], prompts: PromptSet, cfg: PipelineConfig, *, mod
     pool = EncoderPool(cfg)
 
     def classifier_for(store: SlideStore, name: str) -> np.ndarray:
+        if store.embedding_attrs(name).get("vision_only"):  # refused before any model is loaded
+            from slide_clip.encoders import spec_from_provenance, vision_only_error
+
+            raise vision_only_error(spec_from_provenance(store.embedding_attrs(name)))
         sha = store.embedding_attrs(name)["weights_sha256"]
         cache = ClassifierCache(_out_dir(store) / "classifiers")
         clf = cache.get(name, sha, prompts)

@@ -150,7 +150,10 @@ def build(spec: ModelSpec):
     cfg = full_config(spec)
     kind = spec.weights_kind
     checkpoint_sha = None
-    if kind in ("hf-hub", "pretrained") and spec.arch_cfg is None:
+    hub_file = None
+    if kind == "hf-hub" and spec.weights_format == "transformers":
+        hub_file = _download_transformers_weights(spec)  # then loaded like a local file
+    elif kind in ("hf-hub", "pretrained") and spec.arch_cfg is None:
         return _build_from_network(spec, cfg)
     if cfg is None:
         repo = _hub_repo(spec.arch)
@@ -166,9 +169,10 @@ def build(spec: ModelSpec):
     name = register(spec, cfg["model_cfg"])
     kwargs = _preprocess_kwargs(spec, cfg["preprocess_cfg"])
     state = None
-    if kind == "file":
-        state = read_state_dict(spec.weights, spec.name)
-        checkpoint_sha = file_sha256(spec.weights)
+    if kind == "file" or hub_file:
+        path = hub_file or spec.weights
+        state = read_state_dict(path, spec.name)
+        checkpoint_sha = file_sha256(path)
     elif kind != "random":  # hub/pretrained weights with an explicit arch config
         return _build_from_network(spec, cfg)
     try:
@@ -182,6 +186,20 @@ def build(spec: ModelSpec):
     if state is not None:
         _load_open_clip_state(model, state, spec)
     return model, preprocess, _preprocess_cfg(model), _jsonable(cfg), checkpoint_sha
+
+
+def _download_transformers_weights(spec: ModelSpec) -> str:
+    """The weights file of a transformers-format hub repository (downloaded or cached)."""
+    from huggingface_hub import hf_hub_download
+
+    repo = spec.weights[len("hf-hub:"):]
+    last: Exception | None = None
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return hf_hub_download(repo, fname)
+        except Exception as e:  # noqa: BLE001 - try the next name, then report
+            last = e
+    raise _weights_error(spec, last or RuntimeError("no weights file"))
 
 
 def _build_from_network(spec: ModelSpec, cfg: dict | None):
@@ -212,6 +230,10 @@ def _load_open_clip_state(model, state: dict, spec: ModelSpec) -> None:
     """open_clip's checkpoint conversions, then a strict load."""
     from open_clip.factory import convert_state_dict, convert_to_custom_text_state_dict
 
+    from slide_clip.encoders.hf_clip import hf_clip_to_open_clip, is_hf_clip
+
+    if is_hf_clip(state):  # a transformers CLIPModel checkpoint (PLIP): same tensors, open_clip names
+        state = hf_clip_to_open_clip(state)
     try:
         state = convert_state_dict(model, state)
     except Exception:  # noqa: BLE001 - not a third-party format: keep as is

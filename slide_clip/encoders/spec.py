@@ -35,12 +35,13 @@ DEFAULT_REGISTRY = config_file("models.yaml")
 RANDOM_PREFIX = "random:"
 _SEED_RE = re.compile(r"^(?P<base>.+?)@seed=(?P<seed>-?\d+)$")
 
-#: Backends: ``open_clip`` (vision-language, zero-shot capable) and ``timm`` (vision-only).
-BACKENDS = ("open_clip", "timm")
+#: Backends: ``open_clip`` (vision-language, zero-shot capable); ``timm`` and ``transformers``
+#: (vision-only).
+BACKENDS = ("open_clip", "timm", "transformers")
 
 _FIELDS = {"arch", "backend", "weights", "checkpoint", "arch_config", "image_mean", "image_std",
-           "image_interpolation", "input_size", "training_mpp", "licence", "gated", "pooling",
-           "model_kwargs", "hub_id", "description"}
+           "image_interpolation", "input_size", "resize_size", "training_mpp", "licence", "gated", "pooling",
+           "model_kwargs", "hub_id", "weights_format", "description"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class ModelSpec:
         That file's contents (recorded in stores, so a store can be scored without the file).
     input_size
         Model input side in px (None: from the architecture config).
+    resize_size
+        timm backend: px the shorter side is resized to before the centre crop to
+        ``input_size`` (None: no crop; e.g. 256 for Prov-GigaPath's card).
     training_mpp
         µm/px the model was trained at (the default target mpp when the user gives none).
     pooling
@@ -79,12 +83,14 @@ class ModelSpec:
     image_std: tuple[float, ...] | None = None
     image_interpolation: str | None = None
     input_size: int | None = None
+    resize_size: int | None = None
     training_mpp: float | None = None
     licence: str = ""
     gated: bool = False
     pooling: str = "cls"
     model_kwargs: dict = field(default_factory=dict, compare=False)
     hub_id: str | None = None
+    weights_format: str = "open_clip"
     description: str = ""
     seed: int | None = None
 
@@ -179,12 +185,14 @@ def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
         image_std=tuple(float(x) for x in entry["image_std"]) if entry.get("image_std") else None,
         image_interpolation=entry.get("image_interpolation"),
         input_size=int(entry["input_size"]) if entry.get("input_size") else None,
+        resize_size=int(entry["resize_size"]) if entry.get("resize_size") else None,
         training_mpp=float(entry["training_mpp"]) if entry.get("training_mpp") else None,
         licence=str(entry.get("licence", "")),
         gated=bool(entry.get("gated", False)),
         pooling=pooling,
         model_kwargs=dict(kwargs),
         hub_id=entry.get("hub_id") or (str(weights)[len("hf-hub:"):] if str(weights).startswith("hf-hub:") else None),
+        weights_format=str(entry.get("weights_format", "open_clip")),
         description=str(entry.get("description", "")),
     )
 
