@@ -115,7 +115,8 @@ def embed(
     registry: List[Path] = typer.Option([], "--models", help="Extra model registry YAML files."),
     mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
     mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides."),
-    target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default 0.5)."),
+    target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default: the µm/px the model was trained at, "
+                                      "else 0.5)."),
     tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default: the model's input "
                                     "size; another size is resampled to it, and recorded)."),
     overlap: Optional[float] = typer.Option(None, help="Fraction of a tile shared with its neighbour (default 0)."),

@@ -37,7 +37,10 @@ class TissueConfig(_Section):
 class TilingConfig(_Section):
     """The tile grid: exact target resolution and size."""
 
-    target_mpp: float = Field(0.5, gt=0, le=50, description="tile resolution, µm/px")
+    target_mpp: float | None = Field(
+        None, gt=0, le=50,
+        description="tile resolution, µm/px; null (default): the µm/px the model was trained at "
+                    "(its registry entry's training_mpp), else 0.5. Read it with pipeline.target_mpp_for(cfg)")
     tile_size: int | None = Field(
         None, ge=16, le=4096,
         description="tile side, px at target_mpp; null (default): the model's input size, so the model "

@@ -56,6 +56,26 @@ def tile_size_for(cfg: PipelineConfig) -> int:
     return _model_input_size(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
 
 
+#: Tile resolution when neither the user nor the model's registry entry gives one, µm/px.
+DEFAULT_TARGET_MPP = 0.5
+
+
+def target_mpp_for(cfg: PipelineConfig) -> float:
+    """The tile resolution in µm/px: the configured one, or (``target_mpp: null``, the
+    default) the µm/px the model was trained at (``training_mpp`` of its registry entry),
+    else 0.5. Every stage of every path asks here."""
+    if cfg.tiling.target_mpp is not None:
+        return float(cfg.tiling.target_mpp)
+    return _model_training_mpp(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
+
+
+@functools.lru_cache(maxsize=32)
+def _model_training_mpp(model: str, registries: tuple, checkpoint: str | None) -> float:
+    from slide_clip.encoders import resolve_model
+
+    return float(resolve_model(model, registries, checkpoint).training_mpp or DEFAULT_TARGET_MPP)
+
+
 @functools.lru_cache(maxsize=32)
 def _model_input_size(model: str, registries: tuple, checkpoint: str | None) -> int:
     from slide_clip.encoders import model_input_size, resolve_model
@@ -71,15 +91,16 @@ def resampling_note(cfg: PipelineConfig) -> str | None:
     t = cfg.tiling
     if size == t.tile_size:
         return None
-    return (f"note: tiles of {t.tile_size} px at {t.target_mpp:g} µm/px are resampled to the model's "
-            f"{size} px input, so the model sees {t.target_mpp * t.tile_size / size:.4g} µm/px "
+    mpp = target_mpp_for(cfg)
+    return (f"note: tiles of {t.tile_size} px at {mpp:g} µm/px are resampled to the model's "
+            f"{size} px input, so the model sees {mpp * t.tile_size / size:.4g} µm/px "
             "(recorded in the stores; leave out --tile-size to tile at the model's input size)")
 
 
 def _settings(cfg: PipelineConfig) -> dict:
     """The store's ``tiling`` attributes that decide the tiles (the grid geometry is added later)."""
     t = cfg.tiling
-    return {"target_mpp": t.target_mpp, "tile_size": tile_size_for(cfg), "overlap": t.overlap,
+    return {"target_mpp": target_mpp_for(cfg), "tile_size": tile_size_for(cfg), "overlap": t.overlap,
             "min_tissue": t.min_tissue, "tissue": cfg.tissue.model_dump()}
 
 
@@ -90,7 +111,8 @@ def _tile_size_attrs(cfg: PipelineConfig) -> dict:
         model_size = _model_input_size(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
     except SlideClipError:  # the model's input size is unknown offline; --tile-size was given
         model_size = None
-    return {"tile_size_from": "model" if cfg.tiling.tile_size is None else "user", "model_input_size": model_size,
+    return {"target_mpp_from": "model" if cfg.tiling.target_mpp is None else "user",
+            "tile_size_from": "model" if cfg.tiling.tile_size is None else "user", "model_input_size": model_size,
             "resampled": model_size is not None and model_size != size}
 
 
@@ -121,7 +143,7 @@ def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, over
     An existing store is reused when it holds the same slide (fingerprint) at the same
     settings; another slide or other settings are an error unless ``overwrite``.
     """
-    mpp_xy = check_mpp(info, cfg.tiling.target_mpp)
+    mpp_xy = check_mpp(info, target_mpp_for(cfg))
     store = _reusable(path, info, cfg, mpp_xy, overwrite)
     if store is not None:
         return store
@@ -152,7 +174,7 @@ def lay_tiles(store: SlideStore, cfg: PipelineConfig) -> SlideStore:
     mask, thumb = store.mask(), store.thumbnail()
     t = cfg.tiling
     grid = make_grid((s["width"], s["height"]), (s["mpp_x"], s["mpp_y"]), s["level_downsamples"], mask,
-                     downsample, target_mpp=t.target_mpp, tile_size=int(store.tiling["tile_size"]),
+                     downsample, target_mpp=float(store.tiling["target_mpp"]), tile_size=int(store.tiling["tile_size"]),
                      overlap=t.overlap,
                      min_tissue=t.min_tissue)
     qc_path = store.path.with_name(store.path.name[: -len(".zarr")] + "_qc.png")

@@ -255,3 +255,21 @@ def test_embed_cli_says_once_that_tiles_are_resampled(small_slide, tiny_registry
              "--tile-size", "112", "--device", "cpu", "--workers", "0", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("resampled to the model's 224 px input") == 1
+
+
+def test_target_mpp_defaults_to_the_model_training_mpp(small_slide, tiny_registry, tiny_checkpoint, cfg, tmp_path):
+    from slide_clip.pipeline import target_mpp_for
+
+    reg = tmp_path / "models.yaml"
+    reg.write_text(f"models:\n  tiny-1mpp:\n    arch: {TINY}\n    arch_config: {ASSETS / (TINY + '.json')}\n"
+                   f"    checkpoint: {tiny_checkpoint}\n    training_mpp: 1.0\n")
+    c = cfg.with_overrides(encode={"model": "tiny-1mpp", "registries": (str(reg),), "num_workers": 0})
+    assert c.tiling.target_mpp is None and target_mpp_for(c) == 1.0
+    assert target_mpp_for(cfg) == 0.5  # an entry without training_mpp: 0.5
+    r = embed_slide(small_slide, tmp_path / "o", c, progress=False)
+    t = SlideStore.open(r.store).tiling
+    assert t["target_mpp"] == 1.0 and t["target_mpp_from"] == "model"
+    assert t["tile_extent_level0"] == [448.0, 448.0]  # 224 px at 1 µm/px on a 0.5 µm/px slide
+    assert SlideStore.open(r.store).embedding_attrs("tiny-1mpp")["training_mpp"] == 1.0
+    given = c.with_overrides(tiling={"target_mpp": 0.5})
+    assert target_mpp_for(given) == 0.5
