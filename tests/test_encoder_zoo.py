@@ -181,3 +181,18 @@ def test_vision_only_store_refuses_zeroshot_in_one_line_and_fewshot_works(make_s
                                                  for i, (x, y) in enumerate(coords[:4])))
     res = fewshot([Path(r.store)], csv, cfg)
     assert res[0]["status"] == "ok"
+
+
+def test_models_command_shows_kind_input_mpp_licence_gated():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "slide_clip.cli", "models"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    head, *rows = r.stdout.splitlines()
+    assert head.split()[:7] == ["name", "kind", "backend", "input", "mpp", "licence", "gated"]
+    row = {ln.split()[0]: ln.split() for ln in rows if ln and not ln.startswith("Every")}
+    assert row["uni"][1:5] == ["vision-only", "timm", "224", "0.5"] and "yes" in row["uni"]
+    assert row["plip"][1:3] == ["vision-language", "open_clip"]
+    assert row["h-optimus-0"][5] == "Apache-2.0" and "no" in row["h-optimus-0"]
+    assert "random:NAME" in r.stdout
