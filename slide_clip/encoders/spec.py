@@ -191,7 +191,8 @@ def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
         gated=bool(entry.get("gated", False)),
         pooling=pooling,
         model_kwargs=dict(kwargs),
-        hub_id=entry.get("hub_id") or (str(weights)[len("hf-hub:"):] if str(weights).startswith("hf-hub:") else None),
+        hub_id=entry.get("hub_id") or (str(entry["weights"])[len("hf-hub:"):]
+                                       if str(entry.get("weights", "")).startswith("hf-hub:") else None),
         weights_format=str(entry.get("weights_format", "open_clip")),
         description=str(entry.get("description", "")),
     )
