@@ -64,8 +64,10 @@ def run(
     mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
     mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides "
                                            "(over a manifest's mpp column; --mpp wins over both)."),
-    target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default 0.5)."),
-    tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution."),
+    target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default: the µm/px the model was "
+                                      "trained at, else 0.5)."),
+    tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default: the "
+                                    "model's input size; another size is resampled to it, and recorded)."),
     overlap: Optional[float] = typer.Option(None, help="Fraction of a tile shared with its neighbour (default 0)."),
     min_tissue: Optional[float] = typer.Option(None, help="Drop tiles with a smaller tissue fraction (default 0.25)."),
     no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip the heatmap pictures."),
@@ -93,8 +95,13 @@ def run(
             load_prompts(p)
         if mpp_csv:
             read_mpp_csv(mpp_csv)
+        from slide_clip.pipeline import resampling_note
+
+        note = resampling_note(cfg)  # the same check `embed` makes, said once
     except SlideClipError as e:
         _fail(str(e))
+    if note:
+        typer.echo(note, err=True)
     from slide_clip_flows.temporary_server import temporary_server
 
     try:

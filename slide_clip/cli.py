@@ -83,15 +83,26 @@ def _table(header, rows):
 def models(
     registry: List[Path] = typer.Option([], "--models", help="Extra model registry YAML files."),
 ):
-    """List the model registry: name, architecture, weights source."""
+    """List the model registry: kind, backend, input size, training µm/px, licence, gated, weights."""
     from slide_clip.encoders import load_registry
 
     try:
         reg = load_registry(*registry)
     except SlideClipError as e:
         _fail(str(e))
-    _table(["name", "arch", "weights", "description"],
-           [[s.name, s.arch, s.weights or "random", s.description] for s in reg.values()])
+    from slide_clip.encoders import model_input_size
+
+    def size(s):
+        try:
+            return str(model_input_size(s))
+        except SlideClipError:
+            return "?"
+
+    _table(["name", "kind", "backend", "input", "mpp", "licence", "gated", "weights", "description"],
+           [[s.name, "vision-only" if s.vision_only else "vision-language", s.backend, size(s),
+             f"{s.training_mpp:g}" if s.training_mpp else "-", s.licence or "-", "yes" if s.gated else "no",
+             s.weights or "random", s.description] for s in reg.values()])
+    typer.echo("Every name also works as random:NAME[@seed=N] (seeded random weights, for testing).")
 
 
 @app.command()
@@ -104,8 +115,10 @@ def embed(
     registry: List[Path] = typer.Option([], "--models", help="Extra model registry YAML files."),
     mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
     mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides."),
-    target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default 0.5)."),
-    tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default 224)."),
+    target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default: the µm/px the model was trained at, "
+                                      "else 0.5)."),
+    tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default: the model's input "
+                                    "size; another size is resampled to it, and recorded)."),
     overlap: Optional[float] = typer.Option(None, help="Fraction of a tile shared with its neighbour (default 0)."),
     min_tissue: Optional[float] = typer.Option(None, help="Drop tiles with a smaller tissue fraction (default 0.25)."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per batch (default 64)."),
@@ -145,6 +158,11 @@ def embed(
                 line += f"  {r.n_tiles} tiles, {r.encoded} encoded, {r.seconds:.1f} s"
             typer.echo(line, err=True)
 
+        from slide_clip.pipeline import resampling_note
+
+        note = resampling_note(cfg)
+        if note:
+            typer.echo(note, err=True)
         results = embed_slides(paths, out, cfg, mpps=mpps, mpp=mpp, overwrite=overwrite,
                                progress=progress and sys.stderr.isatty(), on_result=report)
     except SlideClipError as e:

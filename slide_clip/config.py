@@ -37,8 +37,14 @@ class TissueConfig(_Section):
 class TilingConfig(_Section):
     """The tile grid: exact target resolution and size."""
 
-    target_mpp: float = Field(0.5, gt=0, le=50, description="tile resolution, µm/px")
-    tile_size: int = Field(224, ge=16, le=4096, description="tile side, px at target_mpp")
+    target_mpp: float | None = Field(
+        None, gt=0, le=50,
+        description="tile resolution, µm/px; null (default): the µm/px the model was trained at "
+                    "(its registry entry's training_mpp), else 0.5. Read it with pipeline.target_mpp_for(cfg)")
+    tile_size: int | None = Field(
+        None, ge=16, le=4096,
+        description="tile side, px at target_mpp; null (default): the model's input size, so the model "
+                    "sees target_mpp; another size is resampled to the model's input, and recorded")
     overlap: float = Field(0.0, ge=0, lt=1, description="fraction shared with a neighbour")
     min_tissue: float = Field(0.25, ge=0, le=1, description="tiles with less tissue are dropped")
 

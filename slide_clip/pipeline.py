@@ -6,6 +6,7 @@ Each stage is also callable alone (:func:`tile_slide`, :func:`encode_store`).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import traceback
@@ -43,11 +44,76 @@ class SlideResult:
         return asdict(self)
 
 
+def tile_size_for(cfg: PipelineConfig) -> int:
+    """The tile side in px: the configured one, or (``tile_size: null``, the default) the
+    model's own input size, so that ``target_mpp`` is what the model sees.
+
+    Every stage of every path (``embed``, the Prefect tasks) asks here; the model's input
+    size is read from its config without building it.
+    """
+    if cfg.tiling.tile_size is not None:
+        return int(cfg.tiling.tile_size)
+    return _model_input_size(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
+
+
+#: Tile resolution when neither the user nor the model's registry entry gives one, µm/px.
+DEFAULT_TARGET_MPP = 0.5
+
+
+def target_mpp_for(cfg: PipelineConfig) -> float:
+    """The tile resolution in µm/px: the configured one, or (``target_mpp: null``, the
+    default) the µm/px the model was trained at (``training_mpp`` of its registry entry),
+    else 0.5. Every stage of every path asks here."""
+    if cfg.tiling.target_mpp is not None:
+        return float(cfg.tiling.target_mpp)
+    return _model_training_mpp(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
+
+
+@functools.lru_cache(maxsize=32)
+def _model_training_mpp(model: str, registries: tuple, checkpoint: str | None) -> float:
+    from slide_clip.encoders import resolve_model
+
+    return float(resolve_model(model, registries, checkpoint).training_mpp or DEFAULT_TARGET_MPP)
+
+
+@functools.lru_cache(maxsize=32)
+def _model_input_size(model: str, registries: tuple, checkpoint: str | None) -> int:
+    from slide_clip.encoders import model_input_size, resolve_model
+
+    return model_input_size(resolve_model(model, registries, checkpoint))
+
+
+def resampling_note(cfg: PipelineConfig) -> str | None:
+    """One line for the console when tiles are resampled to the model's input size, else None."""
+    if cfg.tiling.tile_size is None:
+        return None
+    size = _model_input_size(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
+    t = cfg.tiling
+    if size == t.tile_size:
+        return None
+    mpp = target_mpp_for(cfg)
+    return (f"note: tiles of {t.tile_size} px at {mpp:g} µm/px are resampled to the model's "
+            f"{size} px input, so the model sees {mpp * t.tile_size / size:.4g} µm/px "
+            "(recorded in the stores; leave out --tile-size to tile at the model's input size)")
+
+
 def _settings(cfg: PipelineConfig) -> dict:
     """The store's ``tiling`` attributes that decide the tiles (the grid geometry is added later)."""
     t = cfg.tiling
-    return {"target_mpp": t.target_mpp, "tile_size": t.tile_size, "overlap": t.overlap,
+    return {"target_mpp": target_mpp_for(cfg), "tile_size": tile_size_for(cfg), "overlap": t.overlap,
             "min_tissue": t.min_tissue, "tissue": cfg.tissue.model_dump()}
+
+
+def _tile_size_attrs(cfg: PipelineConfig) -> dict:
+    """How the tile size was chosen (recorded beside the settings in ``tiling``)."""
+    size = tile_size_for(cfg)
+    try:
+        model_size = _model_input_size(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
+    except SlideClipError:  # the model's input size is unknown offline; --tile-size was given
+        model_size = None
+    return {"target_mpp_from": "model" if cfg.tiling.target_mpp is None else "user",
+            "tile_size_from": "model" if cfg.tiling.tile_size is None else "user", "model_input_size": model_size,
+            "resampled": model_size is not None and model_size != size}
 
 
 def _reusable(path: Path, info: SlideInfo, cfg: PipelineConfig, mpp_xy, overwrite: bool) -> SlideStore | None:
@@ -62,7 +128,10 @@ def _reusable(path: Path, info: SlideInfo, cfg: PipelineConfig, mpp_xy, overwrit
         raise StoreError("was made from another slide file (fingerprint differs)", path=path,
                          hint="Use --overwrite to replace it, or another --out.")
     tiling = store.tiling
-    if {k: tiling.get(k) for k in _settings(cfg)} != _settings(cfg) or old.get("mpp_x") != mpp_xy[0]:
+    wanted = _settings(cfg)
+    if cfg.tiling.tile_size is None:  # tile size from the model: a store tiled for another model is kept
+        wanted["tile_size"] = tiling.get("tile_size")
+    if {k: tiling.get(k) for k in wanted} != wanted or old.get("mpp_x") != mpp_xy[0]:
         raise StoreError("was tiled with other settings", path=path,
                          hint="Use --overwrite to re-tile it, or another --out.")
     return store
@@ -74,7 +143,7 @@ def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, over
     An existing store is reused when it holds the same slide (fingerprint) at the same
     settings; another slide or other settings are an error unless ``overwrite``.
     """
-    mpp_xy = check_mpp(info, cfg.tiling.target_mpp)
+    mpp_xy = check_mpp(info, target_mpp_for(cfg))
     store = _reusable(path, info, cfg, mpp_xy, overwrite)
     if store is not None:
         return store
@@ -88,7 +157,7 @@ def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, over
         )
     mask = tissue_mask(thumb.image, thumb.mpp, cfg.tissue)
     slide_attrs = {**info.to_dict(), "mpp_x": mpp_xy[0], "mpp_y": mpp_xy[1]}
-    store = SlideStore.create(path, slide_attrs, _settings(cfg))
+    store = SlideStore.create(path, slide_attrs, {**_settings(cfg), **_tile_size_attrs(cfg)})
     area = float(mask.sum()) * thumb.downsample[0] * thumb.downsample[1] * mpp_xy[0] * mpp_xy[1] / 1e6
     store.write_tissue(mask, thumb.image, {"downsample": list(thumb.downsample), "mpp": thumb.mpp,
                                            "tissue_area_mm2": area})
@@ -105,7 +174,8 @@ def lay_tiles(store: SlideStore, cfg: PipelineConfig) -> SlideStore:
     mask, thumb = store.mask(), store.thumbnail()
     t = cfg.tiling
     grid = make_grid((s["width"], s["height"]), (s["mpp_x"], s["mpp_y"]), s["level_downsamples"], mask,
-                     downsample, target_mpp=t.target_mpp, tile_size=t.tile_size, overlap=t.overlap,
+                     downsample, target_mpp=float(store.tiling["target_mpp"]), tile_size=int(store.tiling["tile_size"]),
+                     overlap=t.overlap,
                      min_tissue=t.min_tissue)
     qc_path = store.path.with_name(store.path.name[: -len(".zarr")] + "_qc.png")
     # compress_level 1: zlib's default (6) spends over a second on a 2048 px picture for a few % of size
@@ -171,7 +241,13 @@ def encode_store(store: SlideStore, slide_file: str, encoder, cfg: PipelineConfi
     from slide_clip.loader import make_loader, resolve_workers
 
     e = cfg.encode
-    writer = store.begin_embeddings(encoder.provenance(), chunk_rows=e.chunk_rows)
+    tiling = store.tiling
+    size = int(tiling["tile_size"])
+    seen = int(encoder.preprocess_cfg.get("resize_size") or encoder.image_size[0])  # px the tile is resized to
+    # what this model saw: the tile resampled from tile_size to its input size
+    writer = store.begin_embeddings({**encoder.provenance(), "tile_size": size, "resampled": size != seen,
+                                     "seen_mpp": float(tiling["target_mpp"]) * size / seen},
+                                    chunk_rows=e.chunk_rows)
     writer.flush_seconds = e.flush_seconds
     if writer.complete:
         return 0
@@ -220,7 +296,7 @@ def embeddings_done(store: SlideStore, spec, encoder=None) -> bool:
     if encoder is not None:
         return a.get("weights_sha256") == encoder.weights_sha256
     if spec.weights_kind == "random":
-        return bool(a.get("random_weights"))
+        return bool(a.get("random_weights")) and a.get("seed", 0) == spec.seed and a.get("arch") == spec.arch
     if spec.weights_kind == "file":
         return Path(spec.weights).is_file() and a.get("checkpoint_sha256") == file_sha256(spec.weights)
     return a.get("weights_source") == spec.weights and a.get("arch") == spec.arch

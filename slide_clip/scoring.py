@@ -31,6 +31,10 @@ from slide_clip.store import STATUS_TILED, SlideStore, model_key
 from slide_clip.zeroshot import ClassifierCache, prototypes, softmax, text_classifier, tile_logits
 
 
+#: Temperature of few-shot scores for vision-only models (they have no learned logit_scale).
+VISION_ONLY_LOGIT_SCALE = 100.0
+
+
 def find_stores(inputs: list[str | Path]) -> list[Path]:
     """Stores given directly, or every ``*.zarr`` store in given folders (sorted)."""
     out: list[Path] = []
@@ -77,13 +81,20 @@ class EncoderPool:
         self.cfg = cfg
         self._loaded: dict[str, object] = {}
 
-    def get(self, name: str, expected_sha256: str, where: Path):
-        from slide_clip.encoders import load_encoder, resolve_model
+    def get(self, name: str, expected_sha256: str, where: Path, attrs: dict | None = None):
+        """The encoder of stored model ``name`` (``attrs``: its store's embedding attributes).
+
+        With ``attrs``, the model is rebuilt from what the store recorded (no ``--models``
+        registry needed); without, it is looked up by name.
+        """
+        from slide_clip.encoders import load_encoder, resolve_model, resolve_stored_model
 
         if name not in self._loaded:
             e = self.cfg.encode
-            ckpt = e.checkpoint if e.model == name else None
-            self._loaded[name] = load_encoder(resolve_model(name, e.registries, ckpt), e.device, e.precision)
+            ckpt = e.checkpoint if e.model == name or attrs is not None and e.checkpoint else None
+            spec = (resolve_stored_model(name, attrs, e.registries, ckpt, where) if attrs is not None
+                    else resolve_model(name, e.registries, ckpt))
+            self._loaded[name] = load_encoder(spec, e.device, e.precision)
         enc = self._loaded[name]
         if enc.weights_sha256 != expected_sha256:
             raise StoreError(
@@ -106,7 +117,9 @@ def score_store(store: SlideStore, model: str, set_name: str, classifier: np.nda
     """Score every tile with ``classifier``, write scores, heatmap grid and the slide summary."""
     emb = store.embedding_attrs(model)
     feats = store.embeddings(model)
-    logit_scale = float(emb["logit_scale"])  # the model's own, recorded at embedding time
+    # the model's own, recorded at embedding time; vision-only models have none (few-shot only):
+    # CLIP's usual 100, recorded with the scores
+    logit_scale = float(emb["logit_scale"]) if emb.get("logit_scale") is not None else VISION_ONLY_LOGIT_SCALE
     logits = tile_logits(feats, classifier, logit_scale)
     probs = softmax(logits) if len(logits) else np.zeros((0, len(class_names)), np.float32)
     t = store.tiling
@@ -216,11 +229,15 @@ def zeroshot(stores: list[Path], prompts: PromptSet, cfg: PipelineConfig, *, mod
     pool = EncoderPool(cfg)
 
     def classifier_for(store: SlideStore, name: str) -> np.ndarray:
+        if store.embedding_attrs(name).get("vision_only"):  # refused before any model is loaded
+            from slide_clip.encoders import spec_from_provenance, vision_only_error
+
+            raise vision_only_error(spec_from_provenance(store.embedding_attrs(name)))
         sha = store.embedding_attrs(name)["weights_sha256"]
         cache = ClassifierCache(_out_dir(store) / "classifiers")
         clf = cache.get(name, sha, prompts)
         if clf is None:
-            clf = text_classifier(pool.get(name, sha, store.path), prompts)
+            clf = text_classifier(pool.get(name, sha, store.path, store.embedding_attrs(name)), prompts)
             cache.put(name, sha, prompts, clf)
         return clf
 
@@ -313,7 +330,8 @@ def example_features(examples: list[Example], stores: dict[str, SlideStore], mod
     if todo:
         import torch
 
-        enc = pool.get(model, weights_sha256, where)
+        first = next(iter(stores.values()), None)
+        enc = pool.get(model, weights_sha256, where, first.embedding_attrs(model) if first is not None else None)
         batch = torch.stack([enc.preprocess(img) for _, img in todo])
         encoded = enc.encode_images(batch)
         for (i, _), f in zip(todo, encoded):

@@ -10,7 +10,7 @@ from slide_clip.loader import resolve_workers
 
 def test_defaults_and_overrides():
     cfg = load_config()
-    assert cfg.tiling.target_mpp == 0.5 and cfg.tiling.tile_size == 224 and cfg.encode.num_workers == "auto"
+    assert cfg.tiling.target_mpp is None and cfg.tiling.tile_size is None and cfg.encode.num_workers == "auto"
     cfg2 = cfg.with_overrides(tiling={"tile_size": 256, "overlap": None}, encode={"num_workers": "3"})
     assert cfg2.tiling.tile_size == 256 and cfg2.tiling.overlap == 0.0 and cfg2.encode.num_workers == 3
 

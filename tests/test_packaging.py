@@ -83,10 +83,10 @@ def test_stray_tasks_py_does_not_break_the_python_api(tmp_path, make_slide):
     code = ("import sys; assert sys.path[0] in ('', '.'), sys.path[0]; "
             "import slide_clip_flows.process_cohort, slide_clip_tasks.encode, slide_clip as sc; "
             "from slide_clip.config import load_config; "
-            f"print(sc.slide_info({str(slide)!r}).name, load_config().tiling.target_mpp)")
+            f"print(sc.slide_info({str(slide)!r}).name, load_config().tiling.min_tissue)")
     r = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["stray", "0.5"]
+    assert r.stdout.split() == ["stray", "0.25"]
     # and the control: that folder does shadow a plain `import tasks`
     r = subprocess.run([sys.executable, "-c", "import tasks"], cwd=work, capture_output=True, text=True, env=env)
     assert "the user tasks.py was imported" in r.stderr

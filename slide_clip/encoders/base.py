@@ -1,0 +1,153 @@
+"""The :class:`Encoder` interface every backend returns, and device/precision choice."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from slide_clip.encoders.spec import ModelSpec
+from slide_clip.errors import ConfigError
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; anything else is passed to torch."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}", hint="Use auto, cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' asked for, but no CUDA GPU is available", hint="Use --device cpu or auto.")
+    return dev
+
+
+def pick_precision(precision: str, dev: torch.device) -> str:
+    """``auto``: bf16 autocast on CUDA where supported, else fp16; fp32 elsewhere."""
+    if precision == "auto":
+        if dev.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"unknown precision {precision!r}", hint="Use auto, fp32, fp16 or bf16.")
+    return precision
+
+
+def vision_only_error(spec: ModelSpec) -> ConfigError:
+    return ConfigError(
+        f"model {spec.name!r} is vision-only (no text encoder): zero-shot scoring and text search need a "
+        "vision-language model",
+        hint="Use a CLIP-style model (conch, plip, quiltnet-b-32, ...), or few-shot, clusters and image search.",
+    )
+
+
+@dataclass
+class Encoder:
+    """A loaded image encoder with its preprocessing and provenance (every backend).
+
+    ``encode_images`` gives L2-normalised embeddings; for vision-language models they live
+    in the joint image-text space and ``encode_texts`` gives the text side.
+    """
+
+    spec: ModelSpec
+    model: Any
+    preprocess: Callable
+    device: torch.device
+    precision: str  # "fp32", "fp16" or "bf16" (autocast dtype on CUDA)
+    weights_sha256: str
+    checkpoint_sha256: str | None
+    embed_dim: int
+    image_size: tuple[int, int]
+    preprocess_cfg: dict = field(default_factory=dict)
+    arch_cfg: dict | None = None
+    image_fn: Callable | None = field(default=None, repr=False)  # pixels -> features (before normalising)
+    _tokenizer: Any = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def backend(self) -> str:
+        return self.spec.backend
+
+    @property
+    def supports_text(self) -> bool:
+        return not self.spec.vision_only
+
+    @property
+    def logit_scale(self) -> float | None:
+        """The model's learned temperature, exp(logit_scale) (about 100 for CLIP); None if vision-only."""
+        ls = getattr(self.model, "logit_scale", None)
+        return float(ls.detach().exp().item()) if ls is not None and self.supports_text else None
+
+    def provenance(self) -> dict:
+        """What the store records about this encoder: enough to rebuild it or refuse clearly."""
+        s = self.spec
+        return {
+            "name": s.name,
+            "arch": s.arch,
+            "backend": s.backend,
+            "vision_only": s.vision_only,
+            "weights_source": s.weights or "random",
+            "weights_kind": s.weights_kind,
+            "random_weights": s.random_weights,
+            "seed": s.seed,
+            "weights_sha256": self.weights_sha256,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "embed_dim": self.embed_dim,
+            "image_size": list(self.image_size),
+            "preprocess": self.preprocess_cfg,
+            "arch_config": self.arch_cfg,
+            "training_mpp": s.training_mpp,
+            "precision": self.precision,
+            "logit_scale": self.logit_scale,
+            "spec": s.to_dict(),
+        }
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.precision in ("fp16", "bf16"):
+            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """L2-normalised image embeddings (float32, (n, embed_dim)) of preprocessed pixels."""
+        fn = self.image_fn or self.model.encode_image
+        with torch.inference_mode():
+            x = pixels.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                feats = fn(x)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy()
+
+    @property
+    def tokenizer(self):
+        if not self.supports_text:
+            raise vision_only_error(self.spec)
+        if self._tokenizer is None:
+            from slide_clip.encoders.openclip import tokenizer_for
+
+            self._tokenizer = tokenizer_for(self.spec, self.arch_cfg)
+        return self._tokenizer
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised text embeddings (float32, (n, embed_dim)); refused for vision-only models."""
+        if not self.supports_text:
+            raise vision_only_error(self.spec)
+        with torch.inference_mode():
+            tokens = self.tokenizer(texts).to(self.device)
+            with self._autocast():
+                feats = self.model.encode_text(tokens)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy()

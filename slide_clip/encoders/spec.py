@@ -1,0 +1,285 @@
+"""The model registry: a name resolves to a backend, an architecture, a weights source and
+preprocessing, in the spirit of open_clip's ``create_model_and_transforms`` factory.
+
+Names a user can give (``--model``):
+
+``NAME``
+    an entry of the registry (``configs/models.yaml`` plus any ``--models`` YAML);
+``random:NAME`` / ``random:NAME@seed=N``
+    random weights, seeded (seed 0 unless ``@seed=N``), with the architecture and
+    preprocessing of the registry entry ``NAME`` or of the open_clip architecture ``NAME``.
+    The same seed gives the same weights in every process and on every machine with the
+    same torch, so a store embedded with random weights can be scored later;
+``ARCH`` with ``--checkpoint FILE``
+    a bare open_clip architecture with a local state dict.
+
+``--checkpoint FILE`` also replaces the weights source of a registry entry.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slide_clip.errors import ConfigError
+from slide_clip.resources import config_file
+
+#: The registry shipped with the project.
+DEFAULT_REGISTRY = config_file("models.yaml")
+
+RANDOM_PREFIX = "random:"
+_SEED_RE = re.compile(r"^(?P<base>.+?)@seed=(?P<seed>-?\d+)$")
+
+#: Backends: ``open_clip`` (vision-language, zero-shot capable); ``timm`` and ``transformers``
+#: (vision-only).
+BACKENDS = ("open_clip", "timm", "transformers")
+
+_FIELDS = {"arch", "backend", "weights", "checkpoint", "arch_config", "image_mean", "image_std",
+           "image_interpolation", "input_size", "resize_size", "training_mpp", "licence", "gated", "pooling",
+           "model_kwargs", "hub_id", "weights_format", "description"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model, resolved: what to build, which weights, which preprocessing.
+
+    Attributes
+    ----------
+    arch
+        open_clip architecture name or ``hf-hub:ORG/NAME`` (backend ``open_clip``), or a timm
+        model name (backend ``timm``).
+    weights
+        ``hf-hub:ORG/NAME``, ``pretrained:TAG`` (open_clip tag), a local file path, or None
+        for seeded random weights (then ``seed`` is set).
+    arch_config
+        Path of an architecture config JSON (open_clip model config, or an
+        ``open_clip_config.json`` with ``model_cfg`` and ``preprocess_cfg``).
+    arch_cfg
+        That file's contents (recorded in stores, so a store can be scored without the file).
+    input_size
+        Model input side in px (None: from the architecture config).
+    resize_size
+        timm backend: px the shorter side is resized to before the centre crop to
+        ``input_size`` (None: no crop; e.g. 256 for Prov-GigaPath's card).
+    training_mpp
+        µm/px the model was trained at (the default target mpp when the user gives none).
+    pooling
+        timm backend: ``cls`` (class token / the model's own pooling) or ``cls+mean``
+        (class token concatenated with the mean patch token, as Virchow2's card says).
+    """
+
+    name: str
+    arch: str
+    weights: str | None
+    backend: str = "open_clip"
+    arch_config: str | None = None
+    arch_cfg: dict | None = field(default=None, compare=False)
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    image_interpolation: str | None = None
+    input_size: int | None = None
+    resize_size: int | None = None
+    training_mpp: float | None = None
+    licence: str = ""
+    gated: bool = False
+    pooling: str = "cls"
+    model_kwargs: dict = field(default_factory=dict, compare=False)
+    hub_id: str | None = None
+    weights_format: str = "open_clip"
+    description: str = ""
+    seed: int | None = None
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights is None
+
+    @property
+    def weights_kind(self) -> str:
+        if self.weights is None:
+            return "random"
+        if self.weights.startswith("hf-hub:"):
+            return "hf-hub"
+        if self.weights.startswith("pretrained:"):
+            return "pretrained"
+        return "file"
+
+    @property
+    def vision_only(self) -> bool:
+        return self.backend != "open_clip"
+
+    def to_dict(self) -> dict:
+        """JSON-able form (recorded in stores as ``spec``)."""
+        d = asdict(self)
+        for k in ("image_mean", "image_std"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("image_mean", "image_std"):
+            if known.get(k) is not None:
+                known[k] = tuple(float(x) for x in known[k])
+        known["model_kwargs"] = dict(known.get("model_kwargs") or {})
+        return cls(**known)
+
+
+def _resolve_rel(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    if value.startswith(("hf-hub:", "pretrained:")):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def read_arch_config(path: str | Path, model: str) -> dict:
+    """The contents of an architecture config JSON (a mapping), or a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"model {model!r}: architecture config not found", path=p)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model {model!r}: architecture config is not JSON ({e})", path=p) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"model {model!r}: architecture config must be a JSON object", path=p)
+    return data
+
+
+def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
+    if not isinstance(entry, dict) or "arch" not in entry:
+        raise ConfigError(f"model {name!r} needs an 'arch'", path=p)
+    unknown = set(entry) - _FIELDS
+    if unknown:
+        raise ConfigError(f"model {name!r} has unknown fields {sorted(unknown)}", path=p)
+    weights = entry.get("checkpoint") or entry.get("weights")
+    if weights is None:
+        raise ConfigError(
+            f"model {name!r} has no 'weights' or 'checkpoint'", path=p,
+            hint="Random weights are only available as --model random:NAME.",
+        )
+    backend = str(entry.get("backend", "open_clip"))
+    if backend not in BACKENDS:
+        raise ConfigError(f"model {name!r}: unknown backend {backend!r} (use {' or '.join(BACKENDS)})", path=p)
+    arch_config = _resolve_rel(entry.get("arch_config"), p.parent)
+    pooling = str(entry.get("pooling", "cls"))
+    if pooling not in ("cls", "cls+mean"):
+        raise ConfigError(f"model {name!r}: pooling must be cls or cls+mean", path=p)
+    kwargs = entry.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"model {name!r}: model_kwargs must be a mapping", path=p)
+    return ModelSpec(
+        name=str(name),
+        arch=str(entry["arch"]),
+        weights=_resolve_rel(str(weights), p.parent),
+        backend=backend,
+        arch_config=arch_config,
+        arch_cfg=read_arch_config(arch_config, name) if arch_config else None,
+        image_mean=tuple(float(x) for x in entry["image_mean"]) if entry.get("image_mean") else None,
+        image_std=tuple(float(x) for x in entry["image_std"]) if entry.get("image_std") else None,
+        image_interpolation=entry.get("image_interpolation"),
+        input_size=int(entry["input_size"]) if entry.get("input_size") else None,
+        resize_size=int(entry["resize_size"]) if entry.get("resize_size") else None,
+        training_mpp=float(entry["training_mpp"]) if entry.get("training_mpp") else None,
+        licence=str(entry.get("licence", "")),
+        gated=bool(entry.get("gated", False)),
+        pooling=pooling,
+        model_kwargs=dict(kwargs),
+        hub_id=entry.get("hub_id") or (str(entry["weights"])[len("hf-hub:"):]
+                                       if str(entry.get("weights", "")).startswith("hf-hub:") else None),
+        weights_format=str(entry.get("weights_format", "open_clip")),
+        description=str(entry.get("description", "")),
+    )
+
+
+def load_registry(*paths: str | Path) -> dict[str, ModelSpec]:
+    """Read the default registry and any further registry files (later files win)."""
+    specs: dict[str, ModelSpec] = {}
+    for path in (DEFAULT_REGISTRY, *paths):
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("model registry not found", path=p)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"model registry is not valid YAML ({e.__class__.__name__})", path=p) from None
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(models, dict):
+            raise ConfigError("model registry needs a top-level 'models:' mapping", path=p)
+        for name, entry in models.items():
+            specs[str(name)] = _entry_spec(str(name), entry, p)
+    return specs
+
+
+def parse_random(name: str) -> tuple[str, int]:
+    """``random:NAME[@seed=N]`` -> (NAME, N); the seed is 0 unless given."""
+    rest = name[len(RANDOM_PREFIX):]
+    m = _SEED_RE.match(rest)
+    if m:
+        return m["base"], int(m["seed"])
+    if "@" in rest:
+        raise ConfigError(f"cannot read model name {name!r}", hint="Write random:NAME or random:NAME@seed=N.")
+    return rest, 0
+
+
+def random_name(base: str, seed: int) -> str:
+    """The canonical name of a random model (seed 0 is left out)."""
+    return f"{RANDOM_PREFIX}{base}" + (f"@seed={seed}" if seed else "")
+
+
+def _is_open_clip_arch(arch: str) -> bool:
+    import open_clip
+
+    return arch in open_clip.list_models()
+
+
+def resolve_model(name: str, registry_files=(), checkpoint: str | Path | None = None) -> ModelSpec:
+    """Turn a model name into a :class:`ModelSpec` (see the module docstring for the forms)."""
+    registry = load_registry(*registry_files)
+    ckpt = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
+    if name.startswith(RANDOM_PREFIX):
+        if ckpt:
+            raise ConfigError(f"model {name!r} asks for random weights, but a checkpoint was given")
+        base, seed = parse_random(name)
+        if base in registry:
+            return replace(registry[base], name=random_name(base, seed), weights=None, seed=seed)
+        return ModelSpec(name=random_name(base, seed), arch=base, weights=None, seed=seed)
+    if name in registry:
+        spec = registry[name]
+        if ckpt:
+            spec = replace(spec, weights=ckpt)
+        return spec
+    if ckpt:
+        return ModelSpec(name=name, arch=name, weights=ckpt)
+    raise ConfigError(
+        f"unknown model {name!r}",
+        hint=(f"Known: {', '.join(sorted(registry))}. Or give an open_clip architecture with "
+              "--checkpoint FILE, random:NAME for seeded random weights, or add it to a registry YAML "
+              "passed with --models."),
+    )
+
+
+def spec_from_provenance(attrs: dict) -> ModelSpec | None:
+    """The spec a store's embedding group was made with (None for stores that predate it)."""
+    d = attrs.get("spec")
+    if not isinstance(d, dict):
+        return None
+    return ModelSpec.from_dict({**d, "arch_config": None})
+
+
+def describe_weights(spec: ModelSpec) -> str:
+    """One short phrase for where the weights come from (``slide-clip models``)."""
+    if spec.weights is None:
+        return f"random (seed {spec.seed})"
+    return spec.weights
+
+
+def as_jsonable(value: Any) -> Any:
+    """A value round-tripped through JSON (what a Zarr attribute will hold)."""
+    return json.loads(json.dumps(value))

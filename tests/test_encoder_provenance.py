@@ -1,0 +1,275 @@
+"""What the store records is what was loaded: seeded random weights, local checkpoints for bare
+and hub architectures, stores scoreable without the registry, tiles at the model's input size."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from slide_clip.encoders import file_sha256, load_encoder, resolve_model, state_dict_sha256
+from slide_clip.errors import ConfigError, WeightsError
+from slide_clip.pipeline import embed_slide, resampling_note
+from slide_clip.store import SlideStore
+from slide_clip.synthetic import Region, Scene
+
+ASSETS = Path(__file__).parent / "assets"
+TINY = "slideclip-tiny-test"
+PY = sys.executable
+
+
+def _small_scene(mpp=0.5):
+    """500 x 400 µm with one 400 x 300 µm piece of tissue: a handful of 112 µm tiles."""
+    px = lambda um: um / mpp  # noqa: E731
+    return Scene(width=int(px(500)), height=int(px(400)),
+                 regions=(Region("rect", (px(50), px(50), px(450), px(350)), "tissue"),))
+
+
+@pytest.fixture(scope="module")
+def small_slide(make_slide):
+    return make_slide("small_provenance", scene=_small_scene())[0]
+
+
+# ----------------------------------------------------------------------------- (a) random weights
+def test_random_weights_are_seeded_and_leave_global_rng_alone(tiny_registry):
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state().clone()
+    a = load_encoder(resolve_model(f"random:{TINY}", [tiny_registry]), device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's random stream is untouched
+    b = load_encoder(resolve_model(f"random:{TINY}@seed=0", [tiny_registry]), device="cpu")
+    c = load_encoder(resolve_model(f"random:{TINY}@seed=1", [tiny_registry]), device="cpu")
+    assert a.spec.name == b.spec.name == f"random:{TINY}" and c.spec.name == f"random:{TINY}@seed=1"
+    assert a.weights_sha256 == b.weights_sha256 != c.weights_sha256
+    # independent computation: open_clip's own build after seeding torch's CPU generator with 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ref = open_clip.create_model(TINY, pretrained=None)
+    assert state_dict_sha256(ref) == a.weights_sha256
+    p = a.provenance()
+    assert p["random_weights"] is True and p["seed"] == 0 and p["weights_source"] == "random"
+    assert c.provenance()["seed"] == 1
+    with pytest.raises(ConfigError, match="random:NAME@seed=N"):
+        resolve_model(f"random:{TINY}@7")
+
+
+def _cli(*args, module="slide_clip.cli", cwd=None, timeout=900):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return subprocess.run([PY, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_random_vit_b_32_embed_then_zeroshot_and_run_in_separate_processes(small_slide, tmp_path):
+    out = tmp_path / "out"
+    r = _cli("embed", small_slide, "--out", out, "--model", "random:ViT-B-32", "--device", "cpu",
+             "--workers", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = _cli("zeroshot", out, "--prompts", "tumour", "--device", "cpu")  # a second process
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 of 1 slides scored" in r.stdout
+    store = SlideStore.open(out / "small_provenance.zarr")
+    e = store.embedding_attrs("random:ViT-B-32")
+    assert e["random_weights"] is True and e["seed"] == 0 and e["arch"] == "ViT-B-32"
+    # the same weights in this (third) process
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ref = open_clip.create_model("ViT-B-32", pretrained=None)
+    assert e["weights_sha256"] == state_dict_sha256(ref)
+    assert store.tiling["tile_size"] == 224 and store.tiling["tile_size_from"] == "model"
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(small_slide, slides / small_slide.name)
+    out2 = tmp_path / "run"
+    r = _cli("run", slides, "--out", out2, "--model", "random:ViT-B-32", "--prompts", "tumour", "--device", "cpu",
+             "--workers", "0", module="slide_clip_flows.cli")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in out2.glob("cohort-*.csv")) == ["cohort-tumour-random_ViT-B-32.csv"]
+    pngs = list((out2 / "heatmaps").rglob("*.png"))
+    assert len(pngs) == 2  # tumour and normal
+    s2 = SlideStore.open(out2 / "small_provenance.zarr")
+    assert s2.embedding_attrs("random:ViT-B-32")["weights_sha256"] == e["weights_sha256"]
+
+
+# ----------------------------------------------------------------------------- (b) bare arch + checkpoint
+def test_bare_architecture_with_checkpoint_embeds_and_scores_without_registry(small_slide, tiny_checkpoint,
+                                                                              tmp_path):
+    from slide_clip.config import load_config
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import zeroshot
+
+    open_clip.add_model_config(ASSETS / f"{TINY}.json")
+    ckpt = tmp_path / "weights.pt"
+    shutil.copy(tiny_checkpoint, ckpt)
+    base = load_config().with_overrides(encode={"device": "cpu", "num_workers": 0, "batch_size": 8})
+    cfg = base.with_overrides(encode={"model": TINY, "checkpoint": str(ckpt)})
+    r = embed_slide(small_slide, tmp_path / "out", cfg, progress=False)
+    assert r.status == "ok" and r.n_tiles > 0
+    store = SlideStore.open(r.store)
+    e = store.embedding_attrs(TINY)
+    assert e["weights_kind"] == "file" and e["checkpoint_sha256"] == file_sha256(ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    ref = open_clip.create_model(TINY, pretrained=None)
+    ref.load_state_dict(saved)
+    assert e["weights_sha256"] == state_dict_sha256(ref)
+    # scoring needs neither the registry nor --checkpoint: the store names the file it was made with
+    res = zeroshot([Path(r.store)], load_prompts("tumour"), base)
+    assert res[0]["status"] == "ok", res
+    # the file gone: a clear refusal naming the model and what to give
+    ckpt.unlink()
+    shutil.rmtree(tmp_path / "out" / "classifiers")
+    res = zeroshot([Path(r.store)], load_prompts("tumour"), base)
+    assert res[0]["status"] == "failed" and "weights file" in res[0]["error"] and "--checkpoint" in res[0]["error"]
+
+
+# ----------------------------------------------------------------------------- (c) hub architecture + checkpoint
+@pytest.fixture(scope="module")
+def hub_like_registry(tmp_path_factory):
+    """An entry shaped like BiomedCLIP's (``arch: hf-hub:...``), whose open_clip_config.json is
+    given as a local ``arch_config`` (BiomedCLIP's own needs the hub; here it is the tiny
+    architecture with its own preprocessing), and two checkpoints of different weights."""
+    d = tmp_path_factory.mktemp("hub_like")
+    model_cfg = json.loads((ASSETS / f"{TINY}.json").read_text())
+    (d / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic"}}))
+    ckpts = []
+    for seed in (1, 2):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            open_clip.add_model_config(ASSETS / f"{TINY}.json")
+            m = open_clip.create_model(TINY, pretrained=None)
+        torch.save(m.state_dict(), d / f"w{seed}.pt")
+        ckpts.append(d / f"w{seed}.pt")
+    reg = d / "models.yaml"
+    reg.write_text("models:\n  hub-like:\n    arch: hf-hub:test-org/tiny-hub\n"
+                   "    weights: hf-hub:test-org/tiny-hub\n    arch_config: open_clip_config.json\n")
+    return reg, ckpts
+
+
+def test_hub_architecture_loads_the_checkpoint_given(hub_like_registry):
+    reg, (w1, w2) = hub_like_registry
+    e1 = load_encoder(resolve_model("hub-like", [reg], checkpoint=w1), device="cpu")
+    e2 = load_encoder(resolve_model("hub-like", [reg], checkpoint=w2), device="cpu")
+    assert e1.weights_sha256 != e2.weights_sha256
+    for enc, w in ((e1, w1), (e2, w2)):
+        saved = torch.load(w, weights_only=True)
+        state = enc.model.state_dict()
+        assert all(torch.equal(v, state[k]) for k, v in saved.items())
+        p = enc.provenance()
+        assert p["checkpoint_sha256"] == file_sha256(w) and p["weights_source"] == str(w)
+        assert p["preprocess"]["mean"] == [0.5, 0.5, 0.5] and p["preprocess"]["std"] == [0.25, 0.25, 0.25]
+        assert p["arch_config"]["model_cfg"]["embed_dim"] == 32
+
+
+def test_real_biomedclip_with_checkpoint_offline_refuses_clearly(tiny_checkpoint):
+    # BiomedCLIP's architecture config lives on the hub; without network or cache it cannot be built
+    with pytest.raises(WeightsError) as e:
+        load_encoder(resolve_model("biomedclip", checkpoint=tiny_checkpoint), device="cpu")
+    msg = str(e.value)
+    assert "biomedclip" in msg and "arch_config" in msg and "\n" not in msg
+
+
+def test_text_file_as_checkpoint_says_what_it_is(tmp_path, tiny_registry):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("these are not weights\n")
+    with pytest.raises(WeightsError) as e:
+        load_encoder(resolve_model("tiny", [tiny_registry], checkpoint=bad), device="cpu")
+    assert "is not a PyTorch/open_clip checkpoint" in str(e.value) and str(bad) in str(e.value)
+    assert "pop from empty list" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- (d) stores remember the model
+def test_registry_model_store_is_scoreable_without_the_registry(small_slide, cfg, tmp_path):
+    from slide_clip.config import load_config
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import zeroshot
+
+    r = embed_slide(small_slide, tmp_path / "out", cfg.with_overrides(encode={"num_workers": 0}), progress=False)
+    store = SlideStore.open(r.store)
+    e = store.embedding_attrs("tiny")
+    assert e["spec"]["arch"] == TINY and e["arch_config"]["model_cfg"]["vision_cfg"]["layers"] == 2
+    assert e["preprocess"]["size"] in (224, [224, 224])
+    plain = load_config().with_overrides(encode={"device": "cpu"})  # no --models
+    res = zeroshot([Path(r.store)], load_prompts("tumour"), plain)
+    assert res[0]["status"] == "ok", res
+
+
+# ----------------------------------------------------------------------------- (e) tile size
+@pytest.fixture(scope="module")
+def tiny64_registry(tmp_path_factory):
+    """The tiny architecture at a 64 px input, with a checkpoint."""
+    d = tmp_path_factory.mktemp("tiny64")
+    cfg = json.loads((ASSETS / f"{TINY}.json").read_text())
+    cfg["vision_cfg"]["image_size"] = 64
+    (d / "slideclip-tiny64-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(d / "slideclip-tiny64-test.json")
+    m = open_clip.create_model("slideclip-tiny64-test", pretrained=None)
+    torch.save(m.state_dict(), d / "w.pt")
+    reg = d / "models.yaml"
+    reg.write_text("models:\n  tiny64:\n    arch: slideclip-tiny64-test\n"
+                   "    arch_config: slideclip-tiny64-test.json\n    checkpoint: w.pt\n")
+    return reg
+
+
+def test_tile_size_defaults_to_the_model_input_size(small_slide, cfg, tiny64_registry, tmp_path):
+    c = cfg.with_overrides(encode={"model": "tiny64", "registries": (str(tiny64_registry),), "num_workers": 0})
+    assert c.tiling.tile_size is None and resampling_note(c) is None
+    r = embed_slide(small_slide, tmp_path / "auto", c, progress=False)
+    st = SlideStore.open(r.store)
+    t = st.tiling
+    assert t["tile_size"] == 64 and t["tile_size_from"] == "model" and t["model_input_size"] == 64
+    assert t["resampled"] is False
+    # extent in level-0 px: 64 px at 0.5 µm/px on a 0.5 µm/px slide
+    assert t["tile_extent_level0"] == [64.0, 64.0]
+    e = st.embedding_attrs("tiny64")
+    assert e["tile_size"] == 64 and e["resampled"] is False and e["seen_mpp"] == pytest.approx(0.5)
+
+    asked = c.with_overrides(tiling={"tile_size": 96})
+    note = resampling_note(asked)
+    assert "96 px" in note and "64 px" in note and "0.75 µm/px" in note
+    r = embed_slide(small_slide, tmp_path / "asked", asked, progress=False)
+    st = SlideStore.open(r.store)
+    t = st.tiling
+    assert t["tile_size"] == 96 and t["tile_size_from"] == "user" and t["resampled"] is True
+    e = st.embedding_attrs("tiny64")
+    assert e["resampled"] is True and e["seen_mpp"] == pytest.approx(0.5 * 96 / 64)
+
+    # a second model with another input size joins the auto-tiled store (its tiles resampled, recorded)
+    other = cfg.with_overrides(encode={"num_workers": 0})  # tiny: 224 px input
+    r = embed_slide(small_slide, tmp_path / "auto", other, progress=False)
+    st = SlideStore.open(r.store)
+    assert st.tiling["tile_size"] == 64
+    e = st.embedding_attrs("tiny")
+    assert e["tile_size"] == 64 and e["resampled"] is True and e["seen_mpp"] == pytest.approx(0.5 * 64 / 224)
+
+
+def test_embed_cli_says_once_that_tiles_are_resampled(small_slide, tiny_registry, tmp_path):
+    r = _cli("embed", small_slide, "--out", tmp_path / "o", "--model", "tiny", "--models", tiny_registry,
+             "--tile-size", "112", "--device", "cpu", "--workers", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("resampled to the model's 224 px input") == 1
+
+
+def test_target_mpp_defaults_to_the_model_training_mpp(small_slide, tiny_registry, tiny_checkpoint, cfg, tmp_path):
+    from slide_clip.pipeline import target_mpp_for
+
+    reg = tmp_path / "models.yaml"
+    reg.write_text(f"models:\n  tiny-1mpp:\n    arch: {TINY}\n    arch_config: {ASSETS / (TINY + '.json')}\n"
+                   f"    checkpoint: {tiny_checkpoint}\n    training_mpp: 1.0\n")
+    c = cfg.with_overrides(encode={"model": "tiny-1mpp", "registries": (str(reg),), "num_workers": 0})
+    assert c.tiling.target_mpp is None and target_mpp_for(c) == 1.0
+    assert target_mpp_for(cfg) == 0.5  # an entry without training_mpp: 0.5
+    r = embed_slide(small_slide, tmp_path / "o", c, progress=False)
+    t = SlideStore.open(r.store).tiling
+    assert t["target_mpp"] == 1.0 and t["target_mpp_from"] == "model"
+    assert t["tile_extent_level0"] == [448.0, 448.0]  # 224 px at 1 µm/px on a 0.5 µm/px slide
+    assert SlideStore.open(r.store).embedding_attrs("tiny-1mpp")["training_mpp"] == 1.0
+    given = c.with_overrides(tiling={"target_mpp": 0.5})
+    assert target_mpp_for(given) == 0.5
