@@ -129,7 +129,7 @@ def serve(
 
     params = {"slides": [str(watch.resolve())], "out": str(out.resolve()), "pattern": pattern,
               "config": cfg.model_dump(mode="json"), "prompts": list(prompts), "max_concurrency": concurrency,
-              "deployment": deployment, "settle_seconds": settle}
+              "deployment": deployment, "settle_seconds": settle, "allow_empty": True}
     kwargs = {"cron": cron} if cron else {"interval": interval}
     # limit=1: a run still going when the next is due makes that one wait, so two runs never
     # race for the same new slide.

@@ -53,7 +53,7 @@ def run_slide(item: dict, out: str, config: PipelineConfig, prompts: list[str], 
     cs = CohortSlide(**item)
     params = {"slide": cs.path, "out": out, "config": config, "mpp": cs.mpp, "prompts": prompts,
               "heatmaps": heatmaps, "force": force, "encoder_limit": encoder_limit,
-              "metadata": cs.row_metadata()}
+              "metadata": cs.row_metadata(), "slide_id": cs.slide_id}
     error = None
     if deployment:
         from prefect.deployments import run_deployment
@@ -90,6 +90,7 @@ def process_cohort(
     deployment: str | None = None,
     encoder_limit: str | None = None,
     settle_seconds: float = 0.0,
+    allow_empty: bool = False,
 ) -> dict:
     """Process a cohort into ``out``; returns per-slide statuses and the summary tables' paths.
 
@@ -98,13 +99,14 @@ def process_cohort(
     e.g. ``slide-clip-encoder-{host}``; with ``deployment`` and no ``encoder_limit``, the
     deployment's own limit holds.
     Slides whose files changed in the last ``settle_seconds`` are still being copied in: they
-    are reported as ``waiting`` and left for a later run.
+    are reported as ``waiting`` and left for a later run. No slide at all is an error
+    unless ``allow_empty`` (a watched folder).
     """
     quiet_user_errors()
     cfg = config or load_config()
     log = get_run_logger()
     try:
-        cohort = cohort_slides(slides, pattern)
+        cohort = cohort_slides(slides, pattern, out, allow_empty=allow_empty or settle_seconds > 0)
     except SlideClipError as exc:
         log.error(str(exc))
         raise
@@ -117,7 +119,8 @@ def process_cohort(
     results = []
     with ThreadPoolTaskRunner(max_workers=max(1, max_concurrency)) as runner:
         futures = [runner.submit(run_slide, parameters={
-            "item": {"path": c.path, "mpp": c.mpp, "patient_id": c.patient_id, "metadata": c.metadata},
+            "item": {"path": c.path, "mpp": c.mpp, "patient_id": c.patient_id, "metadata": c.metadata,
+                     "name": c.slide_id},
             "out": out, "config": cfg, "prompts": prompts, "heatmaps": heatmaps, "force": force,
             "deployment": deployment, "encoder_limit": encoder_limit}) for c in cohort]
         for f in futures:
