@@ -212,11 +212,26 @@ def open_slide(
             hint="Copy the file again from its source.",
         ) from None
     try:
+        _check_last_tile(osr, path)
         info = _describe(osr, file, path, mpp_override)
     except Exception:
         osr.close()
         raise
     return osr, info
+
+
+def _check_last_tile(osr, path) -> None:
+    """Read the slide's last level-0 pixel (bottom right): a truncated file fails here, at
+    once, instead of after hours of encoding (formats store tiles roughly in order)."""
+    w, h = osr.dimensions
+    if w < 1 or h < 1:
+        raise SlideError("has no pixels (a 0 x 0 image)", path=path, hint=_RECOPY)
+    try:
+        osr.read_region((w - 1, h - 1), 0, (1, 1))
+    except Exception as e:  # noqa: BLE001 - OpenSlide's error types vary by format
+        reason = str(e).strip() or type(e).__name__
+        raise SlideError(f"is truncated or corrupt: its last tile cannot be read ({reason[:200]})",
+                         path=path, hint=_RECOPY) from None
 
 
 def _is_tiff(file: Path) -> bool:
@@ -310,6 +325,11 @@ def _rgb_kind(file: Path) -> str:
 
 def _why_unreadable(file: Path) -> tuple[str, str]:
     """Why OpenSlide recognises no format: a plain image, a plain TIFF, or a broken file."""
+    try:
+        if file.stat().st_size == 0:
+            return "is an empty file (0 bytes)", "Copy the file again from its source; the copy was interrupted."
+    except OSError as e:
+        return f"cannot be read ({e.strerror})", "Check the file's permissions."
     if file.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
         return "is a plain image, not a whole-slide image (no pyramid, no resolution)", _CONVERT
     try:
@@ -319,12 +339,17 @@ def _why_unreadable(file: Path) -> tuple[str, str]:
         return f"cannot be read ({e.strerror})", "Check the file's permissions."
     import tifffile
 
+    size = file.stat().st_size
     try:
         with tifffile.TiffFile(file) as tif:
             page = tif.pages[0]
             tiled = page.is_tiled
+            ends = [o + n for pg in tif.pages for o, n in zip(pg.dataoffsets, pg.databytecounts)]
     except Exception:  # noqa: BLE001 - any parse failure means a broken file
         return "is a corrupt or truncated TIFF", _RECOPY
+    if ends and max(ends) > size:
+        return (f"is a truncated TIFF (its image data needs {max(ends)} bytes, the file has {size})",
+                _RECOPY)
     kind = _tiff_pixel_problem(file)
     if kind is not None:
         return f"is {kind}, not a brightfield RGB slide", _BRIGHTFIELD_ONLY
