@@ -13,8 +13,9 @@ folder separators written as ``__``::
 Within an output folder an id is never given to a second file: if ``out`` already holds a
 store made from this file, the slide keeps that store's id (so giving the same slides in
 another way does not duplicate them); if the derived id's store was made from another file
-that still exists, parent folder names are prepended until the id is free, and a short
-hash of the full path is added as a last resort. Characters other than letters, digits,
+that still exists (or to another slide of the run), the nearest parent folder name is
+prepended, then the file name with its extension is tried (``x.tif`` beside ``x.svs``),
+then more parent folders, and a short hash of the full path as a last resort. Characters other than letters, digits,
 ``-``, ``_``, ``.``, spaces and non-ASCII letters are replaced by ``_``.
 """
 
@@ -102,10 +103,11 @@ def assign_slide_ids(slides: list[str | Path], out_dir: str | Path | None = None
         if str(given) in result:
             continue
         parts = _parts(a, root)
-        candidates = [SEPARATOR.join(parts), SEPARATOR.join(parts[:-1] + [_clean(a.name)])]  # x, then x.tif
+        candidates = [SEPARATOR.join(parts)]
         extra = [_clean(x) for x in reversed(root.parts[1:])]  # folders above the common root, nearest first
         for k in range(1, len(extra) + 1):
             candidates.append(SEPARATOR.join(list(reversed(extra[:k])) + parts))
+        candidates.insert(2, SEPARATOR.join(parts[:-1] + [_clean(a.name)]))  # x.tif: same stem, same folder
         digest = hashlib.sha1(str(a).encode()).hexdigest()[:8]
         candidates.append(f"{candidates[0]}-{digest}")
         sid = next((c for c in candidates if free(c, str(a))), f"{candidates[0]}-{digest}")

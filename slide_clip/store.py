@@ -206,7 +206,7 @@ class SlideStore:
 
     @property
     def n_tiles(self) -> int:
-        return int(self.group["tiles/coords"].shape[0])
+        return int(self.array("tiles/coords").shape[0])
 
     # ----------------------------------------------------------------- tiles
     def write_tissue(self, mask, thumbnail, attrs: dict) -> None:
