@@ -25,8 +25,17 @@ FLOWS = [sys.executable, "-m", "slide_clip_flows.cli"]
 IDS = ["s1", "s2"]
 
 
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": tempfile.mkdtemp(prefix="slide-clip-prefect-")}
+def _env(**extra):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": tempfile.mkdtemp(prefix="slide-clip-prefect-"),
+            **extra}
+
+
+@pytest.fixture(scope="session")
+def prefect_url(prefect_harness):
+    """The session's Prefect test server, for `run` subprocesses (no temporary server per run)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +70,10 @@ def _store_state(out: Path, sid: str) -> tuple[str, int]:
     return status, rows
 
 
-def _kill_at(cmd: list[str], out: Path, reached, rng, timeout=300) -> bool:
+def _kill_at(cmd: list[str], out: Path, reached, rng, timeout=300, env=None) -> bool:
     """Start ``cmd``, wait until ``reached(out)`` holds, wait a random instant more, kill -9 the
     whole process group. True if it was killed before finishing."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or _env(),
                             start_new_session=True)
     deadline = time.monotonic() + timeout
     while not reached(out) and proc.poll() is None and time.monotonic() < deadline:
@@ -146,26 +155,34 @@ def test_kill_9_during_embed_then_rerun_equals_an_uninterrupted_run(fault_inputs
 
 
 @pytest.fixture(scope="session")
-def run_reference(fault_inputs, tmp_path_factory):
+def run_reference(fault_inputs, tmp_path_factory, prefect_url):
     slides, config = fault_inputs
     ref = tmp_path_factory.mktemp("ref_run")
     r = subprocess.run([*FLOWS, "run", slides, "--config", config, "--out", ref, "--no-heatmaps",
-                        "--concurrency", "1"], capture_output=True, text=True, env=_env(), timeout=600)
+                        "--concurrency", "1"], capture_output=True, text=True,
+                       env=_env(PREFECT_API_URL=prefect_url), timeout=600)
     _ok(r)
     return ref
 
 
 @pytest.mark.parametrize("seed", [11, 12])
-def test_kill_9_during_run_then_rerun_equals_an_uninterrupted_run(fault_inputs, run_reference, tmp_path, seed):
+def test_kill_9_during_run_then_rerun_equals_an_uninterrupted_run(fault_inputs, run_reference, tmp_path, seed,
+                                                                   prefect_url):
     slides, config = fault_inputs
     rng = np.random.default_rng(seed)
     out = tmp_path / "out"
     cmd = [*FLOWS, "run", str(slides), "--config", str(config), "--out", str(out), "--no-heatmaps",
            "--concurrency", "1"]
+    env = _env(PREFECT_API_URL=prefect_url)
     reached, where = _random_point(rng)
-    assert _kill_at(cmd, out, reached, rng), f"the kill at {where} came after the end"
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
-    _ok(r)
+    assert _kill_at(cmd, out, reached, rng, env=env), f"the kill at {where} came after the end"
+    # the same `run` again, through the flow the command line starts (in this process: no new imports)
+    from slide_clip.config import load_config
+    from slide_clip_flows.process_cohort import process_cohort
+
+    result = process_cohort(slides=[str(slides)], out=str(out), config=load_config(config), heatmaps=False,
+                            max_concurrency=1)
+    assert result["failed"] == 0, result["slides"]
     _assert_same_stores(run_reference, out, scores=True)
     import pandas as pd
 
