@@ -66,6 +66,11 @@ def run(
     """
     try:
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, batch_size)
+        from slide_clip.manifest import cohort_slides
+        from slide_clip.output import ensure_out_dir
+
+        cohort_slides(slides, pattern)  # no slide at all: one line now, before a server starts
+        ensure_out_dir(out)
     except SlideClipError as e:
         _fail(str(e))
     from slide_clip_flows.process_cohort import process_cohort

@@ -271,6 +271,10 @@ def test_empty_inputs_are_errors(tmp_path, cfg):
     r = subprocess.run([sys.executable, "-m", "slide_clip.cli", "embed", str(empty), "--pattern", "*.ndpi",
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "no slides found" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "slide_clip_flows.cli", "run", str(empty), "--pattern", "*.ndpi",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith(f"error: no slides found in {empty} matching '*.ndpi'")
 
 
 @pytest.mark.parametrize("template", ["an image of {} {0}", "an image of {} {x}", "{} and {}", "{!r}", "{"])
