@@ -1,21 +1,22 @@
 """Slide ids: unique within an output folder, derived from where each slide lives.
 
 A slide's id names its store (``<out>/<id>.zarr``), its status file and its row in the
-cohort table, so two slides must never share one. The id is the slide's path relative to
-the deepest folder that holds all the slides of a run, without the extension, with the
-folder separators written as ``__``::
+cohort table, so two slides must never share one. A slide's id is its file name without
+the extension (a DICOM series folder's name); slides of one run that share a name are
+named by their path below the deepest folder holding all of them, with the folder
+separators written as ``__``::
 
+    slides/x.svs, other/y.svs           ->  x, y
     slides/a/x.svs, slides/b/x.svs      ->  a__x, b__x
-    slides/x.svs, slides/y.svs          ->  x, y
     slides/case7/ (one DICOM series)    ->  case7
     slides/mixed/1.2.3.dcm (a series among others in the folder)  ->  1.2.3
 
 Within an output folder an id is never given to a second file: if ``out`` already holds a
 store made from this file, the slide keeps that store's id (so giving the same slides in
-another way does not duplicate them); if the derived id's store was made from another file
-that still exists (or to another slide of the run), the nearest parent folder name is
-prepended, then the file name with its extension is tried (``x.tif`` beside ``x.svs``),
-then more parent folders, and a short hash of the full path as a last resort. Characters other than letters, digits,
+another way does not duplicate them); if the id is held by another file that still exists
+(a store or status of an earlier run, or another slide of this run), parent folder names
+are prepended (``b__x``), or for a file in the same folder the name with its extension is
+used (``x.tif`` beside ``x.svs``), and a short hash of the full path as a last resort. Characters other than letters, digits,
 ``-``, ``_``, ``.``, spaces and non-ASCII letters are replaced by ``_``.
 """
 
@@ -79,19 +80,18 @@ def assign_slide_ids(slides: list[str | Path], out_dir: str | Path | None = None
 
     See the module docstring for the rule. Deterministic for a given list and output folder.
     """
-    paths = [Path(s).expanduser() for s in slides]
-    absolute = [Path(_abs(p)) for p in paths]
-    root = _common_root(absolute)
+    absolute = [Path(_abs(s)) for s in slides]
     owners = existing_owners(out_dir)
     by_owner = {v: k for k, v in owners.items()}
     taken: dict[str, str] = {}  # id -> absolute slide path, in this run
     result: dict[str, str] = {}
 
-    def free(candidate: str, me: str) -> bool:
+    def holder(candidate: str, me: str) -> str | None:
+        """Who else holds ``candidate`` (a slide of this run, or an existing file's store)."""
         if candidate in taken and taken[candidate] != me:
-            return False
+            return taken[candidate]
         owner = owners.get(candidate)
-        return owner is None or owner == me or not Path(owner).exists()
+        return owner if owner is not None and owner != me and Path(owner).exists() else None
 
     # slides whose store already exists keep their id
     for given, a in zip(slides, absolute):
@@ -99,18 +99,27 @@ def assign_slide_ids(slides: list[str | Path], out_dir: str | Path | None = None
         if sid is not None and sid not in taken:
             taken[sid] = str(a)
             result[str(given)] = sid
+    # slides sharing a name in this run are named by their path below their common folder
+    names: dict[str, list[Path]] = {}
+    for given, a in zip(slides, absolute):
+        if str(given) not in result:
+            names.setdefault(_clean(slide_id(a)), []).append(a)
     for given, a in zip(slides, absolute):
         if str(given) in result:
             continue
-        parts = _parts(a, root)
-        candidates = [SEPARATOR.join(parts)]
-        extra = [_clean(x) for x in reversed(root.parts[1:])]  # folders above the common root, nearest first
-        for k in range(1, len(extra) + 1):
-            candidates.append(SEPARATOR.join(list(reversed(extra[:k])) + parts))
-        candidates.insert(2, SEPARATOR.join(parts[:-1] + [_clean(a.name)]))  # x.tif: same stem, same folder
+        group = names[_clean(slide_id(a))]
+        parts = _parts(a, _common_root(group)) if len(group) > 1 else [_clean(slide_id(a))]
+        first = SEPARATOR.join(parts)
+        with_ext = SEPARATOR.join(parts[:-1] + [_clean(a.name)])
+        above = [_clean(x) for x in reversed(a.parent.parts[1:])]  # parent folders, nearest first
+        prefixed = [SEPARATOR.join(list(reversed(above[:k])) + [_clean(slide_id(a))])
+                    for k in range(1, len(above) + 1)]
+        prefixed = [c for c in prefixed if len(c) > len(first)]
+        other = holder(first, str(a))
+        same_folder = other is not None and Path(other).parent == a.parent
+        candidates = [first] + ([with_ext] + prefixed if same_folder else prefixed + [with_ext])
         digest = hashlib.sha1(str(a).encode()).hexdigest()[:8]
-        candidates.append(f"{candidates[0]}-{digest}")
-        sid = next((c for c in candidates if free(c, str(a))), f"{candidates[0]}-{digest}")
+        sid = next((c for c in candidates if holder(c, str(a)) is None), f"{first}-{digest}")
         taken[sid] = str(a)
         result[str(given)] = sid
     return result

@@ -114,7 +114,7 @@ def hostile_cohort(hostile_dir, tiny_registry, tmp_path_factory):
 def test_hostile_cohort_completes_the_good_slides_and_lists_every_failure(hostile_cohort, hostile_dir):
     out, results, df = hostile_cohort
     by_id = {r.name: r for r in results}
-    good = {"good slide ü", "a__x", "b__x", "mixed__s1_volume", "mixed__s2_volume", "mixed__beside"}
+    good = {"good slide ü", "a__x", "b__x", "s1_volume", "s2_volume", "beside"}
     assert {k for k, r in by_id.items() if r.status == "ok"} == good
     failed = {k: r.error for k, r in by_id.items() if r.status == "failed"}
     assert set(failed) == {n.split(".")[0] for n in EXPECTED}
@@ -129,8 +129,8 @@ def test_hostile_cohort_completes_the_good_slides_and_lists_every_failure(hostil
     stores = {sid: SlideStore.open(out / f"{sid}.zarr") for sid in good}
     paths = {s.slide["path"] for s in stores.values()}
     assert len(paths) == len(good)
-    assert stores["mixed__s1_volume"].slide["fingerprint"] != stores["mixed__s2_volume"].slide["fingerprint"]
-    np.testing.assert_array_equal(stores["mixed__s1_volume"].coords(), stores["mixed__s2_volume"].coords())
+    assert stores["s1_volume"].slide["fingerprint"] != stores["s2_volume"].slide["fingerprint"]
+    np.testing.assert_array_equal(stores["s1_volume"].coords(), stores["s2_volume"].coords())
     # same stem in two folders: two stores, each from its own file
     assert stores["a__x"].slide["path"] == str((hostile_dir / "a" / "x.tif").resolve())
     assert stores["b__x"].slide["path"] == str((hostile_dir / "b" / "x.tif").resolve())
@@ -314,3 +314,19 @@ def test_a_slide_failing_while_the_model_builds_exits_cleanly(hostile_dir, tmp_p
                         "--no-progress"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stderr
     assert "terminate called" not in p.stderr and "coarser than the target" in p.stderr
+
+
+def test_slide_id_rule(tmp_path):
+    from slide_clip.slide_ids import assign_slide_ids
+
+    for rel in ("a/x.svs", "a/x.tif", "b/x.svs", "c/y.svs", "d/z z é.svs"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    p = {rel: str(tmp_path / rel) for rel in ("a/x.svs", "a/x.tif", "b/x.svs", "c/y.svs", "d/z z é.svs")}
+    # unique names stay names, wherever the files are
+    assert assign_slide_ids([p["c/y.svs"], p["a/x.svs"], p["d/z z é.svs"]]) == {
+        p["c/y.svs"]: "y", p["a/x.svs"]: "x", p["d/z z é.svs"]: "z z é"}
+    # shared names: the path below the common folder; same folder: the extension tells them apart
+    assert assign_slide_ids([p["a/x.svs"], p["b/x.svs"]]) == {p["a/x.svs"]: "a__x", p["b/x.svs"]: "b__x"}
+    ids = assign_slide_ids([p["a/x.svs"], p["a/x.tif"]])
+    assert ids == {p["a/x.svs"]: "x", p["a/x.tif"]: "x.tif"}

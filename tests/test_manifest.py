@@ -39,7 +39,7 @@ def test_folders_and_manifests_mix(tmp_path):
     m = tmp_path / "m.csv"
     m.write_text("path\nother/d.svs\n")
     ids = [s.slide_id for s in cohort_slides([m, tmp_path / "in"])]
-    assert ids == ["other__d", "in__c"]  # paths relative to the inputs' common folder
+    assert ids == ["d", "c"]
 
 
 def test_same_stem_in_two_folders_gets_two_ids(tmp_path):
