@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,14 @@ from slide_clip.zeroshot import ClassifierCache, prototypes, softmax, text_class
 
 #: How long scoring and heatmaps wait for another process holding a store's lock, seconds.
 LOCK_WAIT_SECONDS = 120.0
+
+
+@contextmanager
+def _locked(path: str | Path):
+    """Hold an existing store's lock (waiting for another writer); disk errors as one line."""
+    SlideStore.open(path)  # not a store: its error, and no lock file is made beside nothing
+    with output_errors(path), store_lock(path, wait=LOCK_WAIT_SECONDS):
+        yield
 
 
 def find_stores(inputs: list[str | Path]) -> list[Path]:
@@ -181,7 +190,7 @@ def _score_many(stores, model, job: _Job, classifier_for, cfg, on_result=None) -
     for path in stores:
         t0 = time.perf_counter()
         try:
-            with output_errors(path), store_lock(path, wait=LOCK_WAIT_SECONDS):
+            with _locked(path):
                 store, name = open_scored_store(path, model)
                 clf = classifier_for(store, name)
                 r = score_store(store, name, job.set_name, clf, job.class_names, job.attrs, cfg, t0)
@@ -371,7 +380,7 @@ def heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str
     Holds the store's lock (waiting up to :data:`LOCK_WAIT_SECONDS` for a writer), so the
     pictures never mix two versions of a score set.
     """
-    with output_errors(store_path), store_lock(store_path, wait=LOCK_WAIT_SECONDS):
+    with _locked(store_path):
         return _heatmaps(Path(store_path), set_name, cfg, model=model, classes=classes)
 
 
