@@ -16,8 +16,9 @@ store made from this file, the slide keeps that store's id (so giving the same s
 another way does not duplicate them); if the id is held by another file that still exists
 (a store or status of an earlier run, or another slide of this run), parent folder names
 are prepended (``b__x``), or for a file in the same folder the name with its extension is
-used (``x.tif`` beside ``x.svs``), and a short hash of the full path as a last resort. Characters other than letters, digits,
-``-``, ``_``, ``.``, spaces and non-ASCII letters are replaced by ``_``.
+used (``x.tif`` beside ``x.svs``), and a short hash of the full path as a last resort.
+Characters other than letters, digits (any script), ``-``, ``_``, ``.`` and spaces are
+replaced by ``_``.
 """
 
 from __future__ import annotations

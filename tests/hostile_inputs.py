@@ -1,8 +1,8 @@
 """Hostile slide inputs, all written here (no downloads): broken, unusual and non-brightfield files,
 DICOM series made from the shared DICOM copy of CMU-1-Small-Region with pydicom.
 
-Each writer returns the path to give slide-clip; :data:`EXPECTED` says which one-line error
-each must give.
+Each writer returns the path to give slide-clip; ``tests/test_hostile.py`` says which
+one-line error each must give.
 """
 
 from __future__ import annotations

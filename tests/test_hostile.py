@@ -12,7 +12,6 @@ import sys
 import threading
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import hostile_inputs as h
