@@ -172,8 +172,11 @@ def _failed_summary(path: Path, error: str, model: str | None, set_name: str, ki
                "score_set": set_name, "kind": kind, "seconds": round(time.perf_counter() - t0, 3)}
     if write and model and path.parent.is_dir():
         sp = _summary_path(path.parent, model, set_name, slide)
-        sp.parent.mkdir(parents=True, exist_ok=True)
-        sp.write_text(json.dumps(summary, indent=1))
+        try:
+            sp.parent.mkdir(parents=True, exist_ok=True)
+            sp.write_text(json.dumps(summary, indent=1))
+        except OSError as e:  # a full or read-only disk: the returned summary still says what failed
+            summary["error"] = f"{error} (and {e.strerror or e} writing {sp})"
     return summary
 
 
@@ -452,5 +455,6 @@ def summarize(out_dir: str | Path, *, set_name: str | None = None, model: str | 
     for s in summaries:
         s.update((metadata or {}).get(s["slide_id"], {}))
     df = cohort_table(summaries)
-    csv_path, parquet_path = write_cohort_table(df, out / f"cohort-{sk}-{mk}")
+    with output_errors(out):
+        csv_path, parquet_path = write_cohort_table(df, out / f"cohort-{sk}-{mk}")
     return df, csv_path, parquet_path
