@@ -95,7 +95,12 @@ def run(
             load_prompts(p)
         if mpp_csv:
             read_mpp_csv(mpp_csv)
+        from slide_clip.manifest import cohort_slides
+        from slide_clip.output import ensure_out_dir
         from slide_clip.pipeline import resampling_note
+
+        cohort_slides(slides, pattern)  # no slide at all: one line now, before a server starts
+        ensure_out_dir(out)
 
         note = resampling_note(cfg)  # the same check `embed` makes, said once
     except SlideClipError as e:
@@ -182,7 +187,7 @@ def serve(
 
     params = {"slides": [str(watch.resolve())], "out": str(out.resolve()), "pattern": pattern,
               "config": cfg.model_dump(mode="json"), "prompts": list(prompts), "max_concurrency": concurrency,
-              "deployment": deployment, "settle_seconds": settle}
+              "deployment": deployment, "settle_seconds": settle, "allow_empty": True}
     kwargs = {"cron": cron} if cron else {"interval": interval}
     # limit=1: a run still going when the next is due makes that one wait, so two runs never
     # race for the same new slide.

@@ -54,7 +54,7 @@ def run_slide(item: dict, out: str, config: PipelineConfig, prompts: list[str], 
     cs = CohortSlide(**item)
     params = {"slide": cs.path, "out": out, "config": config, "mpp": cs.mpp, "prompts": prompts,
               "heatmaps": heatmaps, "force": force, "encoder_limit": encoder_limit,
-              "metadata": cs.row_metadata()}
+              "metadata": cs.row_metadata(), "slide_id": cs.slide_id}
     error = None
     if deployment:
         from prefect.deployments import run_deployment
@@ -93,6 +93,7 @@ def process_cohort(
     settle_seconds: float = 0.0,
     mpp: float | None = None,
     mpp_csv: str | None = None,
+    allow_empty: bool = False,
 ) -> dict:
     """Process a cohort into ``out``; returns per-slide statuses and the summary tables' paths.
 
@@ -101,7 +102,8 @@ def process_cohort(
     e.g. ``slide-clip-encoder-{host}``; with ``deployment`` and no ``encoder_limit``, the
     deployment's own limit holds.
     Slides whose files changed in the last ``settle_seconds`` are still being copied in: they
-    are reported as ``waiting`` and left for a later run.
+    are reported as ``waiting`` and left for a later run. No slide at all is an error
+    unless ``allow_empty`` (a watched folder).
     ``mpp`` overrides every slide's resolution (µm per level-0 pixel); ``mpp_csv`` names a CSV
     of ``slide,mpp`` overrides, which win over a manifest's ``mpp`` column.
     """
@@ -109,7 +111,8 @@ def process_cohort(
     cfg = config or load_config()
     log = get_run_logger()
     try:
-        cohort = _with_mpp(cohort_slides(slides, pattern), mpp, mpp_csv)
+        cohort = _with_mpp(cohort_slides(slides, pattern, out, allow_empty=allow_empty or settle_seconds > 0),
+                           mpp, mpp_csv)
     except SlideClipError as exc:
         log.error(str(exc))
         raise
@@ -122,7 +125,8 @@ def process_cohort(
     results = []
     with ThreadPoolTaskRunner(max_workers=max(1, max_concurrency)) as runner:
         futures = [runner.submit(run_slide, parameters={
-            "item": {"path": c.path, "mpp": c.mpp, "patient_id": c.patient_id, "metadata": c.metadata},
+            "item": {"path": c.path, "mpp": c.mpp, "patient_id": c.patient_id, "metadata": c.metadata,
+                     "name": c.slide_id},
             "out": out, "config": cfg, "prompts": prompts, "heatmaps": heatmaps, "force": force,
             "deployment": deployment, "encoder_limit": encoder_limit}) for c in cohort]
         for f in futures:

@@ -18,7 +18,6 @@ from prefect.context import get_run_context
 from slide_clip.config import PipelineConfig, load_config
 from slide_clip.errors import SlideClipError
 from slide_clip.pipeline import SlideResult, failed_result, record_status, unexpected_error
-from slide_clip.slide import slide_id
 from slide_clip_flows import quiet_user_errors
 from slide_clip_tasks.encode import encode_task
 from slide_clip_tasks.heatmap import heatmap_task
@@ -46,8 +45,15 @@ def process_slide(
     force: bool = False,
     encoder_limit: str | None = None,
     metadata: dict | None = None,
+    slide_id: str | None = None,
 ) -> dict:
-    """Process one slide into ``out``; returns its status record (JSON-able)."""
+    """Process one slide into ``out``; returns its status record (JSON-able).
+
+    ``slide_id`` names the store (the cohort flow assigns ids unique within ``out``);
+    by default it is assigned for this slide alone.
+    """
+    from slide_clip.slide_ids import assign_slide_ids
+
     quiet_user_errors()
     cfg = config or load_config()
     log = get_run_logger()
@@ -55,9 +61,10 @@ def process_slide(
     store = n_tiles = None  # kept in the status of a slide that fails after they are known
     embed_seconds = {}
     scored = {}  # score sets done, kept in the status of a slide that fails at a later set
+    sid = slide_id or assign_slide_ids([slide], out)[str(slide)]
     try:
         check_slide_task(slide, cfg, mpp)
-        store = tissue_task(slide, out, cfg, mpp, force)
+        store = tissue_task(slide, out, cfg, mpp, force, sid)
         n_tiles = tiles_task(store, cfg)
         enc = encode_task(store, slide, cfg, force, encoder_limit)
         if enc["encoded"] > 0:  # else record_status keeps the value of the run that encoded
@@ -70,25 +77,28 @@ def process_slide(
                 scored[summary["score_set"]]["heatmaps"] = heatmap_task(store, summary["score_set"], cfg,
                                                                         enc["model"])
         did_work = enc["encoded"] > 0 or any(v["rescored"] for v in scored.values())
-        result = SlideResult(slide=slide, name=slide_id(slide), status="ok" if did_work else "skipped",
+        result = SlideResult(slide=slide, name=sid, status="ok" if did_work else "skipped",
                              store=store, n_tiles=n_tiles, encoded=enc["encoded"],
                              seconds=round(time.perf_counter() - t0, 3),
                              extra={"scores": scored, "metadata": metadata or {}, "encode_window": enc["window"],
                                     "batch_size": enc["batch_size"], **embed_seconds, **_where()})
     except SlideClipError as exc:
-        result = failed_result(slide, str(exc), t0)
+        result = failed_result(slide, str(exc), t0, name=sid)
         result.store, result.n_tiles = store, n_tiles
         result.extra.update({"scores": scored, "metadata": metadata or {}, **embed_seconds, **_where()})
         record_status(out, result)
         log.error(str(exc))
         raise
     except Exception as exc:
-        result = failed_result(slide, unexpected_error(slide, exc), t0)
+        result = failed_result(slide, unexpected_error(slide, exc), t0, name=sid)
         result.store, result.n_tiles = store, n_tiles
         result.extra.update({"scores": scored, "metadata": metadata or {}, **embed_seconds, **_where()})
         record_status(out, result)
         raise
-    record_status(out, result)
+    try:
+        record_status(out, result)
+    except SlideClipError as exc:  # a full disk after the work is done: the stores hold it
+        log.warning(str(exc))
     log.info(f"{result.status}: {result.name} ({result.n_tiles} tiles, {result.encoded} encoded)")
     return result.to_dict()
 

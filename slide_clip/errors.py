@@ -40,4 +40,12 @@ class WeightsError(SlideClipError):
 
 
 class StoreError(SlideClipError):
-    """A slide store is missing, partial, or does not match the request."""
+    """A slide store is missing, partial, damaged, or does not match the request."""
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store's lock (it is being written)."""
+
+
+class OutputError(SlideClipError):
+    """The output folder cannot be written: read-only, no space left, no permission."""

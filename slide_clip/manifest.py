@@ -20,10 +20,11 @@ class CohortSlide:
     mpp: float | None = None
     patient_id: str | None = None
     metadata: dict = field(default_factory=dict)
+    name: str | None = None  # the assigned slide id (unique within the output folder)
 
     @property
     def slide_id(self) -> str:
-        return slide_id(self.path)
+        return self.name or slide_id(self.path)
 
     def row_metadata(self) -> dict:
         """Metadata carried into the cohort table (patient_id first)."""
@@ -61,12 +62,21 @@ def read_manifest(path: str | Path) -> list[CohortSlide]:
             patient = (row.pop("patient_id", None) or "").strip() or None
             meta = {k: v for k, v in row.items() if k}
             rows.append(CohortSlide(str(sp), mpp, patient, meta))
-    _check_unique(rows, p)
     return rows
 
 
-def cohort_slides(inputs: list[str | Path], pattern: str | None = None) -> list[CohortSlide]:
-    """Expand files, folders (with ``pattern``) and ``.csv`` manifests into cohort slides."""
+def cohort_slides(inputs: list[str | Path], pattern: str | None = None, out_dir: str | Path | None = None,
+                  *, allow_empty: bool = False) -> list[CohortSlide]:
+    """Expand files, folders (with ``pattern``) and ``.csv`` manifests into cohort slides.
+
+    Each slide gets an id unique among them and within ``out_dir``
+    (:func:`slide_clip.slide_ids.assign_slide_ids`). No slide at all is a
+    :class:`ConfigError` unless ``allow_empty`` (a watched folder may be empty).
+    """
+    from dataclasses import replace
+
+    from slide_clip.slide_ids import assign_slide_ids
+
     out: list[CohortSlide] = []
     plain: list[str | Path] = []
     for item in inputs:
@@ -76,6 +86,15 @@ def cohort_slides(inputs: list[str | Path], pattern: str | None = None) -> list[
             plain.append(item)
     if plain:
         out.extend(CohortSlide(str(p)) for p in find_slides(plain, pattern))
+    seen: set[str] = set()
+    out = [c for c in out if not (c.path in seen or seen.add(c.path))]  # a slide given twice is one slide
+    if not out and not allow_empty:
+        what = ", ".join(map(str, inputs)) or "nothing"
+        raise ConfigError(f"no slides found in {what}" + (f" matching {pattern!r}" if pattern else ""),
+                          hint="Check the paths (and --pattern): a folder is searched for slide files "
+                               "and DICOM series.")
+    ids = assign_slide_ids([c.path for c in out], out_dir)
+    out = [replace(c, name=ids[c.path]) for c in out]
     _check_unique(out, None)
     return out
 

@@ -10,7 +10,7 @@ import functools
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -125,8 +125,13 @@ def _reusable(path: Path, info: SlideInfo, cfg: PipelineConfig, mpp_xy, overwrit
         return None
     old = store.slide
     if old.get("fingerprint") != info.fingerprint:
-        raise StoreError("was made from another slide file (fingerprint differs)", path=path,
-                         hint="Use --overwrite to replace it, or another --out.")
+        other = str(old.get("path"))
+        if other != info.path and Path(other).exists():  # another file's store: never replaced
+            raise StoreError(f"holds the slide {other}, not {info.path}", path=path,
+                             hint="Ids are unique per output folder when slides are given together "
+                                  "(see docs/FORMAT.md); use another --out for this slide.")
+        raise StoreError(f"was made from another version of {info.path} (fingerprint differs)", path=path,
+                         hint=f"Name {info.path} with --overwrite to replace it, or use another --out.")
     tiling = store.tiling
     wanted = _settings(cfg)
     if cfg.tiling.tile_size is None:  # tile size from the model: a store tiled for another model is kept
@@ -135,6 +140,18 @@ def _reusable(path: Path, info: SlideInfo, cfg: PipelineConfig, mpp_xy, overwrit
         raise StoreError("was tiled with other settings", path=path,
                          hint="Use --overwrite to re-tile it, or another --out.")
     return store
+
+
+def _check_replaceable(path: Path, info: SlideInfo) -> None:
+    """Refuse to replace (--overwrite) a store made from another slide file that still exists."""
+    try:
+        old = SlideStore.open(path).slide
+    except SlideClipError:
+        return  # half-created or foreign: nothing of another slide's to lose
+    other = str(old.get("path"))
+    if other != info.path and Path(other).exists() and old.get("fingerprint") != info.fingerprint:
+        raise StoreError(f"holds the slide {other}, not {info.path}; --overwrite only replaces a store "
+                         "of the same file", path=path, hint="Use another --out for this slide.")
 
 
 def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False) -> SlideStore:
@@ -156,6 +173,8 @@ def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, over
             hint="slide-clip handles brightfield RGB slides only.",
         )
     mask = tissue_mask(thumb.image, thumb.mpp, cfg.tissue)
+    if overwrite and (path / "zarr.json").is_file():
+        _check_replaceable(path, info)
     slide_attrs = {**info.to_dict(), "mpp_x": mpp_xy[0], "mpp_y": mpp_xy[1]}
     store = SlideStore.create(path, slide_attrs, {**_settings(cfg), **_tile_size_attrs(cfg)})
     area = float(mask.sum()) * thumb.downsample[0] * thumb.downsample[1] * mpp_xy[0] * mpp_xy[1] / 1e6
@@ -347,8 +366,17 @@ class EncoderCache:
     def preload(self) -> None:
         """Start loading in a background thread (no-op if loaded or already loading)."""
         if self.encoder is None and self._thread is None:
-            self._thread = threading.Thread(target=self._load_in_background, name="load-encoder", daemon=True)
+            # Not a daemon: the interpreter waits for it at exit. A daemon thread still inside
+            # torch's C++ code when the interpreter shuts down aborts the process
+            # ("terminate called without an active exception", exit 134).
+            self._thread = threading.Thread(target=self._load_in_background, name="load-encoder", daemon=False)
             self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for a background load to end (its error, if any, is kept for :meth:`get`)."""
+        t = self._thread
+        if t is not None:
+            t.join()
 
     def get(self):
         """The encoder, loaded on first call (thread-safe: loaded once)."""
@@ -381,24 +409,33 @@ def embed_slide(
     encoders: EncoderCache | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    slide_id: str | None = None,
 ) -> SlideResult:
     """Process one slide into ``out_dir/<slide_id>.zarr``: tissue, tiles, embeddings.
+
+    ``slide_id`` names the store; by default it is assigned by
+    :func:`slide_clip.slide_ids.assign_slide_ids` (unique within ``out_dir``).
 
     Raises :class:`~slide_clip.errors.SlideClipError` for bad input. The encoder is loaded
     from ``cfg`` only if the slide needs encoding; pass ``encoder`` (from
     :func:`slide_clip.encoders.load_encoder`) or an :class:`EncoderCache` to share one
     across slides.
     """
+    from slide_clip.output import ensure_out_dir, output_errors
+    from slide_clip.slide_ids import assign_slide_ids
+
     cfg = cfg or PipelineConfig()
+    own_cache = encoders is None
     encoders = encoders or EncoderCache(cfg, encoder)
     t0 = time.perf_counter()
+    out = ensure_out_dir(out_dir)
+    slide_id = slide_id or assign_slide_ids([slide], out)[str(slide)]
     _start_workers_early(cfg)  # the fork server's imports overlap tissue detection
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     osr, info = open_slide(slide, mpp)
+    info = replace(info, name=slide_id)
     try:
         path = store_path(out, info.name)
-        with store_lock(path):
+        with output_errors(path), store_lock(path):
             if overwrite or not _finished(path, encoders.spec):
                 encoders.preload()  # the model builds while tissue is found
             store = tile_slide(osr, info, cfg, path, overwrite=overwrite)
@@ -407,6 +444,8 @@ def embed_slide(
                                                   progress=progress)
     finally:
         osr.close()
+        if own_cache:
+            encoders.wait()
     seconds = round(time.perf_counter() - t0, 3)
     return SlideResult(
         slide=str(slide), name=info.name, status="skipped" if done else "ok", store=str(path),
@@ -431,28 +470,43 @@ def embed_slides(
     The encoder is loaded once, when the first slide needs it. Each slide's outcome is also
     written to ``out/status/<slide_id>.json``.
     """
+    from slide_clip.errors import OutputError
+    from slide_clip.output import ensure_out_dir
     from slide_clip.slide import lookup_mpp
+    from slide_clip.slide_ids import assign_slide_ids
 
+    if not slides:
+        raise ConfigError("no slides to process (an empty folder, or a pattern that matches nothing)",
+                          hint="Check the input paths and --pattern.")
     cfg = cfg or PipelineConfig()
+    ensure_out_dir(out_dir)
+    ids = assign_slide_ids(slides, out_dir)
     encoders = EncoderCache(cfg)
     results: list[SlideResult] = []
-    for s in slides:
-        t0 = time.perf_counter()
-        try:
-            override = mpp if mpp is not None else (lookup_mpp(mpps, s) if mpps else None)
-            r = embed_slide(s, out_dir, cfg, mpp=override, encoders=encoders, overwrite=overwrite,
-                            progress=progress)
-        except SlideClipError as exc:
-            if isinstance(exc, (WeightsError, ConfigError)):
-                raise  # a problem with the model or config fails every slide: stop now
-            r = failed_result(s, str(exc), t0)
-        except Exception as exc:  # noqa: BLE001 - one bad slide never loses the others
-            r = failed_result(s, unexpected_error(s, exc), t0)
-            r.extra["traceback"] = traceback.format_exc()
-        results.append(r)
-        record_status(out_dir, r)
-        if on_result:
-            on_result(r)
+    try:
+        for s in slides:
+            t0 = time.perf_counter()
+            sid = ids[str(s)]
+            try:
+                override = mpp if mpp is not None else (lookup_mpp(mpps, s, sid) if mpps else None)
+                r = embed_slide(s, out_dir, cfg, mpp=override, encoders=encoders, overwrite=overwrite,
+                                progress=progress, slide_id=sid)
+            except SlideClipError as exc:
+                if isinstance(exc, (WeightsError, ConfigError)):
+                    raise  # a problem with the model or config fails every slide: stop now
+                r = failed_result(s, str(exc), t0, name=sid)
+            except Exception as exc:  # noqa: BLE001 - one bad slide never loses the others
+                r = failed_result(s, unexpected_error(s, exc), t0, name=sid)
+                r.extra["traceback"] = traceback.format_exc()
+            results.append(r)
+            try:
+                record_status(out_dir, r)
+            except OutputError as exc:  # a full disk: the slide's own line says so already
+                r.extra["status_not_recorded"] = str(exc)
+            if on_result:
+                on_result(r)
+    finally:
+        encoders.wait()  # never exit while the model is still being built in the background
     return results
 
 
@@ -469,13 +523,21 @@ def check_slide(slide: str | Path, mpp: float | None, target_mpp: float) -> dict
 
 
 def tissue_stage(slide: str | Path, out_dir: str | Path, cfg: PipelineConfig, *, mpp: float | None = None,
-                 overwrite: bool = False) -> str:
-    """Stage 1 for a slide file: the store with its tissue mask (reused if already made)."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+                 overwrite: bool = False, slide_id: str | None = None) -> str:
+    """Stage 1 for a slide file: the store with its tissue mask (reused if already made).
+
+    ``slide_id`` names the store (default: assigned for this one slide within ``out_dir``).
+    """
+    from slide_clip.output import ensure_out_dir, output_errors
+    from slide_clip.slide_ids import assign_slide_ids
+
+    ensure_out_dir(out_dir)
+    sid = slide_id or assign_slide_ids([slide], out_dir)[str(slide)]
     osr, info = open_slide(slide, mpp)
+    info = replace(info, name=sid)
     try:
         path = store_path(out_dir, info.name)
-        with store_lock(path):
+        with output_errors(path), store_lock(path):
             detect_tissue(osr, info, cfg, path, overwrite=overwrite)
     finally:
         osr.close()
@@ -484,7 +546,9 @@ def tissue_stage(slide: str | Path, out_dir: str | Path, cfg: PipelineConfig, *,
 
 def tiles_stage(store: str | Path, cfg: PipelineConfig) -> int:
     """Stage 2 for a store: lay the tile grid; returns the number of tiles."""
-    with store_lock(store):
+    from slide_clip.output import output_errors
+
+    with output_errors(store), store_lock(store):
         return lay_tiles(SlideStore.open(store), cfg).n_tiles
 
 
@@ -494,8 +558,10 @@ def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, enco
 
     Returns ``{"model", "encoded", "skipped"}``. ``force`` re-encodes from scratch.
     """
+    from slide_clip.output import output_errors
+
     _start_workers_early(cfg)
-    with store_lock(store):
+    with output_errors(store), store_lock(store):
         st = SlideStore.open(store)
         if st.status != STATUS_TILED:
             raise StoreError("is not tiled yet", path=store, hint="Run the tissue and tile stages first.")
@@ -522,11 +588,15 @@ def record_status(out_dir, r: SlideResult) -> None:
     """
     import json
 
+    import os
+
+    from slide_clip.output import output_errors
+
     d = Path(out_dir) / "status"
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{r.name}.json"
     data = r.to_dict()
+    data["path"] = str(Path(r.slide).expanduser().resolve())
     data["extra"] = {k: v for k, v in data["extra"].items() if k != "traceback"}
+    path = d / f"{r.name}.json"
     if "seconds_embed" not in data["extra"] and r.status != "failed" and not r.encoded:
         try:
             previous = json.loads(path.read_text()).get("extra", {}).get("seconds_embed")
@@ -534,11 +604,18 @@ def record_status(out_dir, r: SlideResult) -> None:
             previous = None
         if previous is not None:
             data["extra"]["seconds_embed"] = previous
-    path.write_text(json.dumps(data, indent=1))
+    with output_errors(path):
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # never a half-written status
+        try:
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
-def failed_result(slide, message: str, t0: float) -> SlideResult:
+def failed_result(slide, message: str, t0: float, name: str | None = None) -> SlideResult:
     from slide_clip.slide import slide_id
 
-    return SlideResult(slide=str(slide), name=slide_id(slide), status="failed", error=message,
+    return SlideResult(slide=str(slide), name=name or slide_id(slide), status="failed", error=message,
                        seconds=round(time.perf_counter() - t0, 3))

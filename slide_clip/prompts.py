@@ -29,6 +29,21 @@ from slide_clip.resources import config_file
 PROMPTS_DIR = config_file("prompts")
 
 
+def _check_template(t: str) -> None:
+    """A template has exactly one empty ``{}`` slot and no other format field (``{{`` is a brace)."""
+    import string
+
+    bad = ValueError(f"template {t!r} must have exactly one '{{}}' slot for the class name and no other "
+                     "'{...}' field (write a literal brace as '{{' or '}}')")
+    try:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(t) if f is not None
+                  for f in [(f, spec, conv)]]
+    except ValueError:
+        raise bad from None  # an unmatched brace
+    if len(fields) != 1 or fields[0] != ("", "", None):
+        raise bad
+
+
 class PromptClass(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -67,8 +82,7 @@ class PromptSet(BaseModel):
         if not self.templates:
             raise ValueError("the set has no templates")
         for t in self.templates:
-            if t.count("{}") != 1:
-                raise ValueError(f"template {t!r} must have exactly one '{{}}' slot for the class name")
+            _check_template(t)
         if len(self.classes) < 2:
             raise ValueError("the set needs at least two classes")
         names = [c.name for c in self.classes]

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +24,29 @@ import numpy as np
 
 from slide_clip.aggregate import cohort_table, slide_scores, write_cohort_table
 from slide_clip.config import PipelineConfig
-from slide_clip.errors import ConfigError, SlideClipError, StoreError
+from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, StoreError
 from slide_clip.heatmap import (grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid,
                                 tiles_geojson, value_range)
 from slide_clip.prompts import PromptSet
-from slide_clip.store import STATUS_TILED, SlideStore, model_key
+from slide_clip.output import output_errors
+from slide_clip.store import STATUS_TILED, SlideStore, model_key, store_lock
 from slide_clip.zeroshot import ClassifierCache, prototypes, softmax, text_classifier, tile_logits
 
 
 #: Temperature of few-shot scores for vision-only models (they have no learned logit_scale).
 VISION_ONLY_LOGIT_SCALE = 100.0
+
+
+#: How long scoring and heatmaps wait for another process holding a store's lock, seconds.
+LOCK_WAIT_SECONDS = 120.0
+
+
+@contextmanager
+def _locked(path: str | Path):
+    """Hold an existing store's lock (waiting for another writer); disk errors as one line."""
+    SlideStore.open(path)  # not a store: its error, and no lock file is made beside nothing
+    with output_errors(path), store_lock(path, wait=LOCK_WAIT_SECONDS):
+        yield
 
 
 def find_stores(inputs: list[str | Path]) -> list[Path]:
@@ -55,6 +69,8 @@ def open_scored_store(path: Path, model: str | None) -> tuple[SlideStore, str]:
     store = SlideStore.open(path)
     if store.status != STATUS_TILED:
         raise StoreError("is partial (tiling did not finish)", path=path, hint="Run `slide-clip embed` again.")
+    for key in ("tiles/coords", "tiles/grid", "tiles/tissue_fraction", "tissue/mask"):
+        store.array(key)  # present, every chunk file there: a damaged store is never scored
     keys = store.models()
     names = {k: store.embedding_attrs(k).get("name", k) for k in keys}
     if model is None:
@@ -166,16 +182,20 @@ def _embed_seconds(store: SlideStore):
     return (_read_status(_out_dir(store), store.slide["name"]).get("extra") or {}).get("seconds_embed")
 
 
-def _failed_summary(path: Path, error: str, model: str | None, set_name: str, kind: str, t0: float) -> dict:
+def _failed_summary(path: Path, error: str, model: str | None, set_name: str, kind: str, t0: float,
+                    write: bool = True) -> dict:
     from slide_clip.store import STORE_SUFFIX
 
     slide = path.name[: -len(STORE_SUFFIX)] if path.name.endswith(STORE_SUFFIX) else path.name
     summary = {"slide_id": slide, "status": "failed", "error": error, "store": str(path), "model": model,
                "score_set": set_name, "kind": kind, "seconds": round(time.perf_counter() - t0, 3)}
-    if model and path.parent.is_dir():
+    if write and model and path.parent.is_dir():
         sp = _summary_path(path.parent, model, set_name, slide)
-        sp.parent.mkdir(parents=True, exist_ok=True)
-        sp.write_text(json.dumps(summary, indent=1))
+        try:
+            sp.parent.mkdir(parents=True, exist_ok=True)
+            sp.write_text(json.dumps(summary, indent=1))
+        except OSError as e:  # a full or read-only disk: the returned summary still says what failed
+            summary["error"] = f"{error} (and {e.strerror or e} writing {sp})"
     return summary
 
 
@@ -192,13 +212,16 @@ def _score_many(stores, model, job: _Job, classifier_for, cfg, on_result=None) -
     for path in stores:
         t0 = time.perf_counter()
         try:
-            store, name = open_scored_store(path, model)
-            clf = classifier_for(store, name)
-            r = score_store(store, name, job.set_name, clf, job.class_names, job.attrs, cfg, t0)
+            with _locked(path):
+                store, name = open_scored_store(path, model)
+                clf = classifier_for(store, name)
+                r = score_store(store, name, job.set_name, clf, job.class_names, job.attrs, cfg, t0)
         except SlideClipError as exc:
             if exc.path is None:
                 raise  # not about this store (a model or config problem): stop the run
-            r = _failed_summary(Path(path), str(exc), model, job.set_name, job.kind, t0)
+            # a store busy with another writer keeps that writer's summary
+            r = _failed_summary(Path(path), str(exc), model, job.set_name, job.kind, t0,
+                                write=not isinstance(exc, StoreBusyError))
         results.append(r)
         if on_result:
             on_result(r)
@@ -312,7 +335,9 @@ def example_features(examples: list[Example], stores: dict[str, SlideStore], mod
             except OSError as e:
                 raise ConfigError(f"example image cannot be read ({e})", path=ex.image) from None
             continue
-        store = stores.get(slide_id(ex.slide))
+        here = str(Path(ex.slide).expanduser().resolve())
+        store = next((st for st in stores.values() if st.slide.get("path") == here), None) \
+            or stores.get(slide_id(ex.slide)) or stores.get(Path(ex.slide).name)
         if store is None:
             raise ConfigError(f"example slide {ex.slide!r} has no store among those given", path=where,
                               hint="Embed that slide into the same --out folder, or give its store.")
@@ -377,7 +402,17 @@ def fewshot(stores: list[Path], examples_csv: str | Path, cfg: PipelineConfig, *
 # ----------------------------------------------------------------------------- heatmaps
 def heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str | None = None,
              classes: list[str] | None = None) -> list[Path]:
-    """PNG heatmaps (one per class) and a QuPath GeoJSON of one store's score set."""
+    """PNG heatmaps (one per class) and a QuPath GeoJSON of one store's score set.
+
+    Holds the store's lock (waiting up to :data:`LOCK_WAIT_SECONDS` for a writer), so the
+    pictures never mix two versions of a score set.
+    """
+    with _locked(store_path):
+        return _heatmaps(Path(store_path), set_name, cfg, model=model, classes=classes)
+
+
+def _heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str | None,
+              classes: list[str] | None) -> list[Path]:
     store, name = open_scored_store(store_path, model)
     probs, _, attrs = store.scores(name, set_name)
     class_names = list(attrs["classes"])
@@ -487,5 +522,6 @@ def _summarize_pair(out: Path, mk: str, sk: str, *, metadata=None, only=None):
     for s in summaries:
         s.update((metadata or {}).get(s["slide_id"], {}))
     df = cohort_table(summaries)
-    csv_path, parquet_path = write_cohort_table(df, out / f"cohort-{sk}-{mk}")
+    with output_errors(out):
+        csv_path, parquet_path = write_cohort_table(df, out / f"cohort-{sk}-{mk}")
     return df, csv_path, parquet_path

@@ -21,9 +21,12 @@ import openslide
 
 from slide_clip.errors import ConfigError, MppError, SlideError
 
-#: Plausible range of a brightfield scan's level-0 resolution, µm/px. 96 dpi (264.6 µm/px)
-#: and 72 dpi artefacts of image writers fall far outside it.
-MPP_RANGE = (0.05, 20.0)
+#: Possible range of a scan's level-0 resolution, µm/px: a real scan may be coarse (a DICOM
+#: overview at 30 µm/px), but nothing outside this range is a microscope scan.
+MPP_RANGE = (0.05, 80.0)
+
+#: Resolutions image writers put in files by default (72, 96, 150, 300 dpi), µm/px: never a scan.
+DPI_DEFAULTS = {dpi: 25400.0 / dpi for dpi in (72, 96, 100, 150, 200, 300, 600)}
 
 #: A slide whose level 0 is coarser than the target by more than this factor would need its
 #: tiles upsampled: the result no longer shows the tissue at the target resolution.
@@ -67,7 +70,12 @@ class SlideInfo:
 
 
 def slide_id(path: str | Path) -> str:
-    """A slide's identifier: its file name without extension (its folder name for DICOM)."""
+    """A slide's own name: its file name without extension (a DICOM series folder's name).
+
+    A single DICOM file (one series among others in its folder) is named after the file,
+    never after its folder. Ids unique within an output folder are assigned from these by
+    :func:`slide_clip.slide_ids.assign_slide_ids`.
+    """
     p = Path(path)
     if p.is_dir():
         return p.name
@@ -75,8 +83,6 @@ def slide_id(path: str | Path) -> str:
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    if p.suffix.lower() in _DICOM_SUFFIXES:
-        return p.parent.name
     return p.stem
 
 
@@ -97,8 +103,40 @@ def resolve_slide_path(path: str | Path) -> Path:
                 path=p,
                 hint="Give a slide file, or a folder holding one DICOM WSI series.",
             )
+        series = dicom_series(p)
+        if len(series) > 1:
+            raise SlideError(
+                f"is a folder holding {len(series)} DICOM series, not one slide", path=p,
+                hint="Give the folder to `embed`/`run` as a folder of slides (each series is a slide), "
+                     "or give one .dcm file of the series you want.")
         return max(dcms, key=lambda f: f.stat().st_size)
     return p
+
+
+def _dicom_series_uid(file: Path) -> str | None:
+    """The SeriesInstanceUID of a DICOM file (header only), or None if it has none or is unreadable."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+    except Exception:  # noqa: BLE001 - truncated or not DICOM: its own slide, with its own error
+        return None
+    uid = ds.get("SeriesInstanceUID")
+    return str(uid) if uid else None
+
+
+def dicom_series(folder: Path) -> dict[str, list[Path]]:
+    """The DICOM files directly in ``folder`` grouped by SeriesInstanceUID (sorted by name).
+
+    A file without a readable SeriesInstanceUID is a group of its own (keyed by its name),
+    so it is reported as its own slide with its own error.
+    """
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in _DICOM_SUFFIXES:
+            uid = _dicom_series_uid(f)
+            groups.setdefault(uid or f"file:{f.name}", []).append(f)
+    return groups
 
 
 def _float_prop(props, key) -> float | None:
@@ -164,17 +202,36 @@ def open_slide(
             hint="Fluorescence, multi-channel and 16-bit images are not supported.",
         ) from None
     except Exception as e:  # noqa: BLE001
+        reason = str(e).strip() or type(e).__name__
+        if fmt == "dicom":
+            problem, hint = _why_dicom_fails(file, reason)
+            raise SlideError(problem, path=path, hint=hint) from None
         raise SlideError(
-            f"is corrupt or truncated ({str(e).strip() or type(e).__name__})",
+            f"is corrupt or truncated ({reason})",
             path=path,
             hint="Copy the file again from its source.",
         ) from None
     try:
+        _check_last_tile(osr, path)
         info = _describe(osr, file, path, mpp_override)
     except Exception:
         osr.close()
         raise
     return osr, info
+
+
+def _check_last_tile(osr, path) -> None:
+    """Read the slide's last level-0 pixel (bottom right): a truncated file fails here, at
+    once, instead of after hours of encoding (formats store tiles roughly in order)."""
+    w, h = osr.dimensions
+    if w < 1 or h < 1:
+        raise SlideError("has no pixels (a 0 x 0 image)", path=path, hint=_RECOPY)
+    try:
+        osr.read_region((w - 1, h - 1), 0, (1, 1))
+    except Exception as e:  # noqa: BLE001 - OpenSlide's error types vary by format
+        reason = str(e).strip() or type(e).__name__
+        raise SlideError(f"is truncated or corrupt: its last tile cannot be read ({reason[:200]})",
+                         path=path, hint=_RECOPY) from None
 
 
 def _is_tiff(file: Path) -> bool:
@@ -184,10 +241,95 @@ def _is_tiff(file: Path) -> bool:
 
 _CONVERT = "Convert it to a pyramidal brightfield TIFF, or give the scanner's original file."
 _RECOPY = "Copy the file again from its source."
+_BRIGHTFIELD_ONLY = "slide-clip handles 8-bit brightfield RGB slides (H&E, IHC) only."
+
+#: What OpenSlide needs of a DICOM WSI instance (besides pixel data), and why.
+_DICOM_REQUIRED = (
+    ("SOPClassUID", "the SOP class (VL Whole Slide Microscopy Image Storage)"),
+    ("SeriesInstanceUID", "the series the instance belongs to"),
+    ("ImageType", "the image flavor (VOLUME, LABEL, OVERVIEW, THUMBNAIL)"),
+    ("TotalPixelMatrixColumns", "the level's width"),
+    ("TotalPixelMatrixRows", "the level's height"),
+    ("Rows", "the tile height"),
+    ("Columns", "the tile width"),
+)
+_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+def _why_dicom_fails(file: Path, reason: str) -> tuple[str, str]:
+    """Why OpenSlide refuses a DICOM file: a missing required attribute, not a WSI, or corrupt."""
+    import re
+
+    import pydicom
+
+    named = re.match(r"Reading (.+?): ", reason)  # OpenSlide names the instance it failed on
+    if named and Path(named.group(1)).is_file():
+        file = Path(named.group(1))
+    try:
+        ds = pydicom.dcmread(file, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - the header itself does not parse
+        return f"is a corrupt or truncated DICOM file ({reason})", _RECOPY
+    for attr, what in _DICOM_REQUIRED:
+        if attr not in ds or ds.get(attr) in (None, ""):
+            return (f"is a DICOM file without {attr} ({what}), which OpenSlide requires of a whole-slide "
+                    f"image (OpenSlide: {reason})",
+                    "Copying the file again will not help: re-export the slide from the scanner or "
+                    "PACS as a complete DICOM WSI, or convert it to a pyramidal TIFF.")
+    if str(ds.get("SOPClassUID")) != _WSI_SOP_CLASS:
+        return (f"is a DICOM {getattr(ds.SOPClassUID, 'name', ds.SOPClassUID)} file, not a whole-slide "
+                f"microscopy image (OpenSlide: {reason})", "Give a DICOM WSI series.")
+    return (f"is a DICOM WSI that OpenSlide cannot read ({reason}): its header is complete, so the "
+            "series may be incomplete or a file damaged",
+            "Check that every file of the series was copied (a folder per series), or copy it again.")
+
+
+def _tiff_pixel_problem(file: Path) -> str | None:
+    """What a TIFF holds if it is not 8-bit RGB: '16-bit single-channel (greyscale)', 'N-channel
+    fluorescence', ...; None for 8-bit RGB(A) or a file tifffile cannot parse."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(file) as tif:
+            pages = tif.pages
+            page = pages[0]
+            spp, bits, photometric = int(page.samplesperpixel), int(page.bitspersample), int(page.photometric)
+            shape = page.shape
+            # multiplex (qptiff, OME): one single-channel page per channel at full size
+            same = sum(1 for p in pages if int(p.samplesperpixel) == 1 and p.shape == shape) if spp == 1 else 0
+            desc = (page.description or "")[:2000]
+    except Exception:  # noqa: BLE001
+        return None
+    rgb_like = photometric in (2, 6) or (photometric == 7 and spp >= 3)
+    if bits == 8 and spp in (3, 4) and rgb_like:
+        return None
+    if spp == 1 and (same > 1 or "PerkinElmer-QPI" in desc or "<OME" in desc):
+        n = max(same, 1)
+        return f"a {n}-channel ({bits}-bit) fluorescence/multiplex image, one greyscale page per channel"
+    if spp == 1:
+        return f"a {bits}-bit single-channel (greyscale) image"
+    if spp > 4 or not rgb_like:
+        return f"a {spp}-channel {bits}-bit image (fluorescence or spectral), not RGB"
+    return f"a {bits}-bit-per-channel {'RGBA' if spp == 4 else 'RGB'} image"
+
+
+def _rgb_kind(file: Path) -> str:
+    """'RGB' or 'RGBA' (for messages about plain TIFFs)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(file) as tif:
+            return "RGBA" if int(tif.pages[0].samplesperpixel) == 4 else "RGB"
+    except Exception:  # noqa: BLE001
+        return "RGB"
 
 
 def _why_unreadable(file: Path) -> tuple[str, str]:
     """Why OpenSlide recognises no format: a plain image, a plain TIFF, or a broken file."""
+    try:
+        if file.stat().st_size == 0:
+            return "is an empty file (0 bytes)", "Copy the file again from its source; the copy was interrupted."
+    except OSError as e:
+        return f"cannot be read ({e.strerror})", "Check the file's permissions."
     if file.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
         return "is a plain image, not a whole-slide image (no pyramid, no resolution)", _CONVERT
     try:
@@ -197,13 +339,23 @@ def _why_unreadable(file: Path) -> tuple[str, str]:
         return f"cannot be read ({e.strerror})", "Check the file's permissions."
     import tifffile
 
+    size = file.stat().st_size
     try:
         with tifffile.TiffFile(file) as tif:
             page = tif.pages[0]
-            if not page.is_tiled:
-                return "is a plain (untiled, non-pyramidal) TIFF, not a whole-slide image", _CONVERT
+            tiled = page.is_tiled
+            ends = [o + n for pg in tif.pages for o, n in zip(pg.dataoffsets, pg.databytecounts)]
     except Exception:  # noqa: BLE001 - any parse failure means a broken file
         return "is a corrupt or truncated TIFF", _RECOPY
+    if ends and max(ends) > size:
+        return (f"is a truncated TIFF (its image data needs {max(ends)} bytes, the file has {size})",
+                _RECOPY)
+    kind = _tiff_pixel_problem(file)
+    if kind is not None:
+        return f"is {kind}, not a brightfield RGB slide", _BRIGHTFIELD_ONLY
+    if not tiled:
+        return (f"is a plain (untiled, non-pyramidal) 8-bit {_rgb_kind(file)} TIFF, not a whole-slide image",
+                _CONVERT)
     return "is a TIFF that OpenSlide cannot read: corrupt, truncated or an unsupported layout", _RECOPY
 
 
@@ -218,26 +370,9 @@ def _check_tiff_pixels(file: Path, path) -> None:
             return
     except OSError:
         return
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(file) as tif:
-            page = tif.pages[0]
-            spp = int(page.samplesperpixel)
-            bits = int(page.bitspersample)
-            photometric = int(page.photometric)
-            n_pages = len(tif.pages)
-    except Exception:  # noqa: BLE001 - OpenSlide opened it; leave the verdict to reads
-        return
-    rgb_like = photometric in (2, 6) or (photometric == 7 and spp >= 3)  # RGB, YCbCr, CIELab-ish
-    if bits != 8 or spp not in (3, 4) or not rgb_like:
-        kind = f"{spp}-channel" if spp > 1 else "single-channel"
-        extra = " (multiplex fluorescence?)" if spp > 4 or (spp == 1 and n_pages > 4) else ""
-        raise SlideError(
-            f"is a {bits}-bit {kind} image{extra}, not an 8-bit brightfield RGB slide",
-            path=path,
-            hint="slide-clip handles brightfield H&E/IHC RGB slides only.",
-        )
+    kind = _tiff_pixel_problem(file)
+    if kind is not None:
+        raise SlideError(f"is {kind}, not an 8-bit brightfield RGB slide", path=path, hint=_BRIGHTFIELD_ONLY)
 
 
 def _describe(osr, file: Path, path, mpp_override) -> SlideInfo:
@@ -298,20 +433,23 @@ def check_mpp(info: SlideInfo, target_mpp: float) -> tuple[float, float]:
         )
     lo, hi = MPP_RANGE
     for v in (info.mpp_x, info.mpp_y):
-        if not lo <= v <= hi:
+        dpi = next((d for d, m in DPI_DEFAULTS.items() if abs(v - m) / m < 0.01), None)
+        if dpi is not None or not lo <= v <= hi:
+            what = f"the {dpi}-dpi default of image writers" if dpi else f"outside {lo:g}-{hi:g} µm/px"
             raise MppError(
-                f"resolution {v:g} µm/px ({info.mpp_source}) is implausible for a slide scan "
-                f"(expected {lo:g}-{hi:g}; 264.6 is a 96-dpi image-writer default)",
+                f"resolution {v:g} µm/px ({info.mpp_source}) is impossible for a slide scan ({what}): "
+                "the file does not record its real resolution",
                 path=info.path,
                 hint="Give the true resolution with --mpp or --mpp-csv.",
             )
     coarse = max(info.mpp_x, info.mpp_y)
     if coarse > target_mpp * MAX_UPSAMPLE:
         raise MppError(
-            f"level 0 is {coarse:g} µm/px, far coarser than the target {target_mpp:g} µm/px "
-            f"(tiles would be upsampled {coarse / target_mpp:.1f}x)",
+            f"is scanned at {coarse:g} µm/px ({info.mpp_source}), coarser than the target "
+            f"{target_mpp:g} µm/px (tiles would be upsampled {coarse / target_mpp:.1f}x)",
             path=info.path,
-            hint=f"Use --target-mpp {coarse:g} or coarser, or check the slide's mpp.",
+            hint=f"Tile it at a coarser resolution with --target-mpp {_round_up(coarse):g} (or coarser), "
+                 "or leave this slide out.",
         )
     if abs(info.mpp_x - info.mpp_y) / max(info.mpp_x, info.mpp_y) > 0.1:
         raise MppError(
@@ -320,6 +458,12 @@ def check_mpp(info: SlideInfo, target_mpp: float) -> tuple[float, float]:
             hint="Check the slide's metadata or give --mpp.",
         )
     return info.mpp_x, info.mpp_y
+
+
+def _round_up(v: float) -> float:
+    """``v`` rounded up to 2 significant digits (a --target-mpp to suggest)."""
+    e = 10 ** (math.floor(math.log10(v)) - 1)
+    return round(math.ceil(v / e - 1e-9) * e, 10)
 
 
 def read_mpp_csv(path: str | Path) -> dict[str, float]:
@@ -353,20 +497,24 @@ def read_mpp_csv(path: str | Path) -> dict[str, float]:
     return out
 
 
-def lookup_mpp(mpps: dict[str, float], slide_path: str | Path) -> float | None:
-    """The override for ``slide_path`` in a mapping from :func:`read_mpp_csv`, if any."""
+def lookup_mpp(mpps: dict[str, float], slide_path: str | Path, assigned_id: str | None = None) -> float | None:
+    """The override for ``slide_path`` (or its assigned slide id) in a mapping from :func:`read_mpp_csv`."""
     p = Path(slide_path)
-    for key in (str(p), str(p.expanduser().resolve()), p.name, slide_id(p)):
+    keys = [str(p), str(p.expanduser().resolve()), p.name] + ([assigned_id] if assigned_id else []) + [slide_id(p)]
+    for key in keys:
         if key in mpps:
             return mpps[key]
     return None
 
 
 def find_slides(inputs: list[str | Path], pattern: str | None = None) -> list[Path]:
-    """Expand files and folders into a sorted list of slide paths.
+    """Expand files and folders into a list of slide paths (each folder's slides sorted).
 
-    A folder holding ``.dcm`` files counts as one DICOM slide; other folders are searched
-    (recursively) for files whose extension OpenSlide handles, or ``pattern`` if given.
+    Folders are searched recursively for files whose extension OpenSlide handles, or that
+    match ``pattern``. DICOM files are grouped by series (SeriesInstanceUID) per folder: a
+    folder holding exactly one series and no other slide is that slide (the folder's path);
+    otherwise each series is a slide of its own, given by its largest file (OpenSlide finds
+    the rest of the series beside it). Two series in one folder are two slides.
     """
     exts = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
             ".bif", ".dcm", ".czi", ".jpg", ".jpeg", ".png"}
@@ -376,19 +524,28 @@ def find_slides(inputs: list[str | Path], pattern: str | None = None) -> list[Pa
         if not p.is_dir():
             found.append(p)
             continue
-        if any(f.suffix.lower() in _DICOM_SUFFIXES for f in p.iterdir() if f.is_file()):
-            found.append(p)
-            continue
-        dicom_dirs: set[Path] = set()
         candidates = sorted(p.rglob(pattern)) if pattern else sorted(p.rglob("*"))
+        per_dir: dict[Path, list[Path]] = {}
+        dicom_dirs: set[Path] = set()
         for f in candidates:
-            if not f.is_file() or f.name.startswith("."):
+            if not f.is_file() or f.name.startswith(".") or any(x.startswith(".") for x in f.relative_to(p).parts):
                 continue
             if f.suffix.lower() in _DICOM_SUFFIXES:
                 dicom_dirs.add(f.parent)
             elif pattern or f.suffix.lower() in exts:
-                found.append(f)
-        found.extend(sorted(dicom_dirs))
+                per_dir.setdefault(f.parent, []).append(f)
+        for d in sorted(set(per_dir) | dicom_dirs):
+            others = per_dir.get(d, [])
+            series = dicom_series(d) if d in dicom_dirs else {}
+            if pattern:  # only the DICOM files the pattern matched count
+                matched = {f for f in candidates if f.parent == d}
+                series = {k: v for k, v in ((k, [f for f in v if f in matched]) for k, v in series.items()) if v}
+            slides = list(others)
+            if len(series) == 1 and not others:
+                slides.append(d)
+            else:
+                slides += [max(files, key=lambda f: (f.stat().st_size, f.name)) for files in series.values()]
+            found.extend(sorted(slides))
     seen: set[str] = set()
     unique = []
     for f in found:

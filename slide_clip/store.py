@@ -25,8 +25,10 @@ rows it counts are on disk, so a rerun resumes exactly there.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
+import socket
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -36,7 +38,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from slide_clip.errors import StoreError
+from slide_clip.errors import StoreBusyError, StoreError
 
 FORMAT_VERSION = 1
 STORE_SUFFIX = ".zarr"
@@ -51,6 +53,12 @@ STATUS_COMPLETE = "complete"
 DEFAULT_CHUNK_ROWS = 2048
 
 _COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
+
+_DAMAGED = "Re-embed the slide with --overwrite, or restore the store from a copy."
+
+#: Every chunk is written, even one equal to the fill value, so a missing chunk file always
+#: means damage (see :meth:`SlideStore.array`).
+_WRITE_ALL = {"write_empty_chunks": True}
 
 
 def store_path(out_dir: str | Path, slide_name: str) -> Path:
@@ -85,23 +93,56 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _lock_holder(lock: Path) -> str:
+    """Who holds a lock, as recorded in it: 'pid 123 on host h since T' (or 'unknown')."""
+    try:
+        info = json.loads(lock.read_text() or "{}")
+        return f"pid {info['pid']} on host {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an unknown process"
+
+
 @contextmanager
-def store_lock(path: str | Path):
+def store_lock(path: str | Path, wait: float = 0.0):
     """Hold an exclusive lock on a store while writing (``<store>.lock`` beside it).
 
-    The lock is an OS file lock: a killed writer releases it. A second writer gets a
-    :class:`StoreError` instead of interleaving rows.
+    The lock is an OS file lock (``flock``): a killed writer's lock is released by the
+    kernel, so it cannot outlive its process on this machine. The lock file records the
+    holder's host, pid and start time, so a conflict says who holds it. ``wait`` seconds
+    are spent retrying before a second writer gets a :class:`StoreError` instead of
+    interleaving rows. The lock file itself stays (an empty lock file means nothing).
     """
     lock = Path(f"{path}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _lock_holder(lock)
+                    raise StoreBusyError(
+                        f"is being written by another process ({holder}; lock {lock.name})", path=path,
+                        hint="Wait for it to finish, or write to another --out. If that process is gone "
+                             "(killed on another machine of a shared file system), delete the .lock file "
+                             "and run again.") from None
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError("is being written by another process", path=path,
-                             hint="Wait for it to finish, or write to another --out.") from None
-        yield
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                      "since": _now()}).encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only its note is missing
+        try:
+            yield
+        finally:
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
     finally:
         os.close(fd)
 
@@ -135,8 +176,9 @@ class SlideStore:
         p = Path(path)
         if p.exists():
             shutil.rmtree(p)
-        g = zarr.open_group(str(p), mode="w", zarr_format=3)
-        g.attrs.update({
+        # One write of zarr.json with every attribute (Zarr writes it atomically): a store is
+        # either absent or a complete slide-clip store, never "not a slide-clip store".
+        g = zarr.open_group(str(p), mode="w", zarr_format=3, attributes={
             "slide_clip": {"format_version": FORMAT_VERSION, "created": _now()},
             "slide": slide,
             "tiling": tiling,
@@ -164,7 +206,7 @@ class SlideStore:
 
     @property
     def n_tiles(self) -> int:
-        return int(self.group["tiles/coords"].shape[0])
+        return int(self.array("tiles/coords").shape[0])
 
     # ----------------------------------------------------------------- tiles
     def write_tissue(self, mask, thumbnail, attrs: dict) -> None:
@@ -172,10 +214,11 @@ class SlideStore:
         g = self.group
         if "tissue" in g:
             del g["tissue"]
-        g.create_array("tissue/mask", data=np.asarray(mask, dtype=bool), compressors=_COMPRESSORS)
+        g.create_array("tissue/mask", data=np.asarray(mask, dtype=bool), compressors=_COMPRESSORS,
+                       config=_WRITE_ALL)
         g.create_array("tissue/thumbnail", data=np.asarray(thumbnail, dtype=np.uint8),
                        chunks=(min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3),
-                       compressors=_COMPRESSORS)
+                       compressors=_COMPRESSORS, config=_WRITE_ALL)
         g["tissue"].attrs.update(attrs)
         g.attrs.update({"status": STATUS_TISSUE})
 
@@ -187,27 +230,57 @@ class SlideStore:
         if "tiles" in g:
             del g["tiles"]
         g.create_array("tiles/coords", data=np.asarray(coords, dtype=np.int64), chunks=(rows, 2),
-                       compressors=_COMPRESSORS)
+                       compressors=_COMPRESSORS, config=_WRITE_ALL)
         g.create_array("tiles/grid", data=np.asarray(grid, dtype=np.int32), chunks=(rows, 2),
-                       compressors=_COMPRESSORS)
+                       compressors=_COMPRESSORS, config=_WRITE_ALL)
         g.create_array("tiles/tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32),
-                       chunks=(rows,), compressors=_COMPRESSORS)
+                       chunks=(rows,), compressors=_COMPRESSORS, config=_WRITE_ALL)
         g.attrs.update({"tiling": {**self.tiling, **geometry}, "status": STATUS_TILED, "n_tiles": n})
 
+    def array(self, key: str) -> zarr.Array:
+        """The array at ``key``, checked to be whole: every chunk file present.
+
+        Raises :class:`StoreError` naming the store and the array when it is missing or a
+        chunk file is lost (Zarr would silently read the fill value instead).
+        """
+        try:
+            arr = self.group[key]
+        except KeyError:
+            arr = None
+        if not isinstance(arr, zarr.Array):
+            raise StoreError(f"is damaged: the array {key} is missing", path=self.path, hint=_DAMAGED)
+        if arr.nchunks and arr.nchunks_initialized < arr.nchunks:
+            lost = arr.nchunks - arr.nchunks_initialized
+            raise StoreError(f"is damaged: {lost} of {arr.nchunks} chunk files of {key} are missing",
+                             path=self.path, hint=_DAMAGED)
+        return arr
+
+    def read(self, key: str, finite: bool = True) -> np.ndarray:
+        """All of array ``key``, checked (see :meth:`array`); ``finite`` also refuses NaN/inf values."""
+        data = self.array(key)[...]
+        if finite and data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise StoreError(f"is damaged: {key} holds missing (NaN) values", path=self.path, hint=_DAMAGED)
+        return data
+
     def coords(self) -> np.ndarray:
-        return self.group["tiles/coords"][:]
+        """(n, 2) int64 level-0 x, y of each tile's top-left corner (checked)."""
+        return self.read("tiles/coords")
 
     def grid(self) -> np.ndarray:
-        return self.group["tiles/grid"][:]
+        """(n, 2) int32 grid row, col of each tile (checked)."""
+        return self.read("tiles/grid")
 
     def tissue_fraction(self) -> np.ndarray:
-        return self.group["tiles/tissue_fraction"][:]
+        """(n,) float32 tissue fraction of each tile (checked)."""
+        return self.read("tiles/tissue_fraction")
 
     def mask(self) -> np.ndarray:
-        return self.group["tissue/mask"][:]
+        """(h, w) bool tissue mask, thumbnail pixels (checked)."""
+        return self.read("tissue/mask")
 
     def thumbnail(self) -> np.ndarray:
-        return self.group["tissue/thumbnail"][:]
+        """(h, w, 3) uint8 thumbnail (checked)."""
+        return self.read("tissue/thumbnail")
 
     # ----------------------------------------------------------------- embeddings
     def models(self) -> list[str]:
@@ -229,10 +302,11 @@ class SlideStore:
     def embeddings(self, model: str, allow_partial: bool = False) -> np.ndarray:
         """The model's (n, d) embeddings; raises on a partial store unless ``allow_partial``.
 
-        With ``allow_partial`` only the rows written so far are returned.
+        With ``allow_partial`` only the rows written so far are returned. Every row read is
+        checked: a lost chunk (NaN rows) or a missing array is a :class:`StoreError`.
         """
         attrs = self.embedding_attrs(model)
-        arr = self.group[f"embeddings/{model_key(model)}/features"]
+        arr = self._features(model)
         if attrs.get("status") != STATUS_COMPLETE:
             if not allow_partial:
                 raise StoreError(
@@ -240,8 +314,29 @@ class SlideStore:
                     f"{arr.shape[0]} tiles)", path=self.path,
                     hint="Run `slide-clip embed` again to resume it.",
                 )
-            return arr[: int(attrs.get("rows_written", 0))]
-        return arr[:]
+            rows = np.asarray(arr[: int(attrs.get("rows_written", 0))], dtype=np.float32)
+            self._check_rows(model, 0, rows)
+            return rows
+        if arr.shape[0] == 0:
+            return np.zeros(arr.shape, np.float32)
+        return np.concatenate([b for _, b in self.iter_embeddings(model)], axis=0)
+
+    def _features(self, model: str) -> zarr.Array:
+        key = f"embeddings/{model_key(model)}/features"
+        try:
+            arr = self.group[key]
+        except KeyError:
+            arr = None
+        if not isinstance(arr, zarr.Array):
+            raise StoreError(f"is damaged: the array {key} is missing", path=self.path, hint=_DAMAGED)
+        return arr
+
+    def _check_rows(self, model: str, start: int, block: np.ndarray) -> None:
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise StoreError(
+                f"is damaged: embeddings for {model!r} hold missing values from row {bad} "
+                "(a chunk file is lost or unreadable)", path=self.path, hint=_DAMAGED)
 
     def iter_embeddings(self, model: str, rows: int | None = None):
         """Yield ``(start, block)`` over a complete model's embeddings, ``rows`` at a time.
@@ -252,7 +347,7 @@ class SlideStore:
         :class:`StoreError` naming the store: a damaged store is never a result.
         """
         attrs = self.embedding_attrs(model)
-        arr = self.group[f"embeddings/{model_key(model)}/features"]
+        arr = self._features(model)
         if attrs.get("status") != STATUS_COMPLETE:
             raise StoreError(
                 f"embeddings for {model!r} are partial ({attrs.get('rows_written', 0)} of "
@@ -260,12 +355,7 @@ class SlideStore:
         step = int(rows or arr.chunks[0])
         for start in range(0, arr.shape[0], step):
             block = np.asarray(arr[start:start + step], dtype=np.float32)
-            if not np.isfinite(block).all():
-                bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
-                raise StoreError(
-                    f"is damaged: embeddings for {model!r} hold missing values from row {bad} "
-                    "(a chunk file is lost or unreadable)", path=self.path,
-                    hint="Re-embed the slide with --overwrite, or restore the store from a copy.")
+            self._check_rows(model, start, block)
             yield start, block
 
     def drop_embeddings(self, model: str) -> None:
@@ -291,7 +381,7 @@ class SlideStore:
         grp = self.group.require_group(key)
         rows = max(1, min(n, chunk_rows))
         grp.create_array("features", shape=(n, d), chunks=(rows, d), dtype="float32",
-                         fill_value=np.nan, compressors=_COMPRESSORS)
+                         fill_value=np.nan, compressors=_COMPRESSORS, config=_WRITE_ALL)
         grp.attrs.update({**provenance, "status": STATUS_PARTIAL, "rows_written": 0, "n_tiles": n,
                           "started": _now()})
         return EmbeddingWriter(grp, n)
@@ -308,11 +398,14 @@ class SlideStore:
         grp = self.group.require_group(key)
         n, c = np.asarray(probs).shape
         rows = max(1, min(n, 65536))
-        grp.create_array("logits", data=np.asarray(logits, np.float32), chunks=(rows, c), compressors=_COMPRESSORS)
-        grp.create_array("probs", data=np.asarray(probs, np.float32), chunks=(rows, c), compressors=_COMPRESSORS)
-        grp.create_array("classifier", data=np.asarray(classifier, np.float32), compressors=_COMPRESSORS)
+        grp.create_array("logits", data=np.asarray(logits, np.float32), chunks=(rows, c), compressors=_COMPRESSORS,
+                         config=_WRITE_ALL)
+        grp.create_array("probs", data=np.asarray(probs, np.float32), chunks=(rows, c), compressors=_COMPRESSORS,
+                         config=_WRITE_ALL)
+        grp.create_array("classifier", data=np.asarray(classifier, np.float32), compressors=_COMPRESSORS,
+                         config=_WRITE_ALL)
         if grid is not None:
-            grp.create_array("grid", data=np.asarray(grid, np.float32), compressors=_COMPRESSORS)
+            grp.create_array("grid", data=np.asarray(grid, np.float32), compressors=_COMPRESSORS, config=_WRITE_ALL)
         grp.attrs.update({**attrs, "set": set_name, "model": model, "created": _now(), "status": STATUS_COMPLETE})
 
     def score_sets(self, model: str | None = None) -> list[tuple[str, str]]:
@@ -334,8 +427,7 @@ class SlideStore:
             have = ", ".join(f"{m}/{s}" for m, s in self.score_sets()) or "none"
             raise StoreError(f"has no scores {set_name!r} for model {model!r}", path=self.path,
                              hint=f"Run `slide-clip zeroshot` or `fewshot` first (score sets in it: {have}).")
-        g = self.group[key]
-        return g["probs"][:], g["logits"][:], dict(g.attrs)
+        return (self.read(f"{key}/probs"), self.read(f"{key}/logits"), dict(self.group[key].attrs))
 
 
 class EmbeddingWriter:

@@ -32,8 +32,12 @@ def _read_artifact(key):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    # the newest version of the key: other tests of the session (test_faults' `run`) make the same keys
     with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                     sort=ArtifactSort.CREATED_DESC, limit=1)
 
 
 def test_cohort_flow_with_a_broken_slide_then_a_skipping_rerun(cohort, cfg, tmp_path):

@@ -24,7 +24,6 @@ def test_manifest_paths_mpp_and_metadata(tmp_path):
     ("path,mpp\n,0.5\n", "line 2: empty path"),
     ("path,mpp\na.svs,fast\n", "line 2: mpp 'fast' is not a number"),
     ("path,mpp\na.svs,-1\n", "line 2: mpp must be positive"),
-    ("path\nx/a.svs\ny/a.tif\n", "two slides share the id 'a'"),
 ])
 def test_bad_manifests_name_the_file_and_line(tmp_path, body, message):
     m = tmp_path / "cohort.csv"
@@ -41,6 +40,13 @@ def test_folders_and_manifests_mix(tmp_path):
     m.write_text("path\nother/d.svs\n")
     ids = [s.slide_id for s in cohort_slides([m, tmp_path / "in"])]
     assert ids == ["d", "c"]
+
+
+def test_same_stem_in_two_folders_gets_two_ids(tmp_path):
+    m = tmp_path / "cohort.csv"
+    m.write_text("path\nx/a.svs\ny/a.tif\nx/a.svs\n")
+    ids = [s.slide_id for s in cohort_slides([m])]
+    assert ids == ["x__a", "y__a"]  # and a slide listed twice is one slide
 
 
 def test_slides_being_copied_wait_for_a_later_run(tmp_path):

@@ -1,0 +1,78 @@
+"""Writing to the output folder: failures of the disk said as what happened and what to do.
+
+A read-only folder, a full disk or a missing permission surfaces deep inside Zarr, pandas
+or matplotlib as a bare ``OSError``; :func:`output_errors` turns it into an
+:class:`~slide_clip.errors.OutputError` naming the path, what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from slide_clip.errors import OutputError, SlideClipError
+
+#: errno -> (what happened, what to do)
+_DISK_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "Free space (or use another --out) and run the same "
+                   "command again: finished work is kept and interrupted slides resume."),
+    errno.EDQUOT: ("the disk quota is exceeded", "Free space within your quota (or use another --out) and run "
+                   "the same command again: finished work is kept."),
+    errno.EROFS: ("the file system is read-only", "Give a writable --out folder."),
+    errno.EACCES: ("permission denied", "Give an --out folder you can write to, or fix its permissions."),
+    errno.EPERM: ("operation not permitted", "Give an --out folder you can write to, or fix its permissions."),
+    errno.EFBIG: ("the file is too large for the file system or the process's file-size limit",
+                  "Use another --out on a file system without that limit."),
+}
+
+
+def disk_error(exc: BaseException, where: str | Path) -> OutputError | None:
+    """An :class:`OutputError` for ``exc`` (or one in its cause/context chain) if it is a disk failure."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            what, todo = _DISK_ERRORS[e.errno]
+            path = e.filename or where
+            return OutputError(f"cannot write: {what}", path=path, hint=todo)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextmanager
+def output_errors(where: str | Path):
+    """Re-raise disk failures inside the block as one-line :class:`OutputError` s about ``where``."""
+    try:
+        yield
+    except SlideClipError:
+        raise  # already one line about the user's input
+    except Exception as exc:  # noqa: BLE001 - only disk errors are translated; others go on
+        err = disk_error(exc, where)
+        if err is None:
+            raise
+        raise err from None
+
+
+def ensure_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` if needed and check it can be written; returns it as a Path.
+
+    Raises :class:`OutputError` (read-only, no permission, no space) naming the folder.
+    """
+    out = Path(out_dir)
+    with output_errors(out):
+        if out.exists() and not out.is_dir():
+            raise OutputError("is a file, not a folder", path=out, hint="Give a folder as --out.")
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".slide-clip-write-test-{os.getpid()}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"x")
+        finally:
+            try:
+                probe.unlink()
+            except OSError:
+                pass
+    return out

@@ -1,0 +1,331 @@
+"""Hostile inputs: each gives its own one-line error naming the file; a cohort of all of them
+plus good slides completes the good ones and lists every failure. Slide ids never collide,
+damaged stores are errors, and empty inputs are errors. Every input is written here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import hostile_inputs as h
+from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, StoreError
+from slide_clip.slide import check_mpp, find_slides, slide_info
+from slide_clip.store import SlideStore, store_lock
+
+CMU = "/work/shared/data/slides/CMU-1-Small-Region.svs"
+
+#: input name -> (how to write it, what its one-line error must say)
+EXPECTED = {
+    "zero.svs": "is an empty file (0 bytes)",
+    "truncated.tif": "is a truncated TIFF",
+    "plain.tif": "plain (untiled, non-pyramidal) 8-bit RGB TIFF",
+    "grey16.tif": "16-bit single-channel (greyscale) image",
+    "multichannel.tif": "5-channel (8-bit) fluorescence/multiplex image",
+    "rgba.tif": "plain (untiled, non-pyramidal) 8-bit RGBA TIFF",
+    "dpi96.tif": "impossible for a slide scan (the 96-dpi default",
+    "coarse.tif": "coarser than the target 1 µm/px",
+    "dicom_missing": "DICOM file without ImageType",
+    "dicom_truncated": "is truncated or corrupt: its last tile cannot be read",
+}
+TARGET_MPP = 1.0  # coarse enough that the CMU slides are ~30 tiles each
+
+
+@pytest.fixture(scope="session")
+def hostile_dir(tmp_path_factory, cmu_dicom, cmu_svs):
+    """A cohort folder: every hostile input, two DICOM series beside an SVS, same-stem slides in
+    two folders and a good slide whose name has spaces and non-ASCII letters."""
+    d = tmp_path_factory.mktemp("hostile") / "cohort"
+    d.mkdir()
+    good = h.good_slide(d / "good slide ü.tif")
+    (d / "a").mkdir()
+    shutil.copy(good, d / "a" / "x.tif")
+    h.good_slide(d / "b" / "x.tif", mpp=0.499)  # another file with the same stem
+    h.zero_byte(d / "zero.svs")
+    h.truncated(d / "truncated.tif", good)
+    h.plain_rgb_tiff(d / "plain.tif")
+    h.grey16_tiff(d / "grey16.tif")
+    h.multichannel_tiff(d / "multichannel.tif")
+    h.rgba_tiff(d / "rgba.tif")
+    h.dpi96_slide(d / "dpi96.tif")
+    h.coarse_slide(d / "coarse.tif")
+    h.two_series_beside_svs(d / "mixed", cmu_dicom, cmu_svs)
+    h.dicom_missing(d / "dicom_missing", cmu_dicom)
+    h.dicom_truncated(d / "dicom_truncated", cmu_dicom)
+    return d
+
+
+def _cfg(cfg):
+    return cfg.with_overrides(tiling={"target_mpp": TARGET_MPP}, encode={"num_workers": 0},
+                              tissue={"thumbnail_max_side": 512})
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_hostile_input_has_its_own_one_line_error(hostile_dir, name):
+    path = hostile_dir / name
+    with pytest.raises(SlideClipError) as e:
+        check_mpp(slide_info(path), TARGET_MPP)
+    text = str(e.value)
+    assert "\n" not in text and text.startswith(str(path)), text
+    assert EXPECTED[name] in text, text
+    if name == "dicom_missing":
+        assert "will not help" in text and "Copy the file again" not in text
+    if name == "coarse.tif":  # a plausible resolution: suggest a coarser target, not --mpp
+        assert "--target-mpp 2" in text and "--mpp " not in text
+    if name == "dpi96.tif":
+        assert "--mpp" in text and "--target-mpp" not in text
+
+
+def test_find_slides_splits_dicom_series_from_other_slides(hostile_dir):
+    found = {str(p.relative_to(hostile_dir)) for p in find_slides([hostile_dir])}
+    # two series in one folder are two slides (each by its largest file), the SVS beside them a third
+    assert {"mixed/s1_volume.dcm", "mixed/s2_volume.dcm", "mixed/beside.svs"} <= found
+    assert "mixed" not in found
+    # a folder of one series is one slide
+    assert {"dicom_missing", "dicom_truncated"} <= found
+    assert {"a/x.tif", "b/x.tif", "good slide ü.tif"} <= found
+
+
+@pytest.fixture(scope="session")
+def hostile_cohort(hostile_dir, tiny_registry, tmp_path_factory):
+    """`embed`, `zeroshot` and `summarize` of the whole hostile folder (library calls)."""
+    from slide_clip.config import load_config
+    from slide_clip.pipeline import embed_slides
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import find_stores, summarize, zeroshot
+
+    cfg = _cfg(load_config().with_overrides(encode={"model": "tiny", "registries": (str(tiny_registry),),
+                                                    "batch_size": 32, "device": "cpu"},
+                                            tissue={"thumbnail_max_side": 512}))
+    out = tmp_path_factory.mktemp("hostile_out")
+    results = embed_slides(find_slides([hostile_dir]), out, cfg, progress=False)
+    zeroshot(find_stores([out]), load_prompts("tumour"), cfg)
+    df, _, _ = summarize(out)
+    return out, results, df
+
+
+def test_hostile_cohort_completes_the_good_slides_and_lists_every_failure(hostile_cohort, hostile_dir):
+    out, results, df = hostile_cohort
+    by_id = {r.name: r for r in results}
+    good = {"good slide ü", "a__x", "b__x", "s1_volume", "s2_volume", "beside"}
+    assert {k for k, r in by_id.items() if r.status == "ok"} == good
+    failed = {k: r.error for k, r in by_id.items() if r.status == "failed"}
+    assert set(failed) == {n.split(".")[0] for n in EXPECTED}
+    table = df.set_index("slide_id")
+    assert set(table.index) == good | set(failed)  # every slide has its row, failures included
+    for name, message in EXPECTED.items():
+        sid = name.split(".")[0]
+        assert table.loc[sid, "status"] == "failed"
+        assert message in table.loc[sid, "error"] and str(hostile_dir / name) in table.loc[sid, "error"]
+    assert (table.loc[sorted(good), "status"] == "ok").all()
+    # the two DICOM series and the SVS are three stores of the same image, from three different files
+    stores = {sid: SlideStore.open(out / f"{sid}.zarr") for sid in good}
+    paths = {s.slide["path"] for s in stores.values()}
+    assert len(paths) == len(good)
+    assert stores["s1_volume"].slide["fingerprint"] != stores["s2_volume"].slide["fingerprint"]
+    np.testing.assert_array_equal(stores["s1_volume"].coords(), stores["s2_volume"].coords())
+    # same stem in two folders: two stores, each from its own file
+    assert stores["a__x"].slide["path"] == str((hostile_dir / "a" / "x.tif").resolve())
+    assert stores["b__x"].slide["path"] == str((hostile_dir / "b" / "x.tif").resolve())
+    assert stores["a__x"].slide["mpp_x"] == 0.5 and stores["b__x"].slide["mpp_x"] == pytest.approx(0.499)
+    status = json.loads((out / "status" / "good slide ü.json").read_text())
+    assert status["status"] == "ok" and status["path"].endswith("good slide ü.tif")
+
+
+def test_ids_never_collide_across_runs_into_one_folder(hostile_dir, tmp_path, cfg):
+    """a/x then b/x into one --out: b/x gets its own id; a/x's store and status are untouched,
+    and --overwrite never replaces another file's store."""
+    from slide_clip.pipeline import embed_slides
+
+    cfg = _cfg(cfg)
+    out = tmp_path / "out"
+    [ra] = embed_slides([hostile_dir / "a" / "x.tif"], out, cfg, progress=False)
+    assert ra.name == "x" and ra.status == "ok"
+    before = (out / "x.zarr" / "embeddings" / "tiny" / "features" / "c" / "0" / "0").read_bytes()
+    [rb] = embed_slides([hostile_dir / "b" / "x.tif"], out, cfg, progress=False, overwrite=True)
+    assert rb.status == "ok" and rb.name == "b__x"
+    assert SlideStore.open(out / "x.zarr").slide["path"] == str((hostile_dir / "a" / "x.tif").resolve())
+    assert (out / "x.zarr" / "embeddings" / "tiny" / "features" / "c" / "0" / "0").read_bytes() == before
+    assert json.loads((out / "status" / "x.json").read_text())["status"] == "ok"
+    # given again, each file finds its own store (skipped, not re-embedded)
+    again = embed_slides([hostile_dir / "b" / "x.tif", hostile_dir / "a" / "x.tif"], out, cfg, progress=False)
+    assert [(r.name, r.status) for r in again] == [("b__x", "skipped"), ("x", "skipped")]
+    # a store of another existing file, named directly, is refused even with --overwrite
+    from slide_clip.pipeline import embed_slide
+
+    with pytest.raises(StoreError, match="holds the slide .*a/x.tif, not .*b/x.tif"):
+        embed_slide(hostile_dir / "b" / "x.tif", out, cfg, slide_id="x", overwrite=True, progress=False)
+    assert (out / "x.zarr" / "embeddings" / "tiny" / "features" / "c" / "0" / "0").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------ damaged stores
+@pytest.fixture
+def scored_copy(hostile_cohort, tmp_path):
+    out, _, _ = hostile_cohort
+    dst = tmp_path / "out"
+    dst.mkdir()
+    shutil.copytree(out / "good slide ü.zarr", dst / "good slide ü.zarr")
+    return dst, dst / "good slide ü.zarr"
+
+
+def _chunk_files(array_dir):
+    return sorted(p for p in (array_dir / "c").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("embeddings/tiny/features", "embeddings for 'tiny' hold missing values from row 0"),
+    ("tiles/coords", "chunk files of tiles/coords are missing"),
+    ("tiles/grid", "chunk files of tiles/grid are missing"),
+    ("tiles/coords!", "the array tiles/coords is missing"),
+])
+def test_a_damaged_store_is_an_error_never_a_result(scored_copy, cfg, damage, message):
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import heatmaps, zeroshot
+
+    out, store = scored_copy
+    if damage.endswith("!"):
+        shutil.rmtree(store / damage[:-1])
+    else:
+        _chunk_files(store / damage)[0].unlink()
+    [r] = zeroshot([store], load_prompts("tumour"), cfg)
+    assert r["status"] == "failed" and message in r["error"] and str(store) in r["error"]
+    assert "\n" not in r["error"] and "--overwrite" in r["error"]
+    if damage != "embeddings/tiny/features":  # heatmaps and GeoJSON read the tile arrays
+        with pytest.raises(StoreError, match=message):
+            heatmaps(store, "tumour", cfg)
+    assert not (out / "heatmaps").exists() or not any((out / "heatmaps").rglob("*.geojson"))
+
+
+def test_lost_score_chunk_is_an_error_for_heatmaps(scored_copy, cfg):
+    from slide_clip.scoring import heatmaps
+
+    _, store = scored_copy
+    _chunk_files(store / "scores" / "tiny" / "tumour" / "probs")[0].unlink()
+    with pytest.raises(StoreError, match="chunk files of scores/tiny/tumour/probs are missing"):
+        heatmaps(store, "tumour", cfg)
+
+
+# ------------------------------------------------------------------------------ locks
+def test_a_held_lock_names_its_holder_and_how_to_clear_it(scored_copy, cfg, tmp_path):
+    import socket
+
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import heatmaps, zeroshot
+
+    out, store = scored_copy
+    with store_lock(store):
+        holder = json.loads((out / "good slide ü.zarr.lock").read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(StoreBusyError) as e, store_lock(store):
+            pass
+        text = str(e.value)
+        assert f"pid {os.getpid()} on host {socket.gethostname()}" in text and "delete the .lock file" in text
+        # scoring waits for the lock, then gives the same line (and keeps the other writer's summary)
+        import slide_clip.scoring as scoring
+
+        old, scoring.LOCK_WAIT_SECONDS = scoring.LOCK_WAIT_SECONDS, 0.3
+        try:
+            [r] = zeroshot([store], load_prompts("tumour"), cfg)
+            with pytest.raises(StoreBusyError):
+                heatmaps(store, "tumour", cfg)
+        finally:
+            scoring.LOCK_WAIT_SECONDS = old
+        assert r["status"] == "failed" and "being written by another process" in r["error"]
+    # a writer that waits gets the lock once the holder lets go
+    release = threading.Event()
+
+    def hold():
+        with store_lock(store):
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    threading.Timer(0.5, release.set).start()
+    [r] = zeroshot([store], load_prompts("tumour"), cfg)
+    t.join()
+    assert r["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------ empty inputs, prompts
+def test_empty_inputs_are_errors(tmp_path, cfg):
+    from slide_clip.manifest import cohort_slides
+    from slide_clip.pipeline import embed_slides
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no slides to process"):
+        embed_slides([], tmp_path / "out", cfg)
+    with pytest.raises(ConfigError, match=f"no slides found in {empty}"):
+        cohort_slides([empty])
+    (empty / "a.svs").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="matching '\\*.ndpi'"):
+        cohort_slides([empty], "*.ndpi")
+    assert [c.slide_id for c in cohort_slides([empty])] == ["a"]
+    r = subprocess.run([sys.executable, "-m", "slide_clip.cli", "embed", str(empty), "--pattern", "*.ndpi",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no slides found" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "slide_clip_flows.cli", "run", str(empty), "--pattern", "*.ndpi",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith(f"error: no slides found in {empty} matching '*.ndpi'")
+
+
+@pytest.mark.parametrize("template", ["an image of {} {0}", "an image of {} {x}", "{} and {}", "{!r}", "{"])
+def test_prompt_templates_need_exactly_one_plain_slot(tmp_path, template):
+    from slide_clip.prompts import load_prompts
+
+    p = tmp_path / "p.yaml"
+    p.write_text(f"name: x\ntemplates: [{json.dumps(template)}]\n"
+                 "classes:\n  - {name: a, synonyms: [a]}\n  - {name: b, synonyms: [b]}\n")
+    with pytest.raises(ConfigError, match="exactly one '{}' slot") as e:
+        load_prompts(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_literal_braces_are_fine_in_a_template(tmp_path):
+    from slide_clip.prompts import load_prompts
+
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\ntemplates: ['{{H&E}} {}']\nclasses:\n  - {name: a, synonyms: [a]}\n"
+                 "  - {name: b, synonyms: [b]}\n")
+    ps = load_prompts(p)
+    assert ps.texts(ps.classes[0]) == ["{H&E} a"]
+
+
+# ------------------------------------------------------------------------------ background model build
+def test_a_slide_failing_while_the_model_builds_exits_cleanly(hostile_dir, tmp_path, cfg):
+    """The model builds in a background thread while the slide is checked; a slide that fails
+    at once must not leave that thread running into interpreter shutdown (exit 134)."""
+    from slide_clip.pipeline import embed_slides
+
+    slow = cfg.with_overrides(encode={"model": "random:ViT-B-32"}, tiling={"target_mpp": 0.5})
+    [r] = embed_slides([hostile_dir / "coarse.tif"], tmp_path / "out", slow, progress=False)
+    assert r.status == "failed"
+    assert not [t for t in threading.enumerate() if t.name == "load-encoder"]  # joined before returning
+    p = subprocess.run([sys.executable, "-m", "slide_clip.cli", "embed", str(hostile_dir / "coarse.tif"),
+                        "--out", str(tmp_path / "cli"), "--model", "random:ViT-B-32", "--device", "cpu",
+                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert "terminate called" not in p.stderr and "coarser than the target" in p.stderr
+
+
+def test_slide_id_rule(tmp_path):
+    from slide_clip.slide_ids import assign_slide_ids
+
+    for rel in ("a/x.svs", "a/x.tif", "b/x.svs", "c/y.svs", "d/z z é.svs"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    p = {rel: str(tmp_path / rel) for rel in ("a/x.svs", "a/x.tif", "b/x.svs", "c/y.svs", "d/z z é.svs")}
+    # unique names stay names, wherever the files are
+    assert assign_slide_ids([p["c/y.svs"], p["a/x.svs"], p["d/z z é.svs"]]) == {
+        p["c/y.svs"]: "y", p["a/x.svs"]: "x", p["d/z z é.svs"]: "z z é"}
+    # shared names: the path below the common folder; same folder: the extension tells them apart
+    assert assign_slide_ids([p["a/x.svs"], p["b/x.svs"]]) == {p["a/x.svs"]: "a__x", p["b/x.svs"]: "b__x"}
+    ids = assign_slide_ids([p["a/x.svs"], p["a/x.tif"]])
+    assert ids == {p["a/x.svs"]: "x", p["a/x.tif"]: "x.tif"}
