@@ -59,11 +59,18 @@ def run(
     batch_size: Optional[int] = typer.Option(None, help="Tiles per batch."),
     deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment (scale-out)."),
     encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit held while encoding."),
+    clinical: Optional[Path] = typer.Option(None, help="Clinical table (patient_id, time, event): then also run the "
+                                            "survival baselines (see `slide-clip survival`)."),
+    time: Optional[str] = typer.Option(None, "--time", help="Follow-up time column of --clinical."),
+    event: Optional[str] = typer.Option(None, "--event", help="Event column of --clinical."),
 ):
     """Run the whole pipeline on a cohort as a Prefect flow (no server needed: a temporary one starts).
 
     Finished slides are skipped; changed prompts only re-score. Exit code 1 if any slide failed.
     """
+    if clinical is not None and not (time and event):
+        _fail("--clinical needs --time and --event (the follow-up time and event columns)")
+    survival = {"clinical": str(clinical.resolve()), "time": time, "event": event} if clinical else None
     try:
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, batch_size)
     except SlideClipError as e:
@@ -73,7 +80,7 @@ def run(
     state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,
                            prompts=list(prompts), heatmaps=not no_heatmaps, force=force,
                            max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
-                           return_state=True)
+                           survival=survival, return_state=True)
     if not state.is_completed():
         _fail(state.message or "the cohort flow failed")
     result = state.result()
@@ -82,6 +89,8 @@ def run(
         typer.echo(f"{r.get('status', '?'):8s} {r['slide_id']}  {tail}")
     for name, t in result["tables"].items():
         typer.echo(f"summary {name}: {t['csv']}")
+    for name, r in (result.get("survival") or {}).items():
+        typer.echo(f"survival {name}: Harrell's C {r['overall']['harrell']}, {r['report']}")
     raise typer.Exit(1 if result["failed"] else 0)
 
 
