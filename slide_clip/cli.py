@@ -310,7 +310,8 @@ def survival(
     epochs: Optional[int] = typer.Option(None, help="ABMIL training epochs (default 40)."),
     device: Optional[str] = _DEV_OPT,
     bootstrap: int = typer.Option(500, help="Bootstrap resamples of the c-index intervals."),
-    no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip the ABMIL heatmaps of every slide."),
+    heatmaps: str = typer.Option("all", help="ABMIL heatmaps of all slides, of the gallery patients' slides "
+                                 "(gallery), or none."),
 ):
     """Cross-validated survival baselines from the stores and a clinical table.
 
@@ -324,7 +325,7 @@ def survival(
               "install them with `pip install scikit-survival h5py`")
     abmil = {k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None}
     settings = SurvivalSettings(baselines=tuple(baseline), folds=folds, seed=seed, name=name, n_boot=bootstrap,
-                                covariates=tuple(covariate), heatmaps=not no_heatmaps, abmil=abmil)
+                                covariates=tuple(covariate), heatmaps=heatmaps, abmil=abmil)
     try:
         run_survival(out, clinical, time, event, model=model, manifest=manifest, settings=settings,
                      log=lambda m: typer.echo(m, err=True))

@@ -32,9 +32,10 @@ class ABMILSettings:
     batch_patients: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-3
-    max_tiles: int = 4096  # tiles sampled per bag per training step (all tiles at prediction)
+    max_tiles: int = 2048  # tiles sampled per bag per training step (all tiles at prediction)
     cache_mb: float = 1024.0  # keep training bags in memory below this size, else re-read them
     device: str = "auto"
+    cpu_threads: int | None = None  # torch threads while training on a CPU (None: torch's default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,13 +77,17 @@ def _build(d: int, s: ABMILSettings):
             self.att_w = nn.Linear(s.attention, 1)
             self.head = nn.Linear(s.hidden, 1)
 
-        def forward(self, x):
-            """x: (n, d) one bag -> (risk scalar, attention (n,), tile risk (n,))."""
+        def forward(self, x, mask=None):
+            """One bag ``x`` (n, d) -> (risk scalar, attention (n,), tile risk (n,)); or a padded
+            batch (B, n, d) with ``mask`` (B, n) True on real tiles -> (B,), (B, n), (B, n)."""
             h = self.embed(x)
             logits = self.att_w(torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))).squeeze(-1)
-            a = torch.softmax(logits, dim=0)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            a = torch.softmax(logits, dim=-1)
             tile_risk = self.head(h).squeeze(-1)
-            return (a * (tile_risk - self.head.bias)).sum() + self.head.bias.squeeze(), a, tile_risk
+            bias = self.head.bias.squeeze()
+            return (a * (tile_risk - bias)).sum(-1) + bias, a, tile_risk
 
     return GatedABMIL()
 
@@ -120,36 +125,63 @@ class ABMILModel:
                 "scale": self.scale, "settings": self.settings.to_dict()}
 
 
-def _tile_stats(ds: BagDataset) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and standard deviation over every tile of the dataset's bags (one pass)."""
-    d = ds.cohort.embed_dim
+def _tile_stats(bags: BagDataset, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and standard deviation over every tile of these bags (one pass)."""
+    d = bags.cohort.embed_dim
     s1, s2, n = np.zeros(d), np.zeros(d), 0
-    for sid in {s for i in range(len(ds)) for s in ds.slides_of(i)}:
-        for _, block in ds.cohort.open(sid).iter_embeddings(ds.cohort.model):
-            b = block.astype(np.float64)
-            s1 += b.sum(0)
-            s2 += (b * b).sum(0)
-            n += len(b)
+    for i in rows:
+        b = bags[i]["features"].astype(np.float64)
+        s1 += b.sum(0)
+        s2 += (b * b).sum(0)
+        n += len(b)
     mean = s1 / max(n, 1)
     sd = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0))
     sd[sd < 1e-8] = 1.0
     return mean, sd
 
 
+def _padded(feats: list[np.ndarray], mean, scale, device):
+    """Standardised bags stacked into (B, n_max, d) zeros-padded, and the (B, n_max) tile mask."""
+    import torch
+
+    n = max(len(f) for f in feats)
+    x = np.zeros((len(feats), n, len(mean)), np.float32)
+    mask = np.zeros((len(feats), n), bool)
+    for k, f in enumerate(feats):
+        x[k, :len(f)] = (f - mean) / scale
+        mask[k, :len(f)] = True
+    return torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+
+
 def fit_abmil(cohort: Cohort, patients: list[str], time, event, settings: ABMILSettings | None = None,
-              seed: int = 0, log=None) -> ABMILModel:
-    """Train on these patients' bags with the Cox partial likelihood over mini-batches of patients."""
+              seed: int = 0, log=None, bags: BagDataset | None = None) -> ABMILModel:
+    """Train on these patients' bags with the Cox partial likelihood over mini-batches of patients.
+
+    ``bags``: a patient :class:`BagDataset` of the cohort to read them from (and share its
+    cache); default a new one holding up to ``settings.cache_mb``.
+    """
     import torch
 
     s = settings or ABMILSettings()
     device = pick_device(s.device)
+    threads = torch.get_num_threads()
+    if device == "cpu" and s.cpu_threads:
+        torch.set_num_threads(s.cpu_threads)
+    try:
+        return _train(cohort, patients, time, event, s, device, seed, log, bags)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cohort, patients, time, event, s: ABMILSettings, device: str, seed: int, log, bags) -> ABMILModel:
+    import torch
+
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    full = bags or BagDataset(cohort, "patient", as_torch=False, cache_mb=s.cache_mb)
+    where = {pid: k for k, pid in enumerate(full.ids)}
     ds = BagDataset(cohort, "patient", ids=list(patients), as_torch=False)
-    mean, scale = _tile_stats(ds)
-    n_tiles = sum(cohort.open(sid).n_tiles for i in range(len(ds)) for sid in ds.slides_of(i))
-    cached = n_tiles * cohort.embed_dim * 4 / 2**20 <= s.cache_mb
-    cache: dict[int, np.ndarray] = {}
+    mean, scale = _tile_stats(full, [where[p] for p in ds.ids])
     net = _build(cohort.embed_dim, s).to(device)
     model = ABMILModel(net, mean, scale, s, device)
     opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -157,12 +189,7 @@ def fit_abmil(cohort: Cohort, patients: list[str], time, event, settings: ABMILS
     e_all = torch.as_tensor(np.asarray(event, np.float64))
 
     def bag(i: int) -> np.ndarray:
-        if i in cache:
-            return cache[i]
-        f = ds[i]["features"]
-        if cached:
-            cache[i] = f
-        return f
+        return full[where[ds.ids[i]]]["features"]
 
     for epoch in range(s.epochs):
         net.train()
@@ -172,13 +199,14 @@ def fit_abmil(cohort: Cohort, patients: list[str], time, event, settings: ABMILS
             idx = order[start:start + s.batch_patients]
             if e_all[idx].sum() == 0:
                 continue  # no event: no partial likelihood in this batch
-            risks = []
+            feats = []
             for i in idx:
                 f = bag(int(i))
                 if len(f) > s.max_tiles:
                     f = f[np.sort(rng.choice(len(f), s.max_tiles, replace=False))]
-                risks.append(net(model._x(f))[0])
-            loss = cox_loss(torch.stack(risks), t_all[idx], e_all[idx].to(device))
+                feats.append(f)
+            x, mask = _padded(feats, mean, scale, device)
+            loss = cox_loss(net(x, mask)[0], t_all[idx], e_all[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()

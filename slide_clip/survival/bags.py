@@ -133,6 +133,8 @@ class BagDataset:
         Only these patients (or slides), in this order; default all, sorted.
     as_torch : bool
         Return torch tensors (default) or numpy arrays.
+    cache_mb : float
+        Keep bags read so far in memory up to this many MiB (default 0: re-read every time).
 
     Each item is a dict: ``id``; ``features`` (n, d) float32; ``coords`` (n, 2) int64,
     level-0 pixels of the tile's own slide; ``slide_index`` (n,) int64 into ``slide_ids``.
@@ -140,10 +142,11 @@ class BagDataset:
     """
 
     def __init__(self, cohort: Cohort, level: str = "patient", ids: list[str] | None = None,
-                 as_torch: bool = True):
+                 as_torch: bool = True, cache_mb: float = 0.0):
         if level not in ("patient", "slide"):
             raise ValueError("level must be 'patient' or 'slide'")
         self.cohort, self.level, self.as_torch = cohort, level, as_torch
+        self.cache_bytes, self._cache, self._cached = cache_mb * 2**20, {}, 0
         every = list(cohort.patients) if level == "patient" else list(cohort.stores)
         self.ids = list(ids) if ids is not None else every
         unknown = [i for i in self.ids if i not in set(every)]
@@ -158,6 +161,22 @@ class BagDataset:
         return list(self.cohort.patients[bag]) if self.level == "patient" else [bag]
 
     def __getitem__(self, i: int) -> dict:
+        item = self._cache.get(i)
+        if item is None:
+            item = self._read(i)
+            size = item["features"].nbytes + item["coords"].nbytes
+            if self._cached + size <= self.cache_bytes:
+                self._cache[i] = item
+                self._cached += size
+        item = dict(item)
+        if self.as_torch:
+            import torch
+
+            for k in ("features", "coords", "slide_index"):
+                item[k] = torch.from_numpy(item[k])
+        return item
+
+    def _read(self, i: int) -> dict:
         sids = self.slides_of(i)
         feats, coords, index = [], [], []
         for k, sid in enumerate(sids):
@@ -169,11 +188,6 @@ class BagDataset:
                 "features": np.concatenate(feats) if feats else np.zeros((0, self.cohort.embed_dim), np.float32),
                 "coords": np.concatenate(coords) if coords else np.zeros((0, 2), np.int64),
                 "slide_index": np.concatenate(index) if index else np.zeros(0, np.int64)}
-        if self.as_torch:
-            import torch
-
-            for k in ("features", "coords", "slide_index"):
-                item[k] = torch.from_numpy(item[k])
         return item
 
 

@@ -45,7 +45,7 @@ class CoxNetModel:
         return np.asarray(self.estimator.predict(X, alpha=self.alpha), np.float64)
 
 
-def _fit_path(X, y, l1_ratio, n_alphas, alpha_min_ratio, alphas=None):
+def _fit_path(X, y, l1_ratio, n_alphas=100, alpha_min_ratio="auto", alphas=None):
     from sksurv.linear_model import CoxnetSurvivalAnalysis
 
     est = CoxnetSurvivalAnalysis(l1_ratio=l1_ratio, n_alphas=n_alphas, alpha_min_ratio=alpha_min_ratio,
@@ -91,16 +91,16 @@ def fit_coxnet(table: pd.DataFrame, time, event, columns: list[str], *, l1_ratio
     for f in range(k):
         tr, va = fold != f, fold == f
         try:
-            est = _fit_path(Z[tr], y[tr], l1_ratio, None, None, alphas=alphas)
-        except (ArithmeticError, ValueError):
+            est = _fit_path(Z[tr], y[tr], l1_ratio, alphas=alphas)
+        except ArithmeticError:  # sksurv: "numerical error" at a too small penalty for this fold
             continue
-        for j, a in enumerate(alphas):
-            try:
-                scores[f, j] = harrell_c(t[va], e[va], est.predict(Z[va], alpha=a))
-            except (ArithmeticError, ValueError):
-                pass
-    mean_score = np.nanmean(np.where(np.isnan(scores), np.nan, scores), axis=0) if np.isfinite(scores).any() \
-        else np.zeros(len(alphas))
+        for j, a in enumerate(est.alphas_):
+            scores[f, j] = harrell_c(t[va], e[va], est.predict(Z[va], alpha=a))
+    if not np.isfinite(scores).any():
+        raise ArithmeticError("the elastic-net Cox model could not be fitted on any inner fold")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: penalties no fold could fit
+        mean_score = np.nanmean(scores, axis=0)
     mean_score = np.nan_to_num(mean_score, nan=-1.0)
     best = int(np.argmax(mean_score))  # ties: the largest penalty (alphas are decreasing)
     return CoxNetModel(columns, mean, scale, path, float(alphas[best]), l1_ratio,

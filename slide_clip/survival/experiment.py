@@ -47,7 +47,7 @@ class SurvivalSettings:
     with_max: bool = False
     with_scores: bool = True
     covariates: tuple[str, ...] = ()
-    heatmaps: bool = True
+    heatmaps: str = "all"  # ABMIL heatmaps of "all" slides, of the "gallery" patients' slides, or "none"
     gallery_patients: int = 3
     gallery_tiles: int = 6
     abmil: dict = field(default_factory=dict)  # overrides of ABMILSettings
@@ -193,10 +193,11 @@ def run_abmil(cohort: Cohort, clinical: Clinical, fold: dict[str, int], settings
     train_risk, train_idx = {}, {}
     models = {}
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
-    ds = BagDataset(cohort, "patient", as_torch=False)
+    ds = BagDataset(cohort, "patient", as_torch=False, cache_mb=s.cache_mb)
     for f in range(settings.folds):
         tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
-        m = fit_abmil(cohort, [pids[i] for i in tr], t[tr], e[tr], s, seed=settings.seed * 1000 + f, log=log)
+        m = fit_abmil(cohort, [pids[i] for i in tr], t[tr], e[tr], s, seed=settings.seed * 1000 + f, log=log,
+                      bags=ds)
         models[f] = m
         train_risk[f], train_idx[f] = np.array([m.predict_bag(ds[i]["features"])[0] for i in tr]), tr
         for i in te:
@@ -219,14 +220,17 @@ def _abmil_pictures(cohort, ds, models, folds, risk, t, e, settings, run_dir) ->
     k = settings.gallery_patients
     chosen = set(order[:k].tolist()) | set(order[-k:].tolist()) if k else set()
     rows = {}
+    if settings.heatmaps not in ("all", "gallery", "none"):
+        raise ConfigError(f"heatmaps must be all, gallery or none (not {settings.heatmaps!r})")
     for i, pid in enumerate(ds.ids):
-        if not settings.heatmaps and i not in chosen:
+        draw = settings.heatmaps == "all" or (settings.heatmaps == "gallery" and i in chosen)
+        if not draw and i not in chosen:
             continue
         bag = ds[i]
         r, a, tile_risk = models[int(folds[i])].predict_bag(bag["features"])
         for j, sid in enumerate(bag["slide_ids"]):
             sel = bag["slide_index"] == j
-            if settings.heatmaps:
+            if draw:
                 out["heatmaps"] += [str(p) for p in slide_heatmaps(
                     cohort.open(sid), a[sel], tile_risk[sel], run_dir / "heatmaps", pid, r,
                     note=f"fold {int(folds[i])}")]
