@@ -1,7 +1,7 @@
 """Survival models on a synthetic cohort embedded by the real pipeline.
 
-The cohort: 60 patients, 20 of them with two slides (80 small slides written with
-slide_clip.synthetic). Each slide is a rectangle of tissue in which a second, dense texture
+The cohort (slide_clip.survival.demo, the README's example): 60 patients, 20 of them with two
+slides (80 small slides written with slide_clip.synthetic). Each slide is a rectangle of tissue in which a second, dense texture
 covers a random share of the area; a patient's hazard is 0.1 * exp(10 * f), f = the dense
 share of its tissue area (from the scenes' geometry, not from the pipeline). The slides are
 embedded with the tiny open_clip architecture loaded from a checkpoint file, scored
@@ -20,23 +20,9 @@ import pandas as pd
 import pytest
 
 from slide_clip.errors import ConfigError
-from slide_clip.synthetic import Region, Scene, write_slide
+from slide_clip.survival.demo import MPP, TILE, write_demo_cohort
 
-MPP = 1.0  # µm per level-0 pixel of the synthetic slides; tiles are 64 px at 1 µm/px
-TILE = 64
 N_PATIENTS, N_TWO_SLIDES = 60, 20
-
-
-def _scene(phi: float, left: bool, seed: int) -> tuple[Scene, float, float]:
-    """640 x 512 px slide: tissue rect (32..608, 32..480); the dense texture covers a share
-    ``phi`` of its width, from the left or right edge. Returns (scene, tissue px², dense px²)."""
-    x0, y0, x1, y1 = 32, 32, 608, 480
-    w = phi * (x1 - x0)
-    dense = (x0, y0, x0 + w, y1) if left else (x1 - w, y0, x1, y1)
-    regions = [Region("rect", (x0, y0, x1, y1), "tissue")]
-    if w > 0:
-        regions.append(Region("rect", dense, "dense"))
-    return Scene(640, 512, tuple(regions), seed=seed), (x1 - x0) * (y1 - y0), w * (y1 - y0)
 
 
 @pytest.fixture(scope="session")
@@ -49,27 +35,14 @@ def surv(tmp_path_factory, tiny_registry):
     from slide_clip.scoring import find_stores, zeroshot
 
     base = tmp_path_factory.mktemp("survival")
-    rng = np.random.default_rng(11)
-    slides, scenes, patient_of = [], {}, {}
-    tissue, dense = {}, {}
-    for p in range(N_PATIENTS):
-        pid = f"P{p:02d}"
-        for k in range(2 if p < N_TWO_SLIDES else 1):
-            sid = f"s{p:02d}_{k}"
-            sc, t_area, d_area = _scene(float(rng.uniform(0, 0.9)), bool(rng.integers(2)), seed=p * 10 + k)
-            path = write_slide(base / "slides" / f"{sid}.tif", sc, MPP, levels=2)
-            slides.append(CohortSlide(str(path), patient_id=pid))
-            scenes[sid], patient_of[sid] = sc, pid
-            tissue[pid] = tissue.get(pid, 0.0) + t_area
-            dense[pid] = dense.get(pid, 0.0) + d_area
-    pids = sorted(tissue)
-    f = np.array([dense[p] / tissue[p] for p in pids])
-    T = rng.exponential(1.0 / (0.1 * np.exp(10.0 * f)))
-    C = rng.uniform(0, 2.5 * np.quantile(T, 0.9), len(pids))
-    time, event = np.round(np.minimum(T, C), 4), (T <= C).astype(int)
-    clinical = base / "clinical.csv"
-    pd.DataFrame({"patient_id": pids, "os_months": time, "dead": event,
-                  "age": rng.integers(40, 80, len(pids))}).to_csv(clinical, index=False)
+    demo = write_demo_cohort(base, N_PATIENTS, N_TWO_SLIDES, seed=11, model=False)
+    slides = [CohortSlide(path, patient_id=pid) for path, pid in demo["slides"].values()]
+    scenes = demo["scenes"]
+    patient_of = {sid: pid for sid, (_, pid) in demo["slides"].items()}
+    clinical = demo["clinical"]
+    table = pd.read_csv(clinical, dtype={"patient_id": str})
+    pids, time, event = table["patient_id"].tolist(), table["os_months"].to_numpy(), table["dead"].to_numpy()
+    f = np.array([demo["dense_share"][p] for p in pids])
 
     cfg = load_config().with_overrides(
         tiling={"target_mpp": MPP, "tile_size": TILE},

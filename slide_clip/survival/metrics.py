@@ -17,14 +17,16 @@ def _surv(time, event):
 
 def harrell_c(time, event, risk) -> float:
     """Harrell's concordance index of ``risk`` (higher = earlier event); NaN without a comparable pair."""
+    from sksurv.exceptions import NoComparablePairException
     from sksurv.metrics import concordance_index_censored
 
     e, t, r = np.asarray(event, bool), np.asarray(time, float), np.asarray(risk, float)
     if not e.any():
         return float("nan")
     try:
-        return float(concordance_index_censored(e, t, r)[0])
-    except ZeroDivisionError:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return float(concordance_index_censored(e, t, r)[0])
+    except (NoComparablePairException, ZeroDivisionError):
         return float("nan")
 
 
@@ -34,6 +36,7 @@ def uno_c(train_time, train_event, time, event, risk, tau: float | None = None) 
     ``tau`` (same unit as the times) truncates the comparison; default: the largest test time
     strictly below the largest training time (where the censoring estimate is defined).
     """
+    from sksurv.exceptions import NoComparablePairException
     from sksurv.metrics import concordance_index_ipcw
 
     t, e, r = np.asarray(time, float), np.asarray(event, bool), np.asarray(risk, float)
@@ -47,8 +50,9 @@ def uno_c(train_time, train_event, time, event, risk, tau: float | None = None) 
             return float("nan")
         tau = float(below.max())
     try:
-        return float(concordance_index_ipcw(_surv(tt, train_event), _surv(t, e), r, tau=tau)[0])
-    except (ValueError, ZeroDivisionError):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return float(concordance_index_ipcw(_surv(tt, train_event), _surv(t, e), r, tau=tau)[0])
+    except (NoComparablePairException, ValueError, ZeroDivisionError):
         return float("nan")
 
 
