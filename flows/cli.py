@@ -79,6 +79,10 @@ def run(
     batch_size: Optional[int] = typer.Option(None, help="Tiles per batch."),
     deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment (scale-out)."),
     encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit held while encoding."),
+    clinical: Optional[Path] = typer.Option(None, help="Clinical table (patient_id, time, event): then also run the "
+                                            "survival baselines (see `slide-clip survival`)."),
+    time: Optional[str] = typer.Option(None, "--time", help="Follow-up time column of --clinical."),
+    event: Optional[str] = typer.Option(None, "--event", help="Event column of --clinical."),
 ):
     """Run the whole pipeline on a cohort as a Prefect flow (no server needed: a temporary one starts).
 
@@ -88,6 +92,9 @@ def run(
     from slide_clip.prompts import load_prompts
     from slide_clip.slide import read_mpp_csv
 
+    if clinical is not None and not (time and event):
+        _fail("--clinical needs --time and --event (the follow-up time and event columns)")
+    survival = {"clinical": str(clinical.resolve()), "time": time, "event": event} if clinical else None
     try:
         tiling = {"target_mpp": target_mpp, "tile_size": tile_size, "overlap": overlap, "min_tissue": min_tissue}
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, batch_size, tiling, precision)
@@ -117,6 +124,7 @@ def run(
                                    prompts=list(prompts), heatmaps=not no_heatmaps, force=force,
                                    max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
                                    mpp=mpp, mpp_csv=str(mpp_csv.resolve()) if mpp_csv else None,
+                                   survival=survival,
                                    return_state=True)
             if not state.is_completed():
                 _fail(state.message or "the cohort flow failed")
@@ -146,6 +154,8 @@ def _report_run(result: dict, out: Path) -> None:
         typer.echo(f"heatmaps: {d}")
     for t in result["tables"].values():
         typer.echo(f"cohort table: {t['csv']} (and .parquet)")
+    for name, r in (result.get("survival") or {}).items():
+        typer.echo(f"survival {name}: Harrell's C {r['overall']['harrell']}, {r['report']}")
 
 
 @app.command()

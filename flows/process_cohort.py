@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from slide_clip_flows.process_slide import process_slide
 from slide_clip.config import PipelineConfig, load_config
 from slide_clip.errors import SlideClipError
-from slide_clip.manifest import CohortSlide, cohort_slides, split_settled
+from slide_clip.manifest import CohortSlide, cohort_slides, record_patients, split_settled
 from slide_clip_flows import quiet_user_errors
 from slide_clip_tasks.summary import summary_task
 
@@ -94,6 +94,7 @@ def process_cohort(
     mpp: float | None = None,
     mpp_csv: str | None = None,
     allow_empty: bool = False,
+    survival: dict | None = None,
 ) -> dict:
     """Process a cohort into ``out``; returns per-slide statuses and the summary tables' paths.
 
@@ -106,6 +107,9 @@ def process_cohort(
     unless ``allow_empty`` (a watched folder).
     ``mpp`` overrides every slide's resolution (µm per level-0 pixel); ``mpp_csv`` names a CSV
     of ``slide,mpp`` overrides, which win over a manifest's ``mpp`` column.
+    ``survival`` (``{"clinical", "time", "event"}`` and other parameters of
+    :func:`~slide_clip_flows.process_survival.process_survival`) runs the survival baselines
+    on ``out`` once the slides are done.
     """
     quiet_user_errors()
     cfg = config or load_config()
@@ -121,6 +125,7 @@ def process_cohort(
         log.info(f"{c.path}: changed in the last {settle_seconds:g} s (still being copied?); left for the next run")
     log.info(f"{len(cohort)} slides, at most {max_concurrency} at a time -> {out}")
     Path(out).mkdir(parents=True, exist_ok=True)
+    record_patients(out, cohort)  # out/patients.csv: slides -> patients, for the survival models
     progress = _Progress(len(cohort))
     results = []
     with ThreadPoolTaskRunner(max_workers=max(1, max_concurrency)) as runner:
@@ -143,8 +148,13 @@ def process_cohort(
     _report(results, tables, out)
     n_failed = sum(r.get("status") == "failed" for r in results)
     log.info(f"{len(results) - n_failed} of {len(results)} slides done, {n_failed} failed")
-    return {"slides": results, "tables": {k: {"csv": v["csv"], "parquet": v["parquet"]} for k, v in tables.items()},
-            "failed": n_failed}
+    result = {"slides": results, "tables": {k: {"csv": v["csv"], "parquet": v["parquet"]} for k, v in tables.items()},
+              "failed": n_failed}
+    if survival:
+        from slide_clip_flows.process_survival import process_survival
+
+        result["survival"] = process_survival(out=out, **survival)
+    return result
 
 
 def _with_mpp(cohort: list[CohortSlide], mpp: float | None, mpp_csv: str | None) -> list[CohortSlide]:

@@ -319,6 +319,73 @@ def summarize(
         typer.echo(f"{csv_path}\n{parquet_path}")
 
 
+# ----------------------------------------------------------------------------- survival
+@app.command()
+def survival(
+    out: Path = typer.Argument(..., help="An output folder of `embed`/`run` (the slide stores)."),
+    clinical: Path = typer.Option(..., "--clinical", help="Clinical table (CSV or Parquet): patient_id, time, event, ..."),
+    time: str = typer.Option(..., "--time", help="Column of follow-up times."),
+    event: str = typer.Option(..., "--event", help="Column of event indicators (1/true = event, 0/false = censored)."),
+    model: Optional[str] = _MODEL_OPT,
+    baseline: List[str] = typer.Option(["coxnet", "abmil"], "--baseline", "-b",
+                                       help="Baselines to run (repeatable): coxnet, abmil."),
+    folds: int = typer.Option(5, help="Patient-level cross-validation folds (stratified by event)."),
+    seed: int = typer.Option(0, help="Seed of the folds, the bootstrap and the training."),
+    name: Optional[str] = typer.Option(None, help="Run name (default <model>-<folds>fold-seed<seed>)."),
+    manifest: Optional[Path] = typer.Option(None, help="Cohort CSV (path, patient_id) giving slides their patients "
+                                            "(default: out/patients.csv from `slide-clip run`; else one patient per slide)."),
+    covariate: List[str] = typer.Option([], "--covariate", help="Numeric clinical column added to the Cox model (repeatable)."),
+    epochs: Optional[int] = typer.Option(None, help="ABMIL training epochs (default 40)."),
+    device: Optional[str] = _DEV_OPT,
+    bootstrap: int = typer.Option(500, help="Bootstrap resamples of the c-index intervals."),
+    heatmaps: str = typer.Option("all", help="ABMIL heatmaps of all slides, of the gallery patients' slides "
+                                 "(gallery), or none."),
+):
+    """Cross-validated survival baselines from the stores and a clinical table.
+
+    Writes out/survival/<baseline>/<run>/ (report.json, risk.csv, km.png, heatmaps, models) and
+    the pooled tables out/survival/tables/<model>/{slides,patients}.parquet.
+    """
+    try:
+        from slide_clip.survival import SurvivalSettings, run_survival
+    except ImportError as e:  # pragma: no cover - a broken install
+        _fail(f"the survival models need scikit-survival, scikit-learn and h5py ({e}); "
+              "install them with `pip install scikit-survival h5py`")
+    abmil = {k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None}
+    settings = SurvivalSettings(baselines=tuple(baseline), folds=folds, seed=seed, name=name, n_boot=bootstrap,
+                                covariates=tuple(covariate), heatmaps=heatmaps, abmil=abmil)
+    try:
+        run_survival(out, clinical, time, event, model=model, manifest=manifest, settings=settings,
+                     log=lambda m: typer.echo(m, err=True))
+    except SlideClipError as e:
+        _fail(str(e))
+
+
+@app.command()
+def bags(
+    out: Path = typer.Argument(..., help="An output folder of `embed`/`run` (the slide stores)."),
+    h5: Optional[Path] = typer.Option(None, "--h5", help="Write one HDF5 bag per slide or patient into this folder."),
+    level: str = typer.Option("slide", help="slide or patient bags (HDF5)."),
+    model: Optional[str] = _MODEL_OPT,
+    manifest: Optional[Path] = typer.Option(None, help="Cohort CSV (path, patient_id); default out/patients.csv."),
+    with_max: bool = typer.Option(False, "--max", help="Add max-pooled embedding columns to the pooled tables."),
+):
+    """Pooled tables (Parquet, per slide and per patient) and optional HDF5 bags for MIL code."""
+    from slide_clip.survival import export_h5, open_cohort, write_pooled_tables
+
+    if level not in ("slide", "patient"):
+        _fail("--level must be slide or patient")
+    try:
+        cohort = open_cohort(out, model, manifest=manifest)
+        for p in write_pooled_tables(cohort, with_max=with_max):
+            typer.echo(str(p))
+        if h5:
+            files = export_h5(cohort, h5, level)
+            typer.echo(f"{len(files)} {level} bags in {h5}")
+    except SlideClipError as e:
+        _fail(str(e))
+
+
 def main():  # console-script entry point
     try:
         app()

@@ -132,3 +132,41 @@ def split_settled(slides: list[CohortSlide], settle_seconds: float,
     for s in slides:
         (waiting if now - last_modified(s.path) < settle_seconds else ready).append(s)
     return ready, waiting
+
+
+#: Beside the stores: which patient each slide belongs to (columns ``slide_id,patient_id``),
+#: written by the cohort flow from its manifest and read by the survival models.
+PATIENTS_FILE = "patients.csv"
+
+
+def record_patients(out_dir: str | Path, slides: list[CohortSlide]) -> Path | None:
+    """Merge the slides' patient ids into ``out/patients.csv`` (rows of other slides are kept).
+
+    Nothing is written when no slide has a patient id. A slide given again with a new
+    patient id gets the new one.
+    """
+    given = {s.slide_id: s.patient_id for s in slides if s.patient_id is not None}
+    if not given:
+        return None
+    path = Path(out_dir) / PATIENTS_FILE
+    merged = {**read_patients(out_dir), **given}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.part")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide_id", "patient_id"])
+        w.writerows(sorted(merged.items()))
+    tmp.replace(path)
+    return path
+
+
+def read_patients(out_dir: str | Path) -> dict[str, str]:
+    """Slide id -> patient id from ``out/patients.csv`` (empty when there is none)."""
+    path = Path(out_dir) / PATIENTS_FILE
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"slide_id", "patient_id"} <= set(reader.fieldnames or []):
+            raise ConfigError("needs columns slide_id,patient_id", path=path)
+        return {r["slide_id"]: r["patient_id"] for r in reader if r.get("slide_id") and r.get("patient_id")}

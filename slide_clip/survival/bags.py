@@ -1,0 +1,245 @@
+"""Bags of tile embeddings per slide and per patient, read lazily from the stores.
+
+A bag is every tile of a slide (or of all a patient's slides, in slide order): its
+embeddings ``(n, d)`` float32, level-0 coordinates ``(n, 2)`` of each tile's top-left corner
+in its own slide, and which slide each tile came from. Bags are read from the Zarr stores
+chunk by chunk when asked for, never all at once::
+
+    from slide_clip.survival import open_cohort, BagDataset
+
+    cohort = open_cohort("out/")                     # the stores' one model; patients from out/patients.csv
+    ds = BagDataset(cohort, level="patient")
+    bag = ds[0]                                      # {"id", "features", "coords", "slide_index", "slide_ids"}
+    export_h5(cohort, "bags/", level="slide")        # bags/<slide>.h5: features, coords (CLAM/TRIDENT layout)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slide_clip.errors import StoreError
+from slide_clip.scoring import find_stores, open_scored_store
+from slide_clip.store import SlideStore
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The complete stores of one embedding model, grouped by patient.
+
+    Attributes
+    ----------
+    out : Path
+        The output folder the stores are in.
+    model : str
+        The embedding model's registry name.
+    weights_sha256 : str
+        The weights every store's embeddings came from (checked equal).
+    stores : dict[str, Path]
+        Slide id -> store path, sorted by slide id.
+    patients : dict[str, list[str]]
+        Patient id -> its slide ids, sorted.
+    embed_dim : int
+    """
+
+    out: Path
+    model: str
+    weights_sha256: str
+    stores: dict[str, Path]
+    patients: dict[str, list[str]]
+    embed_dim: int
+
+    def open(self, slide_id: str) -> SlideStore:
+        return SlideStore.open(self.stores[slide_id])
+
+    def patient_of(self, slide_id: str) -> str:
+        for pid, sids in self.patients.items():
+            if slide_id in sids:
+                return pid
+        raise KeyError(slide_id)
+
+    def restrict(self, patients: dict[str, list[str]]) -> "Cohort":
+        """The same stores with another patient grouping (e.g. checked against a clinical table)."""
+        return Cohort(self.out, self.model, self.weights_sha256, self.stores, patients, self.embed_dim)
+
+
+def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Path | None = None,
+                stores: list[str | Path] | None = None) -> Cohort:
+    """Open every store in ``out`` (or the ``stores`` given) for one embedding model.
+
+    Every store must be tiled and hold complete embeddings of ``model`` (or of its one
+    model), all from the same weights: a partial or mismatched store raises
+    :class:`~slide_clip.errors.StoreError` naming it, never a silently smaller cohort.
+    Patients come from :func:`slide_clip.survival.clinical.slide_patients`.
+    """
+    from slide_clip.survival.clinical import slide_patients
+
+    out = Path(out)
+    paths = find_stores(stores or [out])
+    if not paths:
+        raise StoreError("holds no slide stores", path=out, hint="Run `slide-clip embed` or `slide-clip run` first.")
+    found: dict[str, Path] = {}
+    name = sha = None
+    dim = 0
+    for p in paths:
+        st, mname = open_scored_store(p, model)
+        a = st.embedding_attrs(mname)
+        if name is None:
+            name, sha, dim = mname, a["weights_sha256"], int(a["embed_dim"])
+        elif mname != name or a["weights_sha256"] != sha:
+            raise StoreError(f"holds embeddings of {mname!r} (weights {a['weights_sha256'][:12]}…), other stores of "
+                             f"{name!r} (weights {sha[:12]}…)", path=p, hint="Choose the model with --model, or "
+                             "re-embed the slides with one model.")
+        sid = str(st.slide["name"])
+        if sid in found:
+            raise StoreError(f"holds slide {sid!r}, as does {found[sid]}", path=p)
+        found[sid] = Path(p)
+    found = dict(sorted(found.items()))
+    mapping = slide_patients(out, list(found), manifest)
+    patients: dict[str, list[str]] = {}
+    for sid, pid in mapping.items():
+        patients.setdefault(pid, []).append(sid)
+    return Cohort(out, name, sha, found, dict(sorted(patients.items())), dim)
+
+
+def read_slide_bag(store: SlideStore, model: str) -> tuple[np.ndarray, np.ndarray]:
+    """One slide's ``(features (n, d) float32, coords (n, 2) int64 level-0)``, read chunk by chunk.
+
+    Raises :class:`~slide_clip.errors.StoreError` on partial or damaged embeddings.
+    """
+    coords = store.coords()
+    d = int(store.embedding_attrs(model)["embed_dim"])
+    feats = np.empty((coords.shape[0], d), np.float32)
+    seen = 0
+    for start, block in store.iter_embeddings(model):
+        feats[start:start + len(block)] = block
+        seen += len(block)
+    if seen != coords.shape[0]:
+        raise StoreError(f"has {seen} embedding rows for {coords.shape[0]} tiles", path=store.path)
+    return feats, coords
+
+
+class BagDataset:
+    """A torch-style ``Dataset`` of bags, read from the stores on each access.
+
+    Parameters
+    ----------
+    cohort : Cohort
+    level : {"patient", "slide"}
+        A bag per patient (all its slides' tiles, slide by slide) or per slide.
+    ids : list of str, optional
+        Only these patients (or slides), in this order; default all, sorted.
+    as_torch : bool
+        Return torch tensors (default) or numpy arrays.
+    cache_mb : float
+        Keep bags read so far in memory up to this many MiB (default 0: re-read every time).
+
+    Each item is a dict: ``id``; ``features`` (n, d) float32; ``coords`` (n, 2) int64,
+    level-0 pixels of the tile's own slide; ``slide_index`` (n,) int64 into ``slide_ids``.
+    Use it with ``torch.utils.data.DataLoader(ds, batch_size=None)`` (bags differ in size).
+    """
+
+    def __init__(self, cohort: Cohort, level: str = "patient", ids: list[str] | None = None,
+                 as_torch: bool = True, cache_mb: float = 0.0):
+        if level not in ("patient", "slide"):
+            raise ValueError("level must be 'patient' or 'slide'")
+        self.cohort, self.level, self.as_torch = cohort, level, as_torch
+        self.cache_bytes, self._cache, self._cached = cache_mb * 2**20, {}, 0
+        every = list(cohort.patients) if level == "patient" else list(cohort.stores)
+        self.ids = list(ids) if ids is not None else every
+        unknown = [i for i in self.ids if i not in set(every)]
+        if unknown:
+            raise KeyError(f"no {level} {unknown[0]!r} in the cohort")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def slides_of(self, i: int) -> list[str]:
+        bag = self.ids[i]
+        return list(self.cohort.patients[bag]) if self.level == "patient" else [bag]
+
+    def __getitem__(self, i: int) -> dict:
+        item = self._cache.get(i)
+        if item is None:
+            item = self._read(i)
+            size = item["features"].nbytes + item["coords"].nbytes
+            if self._cached + size <= self.cache_bytes:
+                self._cache[i] = item
+                self._cached += size
+        item = dict(item)
+        if self.as_torch:
+            import torch
+
+            for k in ("features", "coords", "slide_index"):
+                item[k] = torch.from_numpy(item[k])
+        return item
+
+    def _read(self, i: int) -> dict:
+        sids = self.slides_of(i)
+        feats, coords, index = [], [], []
+        for k, sid in enumerate(sids):
+            f, c = read_slide_bag(self.cohort.open(sid), self.cohort.model)
+            feats.append(f)
+            coords.append(c)
+            index.append(np.full(len(f), k, np.int64))
+        item = {"id": self.ids[i], "slide_ids": sids,
+                "features": np.concatenate(feats) if feats else np.zeros((0, self.cohort.embed_dim), np.float32),
+                "coords": np.concatenate(coords) if coords else np.zeros((0, 2), np.int64),
+                "slide_index": np.concatenate(index) if index else np.zeros(0, np.int64)}
+        return item
+
+
+def export_h5(cohort: Cohort, folder: str | Path, level: str = "slide") -> list[Path]:
+    """Write one HDF5 file per bag, in the layout CLAM/TRIDENT-style MIL trainers read.
+
+    ``<folder>/<id>.h5`` holds ``features`` (n, d) float32 and ``coords`` (n, 2) int64
+    (level-0 top-left of each tile in its slide), written one store chunk at a time. The
+    ``coords`` dataset and the file carry ``patch_size_level0`` (tile side in level-0
+    pixels, rounded; one value per slide when a patient's slides differ), ``patch_size``
+    (pixels at the target resolution), ``patch_level`` 0, ``target_mpp``; patient files also
+    have ``slide_index`` (n,) and the attribute ``slide_ids``.
+    """
+    import h5py
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = BagDataset(cohort, level, as_torch=False)
+    written = []
+    for i, bag in enumerate(ds.ids):
+        sids = ds.slides_of(i)
+        stores = [cohort.open(s) for s in sids]
+        n = sum(s.n_tiles for s in stores)
+        sizes = [int(round(float(s.tiling["tile_extent_level0"][0]))) for s in stores]
+        tile_px = {int(s.tiling["tile_size"]) for s in stores}
+        target = {float(s.tiling["target_mpp"]) for s in stores}
+        path = folder / f"{bag}.h5"
+        tmp = path.with_suffix(".h5.part")
+        with h5py.File(tmp, "w") as f:
+            fe = f.create_dataset("features", shape=(n, cohort.embed_dim), dtype="float32")
+            co = f.create_dataset("coords", shape=(n, 2), dtype="int64")
+            si = f.create_dataset("slide_index", shape=(n,), dtype="int64") if level == "patient" else None
+            at = 0
+            for k, st in enumerate(stores):
+                c = st.coords()
+                co[at:at + len(c)] = c
+                if si is not None:
+                    si[at:at + len(c)] = k
+                rows = 0
+                for start, block in st.iter_embeddings(cohort.model):
+                    fe[at + start:at + start + len(block)] = block
+                    rows += len(block)
+                if rows != len(c):
+                    raise StoreError(f"has {rows} embedding rows for {len(c)} tiles", path=st.path)
+                at += len(c)
+            attrs = {"patch_size_level0": sizes[0] if len(set(sizes)) == 1 else np.asarray(sizes),
+                     "patch_size": tile_px.pop() if len(tile_px) == 1 else -1, "patch_level": 0,
+                     "target_mpp": target.pop() if len(target) == 1 else float("nan")}
+            for obj in (f, co):
+                obj.attrs.update(attrs)
+            f.attrs.update({"model": cohort.model, "weights_sha256": cohort.weights_sha256, "id": bag,
+                            "level": level, "slide_ids": np.asarray(sids, dtype=h5py.string_dtype())})
+        tmp.replace(path)
+        written.append(path)
+    return written

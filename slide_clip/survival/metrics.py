@@ -1,0 +1,147 @@
+"""Survival metrics: Harrell's and Uno's c-index with bootstrap intervals, Kaplan-Meier curves
+of risk groups and the log-rank test (scikit-survival does the counting)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _surv(time, event):
+    from sksurv.util import Surv
+
+    return Surv.from_arrays(event=np.asarray(event, bool), time=np.asarray(time, float))
+
+
+def harrell_c(time, event, risk) -> float:
+    """Harrell's concordance index of ``risk`` (higher = earlier event); NaN without a comparable pair."""
+    from sksurv.exceptions import NoComparablePairException
+    from sksurv.metrics import concordance_index_censored
+
+    e, t, r = np.asarray(event, bool), np.asarray(time, float), np.asarray(risk, float)
+    if not e.any():
+        return float("nan")
+    try:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return float(concordance_index_censored(e, t, r)[0])
+    except (NoComparablePairException, ZeroDivisionError):
+        return float("nan")
+
+
+def uno_c(train_time, train_event, time, event, risk, tau: float | None = None) -> float:
+    """Uno's IPCW concordance index; the censoring distribution is estimated on the training data.
+
+    ``tau`` (same unit as the times) truncates the comparison; default: the largest test time
+    strictly below the largest training time (where the censoring estimate is defined).
+    """
+    from sksurv.exceptions import NoComparablePairException
+    from sksurv.metrics import concordance_index_ipcw
+
+    t, e, r = np.asarray(time, float), np.asarray(event, bool), np.asarray(risk, float)
+    tt = np.asarray(train_time, float)
+    if not e.any():
+        return float("nan")
+    limit = tt.max()
+    if tau is None:
+        below = t[t < limit]
+        if not below.size:
+            return float("nan")
+        tau = float(below.max())
+    try:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return float(concordance_index_ipcw(_surv(tt, train_event), _surv(t, e), r, tau=tau)[0])
+    except (NoComparablePairException, ValueError, ZeroDivisionError):
+        return float("nan")
+
+
+def bootstrap_ci(stat, n: int, *, n_boot: int = 500, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap interval of ``stat(indices)`` over ``n`` resampled patients.
+
+    Returns ``{"low", "high", "n_boot", "n_valid"}``; resamples where the statistic is
+    undefined (NaN: no comparable pair) are dropped and counted out of ``n_valid``.
+    """
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        v = stat(rng.integers(0, n, n))
+        if np.isfinite(v):
+            vals.append(v)
+    if len(vals) < max(10, n_boot // 10):
+        return {"low": None, "high": None, "n_boot": n_boot, "n_valid": len(vals)}
+    a = (1 - level) / 2
+    lo, hi = np.quantile(vals, [a, 1 - a])
+    return {"low": float(lo), "high": float(hi), "n_boot": n_boot, "n_valid": len(vals)}
+
+
+def concordance(time, event, risk, train_time=None, train_event=None, *, n_boot: int = 500,
+                seed: int = 0) -> dict:
+    """Harrell's and Uno's c-index of one set of patients, each with a 95 % bootstrap interval.
+
+    ``train_time``/``train_event`` estimate the censoring distribution of Uno's index (default:
+    the patients themselves).
+    """
+    t, e, r = (np.asarray(x, float) for x in (time, event, risk))
+    tt = t if train_time is None else np.asarray(train_time, float)
+    te = e if train_event is None else np.asarray(train_event, float)
+    h = harrell_c(t, e, r)
+    u = uno_c(tt, te, t, e, r)
+    return {
+        "n": int(len(t)), "events": int(e.sum()),
+        "harrell": _clean(h), "harrell_ci": bootstrap_ci(lambda i: harrell_c(t[i], e[i], r[i]), len(t),
+                                                         n_boot=n_boot, seed=seed),
+        "uno": _clean(u), "uno_ci": bootstrap_ci(lambda i: uno_c(tt, te, t[i], e[i], r[i]), len(t),
+                                                 n_boot=n_boot, seed=seed + 1),
+    }
+
+
+def _clean(v: float):
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def logrank_p(time, event, group) -> float:
+    """Log-rank test p-value between the groups (scikit-survival ``compare_survival``)."""
+    from sksurv.compare import compare_survival
+
+    g = np.asarray(group)
+    if len(np.unique(g)) < 2:
+        return float("nan")
+    _, p = compare_survival(_surv(time, event), g)
+    return float(p)
+
+
+def km_plot(time, event, high, path: str | Path, title: str, time_label: str = "time") -> dict:
+    """Kaplan-Meier curves of the high- and low-risk groups with the log-rank p-value, as a PNG.
+
+    ``high`` is a boolean per patient. Returns ``{"logrank_p", "n_high", "n_low", "png"}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    t, e, hi = np.asarray(time, float), np.asarray(event, bool), np.asarray(high, bool)
+    p = logrank_p(t, e, hi.astype(int))
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
+    for mask, label, colour in ((hi, "high risk", "#c0392b"), (~hi, "low risk", "#2471a3")):
+        if mask.sum() == 0:
+            continue
+        x, y = kaplan_meier_estimator(e[mask], t[mask])
+        ax.step(np.r_[0, x], np.r_[1, y], where="post", color=colour, label=f"{label} (n={int(mask.sum())})")
+        cens = mask & ~e
+        if cens.any():  # censoring ticks on the curve
+            ys = np.interp(t[cens], np.r_[0, x], np.r_[1, y], right=y[-1])
+            ax.plot(t[cens], ys, "|", color=colour, ms=7)
+    ax.set_xlabel(time_label)
+    ax.set_ylabel("survival probability")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{title}\nlog-rank p = {p:.3g}" if math.isfinite(p) else f"{title}\nlog-rank p: n/a", fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"logrank_p": _clean(p), "n_high": int(hi.sum()), "n_low": int((~hi).sum()), "png": str(path)}
