@@ -59,6 +59,8 @@ def run(
     batch_size: Optional[int] = typer.Option(None, help="Tiles per batch."),
     deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment (scale-out)."),
     encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit held while encoding."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="Then cluster the cohort's tiles into K "
+                                           "clusters (as `slide-clip cluster --k K`)."),
 ):
     """Run the whole pipeline on a cohort as a Prefect flow (no server needed: a temporary one starts).
 
@@ -73,7 +75,7 @@ def run(
     state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,
                            prompts=list(prompts), heatmaps=not no_heatmaps, force=force,
                            max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
-                           return_state=True)
+                           clusters=clusters, return_state=True)
     if not state.is_completed():
         _fail(state.message or "the cohort flow failed")
     result = state.result()

@@ -90,6 +90,7 @@ def process_cohort(
     deployment: str | None = None,
     encoder_limit: str | None = None,
     settle_seconds: float = 0.0,
+    clusters: int | None = None,
 ) -> dict:
     """Process a cohort into ``out``; returns per-slide statuses and the summary tables' paths.
 
@@ -99,6 +100,7 @@ def process_cohort(
     deployment's own limit holds.
     Slides whose files changed in the last ``settle_seconds`` are still being copied in: they
     are reported as ``waiting`` and left for a later run.
+    With ``clusters`` (k), the cohort's tiles are then clustered (see flows/explore_cohort.py).
     """
     quiet_user_errors()
     cfg = config or load_config()
@@ -130,6 +132,11 @@ def process_cohort(
     score_sets = sorted({s for r in results for s in (r.get("extra") or {}).get("scores", {})})
     tables = {name: summary_task(out, name, None, metadata, ids) for name in score_sets}
     _report(results, tables, out)
+    if clusters:
+        from slide_clip_tasks.explore import cluster_task
+
+        explored = cluster_task(out, clusters)
+        log.info(f"clusters (k={clusters}): {explored['table']}")
     n_failed = sum(r.get("status") == "failed" for r in results)
     log.info(f"{len(results) - n_failed} of {len(results)} slides done, {n_failed} failed")
     return {"slides": results, "tables": {k: {"csv": v["csv"], "parquet": v["parquet"]} for k, v in tables.items()},

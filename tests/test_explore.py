@@ -393,3 +393,25 @@ def test_explore_commands(cohort_out, tiny_registry, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not among the cohort" in r.stderr
     r = run("cluster", tmp_path / "missing")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- Prefect
+@pytest.mark.usefixtures("prefect_harness")
+def test_explore_flow_and_the_cohort_flow_clusters_option(cohort_out, tmp_path):
+    from slide_clip_flows.explore_cohort import explore_cohort
+    from slide_clip_flows.process_cohort import process_cohort
+
+    out, cfg = cohort_out
+    r = explore_cohort(str(out), clusters=2, queries=["necrosis"], map_method="pca", config=cfg, top=3)
+    assert r["clusters"]["set"] == "clusters-k2" and r["map"]["method"] == "pca"
+    assert pd.read_csv(r["clusters"]["csv"])["slide_id"].tolist() == list(SCENES)
+    hits = pd.read_csv(out / "explore" / "search" / "necrosis" / "hits.csv")
+    assert len(hits) == 3 and (hits["query"] == "necrosis").all()
+    assert any(f.endswith("tiles-pca-clusters-k2.png") for f in r["map"]["files"])
+    # the cohort flow: finished slides are skipped, then the tiles are clustered
+    table = out / "tables" / "clusters-k3-tiny.parquet"
+    table.unlink(missing_ok=True)
+    res = process_cohort(slides=[str(out.parent / "slides")], out=str(out), config=cfg, prompts=["tumour"],
+                         heatmaps=False, clusters=3)
+    assert res["failed"] == 0 and {s["status"] for s in res["slides"]} == {"skipped"}
+    assert pd.read_parquet(table)["k"].tolist() == [3, 3]
