@@ -62,6 +62,19 @@ def _query_set(texts: list[str], prompts: PromptSet, raw: bool) -> tuple[PromptS
     return qs, kinds
 
 
+def _encoder(cohort: Cohort, cfg):
+    """The cohort's model for text or image files, its weights hash checked against the stores.
+
+    A ``checkpoint`` in ``cfg`` is the stored model's weights file (as ``--checkpoint`` of
+    `zeroshot`): it applies to the cohort's model whatever ``cfg.encode.model`` names.
+    """
+    from slide_clip.scoring import EncoderPool
+
+    if cfg.encode.checkpoint and cfg.encode.model != cohort.model:
+        cfg = cfg.with_overrides(encode={"model": cohort.model})
+    return EncoderPool(cfg).get(cohort.model, cohort.weights_sha256, cohort.slides[0].path)
+
+
 def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path | None = None,
                  raw: bool = False) -> list[Query]:
     """Embed text queries with the cohort's model (cached in ``<out>/classifiers``).
@@ -78,8 +91,6 @@ def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path |
     raw : bool
         Embed each text verbatim (no templates, no synonyms).
     """
-    from slide_clip.scoring import EncoderPool
-
     if not texts:
         return []
     ps = load_prompts(prompts or DEFAULT_TEMPLATES)
@@ -87,8 +98,7 @@ def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path |
     cache = ClassifierCache(cohort.out / "classifiers")
     clf = cache.get(cohort.model, cohort.weights_sha256, qs)
     if clf is None:
-        enc = EncoderPool(cfg).get(cohort.model, cohort.weights_sha256, cohort.slides[0].path)
-        clf = text_classifier(enc, qs)
+        clf = text_classifier(_encoder(cohort, cfg), qs)
         cache.put(cohort.model, cohort.weights_sha256, qs, clf)
     return [Query(c.name, k, clf[i], {"texts": qs.texts(c), "prompt_set": ps.name})
             for i, (c, k) in enumerate(zip(qs.classes, kinds))]
@@ -144,8 +154,6 @@ def image_queries(cohort: Cohort, images: list[str | Path], cfg) -> list[Query]:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from slide_clip.scoring import EncoderPool
-
     pics = []
     for p in images:
         try:
@@ -154,7 +162,7 @@ def image_queries(cohort: Cohort, images: list[str | Path], cfg) -> list[Query]:
         except (OSError, UnidentifiedImageError) as e:
             raise ConfigError(f"query image cannot be read ({type(e).__name__})", path=p,
                               hint="Give a PNG, JPEG or TIFF tile.") from None
-    enc = EncoderPool(cfg).get(cohort.model, cohort.weights_sha256, cohort.slides[0].path)
+    enc = _encoder(cohort, cfg)
     feats = enc.encode_images(torch.stack([enc.preprocess(im) for im in pics]))
     return [Query(Path(p).name, "image", normalize(f), {"image": str(p)}) for p, f in zip(images, feats)]
 
