@@ -5,7 +5,8 @@
    stores (:class:`slide_clip.store.SlideStore`, Zarr v3, Blosc zstd, 2048-row chunks) under
    ``--workdir``, reused by later runs with the same parameters. Embeddings are a seeded
    mixture of 256 Gaussian clusters in the unit sphere (L2-normalised), so neighbours are
-   meaningful; no slide files are needed (search reads only the stores).
+   meaningful (``--spread``: the noise's norm around unit centres; 1.0 by default, so a
+   tile's neighbours straddle IVF lists); no slide files are needed (search reads only the stores).
 2. **Exact search.** :func:`slide_clip.explore.search.search_exact` streams every store
    block by block and keeps the top 10 per query; timed for query batches of several sizes
    (one pass over the stores answers a whole batch). Queries: fresh draws from the same
@@ -37,14 +38,14 @@ import numpy as np
 from slide_clip.store import STATUS_COMPLETE, SlideStore
 
 
-def mixture(rng, n, centres, spread=0.35):
+def mixture(rng, n, centres, spread):
     k, d = centres.shape
     x = centres[rng.integers(0, k, n)] + rng.normal(scale=spread / np.sqrt(d), size=(n, d))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_cohort(workdir: Path, slides: int, tiles: int, dim: int, seed: int = 0) -> Path:
-    out = workdir / f"cohort-{slides}x{tiles}x{dim}-s{seed}"
+def write_cohort(workdir: Path, slides: int, tiles: int, dim: int, spread: float, seed: int = 0) -> Path:
+    out = workdir / f"cohort-{slides}x{tiles}x{dim}-spread{spread:g}-s{seed}"
     done = out / "complete.json"
     if done.is_file():
         return out
@@ -66,7 +67,7 @@ def write_cohort(workdir: Path, slides: int, tiles: int, dim: int, seed: int = 0
                         "stride_level0": [224.0, 224.0]})
         w = st.begin_embeddings(prov)
         for a in range(0, tiles, 2048):
-            w.append(mixture(rng, min(2048, tiles - a), centres))
+            w.append(mixture(rng, min(2048, tiles - a), centres, spread))
         w.flush()
         assert st.group["embeddings/bench"].attrs["status"] == STATUS_COMPLETE
     done.write_text(json.dumps({"slides": slides, "tiles": tiles, "dim": dim}))
@@ -79,6 +80,8 @@ def main(argv=None):
     ap.add_argument("--tiles", type=int, default=10240)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--batches", default="1,16,128", help="query batch sizes of exact search")
+    ap.add_argument("--spread", type=float, default=1.0,
+                    help="noise around the 256 cluster centres (norm, vs unit centres): larger is harder for IVF")
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--nprobe", default="8,32,128")
     ap.add_argument("--recall-queries", type=int, default=200)
@@ -91,22 +94,23 @@ def main(argv=None):
     from slide_clip.explore.search import search_exact
 
     t0 = time.perf_counter()
-    out = write_cohort(a.workdir, a.slides, a.tiles, a.dim)
+    out = write_cohort(a.workdir, a.slides, a.tiles, a.dim, a.spread)
     t_write = time.perf_counter() - t0
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cohort = Cohort.open([out])
     n = cohort.n_tiles
     centres = np.load(a.workdir / f"centres-{a.dim}-s0.npy")
     rng = np.random.default_rng(1)
-    res = {"tiles": n, "dim": a.dim, "slides": len(cohort.slides), "cohort_gb": n * a.dim * 4 / 1e9,
+    res = {"tiles": n, "dim": a.dim, "spread": a.spread, "nlist": a.nlist, "slides": len(cohort.slides),
+           "cohort_gb": n * a.dim * 4 / 1e9,
            "disk_gb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9,
            "write_s": round(t_write, 1), "cpus": os.cpu_count(), "exact": [], "faiss": []}
     print(f"cohort: {n} tiles x {a.dim} ({res['cohort_gb']:.2f} GB float32, {res['disk_gb']:.2f} GB on disk), "
           f"{len(cohort.slides)} stores; written/checked in {t_write:.0f} s")
     exact_top = None
-    recall_q = mixture(rng, a.recall_queries, centres)
+    recall_q = mixture(rng, a.recall_queries, centres, a.spread)
     for b in [int(x) for x in a.batches.split(",")]:
-        q = mixture(rng, b, centres)
+        q = mixture(rng, b, centres, a.spread)
         t = time.perf_counter()
         search_exact(cohort, q, top=10)
         dt = time.perf_counter() - t

@@ -233,6 +233,23 @@ def test_a_damaged_store_is_reported_never_searched(cohort_out, tmp_path):
 
 
 # ----------------------------------------------------------------------------- clusters
+def test_a_store_being_written_fails_alone_when_clustering(cohort_out, tmp_path):
+    from slide_clip.explore.clusters import cluster
+    from slide_clip.store import store_lock
+
+    out, _ = cohort_out
+    copy = tmp_path / "out"
+    for p in out.glob("*.zarr"):
+        shutil.copytree(p, copy / p.name)
+    with store_lock(copy / "two_tex_b.zarr"):  # another process is writing it
+        r = cluster([copy], k=2, maps=False, gallery=False)
+    t = r["table"].set_index("slide_id")
+    assert t.loc["two_tex_a", "status"] == "ok" and t.loc["two_tex_b", "status"] == "failed"
+    assert "being written by another process" in t.loc["two_tex_b", "error"]
+    assert SlideStore.open(copy / "two_tex_b.zarr").score_sets() == [("tiny", "tumour")]
+    assert ("tiny", "clusters-k2") in SlideStore.open(copy / "two_tex_a.zarr").score_sets()
+
+
 def test_clusters_match_textures_and_are_stored_as_a_score_set(cohort_out):
     from sklearn.metrics import adjusted_rand_score
 

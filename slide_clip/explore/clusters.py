@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slide_clip.errors import ConfigError
+from slide_clip.errors import ConfigError, SlideClipError
 from slide_clip.explore.cohort import Cohort
 from slide_clip.explore.search import TopN
 from slide_clip.store import model_key, store_lock
@@ -67,6 +67,8 @@ def composition_table(cohort: Cohort, labels: dict[int, np.ndarray], k: int, set
     names = cluster_names(k)
     rows = []
     for i, s in enumerate(cohort.slides):
+        if i not in labels:
+            continue  # failed while assigned: listed in cohort.failed
         lab = labels[i]
         counts = np.bincount(lab, minlength=k)
         frac = counts / max(1, len(lab))
@@ -122,26 +124,30 @@ def cluster(stores, *, k: int = 12, model: str | None = None, sample: int = 2000
     central = TopN(k, per_cluster)
     labels: dict[int, np.ndarray] = {}
     for i, s in enumerate(cohort.slides):
-        d2_parts = []
-        for start, block in s.store.iter_embeddings(cohort.model):
-            d2 = squared_distances(block, centroids)
-            lab = d2.argmin(1)
-            d2_parts.append(d2)
-            own = np.where(np.arange(k)[None, :] == lab[:, None], -d2, -np.inf)
-            central.update(own, i, np.arange(start, start + len(block)))
-        d2 = np.concatenate(d2_parts) if d2_parts else np.zeros((0, k), np.float32)
-        lab = d2.argmin(1).astype(np.int64) if len(d2) else np.zeros(0, np.int64)
-        labels[i] = lab
-        onehot = np.eye(k, dtype=np.float32)[lab]
-        t = s.store.tiling
-        grid = np.stack([probability_grid(s.store.grid(), onehot[:, c], t["grid_shape"], t["overlap"])
-                         for c in range(k)])
-        attrs = {"kind": KIND, "classes": names, "method": "kmeans", "k": k, "seed": seed,
-                 "sample_size": int(min(sample, cohort.n_tiles)), "fit_slides": cohort.slide_ids,
-                 "prompt_hash": digest, "centroids_sha256": digest,
-                 "weights_sha256": cohort.weights_sha256}
-        with store_lock(s.path):
-            s.store.write_scores(cohort.model, set_name, -d2, onehot, centroids, attrs, grid=grid)
+        try:
+            d2_parts = []
+            for start, block in s.store.iter_embeddings(cohort.model):
+                d2 = squared_distances(block, centroids)
+                lab = d2.argmin(1)
+                d2_parts.append(d2)
+                own = np.where(np.arange(k)[None, :] == lab[:, None], -d2, -np.inf)
+                central.update(own, i, np.arange(start, start + len(block)))
+            d2 = np.concatenate(d2_parts) if d2_parts else np.zeros((0, k), np.float32)
+            lab = d2.argmin(1).astype(np.int64) if len(d2) else np.zeros(0, np.int64)
+            labels[i] = lab
+            onehot = np.eye(k, dtype=np.float32)[lab]
+            t = s.store.tiling
+            grid = np.stack([probability_grid(s.store.grid(), onehot[:, c], t["grid_shape"], t["overlap"])
+                             for c in range(k)])
+            attrs = {"kind": KIND, "classes": names, "method": "kmeans", "k": k, "seed": seed,
+                     "sample_size": int(min(sample, cohort.n_tiles)), "fit_slides": cohort.slide_ids,
+                     "prompt_hash": digest, "centroids_sha256": digest,
+                     "weights_sha256": cohort.weights_sha256}
+            with store_lock(s.path):
+                s.store.write_scores(cohort.model, set_name, -d2, onehot, centroids, attrs, grid=grid)
+        except SlideClipError as e:  # a store locked by a writer, a damaged chunk: this slide only
+            labels.pop(i, None)
+            cohort.failed.append((str(s.path), str(e)))
     out = cohort.out / "explore" / "clusters" / f"{model_key(set_name)}-{model_key(cohort.model)}"
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "centroids.npy", centroids)
@@ -151,8 +157,7 @@ def cluster(stores, *, k: int = 12, model: str | None = None, sample: int = 2000
     stem = tables / f"{model_key(set_name)}-{model_key(cohort.model)}"
     table.to_parquet(stem.with_suffix(".parquet"), index=False)
     table.to_csv(stem.with_suffix(".csv"), index=False)
-    written_maps = [cluster_map(cohort, i, set_name, out / "maps", alpha) for i in range(len(cohort.slides))] \
-        if maps else []
+    written_maps = [cluster_map(cohort, i, set_name, out / "maps", alpha) for i in labels] if maps else []
     galleries = []
     if gallery:
         from slide_clip.explore.gallery import table_galleries
@@ -161,7 +166,7 @@ def cluster(stores, *, k: int = 12, model: str | None = None, sample: int = 2000
         rows = []
         for c in range(k):
             for j in range(sc.shape[1]):
-                if np.isfinite(sc[c, j]):
+                if np.isfinite(sc[c, j]) and int(sl[c, j]) in labels:
                     x, y = cohort.coords(int(sl[c, j]))[int(rw[c, j])]
                     rows.append({"cluster": names[c], "slide_id": cohort.slides[int(sl[c, j])].slide_id,
                                  "tile": int(rw[c, j]), "x": int(x), "y": int(y), "score": float(-sc[c, j])})
