@@ -303,8 +303,8 @@ def search(
     stores: List[Path] = typer.Argument(..., help="An output folder of `embed` (or its stores), then the text "
                                         "queries: slide-clip search OUT \"necrosis\" \"lymphocytes\"."),
     image: List[Path] = typer.Option([], "--image", help="Query with an image file (repeatable; encoded once)."),
-    tile: List[str] = typer.Option([], "--tile", help="Query with a stored tile SLIDE:X:Y, level-0 pixels "
-                                   "(repeatable; its stored embedding, never re-encoded)."),
+    tile: List[str] = typer.Option([], "--tile", help="Query with a stored tile, e.g. slide1:4480:2240 (slide id, then "
+                                   "level-0 x and y; repeatable; its stored embedding, never re-encoded)."),
     prompts: Optional[str] = typer.Option(None, "--prompts", "-p", help="Prompt set whose templates phrase the "
                                           "text; a text naming one of its classes uses the class's synonyms "
                                           "(default tissue_types)."),
