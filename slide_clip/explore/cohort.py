@@ -69,10 +69,11 @@ class Cohort:
         """
         from slide_clip.scoring import find_stores, open_scored_store
 
-        paths = find_stores(list(inputs) if isinstance(inputs, (list, tuple)) else [inputs])
+        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        paths = find_stores(inputs)
         if not paths:
-            raise StoreError("holds no slide stores", path=", ".join(map(str, inputs)) if isinstance(
-                inputs, (list, tuple)) else inputs, hint="Run `slide-clip embed` into it first.")
+            raise StoreError("holds no slide stores", path=", ".join(map(str, inputs)),
+                             hint="Run `slide-clip embed` into it first.")
         slides, failed = [], []
         name = sha = dim = None
         seen: dict[str, Path] = {}
