@@ -135,8 +135,11 @@ def process_cohort(
     if clusters:
         from slide_clip_tasks.explore import cluster_task
 
-        explored = cluster_task(out, clusters)
-        log.info(f"clusters (k={clusters}): {explored['table']}")
+        try:
+            explored = cluster_task(out, clusters)
+            log.info(f"clusters (k={clusters}): {explored['table']}")
+        except SlideClipError as exc:  # e.g. no slide finished: the slides' results stand
+            log.error(f"clusters (k={clusters}) not made: {exc}")
     n_failed = sum(r.get("status") == "failed" for r in results)
     log.info(f"{len(results) - n_failed} of {len(results)} slides done, {n_failed} failed")
     return {"slides": results, "tables": {k: {"csv": v["csv"], "parquet": v["parquet"]} for k, v in tables.items()},

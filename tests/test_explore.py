@@ -394,6 +394,13 @@ def test_explore_commands(cohort_out, tiny_registry, tmp_path):
     t = pd.read_csv(out / "explore" / "search" / "cli" / "hits.csv")
     assert list(t["query"].unique()) == ["tumour", "two_tex_a:448:448"] and len(t) == 8
     assert (out / "explore" / "search" / "cli" / "gallery.html").is_file()
+    r = run("search", out, "--tile", "two_tex_a:448:448", "--top", "4", "--build-index", "--nprobe", "1000",
+            "--name", "ann", "--no-gallery")
+    assert r.returncode == 0, r.stderr
+    a = pd.read_csv(out / "explore" / "search" / "ann" / "hits.csv")  # every list probed: the exact ranking
+    exact = t[t["query"] == "two_tex_a:448:448"].reset_index(drop=True)
+    assert a[["slide_id", "tile"]].equals(exact[["slide_id", "tile"]])
+    assert np.allclose(a["score"], exact["score"], atol=1e-5)
     r = run("cluster", out, "--k", "3", "--per-cluster", "2", "--no-maps")
     assert r.returncode == 0, r.stderr
     assert (out / "tables" / "clusters-k3-tiny.parquet").is_file() and "fraction:cluster_2" in r.stdout
@@ -428,7 +435,23 @@ def test_explore_flow_and_the_cohort_flow_clusters_option(cohort_out, tmp_path):
     # the cohort flow: finished slides are skipped, then the tiles are clustered
     table = out / "tables" / "clusters-k3-tiny.parquet"
     table.unlink(missing_ok=True)
-    res = process_cohort(slides=[str(out.parent / "slides")], out=str(out), config=cfg, prompts=["tumour"],
-                         heatmaps=False, clusters=3)
-    assert res["failed"] == 0 and {s["status"] for s in res["slides"]} == {"skipped"}
-    assert pd.read_parquet(table)["k"].tolist() == [3, 3]
+    state = process_cohort(slides=[str(out.parent / "slides")], out=str(out), config=cfg, prompts=["tumour"],
+                           heatmaps=False, clusters=3, return_state=True)
+    try:
+        res = state.result()
+        assert res["failed"] == 0 and {s["status"] for s in res["slides"]} == {"skipped"}
+        assert pd.read_parquet(table)["k"].tolist() == [3, 3]
+    finally:
+        _delete_artifacts_of(state.state_details.flow_run_id)
+
+
+def _delete_artifacts_of(flow_run_id):
+    """Remove a flow run's artifacts: the session's one Prefect harness is shared with
+    tests/test_flows.py, which expects one cohort artifact per key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))):
+            client.delete_artifact(a.id)

@@ -6,7 +6,8 @@ and merges each block's best candidates into them (a partial sort, ``numpy.argpa
 so memory is one block plus ``queries × top`` whatever the cohort's size.
 
 Ties are broken by cohort order (slide, then row), so a ranking is reproducible and equals
-a direct sort of the full score matrix by (−score, slide, row).
+a direct sort of the full score matrix by (−score, slide, row); only exactly equal scores
+straddling a block's cut-off (its n-th best) may be kept out of that order.
 """
 
 from __future__ import annotations
