@@ -83,6 +83,8 @@ def run(
                                             "survival baselines (see `slide-clip survival`)."),
     time: Optional[str] = typer.Option(None, "--time", help="Follow-up time column of --clinical."),
     event: Optional[str] = typer.Option(None, "--event", help="Event column of --clinical."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="Then cluster the cohort's tiles into K "
+                                           "clusters (as `slide-clip cluster --k K`)."),
 ):
     """Run the whole pipeline on a cohort as a Prefect flow (no server needed: a temporary one starts).
 
@@ -124,7 +126,7 @@ def run(
                                    prompts=list(prompts), heatmaps=not no_heatmaps, force=force,
                                    max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
                                    mpp=mpp, mpp_csv=str(mpp_csv.resolve()) if mpp_csv else None,
-                                   survival=survival,
+                                   survival=survival, clusters=clusters,
                                    return_state=True)
             if not state.is_completed():
                 _fail(state.message or "the cohort flow failed")
@@ -154,6 +156,9 @@ def _report_run(result: dict, out: Path) -> None:
         typer.echo(f"heatmaps: {d}")
     for t in result["tables"].values():
         typer.echo(f"cohort table: {t['csv']} (and .parquet)")
+    c = result.get("clusters")
+    if c:
+        typer.echo(f"clusters (k={c['k']}): {c.get('table') or 'not made: ' + c.get('error', '?')}")
     for name, r in (result.get("survival") or {}).items():
         typer.echo(f"survival {name}: Harrell's C {r['overall']['harrell']}, {r['report']}")
 

@@ -95,6 +95,7 @@ def process_cohort(
     mpp_csv: str | None = None,
     allow_empty: bool = False,
     survival: dict | None = None,
+    clusters: int | None = None,
 ) -> dict:
     """Process a cohort into ``out``; returns per-slide statuses and the summary tables' paths.
 
@@ -110,6 +111,7 @@ def process_cohort(
     ``survival`` (``{"clinical", "time", "event"}`` and other parameters of
     :func:`~slide_clip_flows.process_survival.process_survival`) runs the survival baselines
     on ``out`` once the slides are done.
+    With ``clusters`` (k), the cohort's tiles are then clustered (see flows/explore_cohort.py).
     """
     quiet_user_errors()
     cfg = config or load_config()
@@ -147,9 +149,19 @@ def process_cohort(
     tables = {name: summary_task(out, name, model, metadata, ids) for name, model in score_sets}
     _report(results, tables, out)
     n_failed = sum(r.get("status") == "failed" for r in results)
-    log.info(f"{len(results) - n_failed} of {len(results)} slides done, {n_failed} failed")
     result = {"slides": results, "tables": {k: {"csv": v["csv"], "parquet": v["parquet"]} for k, v in tables.items()},
               "failed": n_failed}
+    if clusters:
+        from slide_clip_tasks.explore import cluster_task
+
+        try:
+            explored = cluster_task(out, clusters)
+            result["clusters"] = {"k": clusters, "table": str(explored["table"])}
+            log.info(f"clusters (k={clusters}): {explored['table']}")
+        except SlideClipError as exc:  # e.g. no slide finished: the slides' results stand
+            result["clusters"] = {"k": clusters, "error": str(exc)}
+            log.error(f"clusters (k={clusters}) not made: {exc}")
+    log.info(f"{len(results) - n_failed} of {len(results)} slides done, {n_failed} failed")
     if survival:
         from slide_clip_flows.process_survival import process_survival
 

@@ -386,6 +386,130 @@ def bags(
         _fail(str(e))
 
 
+# ----------------------------------------------------------------------------- explore
+def _explore_failed(failed) -> int:
+    for _, msg in failed:
+        typer.echo(f"error: {msg}", err=True)
+    return len(failed)
+
+
+@app.command()
+def search(
+    stores: List[Path] = typer.Argument(..., help="An output folder of `embed` (or its stores), then the text "
+                                        "queries: slide-clip search OUT \"necrosis\" \"lymphocytes\"."),
+    image: List[Path] = typer.Option([], "--image", help="Query with an image file (repeatable; encoded once)."),
+    tile: List[str] = typer.Option([], "--tile", help="Query with a stored tile, e.g. slide1:4480:2240 (slide id, then "
+                                   "level-0 x and y; repeatable; its stored embedding, never re-encoded)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", "-p", help="Prompt set whose templates phrase the "
+                                          "text; a text naming one of its classes uses the class's synonyms "
+                                          "(default tissue_types)."),
+    raw: bool = typer.Option(False, "--raw", help="Embed each text verbatim (no templates or synonyms)."),
+    top: int = typer.Option(20, "--top", "-n", help="Tiles per query."),
+    name: Optional[str] = typer.Option(None, "--name", help="Output folder name under OUT/explore/search/."),
+    approximate: bool = typer.Option(False, "--approximate", help="Use the FAISS index (see --build-index)."),
+    build_index: bool = typer.Option(False, "--build-index", help="Build the FAISS index from the stores, then use it."),
+    nprobe: int = typer.Option(16, help="Inverted lists visited per query (approximate search)."),
+    gallery: bool = typer.Option(True, help="Write gallery PNGs and an HTML page of the hits."),
+    model: Optional[str] = _MODEL_OPT,
+    registry: List[Path] = _REG_OPT,
+    checkpoint: Optional[Path] = _CKPT_OPT,
+    config: Optional[Path] = _CFG_OPT,
+    device: Optional[str] = _DEV_OPT,
+):
+    """Rank every stored tile by cosine with text, image or tile queries; write a table and galleries.
+
+    The first argument is the stores' folder (or a store); the rest are text queries.
+    """
+    from slide_clip.explore.retrieval import search as run_search
+
+    where, texts = [stores[0]], [str(t) for t in stores[1:]]
+    try:
+        cfg = _scoring_config(config, registry, checkpoint, device)
+        r = run_search(where, cfg, texts=texts, images=[str(i) for i in image], tiles=list(tile), prompts=prompts,
+                       raw=raw, model=model, top=top, name=name, approximate=approximate,
+                       build_index=build_index, nprobe=nprobe, gallery=gallery)
+    except SlideClipError as e:
+        _fail(str(e))
+    failed = _explore_failed(r["failed"])
+    t = r["table"]
+    for q in r["queries"]:
+        sub = t[t["query"] == q].head(5)
+        typer.echo(f"{q}: " + ", ".join(f"{a}({x},{y}) {s:.3f}" for a, x, y, s in
+                                        zip(sub.slide_id, sub.x, sub.y, sub.score)))
+    typer.echo(f"{r['method']} search of {r['n_tiles']} tiles in {r['n_slides']} slides; {failed} stores failed")
+    for f in r["files"]:
+        typer.echo(str(f))
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def cluster(
+    stores: List[Path] = _STORES_ARG,
+    k: int = typer.Option(12, "--k", "-k", help="Number of clusters."),
+    sample: int = typer.Option(20000, help="Tiles the k-means is fitted on (seeded, stratified by slide)."),
+    seed: int = typer.Option(0, help="Seed of the sample and of k-means."),
+    name: Optional[str] = typer.Option(None, help="Score set name (default clusters-k<k>)."),
+    per_cluster: int = typer.Option(8, help="Representative tiles per cluster in the gallery."),
+    maps: bool = typer.Option(True, help="Draw a cluster map per slide."),
+    gallery: bool = typer.Option(True, help="Write the gallery of representative tiles."),
+    model: Optional[str] = _MODEL_OPT,
+):
+    """Cluster tiles across the cohort (k-means); store each slide's clusters; maps, gallery, table."""
+    from slide_clip.explore.clusters import cluster as run_cluster
+
+    try:
+        r = run_cluster(stores, k=k, model=model, sample=sample, seed=seed, name=name, maps=maps,
+                        gallery=gallery, per_cluster=per_cluster)
+    except SlideClipError as e:
+        _fail(str(e))
+    failed = _explore_failed(r["failed"])
+    cols = ["slide_id", "status", "n_tiles"] + [c for c in r["table"].columns if c.startswith("fraction:")]
+    typer.echo(r["table"][cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    for f in [r["table_path"], r["csv"], *r["maps"], *r["galleries"]]:
+        typer.echo(str(f))
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command(name="map")
+def map_(
+    stores: List[Path] = _STORES_ARG,
+    method: str = typer.Option("umap", help="umap, tsne or pca."),
+    of: str = typer.Option("tiles", "--of", help="tiles (a sample per slide) or slides (one pooled point each)."),
+    per_slide: int = typer.Option(200, help="Tiles sampled per slide (seeded)."),
+    seed: int = typer.Option(0, help="Seed of the sample and the map."),
+    colour_by: List[str] = typer.Option(["slide"], "--color-by", "--colour-by",
+                                        help="slide, a score set (top class) or a clusters set (repeatable)."),
+    mosaic: bool = typer.Option(False, help="Also place tile thumbnails on the map."),
+    h5ad: Optional[Path] = typer.Option(None, "--h5ad", help="Also export the sampled tiles (all tiles with "
+                                        "--per-slide 0) as AnnData, with the map in obsm."),
+    model: Optional[str] = _MODEL_OPT,
+):
+    """Draw a 2-D map (UMAP, t-SNE or PCA) of tiles or slides; optional mosaic and AnnData export."""
+    from slide_clip.explore.maps import embedding_map
+
+    try:
+        per = per_slide if per_slide > 0 else 10**12
+        r = embedding_map(stores, model=model, of=of, method=method, per_slide=per, seed=seed,
+                          colour_by=list(colour_by), mosaic=mosaic)
+        files = list(r["files"])
+        if h5ad is not None:
+            from slide_clip.explore.h5ad import export_h5ad
+
+            sets = [c for c in colour_by if c != "slide"]
+            obsm = {f"X_{r['method']}": r["points"][["map_1", "map_2"]].to_numpy()} if of == "tiles" else None
+            e = export_h5ad(stores, h5ad, model=model, per_slide=per if of == "tiles" else None, seed=seed,
+                            score_sets=sets or None, obsm=obsm)
+            files.append(e["path"])
+    except SlideClipError as e:
+        _fail(str(e))
+    failed = _explore_failed(r["failed"])
+    typer.echo(f"{r['method']} map of {len(r['points'])} {of}")
+    for f in files:
+        typer.echo(str(f))
+    raise typer.Exit(1 if failed else 0)
+
+
+
 def main():  # console-script entry point
     try:
         app()

@@ -146,3 +146,65 @@ def tiles_geojson(coords: np.ndarray, extent, probs: np.ndarray, class_names: li
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"type": "FeatureCollection", "name": name, "features": features}))
     return path
+
+
+# ----------------------------------------------------------------------------- categories
+def categorical_colours(n: int) -> np.ndarray:
+    """(n, 3) uint8 distinct colours: matplotlib's tab10 / tab20, evenly spaced hues beyond 20."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        rgb = np.asarray(colormaps["tab10"].colors)[:n]
+    elif n <= 20:
+        rgb = np.asarray(colormaps["tab20"].colors)[:n]
+    else:
+        rgb = colormaps["hsv"](np.arange(n) / n)[:, :3]
+    return (np.asarray(rgb) * 255 + 0.5).astype(np.uint8)
+
+
+def label_grid(grid_rc: np.ndarray, labels: np.ndarray, n_labels: int, grid_shape, overlap: float = 0.0) -> np.ndarray:
+    """Per-cell majority label of the tiles covering it (grid cells; NaN where no tile).
+
+    Uses :func:`probability_grid` on each label's indicator, so overlapping tiles vote.
+    """
+    fractions = np.stack([probability_grid(grid_rc, (labels == k).astype(np.float32), grid_shape, overlap)
+                          for k in range(n_labels)])
+    out = np.full(fractions.shape[1:], np.nan)
+    valid = ~np.isnan(fractions[0])
+    out[valid] = np.argmax(fractions[:, valid], axis=0)
+    return out
+
+
+def categorical_overlay(thumbnail: np.ndarray, mask: np.ndarray, label_map: np.ndarray, colours: np.ndarray,
+                        alpha: float = 0.55) -> np.ndarray:
+    """The thumbnail with each pixel's label (thumbnail pixels, NaN = none) in its colour, inside tissue."""
+    draw = mask & ~np.isnan(label_map)
+    out = thumbnail.astype(np.float32)
+    lab = np.nan_to_num(label_map, nan=0).astype(int)
+    out[draw] = (1 - alpha) * out[draw] + alpha * np.asarray(colours, np.float32)[lab[draw]]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def render_categorical_png(image: np.ndarray, path: str | Path, title: str, names: list[str],
+                           colours: np.ndarray) -> Path:
+    """Save a categorical overlay with a title and a legend of ``names`` in ``colours`` (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    h, w = image.shape[:2]
+    dpi = 100
+    scale = min(1.0, 1600 / max(h, w))
+    fig, ax = plt.subplots(figsize=(w * scale / dpi + 2.0, h * scale / dpi + 0.6), dpi=dpi)
+    ax.imshow(image, interpolation="antialiased")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=11)
+    handles = [Patch(facecolor=np.asarray(c) / 255, label=n) for n, c in zip(names, colours)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
