@@ -344,7 +344,7 @@ def survival(
     """Cross-validated survival baselines from the stores and a clinical table.
 
     Writes out/survival/<baseline>/<run>/ (report.json, risk.csv, km.png, heatmaps, models) and
-    the pooled tables out/survival/tables/<model>/{slides,patients}.parquet.
+    the pooled tables out/tables/<model>/{slides,patients}.parquet.
     """
     try:
         from slide_clip.survival import SurvivalSettings, run_survival

@@ -280,8 +280,8 @@ def test_clusters_match_textures_and_are_stored_as_a_score_set(cohort_out):
                            np.bincount(lab, minlength=2) / len(lab))
     assert set(truth) == {"tissue", "dense"}
     assert adjusted_rand_score(truth, labels) >= 0.8
-    saved = pd.read_parquet(out / "tables" / "clusters-k2-tiny.parquet")
-    assert list(saved["slide_id"]) == list(SCENES) and (out / "tables" / "clusters-k2-tiny.csv").is_file()
+    saved = pd.read_parquet(out / "tables" / "tiny" / "clusters-k2.parquet")
+    assert list(saved["slide_id"]) == list(SCENES) and (out / "tables" / "tiny" / "clusters-k2.csv").is_file()
     # representatives: per cluster, its members closest to the centroid, closest first
     reps = pd.read_csv(r["dir"] / "representatives.csv")
     for c, sub in reps.groupby("cluster"):
@@ -320,7 +320,7 @@ def test_pca_map_points_labels_and_mosaic(cohort_out):
     from slide_clip.explore.maps import embedding_map
 
     out, _ = cohort_out
-    if not (out / "tables" / "clusters-k2-tiny.parquet").is_file():
+    if not (out / "tables" / "tiny" / "clusters-k2.parquet").is_file():
         cluster([out], k=2, seed=0, maps=False, gallery=False)
     r = embedding_map([out], method="pca", per_slide=30, seed=4, colour_by=["slide", "tumour", "clusters-k2"],
                       mosaic=True, mosaic_cells_=6, thumb=32)
@@ -403,7 +403,7 @@ def test_explore_commands(cohort_out, tiny_registry, tmp_path):
     assert np.allclose(a["score"], exact["score"], atol=1e-5)
     r = run("cluster", out, "--k", "3", "--per-cluster", "2", "--no-maps")
     assert r.returncode == 0, r.stderr
-    assert (out / "tables" / "clusters-k3-tiny.parquet").is_file() and "fraction:cluster_2" in r.stdout
+    assert (out / "tables" / "tiny" / "clusters-k3.parquet").is_file() and "fraction:cluster_2" in r.stdout
     r = run("map", out, "--method", "pca", "--per-slide", "10", "--color-by", "clusters-k3",
             "--h5ad", tmp_path / "m.h5ad")
     assert r.returncode == 0, r.stderr
@@ -433,7 +433,7 @@ def test_explore_flow_and_the_cohort_flow_clusters_option(cohort_out, tmp_path):
     assert len(hits) == 3 and (hits["query"] == "necrosis").all()
     assert any(f.endswith("tiles-pca-clusters-k2.png") for f in r["map"]["files"])
     # the cohort flow: finished slides are skipped, then the tiles are clustered
-    table = out / "tables" / "clusters-k3-tiny.parquet"
+    table = out / "tables" / "tiny" / "clusters-k3.parquet"
     table.unlink(missing_ok=True)
     state = process_cohort(slides=[str(out.parent / "slides")], out=str(out), config=cfg, prompts=["tumour"],
                            heatmaps=False, clusters=3, return_state=True)

@@ -11,7 +11,7 @@
 4. Draw a cluster map per slide (the heatmap renderer, categorical colours and a legend),
    a gallery of each cluster's most central tiles, and the cohort's composition table::
 
-    <out>/tables/<set>-<model>.parquet, .csv         one row per slide: fraction:cluster_i
+    <out>/tables/<model>/<set>.parquet, .csv          one row per slide: fraction:cluster_i
     <out>/explore/clusters/<set>-<model>/maps/<slide_id>.png
     <out>/explore/clusters/<set>-<model>/gallery-<i>.png, gallery.html
     <out>/explore/clusters/<set>-<model>/centroids.npy, clusters.json
@@ -152,9 +152,9 @@ def cluster(stores, *, k: int = 12, model: str | None = None, sample: int = 2000
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "centroids.npy", centroids)
     table = composition_table(cohort, labels, k, set_name)
-    tables = cohort.out / "tables"
+    tables = cohort.out / "tables" / model_key(cohort.model)  # beside the pooled survival tables
     tables.mkdir(parents=True, exist_ok=True)
-    stem = tables / f"{model_key(set_name)}-{model_key(cohort.model)}"
+    stem = tables / model_key(set_name)
     table.to_parquet(stem.with_suffix(".parquet"), index=False)
     table.to_csv(stem.with_suffix(".csv"), index=False)
     written_maps = [cluster_map(cohort, i, set_name, out / "maps", alpha) for i in labels] if maps else []

@@ -3,7 +3,7 @@ Kaplan-Meier curves, heatmaps and fitted models on disk.
 
 Outputs (see docs/FORMAT.md, "Survival outputs")::
 
-    out/survival/tables/<embedding model>/slides.parquet, patients.parquet
+    out/tables/<embedding model>/slides.parquet, patients.parquet
     out/survival/<baseline>/<run name>/report.json      settings, per-fold and overall metrics, data hash, versions
                                       risk.csv          patient_id, fold, risk, time, event, group
                                       km.png            out-of-fold high/low risk groups, log-rank p

@@ -118,8 +118,8 @@ def pooled_tables(cohort: Cohort, *, with_max: bool = False, topk: int = 50,
 
 def write_pooled_tables(cohort: Cohort, folder: str | Path | None = None, **kwargs) -> tuple[Path, Path]:
     """Write ``slides.parquet`` and ``patients.parquet`` into ``folder``
-    (default ``out/survival/tables/<model>/``); returns their paths."""
-    folder = Path(folder) if folder else cohort.out / "survival" / "tables" / model_key(cohort.model)
+    (default ``out/tables/<model>/``, beside the cluster compositions); returns their paths."""
+    folder = Path(folder) if folder else cohort.out / "tables" / model_key(cohort.model)
     folder.mkdir(parents=True, exist_ok=True)
     slides, patients = pooled_tables(cohort, **kwargs)
     sp, pp = folder / "slides.parquet", folder / "patients.parquet"
