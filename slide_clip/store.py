@@ -243,12 +243,7 @@ class SlideStore:
         Raises :class:`StoreError` naming the store and the array when it is missing or a
         chunk file is lost (Zarr would silently read the fill value instead).
         """
-        try:
-            arr = self.group[key]
-        except KeyError:
-            arr = None
-        if not isinstance(arr, zarr.Array):
-            raise StoreError(f"is damaged: the array {key} is missing", path=self.path, hint=_DAMAGED)
+        arr = self._present(key)
         if arr.nchunks and arr.nchunks_initialized < arr.nchunks:
             lost = arr.nchunks - arr.nchunks_initialized
             raise StoreError(f"is damaged: {lost} of {arr.nchunks} chunk files of {key} are missing",
@@ -321,8 +316,8 @@ class SlideStore:
             return np.zeros(arr.shape, np.float32)
         return np.concatenate([b for _, b in self.iter_embeddings(model)], axis=0)
 
-    def _features(self, model: str) -> zarr.Array:
-        key = f"embeddings/{model_key(model)}/features"
+    def _present(self, key: str) -> zarr.Array:
+        """The array at ``key``; a missing one is a damaged store."""
         try:
             arr = self.group[key]
         except KeyError:
@@ -330,6 +325,9 @@ class SlideStore:
         if not isinstance(arr, zarr.Array):
             raise StoreError(f"is damaged: the array {key} is missing", path=self.path, hint=_DAMAGED)
         return arr
+
+    def _features(self, model: str) -> zarr.Array:
+        return self._present(f"embeddings/{model_key(model)}/features")
 
     def _check_rows(self, model: str, start: int, block: np.ndarray) -> None:
         if not np.isfinite(block).all():
