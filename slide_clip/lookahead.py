@@ -36,6 +36,12 @@ class Prepared:
     encoder: object | None  # the encoder ``enc`` was queued for
     hold: contextlib.ExitStack  # the store lock and the disk-error translation
     t0: float
+    background: list  # files still being written in threads (the QC picture)
+
+    def join_background(self) -> None:
+        for b in self.background:
+            b.join()
+        self.background = []
 
     def abandon(self) -> None:
         """Give up on this slide: drop its queued tiles, write what was encoded, release the lock."""
@@ -43,7 +49,10 @@ class Prepared:
             if self.enc is not None:
                 self.enc.cancel()
         finally:
-            self.hold.close()
+            try:
+                self.join_background()
+            finally:
+                self.hold.close()
 
 
 class Readers:
@@ -80,6 +89,7 @@ def prepare_slide(slide, out_dir, cfg: PipelineConfig, encoders, readers: Reader
     from slide_clip.store import store_lock, store_path
 
     t0 = time.perf_counter()
+    background: list = []
     osr, info = open_slide(slide, mpp)
     info = replace(info, name=slide_id)
     try:
@@ -89,7 +99,8 @@ def prepare_slide(slide, out_dir, cfg: PipelineConfig, encoders, readers: Reader
             stack.enter_context(store_lock(path))
             if overwrite or not _finished(path, encoders.spec):
                 encoders.preload()  # the model builds while tissue is found
-            store = tile_slide(osr, info, cfg, path, overwrite=overwrite)
+            stack.callback(_join_quietly, background)  # a failure below: never leave a writer behind
+            store = tile_slide(osr, info, cfg, path, overwrite=overwrite, background=background)
             done = embeddings_done(store, encoders.spec, encoders.encoder)
             enc = encoder = None
             if not done:
@@ -99,7 +110,7 @@ def prepare_slide(slide, out_dir, cfg: PipelineConfig, encoders, readers: Reader
             hold = stack.pop_all()
     finally:
         osr.close()
-    return Prepared(str(slide), info.name, path, store, done, enc, encoder, hold, t0)
+    return Prepared(str(slide), info.name, path, store, done, enc, encoder, hold, t0, background)
 
 
 def finish_slide(p: Prepared, *, progress: bool = True):
@@ -109,7 +120,10 @@ def finish_slide(p: Prepared, *, progress: bool = True):
 
     try:
         with p.hold:
-            encoded = 0 if p.enc is None else run_encoding(p.enc, p.encoder, progress=progress)
+            try:
+                encoded = 0 if p.enc is None else run_encoding(p.enc, p.encoder, progress=progress)
+            finally:
+                p.join_background()  # the QC picture, written while the first batches encoded
     except BaseException:
         if p.enc is not None:
             p.enc.cancel()
@@ -120,6 +134,14 @@ def finish_slide(p: Prepared, *, progress: bool = True):
         n_tiles=p.store.n_tiles, encoded=encoded, seconds=seconds,
         extra={"seconds_embed": seconds} if encoded else {},
     )
+
+
+def _join_quietly(background: list) -> None:
+    for b in background:
+        try:
+            b.join()
+        except Exception:  # noqa: BLE001 - the slide already fails with its own error
+            pass
 
 
 class LookAhead:

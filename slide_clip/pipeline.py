@@ -187,8 +187,13 @@ def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, over
     return store
 
 
-def lay_tiles(store: SlideStore, cfg: PipelineConfig) -> SlideStore:
-    """Stage 2: lay the tile grid over the stored mask, write it and the QC picture."""
+def lay_tiles(store: SlideStore, cfg: PipelineConfig, *, background: list | None = None) -> SlideStore:
+    """Stage 2: lay the tile grid over the stored mask, write it and the QC picture.
+
+    With ``background`` (a list), the QC picture is drawn and written in a thread, off the
+    way to the first encoded batch; the thread is appended to the list as a
+    :class:`BackgroundWrite` and the caller joins it (its error, if any, is raised there).
+    """
     if store.status == STATUS_TILED:
         return store
     s = store.slide
@@ -201,10 +206,16 @@ def lay_tiles(store: SlideStore, cfg: PipelineConfig) -> SlideStore:
                      overlap=t.overlap,
                      min_tissue=t.min_tissue)
     qc_path = store.path.with_name(store.path.name[: -len(".zarr")] + "_qc.png")
-    # compress_level 1: zlib's default (6) spends over a second on a 2048 px picture for a few % of size
-    qc_image(thumb, mask, thumbnail_boxes(grid, downsample), title=qc_title(s, grid, len(grid),
-                                                                       tissue.get("tissue_area_mm2"))
-             ).save(qc_path, compress_level=1)
+    boxes, title = thumbnail_boxes(grid, downsample), qc_title(s, grid, len(grid), tissue.get("tissue_area_mm2"))
+
+    def write_qc():
+        # compress_level 1: zlib's default (6) spends over a second on a 2048 px picture for a few % of size
+        qc_image(thumb, mask, boxes, title=title).save(qc_path, compress_level=1)
+
+    if background is None:
+        write_qc()
+    else:
+        background.append(BackgroundWrite(write_qc, qc_path))
     store.group["tissue"].attrs.update({"qc_image": qc_path.name})
     store.write_tiles(grid.coords, grid.grid, grid.tissue_fraction, {
         "tile_extent_level0": list(grid.extent),
@@ -231,9 +242,37 @@ def qc_title(slide: dict, grid: TileGrid, n_tiles: int, tissue_mm2: float | None
     return "  |  ".join(parts)
 
 
-def tile_slide(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False) -> SlideStore:
-    """Find tissue and lay the tile grid (stages 1 and 2) into the store at ``path``."""
-    return lay_tiles(detect_tissue(osr, info, cfg, path, overwrite=overwrite), cfg)
+def tile_slide(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False,
+               background: list | None = None) -> SlideStore:
+    """Find tissue and lay the tile grid (stages 1 and 2) into the store at ``path``
+    (``background``: see :func:`lay_tiles`)."""
+    return lay_tiles(detect_tissue(osr, info, cfg, path, overwrite=overwrite), cfg, background=background)
+
+
+class BackgroundWrite:
+    """A file written in a (non-daemon) thread; :meth:`join` waits and raises its error."""
+
+    def __init__(self, fn, path):
+        self.path = path
+        self._error: BaseException | None = None
+
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to join()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=f"write-{Path(path).name}")
+        self._thread.start()
+
+    def join(self) -> None:
+        from slide_clip.output import output_errors
+
+        self._thread.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            with output_errors(self.path):
+                raise err
 
 
 def grid_from_store(store: SlideStore) -> TileGrid:

@@ -216,3 +216,16 @@ def test_embed_slides_shares_readers_prepares_ahead_and_isolates_a_bad_slide(mak
         assert np.allclose(store.embeddings("tiny"), _old_path_embeddings(store, p, tiny_encoder), rtol=0, atol=1e-6)
     again = embed_slides([a, b], out, c, progress=False)
     assert [r.status for r in again] == ["skipped", "skipped"]
+
+
+def test_thumbnail_bands_read_in_threads_equal_one_thread(cmu_svs, monkeypatch):
+    import slide_clip.tissue as tissue
+
+    osr = openslide.OpenSlide(str(cmu_svs))
+    monkeypatch.setattr(tissue, "_STRIP_PIXELS", 400_000)  # many bands
+    monkeypatch.setattr(tissue, "_THUMBNAIL_THREADS", 1)
+    one = tissue.read_thumbnail(osr, 1024, 0.499)
+    monkeypatch.setattr(tissue, "_THUMBNAIL_THREADS", 4)
+    many = tissue.read_thumbnail(osr, 1024, 0.499)
+    osr.close()
+    assert np.array_equal(one.image, many.image) and one.downsample == many.downsample
