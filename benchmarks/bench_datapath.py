@@ -26,6 +26,10 @@ optional ``imagecodecs``), written once under ``--workdir`` and reused.
 
     .venv/bin/python benchmarks/bench_datapath.py --json /tmp/dp.json     # ~10 min on 2 cores
     .venv/bin/python benchmarks/bench_datapath.py --device cuda --sections gpu --tissue-tiles 60x60
+
+To measure another version of the code (before/after), run from a folder that is not the
+checkout with ``PYTHONPATH=/path/to/old/tree``: the commands it starts then import that
+``slide_clip`` (the benchmark's own decode timing always uses this checkout's).
 """
 
 from __future__ import annotations
@@ -201,7 +205,7 @@ def once(name):
             open(mark, "w").write(repr(time.time()))
         return out
     setattr(Encoder, name, wrapped)
-once("encode_uint8"); once("encode_images")
+[once(n) for n in ("encode_uint8", "encode_images") if hasattr(Encoder, n)]
 from slide_clip.cli import main
 sys.argv[0] = "slide-clip"
 main()

@@ -80,8 +80,12 @@ class Readers:
 
 
 def prepare_slide(slide, out_dir, cfg: PipelineConfig, encoders, readers: Readers | None, *, mpp=None,
-                  overwrite: bool = False, slide_id: str) -> Prepared:
-    """The first half of :func:`slide_clip.pipeline.embed_slide` (see the module text)."""
+                  overwrite: bool = False, slide_id: str, turn=None) -> Prepared:
+    """The first half of :func:`slide_clip.pipeline.embed_slide` (see the module text).
+
+    ``turn`` (a context manager) is held while the slide's tiles are queued, so that
+    slides prepared in parallel queue them in slide order.
+    """
     from slide_clip.encoding import begin_encoding
     from slide_clip.output import output_errors
     from slide_clip.pipeline import _finished, embeddings_done, tile_slide
@@ -106,7 +110,8 @@ def prepare_slide(slide, out_dir, cfg: PipelineConfig, encoders, readers: Reader
             if not done:
                 encoder = encoders.get()
                 pool = readers.get(encoder.device) if readers is not None else None
-                enc = begin_encoding(store, str(resolve_slide_path(slide)), encoder, cfg, pool=pool)
+                with turn if turn is not None else contextlib.nullcontext():
+                    enc = begin_encoding(store, str(resolve_slide_path(slide)), encoder, cfg, pool=pool)
             hold = stack.pop_all()
     finally:
         osr.close()
@@ -145,23 +150,53 @@ def _join_quietly(background: list) -> None:
 
 
 class LookAhead:
-    """Prepare slides in order in one background thread, at most ``depth`` ahead of the consumer.
+    """Prepare slides in order in ``threads`` background threads, at most ``depth`` ahead of
+    the consumer; each queues its tiles in slide order (:meth:`turn`).
 
-    ``prepare(i)`` is called for i = 0, 1, ...; :meth:`take` returns slide i's Future.
+    ``prepare(i, turn)`` is called for i = 0, 1, ...; :meth:`take` returns slide i's Future.
     Prepared slides never taken (a run stopped early) are abandoned by :meth:`close`.
     """
 
-    def __init__(self, n: int, prepare, depth: int = 1):
+    def __init__(self, n: int, prepare, depth: int = 1, threads: int = 1):
         self.n = n
         self.prepare = prepare
         self.depth = depth
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-lookahead")
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="slide-lookahead")
         self._futures: collections.OrderedDict[int, Future] = collections.OrderedDict()
         self._next = 0
+        self._cv = threading.Condition()
+        self._passed: set[int] = set()
+        self._turn = 0  # the slide whose tiles may be queued now
+
+    def _pass(self, i: int) -> None:
+        with self._cv:
+            if i >= self._turn:
+                self._passed.add(i)
+            while self._turn in self._passed:
+                self._passed.discard(self._turn)
+                self._turn += 1
+            self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def turn(self, i: int):
+        """Held while slide ``i`` queues its tiles: waits until every earlier slide has queued
+        its own (or failed, or needed none)."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._turn >= i)
+        try:
+            yield
+        finally:
+            self._pass(i)
+
+    def _run(self, i: int):
+        try:
+            return self.prepare(i, self.turn(i))
+        finally:
+            self._pass(i)  # a slide that failed or needs no encoding never blocks the next
 
     def _submit_upto(self, last: int) -> None:
         while self._next <= min(last, self.n - 1):
-            self._futures[self._next] = self._pool.submit(self.prepare, self._next)
+            self._futures[self._next] = self._pool.submit(self._run, self._next)
             self._next += 1
 
     def take(self, i: int) -> Future:

@@ -23,8 +23,11 @@ from slide_clip.store import STATUS_CREATED, STATUS_TILED, SlideStore, store_loc
 from slide_clip.tiling import TileGrid, make_grid, thumbnail_boxes
 from slide_clip.tissue import qc_image, read_thumbnail, tissue_mask
 
-#: Slides prepared (tissue, grid, tiles queued) ahead of the one encoding, in ``embed_slides``.
-LOOKAHEAD_SLIDES = 1
+#: Slides prepared (tissue, grid, tiles queued) ahead of the one encoding, in ``embed_slides``,
+#: by this many threads (tissue detection is numpy/scipy work that mostly releases the GIL;
+#: with small slides it, not the encoder, sets the pace).
+LOOKAHEAD_SLIDES = 2
+LOOKAHEAD_THREADS = 2
 
 #: A thumbnail whose median brightness is below this is not a brightfield slide.
 _MIN_BRIGHTFIELD_MEDIAN = 0.35
@@ -373,8 +376,9 @@ class EncoderCache:
 
     def get(self):
         """The encoder, loaded on first call (thread-safe: loaded once)."""
-        if self._thread is not None:
-            self._thread.join()
+        t = self._thread  # read once: slides prepared in parallel threads may call this together
+        if t is not None:
+            t.join()
             self._thread = None
             if self._error is not None:
                 err, self._error = self._error, None
@@ -473,14 +477,16 @@ def embed_slides(
     readers = Readers(cfg)  # one pool of reader processes for every slide of the run
     results: list[SlideResult] = []
 
-    def prepare(i: int):
+    def prepare(i: int, turn):
         s = slides[i]
         sid = ids[str(s)]
         override = mpp if mpp is not None else (lookup_mpp(mpps, s, sid) if mpps else None)
-        return prepare_slide(s, out_dir, cfg, encoders, readers, mpp=override, overwrite=overwrite, slide_id=sid)
+        return prepare_slide(s, out_dir, cfg, encoders, readers, mpp=override, overwrite=overwrite, slide_id=sid,
+                             turn=turn)
 
     _start_workers_early(cfg)
-    ahead = LookAhead(len(slides), prepare, depth=LOOKAHEAD_SLIDES)  # slide k+1 is tiled while k encodes
+    # the next slides are checked, masked and tiled while this one encodes
+    ahead = LookAhead(len(slides), prepare, depth=LOOKAHEAD_SLIDES, threads=LOOKAHEAD_THREADS)
     try:
         for i, s in enumerate(slides):
             t0 = time.perf_counter()

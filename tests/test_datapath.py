@@ -229,3 +229,31 @@ def test_thumbnail_bands_read_in_threads_equal_one_thread(cmu_svs, monkeypatch):
     many = tissue.read_thumbnail(osr, 1024, 0.499)
     osr.close()
     assert np.array_equal(one.image, many.image) and one.downsample == many.downsample
+
+
+def test_lookahead_queues_slides_in_order_whatever_order_they_are_prepared_in():
+    import threading
+    import time as _time
+
+    from slide_clip.lookahead import LookAhead
+
+    queued = []
+    lock = threading.Lock()
+
+    def prepare(i, turn):
+        _time.sleep(0.05 * (3 - i % 3))  # later slides finish their own preparation first
+        if i == 2:
+            raise ValueError("slide 2 is bad")  # a failure never blocks the slides after it
+        with turn:
+            with lock:
+                queued.append(i)
+        return i
+
+    ahead = LookAhead(6, prepare, depth=2, threads=3)
+    got = []
+    for i in range(6):
+        f = ahead.take(i)
+        got.append(f.exception() and "failed" or f.result())
+    ahead.close()
+    assert got == [0, 1, "failed", 3, 4, 5]
+    assert queued == [0, 1, 3, 4, 5]

@@ -94,7 +94,9 @@ def to_model_input(tiles: torch.Tensor, norm: PixelNorm, device: torch.device) -
     if cuda and not tiles.is_pinned():
         tiles = tiles.pin_memory()
     x = tiles.to(device, non_blocking=cuda).permute(0, 3, 1, 2)  # a channels_last view
+    if not cuda:
+        x = x.contiguous()  # NCHW like the per-tile path's batches; reordered as uint8 (1 byte a value)
     mean = torch.as_tensor(norm.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.as_tensor(norm.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    x = x.to(torch.float32).div(255).sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if cuda else x.contiguous()
+    x = x.to(torch.float32).div_(255).sub_(mean).div_(std)  # ToTensor's div, then Normalize's sub, div
+    return x.contiguous(memory_format=torch.channels_last) if cuda else x
