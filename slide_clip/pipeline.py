@@ -388,12 +388,30 @@ class EncoderCache:
 
 
 def _start_workers_early(cfg: PipelineConfig) -> None:
-    """Start the loader's fork server now if this run will use worker processes."""
+    """Start the loader's fork server now if this run will use worker processes.
+
+    In a background thread when that needs the device (``auto`` workers): picking the device
+    imports torch, which the calling thread does not need before the slide is tiled.
+    """
+    if cfg.encode.num_workers == 0:
+        return
+    if cfg.encode.num_workers == "auto":
+        # not a daemon: a daemon thread inside torch's import at interpreter exit can abort it
+        threading.Thread(target=_start_workers_now, args=(cfg,), name="start-readers", daemon=False).start()
+    else:
+        _start_workers_now(cfg)
+
+
+def _start_workers_now(cfg: PipelineConfig) -> None:
     from slide_clip.encoders import pick_device
     from slide_clip.loader import resolve_workers, start_worker_server
 
     e = cfg.encode
-    start_worker_server(resolve_workers(e.num_workers, pick_device(e.device)))
+    try:
+        n = resolve_workers(e.num_workers, pick_device(e.device) if e.num_workers == "auto" else None)
+        start_worker_server(n)
+    except SlideClipError:
+        pass  # a bad device name: loading the encoder says so, in the calling thread
 
 
 def embed_slide(
