@@ -257,3 +257,28 @@ def test_lookahead_queues_slides_in_order_whatever_order_they_are_prepared_in():
     ahead.close()
     assert got == [0, 1, "failed", 3, 4, 5]
     assert queued == [0, 1, 3, 4, 5]
+
+
+def test_a_reader_that_dies_fails_its_batch_and_is_replaced(make_slide):
+    import os
+    import signal
+
+    a, _ = make_slide("dp_plain", mpp=0.5, width_um=1500, height_um=600)
+    osr = openslide.OpenSlide(str(a))
+    grid = _grid(osr, 0.5)
+    with ReaderPool(2, prefetch=2) as pool:
+        dead = pool._workers[0]
+        os.kill(dead.pid, signal.SIGKILL)  # like a codec crash: no answer, no exception
+        dead.join(timeout=10)
+        first = tile_batches(str(a), grid, batch_size=5, pool=pool)
+        with pytest.raises(ReaderError, match="tile-reading process died"):
+            for _ in first:
+                pass
+        assert pool._workers[0].pid != dead.pid and pool._workers[0].is_alive()
+        expect = 0
+        for idx, tiles in tile_batches(str(a), grid, batch_size=5, pool=pool):  # the pool goes on
+            assert int(idx[0]) == expect
+            assert np.array_equal(tiles.numpy(), _per_tile(osr, grid, np.asarray(idx)))
+            expect += len(idx)
+        assert expect == len(grid)
+    osr.close()
