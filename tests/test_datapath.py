@@ -282,3 +282,39 @@ def test_a_reader_that_dies_fails_its_batch_and_is_replaced(make_slide):
             expect += len(idx)
         assert expect == len(grid)
     osr.close()
+
+
+def test_a_lock_caught_between_taking_and_noting_is_tried_again(tmp_path):
+    import threading
+
+    from slide_clip.errors import StoreBusyError
+    from slide_clip.store import store_lock
+
+    store = tmp_path / "s.zarr"
+    lock = tmp_path / "s.zarr.lock"
+    released = threading.Event()
+
+    def holder(ready):
+        with store_lock(store):
+            lock.write_text("")  # the note not written yet (or cleared while letting go)
+            ready.set()
+            released.wait(10)
+
+    ready = threading.Event()
+    t = threading.Thread(target=holder, args=(ready,))
+    t.start()
+    ready.wait(10)
+    threading.Timer(0.2, released.set).start()
+    with store_lock(store):  # not "an unknown process": the lock came free within the grace
+        pass
+    t.join()
+    # a lock that stays held with no note is still refused, saying so
+    ready, released = threading.Event(), threading.Event()
+    t = threading.Thread(target=holder, args=(ready,))
+    t.start()
+    ready.wait(10)
+    with pytest.raises(StoreBusyError, match="an unknown process"):
+        with store_lock(store):
+            pass
+    released.set()
+    t.join()
