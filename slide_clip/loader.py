@@ -1,70 +1,319 @@
-"""Batches of preprocessed tiles from a slide, read in DataLoader worker processes.
+"""Batches of tiles from slides, read in the calling process or in a pool of reader processes.
 
-Each worker opens the slide once (lazily, in the worker) and keeps the handle; only paths
-and small arrays cross process boundaries.
+A batch is a range of consecutive tile indices of one slide (``batch_size`` tiles), read
+with :func:`slide_clip.reading.read_tiles` (one ``read_region`` per strip of a grid row).
+It comes back as ``(n, h, w, 3)`` uint8 tiles (normalised later, on the device: see
+:mod:`slide_clip.encoders.pixels`), or, when the encoder needs its per-tile PIL preprocess
+(a tile resampled to the model's input, an unusual pipeline), as ``(n, 3, h, w)`` float32
+from that preprocess.
+
+:class:`ReaderPool` is a set of reader processes that outlives one slide: each keeps a
+few slide handles open (an LRU keyed by path) and the pool takes batches of the next
+slide's :class:`TileStream` as soon as the current slide's are all handed out, so the
+readers move on to the next slide without a gap. Results come back in submission order;
+every batch says which tile rows it holds, and the caller checks them against the rows it
+expects. A read error fails that slide's stream only; a reader process that dies (a
+crash in a codec) fails the batch it was reading and is replaced.
+
+Only paths, level-0 coordinates and small geometry cross process boundaries one way, and
+uint8 tiles (shared memory) the other.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import collections
+import itertools
+import queue as queue_mod
+import traceback
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from slide_clip.tiling import TileGrid, read_tile
+from slide_clip.tiling import TileGrid
+
+#: Batches each reader process may hold read ahead of the consumer.
+PREFETCH_PER_WORKER = 4
+#: Open slide handles a reader process keeps (least recently used closed first).
+HANDLES_PER_WORKER = 4
 
 
-class TileDataset(Dataset):
-    """Tiles ``start:`` of a grid, as (index, preprocessed tensor) pairs."""
+@dataclass(frozen=True)
+class TileJob:
+    """One batch to read: tiles ``first:first+len(coords)`` of a slide (small, picklable)."""
 
-    def __init__(self, slide_file: str, grid: TileGrid, preprocess: Callable, start: int = 0):
-        self.slide_file = slide_file
-        self.grid = grid
-        self.coords = np.asarray(grid.coords[start:])
-        self.start = start
-        self.preprocess = preprocess
-        self._osr = None
+    job_id: int
+    slide_file: str
+    first: int
+    coords: np.ndarray  # (n, 2) level-0 x, y
+    grid: TileGrid  # geometry only (no coordinate arrays)
+    preprocess: Callable | None  # None: uint8 tiles
+
+
+def read_batch(job: TileJob, handles: "collections.OrderedDict") -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one job with handles from ``handles`` (an LRU of open slides, updated here).
+
+    Returns the tile indices and the pixels: ``(n, h, w, 3)`` uint8, or the stacked
+    per-tile preprocess output.
+    """
+    from slide_clip.reading import open_for_reading, read_tiles
+
+    osr = handles.pop(job.slide_file, None)
+    if osr is None:
+        osr = open_for_reading(job.slide_file)
+    handles[job.slide_file] = osr
+    while len(handles) > HANDLES_PER_WORKER:
+        _, old = handles.popitem(last=False)
+        old.close()
+    tiles = read_tiles(osr, job.coords, job.grid)
+    idx = torch.arange(job.first, job.first + len(job.coords))
+    if job.preprocess is None:
+        return idx, torch.from_numpy(tiles)
+    from PIL import Image
+
+    return idx, torch.stack([job.preprocess(Image.fromarray(t)) for t in tiles])
+
+
+def _worker_main(tasks, results) -> None:
+    """A reader process: read jobs from ``tasks`` until None, answer on ``results``."""
+    torch.set_num_threads(1)
+    handles: collections.OrderedDict = collections.OrderedDict()
+    while True:
+        job = tasks.get()
+        if job is None:
+            break
+        try:
+            out = ("ok", job.job_id, read_batch(job, handles))
+        except Exception:  # noqa: BLE001 - handed to the consumer, which fails that slide
+            out = ("error", job.job_id, traceback.format_exc())
+        results.put(out)
+        del out
+    for osr in handles.values():
+        osr.close()
+
+
+class ReaderError(RuntimeError):
+    """A batch could not be read (the text holds the reader's traceback)."""
+
+
+def _jobs(slide_file: str, grid: TileGrid, start: int, batch_size: int, preprocess, ids) -> list[TileJob]:
+    geometry = replace(grid, coords=np.zeros((0, 2), np.int64), grid=np.zeros((0, 2), np.int32),
+                       tissue_fraction=np.zeros(0, np.float32))
+    coords = np.asarray(grid.coords)
+    return [TileJob(next(ids), str(slide_file), i, np.ascontiguousarray(coords[i:i + batch_size]), geometry,
+                    preprocess) for i in range(start, len(coords), batch_size)]
+
+
+class TileStream:
+    """The batches of one slide from tile ``start`` on, in order: iterate for ``(indices, pixels)``.
+
+    Made by :func:`tile_batches`. Without a pool, batches are read in the calling process
+    when asked for. With a pool they are read ahead; :meth:`close` (or leaving the
+    iteration early) drops what is still queued.
+    """
+
+    def __init__(self, jobs: list[TileJob], pool: "ReaderPool | None"):
+        self.jobs = jobs
+        self.pool = pool
+        self.closed = False
+        if pool is not None:
+            pool._add(self)
 
     def __len__(self) -> int:
-        return int(self.coords.shape[0])
+        return len(self.jobs)
 
-    def _slide(self):
-        if self._osr is None:
-            import openslide
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            if self.pool is None:
+                handles: collections.OrderedDict = collections.OrderedDict()
+                try:
+                    for job in self.jobs:
+                        yield read_batch(job, handles)
+                finally:
+                    for osr in handles.values():
+                        osr.close()
+            else:
+                for job in self.jobs:
+                    yield self.pool._result(job)
+        finally:
+            self.close()
 
-            self._osr = openslide.OpenSlide(self.slide_file)
-        return self._osr
-
-    def __getitem__(self, i: int):
-        x, y = self.coords[i]
-        tile = read_tile(self._slide(), int(x), int(y), self.grid)
-        return self.start + i, self.preprocess(tile)
-
-    def __getstate__(self):  # never pickle an open slide handle
-        state = self.__dict__.copy()
-        state["_osr"] = None
-        return state
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.pool is not None:
+                self.pool._drop(self)
 
 
-def make_loader(
-    slide_file: str,
-    grid: TileGrid,
-    preprocess: Callable,
-    *,
-    start: int = 0,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A DataLoader over tiles ``start:`` in grid order (never shuffled: rows follow tiles)."""
-    ds = TileDataset(slide_file, grid, preprocess, start)
-    kwargs = {}
-    if num_workers > 0:
-        kwargs = {"persistent_workers": False, "prefetch_factor": 4,
-                  "multiprocessing_context": worker_context()}
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, **kwargs)
+def tile_batches(slide_file: str, grid: TileGrid, *, start: int = 0, batch_size: int = 64,
+                 preprocess: Callable | None = None, pool: "ReaderPool | None" = None) -> TileStream:
+    """Batches of tiles ``start:`` of ``grid`` in grid order (never shuffled: rows follow tiles).
+
+    ``preprocess`` None gives uint8 ``(n, h, w, 3)`` tiles; a callable (PIL image -> tensor)
+    is applied to every tile in the reader. ``pool`` None reads in the calling process.
+    """
+    ids = pool._ids if pool is not None else itertools.count()
+    return TileStream(_jobs(slide_file, grid, start, batch_size, preprocess, ids), pool)
+
+
+class ReaderPool:
+    """``num_workers`` reader processes shared by every slide of a run (see the module text).
+
+    Use as a context manager, or call :meth:`close`. Not thread-safe: one consumer thread
+    (streams may be *made* in another thread: adding a stream is locked).
+    """
+
+    def __init__(self, num_workers: int, prefetch: int = PREFETCH_PER_WORKER):
+        import threading
+
+        if num_workers < 1:
+            raise ValueError("a ReaderPool needs at least one worker")
+        self._ctx = worker_context()
+        self._results = self._ctx.Queue()
+        self._workers: list = []
+        self._tasks: list = []
+        for _ in range(num_workers):
+            self._start_worker()
+        self.window = num_workers * prefetch
+        self._ids = _LockedCounter()
+        self._lock = threading.Lock()
+        self._streams: collections.deque[TileStream] = collections.deque()
+        self._next: collections.deque[TileJob] = collections.deque()  # of the stream being queued
+        self._inflight: dict[int, int] = {}  # job id -> worker
+        self._order: list[collections.deque] = [collections.deque() for _ in range(num_workers)]
+        self._done: dict[int, tuple] = {}
+        self._dropped: set[int] = set()
+        self._rr = 0
+
+    # -- processes
+    def _start_worker(self, slot: int | None = None) -> None:
+        tasks = self._ctx.Queue()
+        p = self._ctx.Process(target=_worker_main, args=(tasks, self._results), daemon=True,
+                              name="slide-clip-reader")
+        p.start()
+        if slot is None:
+            self._workers.append(p)
+            self._tasks.append(tasks)
+        else:
+            self._workers[slot], self._tasks[slot] = p, tasks
+
+    def close(self) -> None:
+        for q in self._tasks:
+            try:
+                q.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in self._workers:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        self._results.close()
+        for q in self._tasks:
+            q.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- streams
+    def _add(self, stream: TileStream) -> None:
+        with self._lock:
+            self._streams.append(stream)
+
+    def _drop(self, stream: TileStream) -> None:
+        with self._lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+            ids = {j.job_id for j in stream.jobs}
+        self._next = collections.deque(j for j in self._next if j.job_id not in ids)
+        for i in ids:
+            if i in self._inflight:
+                self._dropped.add(i)
+            self._done.pop(i, None)
+
+    def _fill(self) -> None:
+        """Submit jobs in stream order until ``window`` are in flight."""
+        while len(self._inflight) < self.window:
+            if not self._next:
+                with self._lock:
+                    while self._streams and not self._next:
+                        s = self._streams.popleft()
+                        self._next = collections.deque(s.jobs)
+                if not self._next:
+                    return
+            job = self._next.popleft()
+            w = self._rr % len(self._workers)
+            self._rr += 1
+            self._tasks[w].put(job)
+            self._inflight[job.job_id] = w
+            self._order[w].append(job)
+
+    def _take(self, msg) -> None:
+        status, job_id, payload = msg
+        w = self._inflight.pop(job_id, None)
+        if w is not None and self._order[w] and self._order[w][0].job_id == job_id:
+            self._order[w].popleft()
+        elif w is not None:
+            self._order[w] = collections.deque(j for j in self._order[w] if j.job_id != job_id)
+        if job_id in self._dropped:
+            self._dropped.discard(job_id)
+            return
+        self._done[job_id] = (status, payload)
+
+    def _check_workers(self) -> None:
+        for w, p in enumerate(self._workers):
+            if p.is_alive():
+                continue
+            while True:  # answers it sent before dying
+                try:
+                    self._take(self._results.get_nowait())
+                except queue_mod.Empty:
+                    break
+            pending = list(self._order[w])
+            self._order[w] = collections.deque()
+            self._start_worker(w)
+            for k, job in enumerate(pending):
+                self._inflight.pop(job.job_id, None)
+                if k == 0:  # the one it was reading
+                    if job.job_id in self._dropped:
+                        self._dropped.discard(job.job_id)
+                    else:
+                        self._done[job.job_id] = ("error", f"a tile-reading process died (exit code "
+                                                           f"{p.exitcode}) while reading tiles of "
+                                                           f"{job.slide_file}")
+                else:
+                    self._tasks[w].put(job)
+                    self._inflight[job.job_id] = w
+                    self._order[w].append(job)
+
+    def _result(self, job: TileJob):
+        while job.job_id not in self._done:
+            self._fill()
+            try:
+                self._take(self._results.get(timeout=1.0))
+            except queue_mod.Empty:
+                self._check_workers()
+        self._fill()
+        status, payload = self._done.pop(job.job_id)
+        if status == "error":
+            raise ReaderError(payload)
+        return payload
+
+
+class _LockedCounter:
+    def __init__(self):
+        import threading
+
+        self._it = itertools.count()
+        self._lock = threading.Lock()
+
+    def __next__(self) -> int:
+        with self._lock:
+            return next(self._it)
 
 
 def resolve_workers(num_workers, device) -> int:
@@ -99,7 +348,7 @@ def worker_context():
     if not sys.platform.startswith("linux"):
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", "openslide", "slide_clip.loader"])
+    ctx.set_forkserver_preload(["torch", "torchvision", "openslide", "slide_clip.loader", "slide_clip.reading"])
     return ctx
 
 

@@ -16,11 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from slide_clip.config import PipelineConfig
+from slide_clip.encoding import encode_store  # noqa: F401 - stage 3, re-exported here
 from slide_clip.errors import ConfigError, SlideClipError, SlideError, StoreError, WeightsError
 from slide_clip.slide import SlideInfo, check_mpp, open_slide, resolve_slide_path
 from slide_clip.store import STATUS_CREATED, STATUS_TILED, SlideStore, store_lock, store_path
 from slide_clip.tiling import TileGrid, make_grid, thumbnail_boxes
 from slide_clip.tissue import qc_image, read_thumbnail, tissue_mask
+
+#: Slides prepared (tissue, grid, tiles queued) ahead of the one encoding, in ``embed_slides``,
+#: by this many threads (tissue detection is numpy/scipy work that mostly releases the GIL;
+#: with small slides it, not the encoder, sets the pace).
+LOOKAHEAD_SLIDES = 2
+LOOKAHEAD_THREADS = 2
 
 #: A thumbnail whose median brightness is below this is not a brightfield slide.
 _MIN_BRIGHTFIELD_MEDIAN = 0.35
@@ -183,8 +190,13 @@ def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, over
     return store
 
 
-def lay_tiles(store: SlideStore, cfg: PipelineConfig) -> SlideStore:
-    """Stage 2: lay the tile grid over the stored mask, write it and the QC picture."""
+def lay_tiles(store: SlideStore, cfg: PipelineConfig, *, background: list | None = None) -> SlideStore:
+    """Stage 2: lay the tile grid over the stored mask, write it and the QC picture.
+
+    With ``background`` (a list), the QC picture is drawn and written in a thread, off the
+    way to the first encoded batch; the thread is appended to the list as a
+    :class:`BackgroundWrite` and the caller joins it (its error, if any, is raised there).
+    """
     if store.status == STATUS_TILED:
         return store
     s = store.slide
@@ -197,10 +209,16 @@ def lay_tiles(store: SlideStore, cfg: PipelineConfig) -> SlideStore:
                      overlap=t.overlap,
                      min_tissue=t.min_tissue)
     qc_path = store.path.with_name(store.path.name[: -len(".zarr")] + "_qc.png")
-    # compress_level 1: zlib's default (6) spends over a second on a 2048 px picture for a few % of size
-    qc_image(thumb, mask, thumbnail_boxes(grid, downsample), title=qc_title(s, grid, len(grid),
-                                                                       tissue.get("tissue_area_mm2"))
-             ).save(qc_path, compress_level=1)
+    boxes, title = thumbnail_boxes(grid, downsample), qc_title(s, grid, len(grid), tissue.get("tissue_area_mm2"))
+
+    def write_qc():
+        # compress_level 1: zlib's default (6) spends over a second on a 2048 px picture for a few % of size
+        qc_image(thumb, mask, boxes, title=title).save(qc_path, compress_level=1)
+
+    if background is None:
+        write_qc()
+    else:
+        background.append(BackgroundWrite(write_qc, qc_path))
     store.group["tissue"].attrs.update({"qc_image": qc_path.name})
     store.write_tiles(grid.coords, grid.grid, grid.tissue_fraction, {
         "tile_extent_level0": list(grid.extent),
@@ -227,9 +245,37 @@ def qc_title(slide: dict, grid: TileGrid, n_tiles: int, tissue_mm2: float | None
     return "  |  ".join(parts)
 
 
-def tile_slide(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False) -> SlideStore:
-    """Find tissue and lay the tile grid (stages 1 and 2) into the store at ``path``."""
-    return lay_tiles(detect_tissue(osr, info, cfg, path, overwrite=overwrite), cfg)
+def tile_slide(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False,
+               background: list | None = None) -> SlideStore:
+    """Find tissue and lay the tile grid (stages 1 and 2) into the store at ``path``
+    (``background``: see :func:`lay_tiles`)."""
+    return lay_tiles(detect_tissue(osr, info, cfg, path, overwrite=overwrite), cfg, background=background)
+
+
+class BackgroundWrite:
+    """A file written in a (non-daemon) thread; :meth:`join` waits and raises its error."""
+
+    def __init__(self, fn, path):
+        self.path = path
+        self._error: BaseException | None = None
+
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to join()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=f"write-{Path(path).name}")
+        self._thread.start()
+
+    def join(self) -> None:
+        from slide_clip.output import output_errors
+
+        self._thread.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            with output_errors(self.path):
+                raise err
 
 
 def grid_from_store(store: SlideStore) -> TileGrid:
@@ -248,56 +294,6 @@ def grid_from_store(store: SlideStore) -> TileGrid:
         read_level=int(t["read_level"]),
         read_downsample=float(t["read_downsample"]),
     )
-
-
-def encode_store(store: SlideStore, slide_file: str, encoder, cfg: PipelineConfig, *, progress: bool = True) -> int:
-    """Encode the store's tiles not yet written with ``encoder``; returns how many were encoded.
-
-    Resumes at the first row not on disk; a complete group is left alone.
-    """
-    from tqdm.auto import tqdm
-
-    from slide_clip.loader import make_loader, resolve_workers
-
-    e = cfg.encode
-    tiling = store.tiling
-    size = int(tiling["tile_size"])
-    seen = int(encoder.preprocess_cfg.get("resize_size") or encoder.image_size[0])  # px the tile is resized to
-    # what this model saw: the tile resampled from tile_size to its input size
-    writer = store.begin_embeddings({**encoder.provenance(), "tile_size": size, "resampled": size != seen,
-                                     "seen_mpp": float(tiling["target_mpp"]) * size / seen},
-                                    chunk_rows=e.chunk_rows)
-    writer.flush_seconds = e.flush_seconds
-    if writer.complete:
-        return 0
-    start = writer.next_row
-    grid = grid_from_store(store)
-    loader = make_loader(slide_file, grid, encoder.preprocess, start=start, batch_size=e.batch_size,
-                         num_workers=resolve_workers(e.num_workers, encoder.device),
-                         pin_memory=encoder.device.type == "cuda")
-    done = 0
-    bar = tqdm(total=len(grid), initial=start, unit="tile", desc=store.path.stem, disable=not progress,
-               dynamic_ncols=True, leave=False)
-    try:
-        for idx, pixels in loader:
-            if int(idx[0]) != writer.next_row:  # tile order is the row order; never skip or repeat
-                raise RuntimeError(f"loader returned tile {int(idx[0])}, expected {writer.next_row}")
-            writer.append(encoder.encode_images(pixels))
-            done += len(idx)
-            bar.update(len(idx))
-    except SlideClipError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a worker's read error arrives here
-        text = str(exc).strip().splitlines()
-        reason = next((ln for ln in reversed(text) if ln.strip()), type(exc).__name__)
-        if "OpenSlide" in reason or "openslide" in "".join(text) or "TIFF" in reason:
-            raise SlideError(f"failed while reading tiles ({reason.strip()[:200]})", path=slide_file,
-                             hint="The file may be truncated or corrupt; copy it again.") from None
-        raise
-    finally:
-        bar.close()
-        writer.flush()
-    return done
 
 
 def embeddings_done(store: SlideStore, spec, encoder=None) -> bool:
@@ -380,8 +376,9 @@ class EncoderCache:
 
     def get(self):
         """The encoder, loaded on first call (thread-safe: loaded once)."""
-        if self._thread is not None:
-            self._thread.join()
+        t = self._thread  # read once: slides prepared in parallel threads may call this together
+        if t is not None:
+            t.join()
             self._thread = None
             if self._error is not None:
                 err, self._error = self._error, None
@@ -391,12 +388,30 @@ class EncoderCache:
 
 
 def _start_workers_early(cfg: PipelineConfig) -> None:
-    """Start the loader's fork server now if this run will use worker processes."""
+    """Start the loader's fork server now if this run will use worker processes.
+
+    In a background thread when that needs the device (``auto`` workers): picking the device
+    imports torch, which the calling thread does not need before the slide is tiled.
+    """
+    if cfg.encode.num_workers == 0:
+        return
+    if cfg.encode.num_workers == "auto":
+        # not a daemon: a daemon thread inside torch's import at interpreter exit can abort it
+        threading.Thread(target=_start_workers_now, args=(cfg,), name="start-readers", daemon=False).start()
+    else:
+        _start_workers_now(cfg)
+
+
+def _start_workers_now(cfg: PipelineConfig) -> None:
     from slide_clip.encoders import pick_device
     from slide_clip.loader import resolve_workers, start_worker_server
 
     e = cfg.encode
-    start_worker_server(resolve_workers(e.num_workers, pick_device(e.device)))
+    try:
+        n = resolve_workers(e.num_workers, pick_device(e.device) if e.num_workers == "auto" else None)
+        start_worker_server(n)
+    except SlideClipError:
+        pass  # a bad device name: loading the encoder says so, in the calling thread
 
 
 def embed_slide(
@@ -410,6 +425,7 @@ def embed_slide(
     overwrite: bool = False,
     progress: bool = True,
     slide_id: str | None = None,
+    readers=None,
 ) -> SlideResult:
     """Process one slide into ``out_dir/<slide_id>.zarr``: tissue, tiles, embeddings.
 
@@ -419,39 +435,29 @@ def embed_slide(
     Raises :class:`~slide_clip.errors.SlideClipError` for bad input. The encoder is loaded
     from ``cfg`` only if the slide needs encoding; pass ``encoder`` (from
     :func:`slide_clip.encoders.load_encoder`) or an :class:`EncoderCache` to share one
-    across slides.
+    across slides; ``readers`` (:class:`slide_clip.lookahead.Readers`) shares the tile
+    reader processes the same way.
     """
-    from slide_clip.output import ensure_out_dir, output_errors
+    from slide_clip.lookahead import Readers, finish_slide, prepare_slide
+    from slide_clip.output import ensure_out_dir
     from slide_clip.slide_ids import assign_slide_ids
 
     cfg = cfg or PipelineConfig()
     own_cache = encoders is None
     encoders = encoders or EncoderCache(cfg, encoder)
-    t0 = time.perf_counter()
     out = ensure_out_dir(out_dir)
     slide_id = slide_id or assign_slide_ids([slide], out)[str(slide)]
     _start_workers_early(cfg)  # the fork server's imports overlap tissue detection
-    osr, info = open_slide(slide, mpp)
-    info = replace(info, name=slide_id)
+    own_readers = readers is None
+    readers = readers or Readers(cfg)
     try:
-        path = store_path(out, info.name)
-        with output_errors(path), store_lock(path):
-            if overwrite or not _finished(path, encoders.spec):
-                encoders.preload()  # the model builds while tissue is found
-            store = tile_slide(osr, info, cfg, path, overwrite=overwrite)
-            done = embeddings_done(store, encoders.spec, encoders.encoder)
-            encoded = 0 if done else encode_store(store, str(resolve_slide_path(slide)), encoders.get(), cfg,
-                                                  progress=progress)
+        p = prepare_slide(slide, out, cfg, encoders, readers, mpp=mpp, overwrite=overwrite, slide_id=slide_id)
+        return finish_slide(p, progress=progress)
     finally:
-        osr.close()
+        if own_readers:
+            readers.close()
         if own_cache:
             encoders.wait()
-    seconds = round(time.perf_counter() - t0, 3)
-    return SlideResult(
-        slide=str(slide), name=info.name, status="skipped" if done else "ok", store=str(path),
-        n_tiles=store.n_tiles, encoded=encoded, seconds=seconds,
-        extra={"seconds_embed": seconds} if encoded else {},
-    )
 
 
 def embed_slides(
@@ -467,10 +473,14 @@ def embed_slides(
 ) -> list[SlideResult]:
     """Process several slides; a failing slide is recorded and the others go on.
 
-    The encoder is loaded once, when the first slide needs it. Each slide's outcome is also
-    written to ``out/status/<slide_id>.json``.
+    The encoder is loaded once, when the first slide needs it, and one pool of tile-reader
+    processes serves every slide. While a slide encodes, the next one is opened, checked,
+    masked and tiled in a background thread and its first tile batches are queued behind
+    this slide's (:mod:`slide_clip.lookahead`). Each slide's outcome is also written to
+    ``out/status/<slide_id>.json``.
     """
     from slide_clip.errors import OutputError
+    from slide_clip.lookahead import LookAhead, Readers, finish_slide, prepare_slide
     from slide_clip.output import ensure_out_dir
     from slide_clip.slide import lookup_mpp
     from slide_clip.slide_ids import assign_slide_ids
@@ -482,15 +492,25 @@ def embed_slides(
     ensure_out_dir(out_dir)
     ids = assign_slide_ids(slides, out_dir)
     encoders = EncoderCache(cfg)
+    readers = Readers(cfg)  # one pool of reader processes for every slide of the run
     results: list[SlideResult] = []
+
+    def prepare(i: int, turn):
+        s = slides[i]
+        sid = ids[str(s)]
+        override = mpp if mpp is not None else (lookup_mpp(mpps, s, sid) if mpps else None)
+        return prepare_slide(s, out_dir, cfg, encoders, readers, mpp=override, overwrite=overwrite, slide_id=sid,
+                             turn=turn)
+
+    _start_workers_early(cfg)
+    # the next slides are checked, masked and tiled while this one encodes
+    ahead = LookAhead(len(slides), prepare, depth=LOOKAHEAD_SLIDES, threads=LOOKAHEAD_THREADS)
     try:
-        for s in slides:
+        for i, s in enumerate(slides):
             t0 = time.perf_counter()
             sid = ids[str(s)]
             try:
-                override = mpp if mpp is not None else (lookup_mpp(mpps, s, sid) if mpps else None)
-                r = embed_slide(s, out_dir, cfg, mpp=override, encoders=encoders, overwrite=overwrite,
-                                progress=progress, slide_id=sid)
+                r = finish_slide(ahead.take(i).result(), progress=progress)
             except SlideClipError as exc:
                 if isinstance(exc, (WeightsError, ConfigError)):
                     raise  # a problem with the model or config fails every slide: stop now
@@ -506,6 +526,8 @@ def embed_slides(
             if on_result:
                 on_result(r)
     finally:
+        ahead.close()  # slides prepared but not reached (a run stopped early) release their locks
+        readers.close()
         encoders.wait()  # never exit while the model is still being built in the background
     return results
 

@@ -99,7 +99,12 @@ def _lock_holder(lock: Path) -> str:
         info = json.loads(lock.read_text() or "{}")
         return f"pid {info['pid']} on host {info['host']} since {info['since']}"
     except (OSError, ValueError, KeyError, TypeError):
-        return "an unknown process"
+        return _UNKNOWN_HOLDER
+
+
+_UNKNOWN_HOLDER = "an unknown process"
+#: Seconds a busy lock with an empty note is tried again (the holder is taking or releasing it).
+_NOTE_GRACE_S = 1.0
 
 
 @contextmanager
@@ -124,6 +129,11 @@ def store_lock(path: str | Path, wait: float = 0.0):
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = _lock_holder(lock)
+                    if holder == _UNKNOWN_HOLDER and time.monotonic() < deadline + _NOTE_GRACE_S:
+                        # an empty note: the holder is between taking the lock and writing its
+                        # note, or between clearing it and letting go: look again shortly
+                        time.sleep(0.02)
+                        continue
                     raise StoreBusyError(
                         f"is being written by another process ({holder}; lock {lock.name})", path=path,
                         hint="Wait for it to finish, or write to another --out. If that process is gone "

@@ -101,7 +101,9 @@ def write_slide(
 ) -> Path:
     """Write ``scene`` as a pyramidal tiled TIFF (each level half the previous).
 
-    ``mpp`` (µm per level-0 pixel) is stored in the resolution tags (centimetres); None
+    ``compression`` is ``zlib`` (``compression_level``), ``jpeg`` (RGB JPEG tiles, like most
+    scanners' files; ``compression_level`` is then the JPEG quality, 90 when left at 1;
+    needs the optional ``imagecodecs`` package) or None. ``mpp`` (µm per level-0 pixel) is stored in the resolution tags (centimetres); None
     writes no resolution, like a slide whose scanner forgot it.
     """
     import tifffile
@@ -129,9 +131,17 @@ def write_slide(
                 kwargs = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
             tif.write(tiles(), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
                       compression=compression,
-                      compressionargs={"level": compression_level} if compression == "zlib" else None,
+                      compressionargs=_compression_args(compression, compression_level),
                       subfiletype=1 if level else 0, **kwargs)
     return path
+
+
+def _compression_args(compression: str | None, level: int) -> dict | None:
+    if compression == "zlib":
+        return {"level": level}
+    if compression == "jpeg":
+        return {"level": 90 if level == 1 else level}
+    return None
 
 
 def demo_scene(mpp: float = 0.5) -> Scene:

@@ -8,6 +8,7 @@ scanner's resolution. Coordinates here are thumbnail pixels.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,8 @@ DEFAULT_THUMBNAIL_MAX_SIDE = 2048
 
 #: Source pixels read at once while building a thumbnail: bounds memory (64 MB of RGBA).
 _STRIP_PIXELS = 16_000_000
+#: Threads reading thumbnail bands at once (each holds one strip).
+_THUMBNAIL_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,12 @@ def read_thumbnail(osr, max_side: int = DEFAULT_THUMBNAIL_MAX_SIDE, mpp: float |
     lw, lh = osr.level_dimensions[level]
     ds = osr.level_downsamples[level]
     out = np.empty((th, tw, 3), dtype=np.uint8)
-    # Each band of thumbnail rows maps to a band of level rows; bands resize independently.
+    # Each band of thumbnail rows maps to a band of level rows; bands resize independently,
+    # so they are read in a few threads (OpenSlide and PIL release the GIL while decoding and
+    # resampling): the thumbnail is on the way to a command's first encoded batch.
     rows_per_strip = max(1, int(_STRIP_PIXELS / (lw * lh / th)))
-    for ty0 in range(0, th, rows_per_strip):
+
+    def band(ty0: int) -> None:
         ty1 = min(th, ty0 + rows_per_strip)
         ly0 = int(math.floor(ty0 * lh / th))
         ly1 = min(lh, int(math.ceil(ty1 * lh / th)))
@@ -64,8 +70,18 @@ def read_thumbnail(osr, max_side: int = DEFAULT_THUMBNAIL_MAX_SIDE, mpp: float |
         rgb = _rgba_to_rgb_white(region)
         # Exact box of this band within the level strip, sub-pixel.
         box = (0.0, ty0 * lh / th - ly0, float(lw), ty1 * lh / th - ly0)
-        band = rgb.resize((tw, ty1 - ty0), Image.Resampling.BOX, box=box)
-        out[ty0:ty1] = np.asarray(band)
+        out[ty0:ty1] = np.asarray(rgb.resize((tw, ty1 - ty0), Image.Resampling.BOX, box=box))
+
+    starts = range(0, th, rows_per_strip)
+    threads = min(_THUMBNAIL_THREADS, len(starts), os.cpu_count() or 1)
+    if threads <= 1:
+        for ty0 in starts:
+            band(ty0)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="thumbnail") as ex:
+            list(ex.map(band, starts))  # memory: one strip per thread
     mpp_thumb = None if mpp is None else mpp * (w0 / tw + h0 / th) / 2
     return Thumbnail(out, (w0 / tw, h0 / th), mpp_thumb)
 

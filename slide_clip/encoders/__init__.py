@@ -16,8 +16,6 @@ unless ``random:NAME@seed=N``), identical in every process, and recorded as such
 (``random_weights`` and ``seed`` in the store), so nobody mistakes them for a trained model.
 """
 
-from slide_clip.encoders.base import Encoder, pick_device, pick_precision, vision_only_error
-from slide_clip.encoders.loading import load_encoder, model_input_size, resolve_stored_model
 from slide_clip.encoders.spec import (
     DEFAULT_REGISTRY,
     RANDOM_PREFIX,
@@ -29,7 +27,25 @@ from slide_clip.encoders.spec import (
     resolve_model,
     spec_from_provenance,
 )
-from slide_clip.encoders.weights import file_sha256, read_state_dict, seeded, state_dict_sha256
+
+# The names below import torch; they are loaded on first use, so that resolving a model
+# name (the registry, its input size and µm/px) does not put torch's import on a command's
+# way to its first tile: the model is built in a background thread meanwhile.
+_LAZY = {
+    "Encoder": "base", "pick_device": "base", "pick_precision": "base", "vision_only_error": "base",
+    "load_encoder": "loading", "model_input_size": "loading", "resolve_stored_model": "loading",
+    "file_sha256": "weights", "read_state_dict": "weights", "seeded": "weights", "state_dict_sha256": "weights",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"slide_clip.encoders.{module}"), name)
+
 
 __all__ = [
     "DEFAULT_REGISTRY",

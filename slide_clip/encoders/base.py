@@ -121,14 +121,34 @@ class Encoder:
 
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         """L2-normalised image embeddings (float32, (n, embed_dim)) of preprocessed pixels."""
-        fn = self.image_fn or self.model.encode_image
         with torch.inference_mode():
             x = pixels.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                feats = fn(x)
-            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+            return self._embed(x)
+
+    def pixel_norm(self, tile_size: int):
+        """How to turn uint8 ``tile_size`` tiles into model input on the device
+        (:class:`~slide_clip.encoders.pixels.PixelNorm`), or None when the tiles need this
+        encoder's per-tile ``preprocess`` (resampling, or an unusual pipeline)."""
+        from slide_clip.encoders.pixels import device_normalisation
+
+        return device_normalisation(self.preprocess, self.preprocess_cfg, tile_size)
+
+    def encode_uint8(self, tiles: torch.Tensor, norm) -> np.ndarray:
+        """Embeddings of ``(n, h, w, 3)`` uint8 tiles, normalised on the device with ``norm``
+        (from :meth:`pixel_norm`): the same numbers as ``encode_images`` of the tiles run
+        through ``preprocess`` one by one."""
+        from slide_clip.encoders.pixels import to_model_input
+
+        with torch.inference_mode():
+            return self._embed(to_model_input(tiles, norm, self.device))
+
+    def _embed(self, x: torch.Tensor) -> np.ndarray:
+        fn = self.image_fn or self.model.encode_image
+        with self._autocast():
+            feats = fn(x)
+        feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy()
 
     @property
