@@ -21,8 +21,8 @@ Sections (``--sections``, comma-separated; all by default on a CPU):
 * ``--device cuda``: ``gpu`` only: ``ViT-B-16`` bf16 end to end vs encoder only, GPU
   utilisation sampled with ``nvidia-smi`` every 200 ms during the end-to-end run.
 
-Slides are synthetic pyramidal TIFFs with JPEG tiles (``slide_clip.synthetic``, needs the
-optional ``imagecodecs``), written once under ``--workdir`` and reused.
+Slides are synthetic pyramidal TIFFs with JPEG tiles (``slide_clip.synthetic``, needs
+``imagecodecs``, in the dev extra), written once under ``--workdir`` and reused.
 
     .venv/bin/python benchmarks/bench_datapath.py --json /tmp/dp.json     # ~10 min on 2 cores
     .venv/bin/python benchmarks/bench_datapath.py --device cuda --sections gpu --tissue-tiles 60x60

@@ -1,7 +1,7 @@
 """Stage 3: a tiled store's tiles through the encoder into its embeddings, in row order.
 
 Split in two so a run over many slides can queue the next slide's tiles while this one
-encodes (:mod:`slide_clip.cohort_run`): :func:`begin_encoding` opens the embeddings group
+encodes (:mod:`slide_clip.lookahead`): :func:`begin_encoding` opens the embeddings group
 (resuming at the first row not on disk) and queues the tile batches; :func:`run_encoding`
 encodes them as they arrive. :func:`encode_store` does both.
 
