@@ -20,12 +20,10 @@ boxes are pixels of the read level.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from PIL import Image
 
-from slide_clip.tiling import TileGrid, read_tile
+from slide_clip.tiling import TileGrid, level_box, read_tile
 from slide_clip.tissue import _rgba_to_rgb_white
 
 #: Widest strip read at once, pixels of the read level (4096 px x 1 tile row of RGBA:
@@ -38,18 +36,6 @@ MAX_STRIP_PX = 4096
 #: reuses half of them: 128 MiB keeps several full file-tile rows of a 40,000 px wide level
 #: decoded (a 256 x 40,000 RGBA row is ~40 MB).
 SLIDE_CACHE_BYTES = 128 * 2**20
-
-
-def _level_box(x: int, y: int, grid: TileGrid):
-    """What ``read_tile`` reads for the tile at level-0 (x, y): level origin, size and crop box."""
-    ds = grid.read_downsample
-    lx, ly = x / ds, y / ds
-    ew, eh = grid.extent[0] / ds, grid.extent[1] / ds
-    ix, iy = int(math.floor(lx)), int(math.floor(ly))
-    w = int(math.ceil(lx + ew)) - ix
-    h = int(math.ceil(ly + eh)) - iy
-    box = (lx - ix, ly - iy, lx - ix + ew, ly - iy + eh)
-    return ix, iy, w, h, box
 
 
 def groupable(grid: TileGrid) -> bool:
@@ -69,11 +55,11 @@ def strip_runs(coords: np.ndarray, grid: TileGrid, max_width: int = MAX_STRIP_PX
     n = len(coords)
     i = 0
     while i < n:
-        ix0, iy0, w0, _, _ = _level_box(int(coords[i, 0]), int(coords[i, 1]), grid)
+        ix0, iy0, w0, _, _ = level_box(int(coords[i, 0]), int(coords[i, 1]), grid)
         right = ix0 + w0
         j = i + 1
         while j < n and int(coords[j, 1]) == int(coords[i, 1]):
-            ix, _, w, _, _ = _level_box(int(coords[j, 0]), int(coords[j, 1]), grid)
+            ix, _, w, _, _ = level_box(int(coords[j, 0]), int(coords[j, 1]), grid)
             if ix < right - w0 or ix > right + w0 or ix + w - ix0 > max_width:
                 break
             right = ix + w
@@ -98,7 +84,7 @@ def read_tiles(osr, coords: np.ndarray, grid: TileGrid, *, max_width: int = MAX_
     ds = int(grid.read_downsample)
     level = grid.read_level
     for i, j in strip_runs(coords, grid, max_width):
-        boxes = [_level_box(int(coords[k, 0]), int(coords[k, 1]), grid) for k in range(i, j)]
+        boxes = [level_box(int(coords[k, 0]), int(coords[k, 1]), grid) for k in range(i, j)]
         sx, sy = boxes[0][0], boxes[0][1]
         sw = boxes[-1][0] + boxes[-1][2] - sx
         sh = max(b[3] for b in boxes)

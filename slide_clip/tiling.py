@@ -166,6 +166,21 @@ def thumbnail_boxes(grid: TileGrid, mask_downsample) -> np.ndarray:
     )
 
 
+def level_box(x: int, y: int, grid: TileGrid) -> tuple[int, int, int, int, tuple[float, float, float, float]]:
+    """The region of ``grid.read_level`` that covers the tile at level-0 (x, y), and the tile in it.
+
+    Returns the region's integer origin and size in read-level pixels (``ix, iy, w, h``),
+    and the tile's exact sub-pixel box inside that region (``left, top, right, bottom``).
+    """
+    ds = grid.read_downsample
+    lx, ly = x / ds, y / ds
+    ew, eh = grid.extent[0] / ds, grid.extent[1] / ds
+    ix, iy = int(math.floor(lx)), int(math.floor(ly))
+    w = int(math.ceil(lx + ew)) - ix
+    h = int(math.ceil(ly + eh)) - iy
+    return ix, iy, w, h, (lx - ix, ly - iy, lx - ix + ew, ly - iy + eh)
+
+
 def read_tile(osr, x: int, y: int, grid: TileGrid) -> Image.Image:
     """Read one tile: level-0 top-left (x, y), returned as a ``tile_size`` RGB image.
 
@@ -174,15 +189,9 @@ def read_tile(osr, x: int, y: int, grid: TileGrid) -> Image.Image:
     shrinking). Unscanned (transparent) pixels become white.
     """
     ds = grid.read_downsample
-    level = grid.read_level
-    lx, ly = x / ds, y / ds
-    ew, eh = grid.extent[0] / ds, grid.extent[1] / ds
-    ix, iy = int(math.floor(lx)), int(math.floor(ly))
-    w = int(math.ceil(lx + ew)) - ix
-    h = int(math.ceil(ly + eh)) - iy
-    region = osr.read_region((int(round(ix * ds)), int(round(iy * ds))), level, (w, h))
+    ix, iy, w, h, box = level_box(x, y, grid)
+    region = osr.read_region((int(round(ix * ds)), int(round(iy * ds))), grid.read_level, (w, h))
     rgb = _rgba_to_rgb_white(region)
-    box = (lx - ix, ly - iy, lx - ix + ew, ly - iy + eh)
     size = (grid.tile_size, grid.tile_size)
     if box == (0.0, 0.0, float(w), float(h)) and (w, h) == size:
         return rgb
