@@ -12,7 +12,7 @@ import torch
 from slide_clip.encoders.base import Encoder
 from slide_clip.encoders.spec import ModelSpec
 from slide_clip.encoders.timm_backend import make_transform, preprocess_cfg
-from slide_clip.encoders.weights import file_sha256, load_into, read_state_dict, seeded, state_dict_sha256
+from slide_clip.encoders.weights import local_weights, seeded, state_dict_sha256
 from slide_clip.errors import ConfigError, WeightsError
 
 #: transformers classes this backend builds (vision models whose output has last_hidden_state).
@@ -44,18 +44,18 @@ def create(spec: ModelSpec) -> torch.nn.Module:
         return model_cls(cfg, add_pooling_layer=False) if spec.arch == "ViTModel" else model_cls(cfg)
 
 
+def _drop_unused_position_ids(model, state: dict) -> dict:
+    """Checkpoints of other transformers versions may hold ``position_ids`` buffers this one lacks."""
+    own = model.state_dict()
+    return {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
+
+
 def load(spec: ModelSpec, dev: torch.device, precision: str) -> Encoder:
-    ckpt_sha = None
-    if spec.weights_kind == "random":
-        model = create(spec)
-    elif spec.weights_kind == "file":
-        state = read_state_dict(spec.weights, spec.name)
-        ckpt_sha = file_sha256(spec.weights)
-        model = create(spec)
-        own = model.state_dict()
-        state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
-        load_into(model, state, spec.name, spec.weights)
+    built = local_weights(spec, create, _drop_unused_position_ids)
+    if built is not None:
+        model, ckpt_sha = built
     elif spec.weights_kind == "hf-hub":
+        ckpt_sha = None
         model_cls, _ = _config(spec)
         repo = spec.weights[len("hf-hub:"):]
         try:

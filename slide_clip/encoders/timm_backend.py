@@ -21,7 +21,7 @@ import torch
 
 from slide_clip.encoders.base import Encoder
 from slide_clip.encoders.spec import ModelSpec
-from slide_clip.encoders.weights import file_sha256, load_into, read_state_dict, seeded, state_dict_sha256
+from slide_clip.encoders.weights import local_weights, seeded, state_dict_sha256
 from slide_clip.errors import ConfigError, WeightsError
 
 #: ImageNet constants, the default of most pathology ViTs.
@@ -127,17 +127,13 @@ def pooled(model, pooling: str):
 
 def load(spec: ModelSpec, dev: torch.device, precision: str) -> Encoder:
     """Build a timm encoder for ``spec``: random (seeded), a local file, or the hub."""
-    ckpt_sha = None
-    if spec.weights_kind == "random":
-        model = create(spec)
-    elif spec.weights_kind == "file":
-        state = read_state_dict(spec.weights, spec.name)
-        ckpt_sha = file_sha256(spec.weights)
-        model = create(spec)
-        load_into(model, state, spec.name, spec.weights)
+    built = local_weights(spec, create)
+    if built is not None:
+        model, ckpt_sha = built
     elif spec.weights_kind == "hf-hub":
         import timm
 
+        ckpt_sha = None
         try:
             model = timm.create_model(spec.weights, pretrained=True, **timm_kwargs(spec))
         except Exception as e:  # noqa: BLE001 - offline, gated, missing: one line

@@ -106,6 +106,26 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], model_name
                            hint="Give the checkpoint of this model, or the matching --model.") from None
 
 
+def local_weights(spec, create, adapt=None) -> tuple[torch.nn.Module, str | None] | None:
+    """The model for ``random:`` or file weights, and the checkpoint's sha256 (None for random).
+
+    ``create(spec)`` builds the architecture with seeded random weights; a file's state dict
+    (``adapt(model, state)`` first, if given) is then loaded strictly. None for other
+    weights (the hub): the backend loads those its own way.
+    """
+    if spec.weights_kind == "random":
+        return create(spec), None
+    if spec.weights_kind != "file":
+        return None
+    state = read_state_dict(spec.weights, spec.name)
+    ckpt_sha = file_sha256(spec.weights)
+    model = create(spec)
+    if adapt is not None:
+        state = adapt(model, state)
+    load_into(model, state, spec.name, spec.weights)
+    return model, ckpt_sha
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """Run the block with the CPU random generator seeded, restoring the caller's state after.
