@@ -177,7 +177,7 @@ def _with_mpp(cohort: list[CohortSlide], mpp: float | None, mpp_csv: str | None)
         return [dataclasses.replace(c, mpp=mpp) for c in cohort]
     if mpp_csv:
         table = read_mpp_csv(mpp_csv)
-        return [dataclasses.replace(c, mpp=lookup_mpp(table, c.path) or c.mpp) for c in cohort]
+        return [dataclasses.replace(c, mpp=lookup_mpp(table, c.path, c.slide_id) or c.mpp) for c in cohort]
     return cohort
 
 

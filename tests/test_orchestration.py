@@ -319,3 +319,18 @@ def test_qc_picture_title_and_visible_tile_outlines(tmp_path, make_slide, cfg):
         assert np.abs(tissue_px - edge).sum(axis=1).min() > 200, (edge, (x, y))
         # and brighter than 99% of the (purple and pink) tissue: it never sinks into the stain
         assert edge @ luma > np.percentile(tissue_px @ luma, 99) + 20, (edge, (x, y))
+
+
+def test_flow_mpp_csv_matches_assigned_slide_ids_like_embed(tmp_path):
+    """--mpp-csv rows keyed by an assigned id (``a__x`` for colliding stems) reach the cohort flow's slides."""
+    from slide_clip.manifest import CohortSlide
+    from slide_clip_flows.process_cohort import _with_mpp
+
+    csv_file = tmp_path / "mpp.csv"
+    csv_file.write_text("slide,mpp\na__x,0.25\nb__x,0.5\n")
+    cohort = [CohortSlide(str(tmp_path / "a" / "x.svs"), name="a__x"),
+              CohortSlide(str(tmp_path / "b" / "x.svs"), name="b__x"),
+              CohortSlide(str(tmp_path / "c" / "y.svs"), name="y", mpp=0.3)]
+    got = _with_mpp(cohort, None, str(csv_file))
+    assert [c.mpp for c in got] == [0.25, 0.5, 0.3]  # y: no row, its manifest mpp stays
+    assert [c.mpp for c in _with_mpp(cohort, 1.0, str(csv_file))] == [1.0, 1.0, 1.0]  # --mpp wins
