@@ -156,9 +156,14 @@ class Encoder:
         if not self.supports_text:
             raise vision_only_error(self.spec)
         if self._tokenizer is None:
-            from slide_clip.encoders.openclip import tokenizer_for
+            if self.spec.backend == "conch":
+                from slide_clip.encoders import conch
 
-            self._tokenizer = tokenizer_for(self.spec, self.arch_cfg)
+                self._tokenizer = conch.tokenizer_for(self.spec)
+            else:
+                from slide_clip.encoders.openclip import tokenizer_for
+
+                self._tokenizer = tokenizer_for(self.spec, self.arch_cfg)
         return self._tokenizer
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:

@@ -35,6 +35,10 @@ def load_encoder(
         from slide_clip.encoders import hf_backend
 
         return hf_backend.load(spec, dev, precision)
+    if spec.backend == "conch":
+        from slide_clip.encoders import conch
+
+        return conch.load(spec, dev, precision)
     if spec.backend != "open_clip":
         raise ConfigError(f"model {spec.name!r}: unknown backend {spec.backend!r}")
     from slide_clip.encoders import openclip
@@ -64,6 +68,10 @@ def model_input_size(spec: ModelSpec) -> int:
         from slide_clip.encoders import hf_backend
 
         size = hf_backend.input_size(spec)
+    elif spec.backend == "conch":
+        from slide_clip.encoders import conch
+
+        size = conch.input_size(spec)
     else:
         from slide_clip.encoders import openclip
 

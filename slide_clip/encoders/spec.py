@@ -35,13 +35,14 @@ DEFAULT_REGISTRY = config_file("models.yaml")
 RANDOM_PREFIX = "random:"
 _SEED_RE = re.compile(r"^(?P<base>.+?)@seed=(?P<seed>-?\d+)$")
 
-#: Backends: ``open_clip`` (vision-language, zero-shot capable); ``timm`` and ``transformers``
-#: (vision-only).
-BACKENDS = ("open_clip", "timm", "transformers")
+#: Backends: ``open_clip`` and ``conch`` (vision-language, zero-shot capable); ``timm`` and
+#: ``transformers`` (vision-only).
+BACKENDS = ("open_clip", "conch", "timm", "transformers")
+TEXT_BACKENDS = ("open_clip", "conch")
 
 _FIELDS = {"arch", "backend", "weights", "checkpoint", "arch_config", "image_mean", "image_std",
            "image_interpolation", "input_size", "resize_size", "training_mpp", "licence", "gated", "pooling",
-           "model_kwargs", "hub_id", "weights_format", "description"}
+           "model_kwargs", "hub_id", "weights_format", "tokenizer", "description"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class ModelSpec:
     pooling
         timm backend: ``cls`` (class token / the model's own pooling) or ``cls+mean``
         (class token concatenated with the mean patch token, as Virchow2's card says).
+    tokenizer
+        conch backend: path of CONCH's tokenizer file (else looked for beside the weights
+        and in an installed ``conch`` package).
     """
 
     name: str
@@ -91,6 +95,7 @@ class ModelSpec:
     model_kwargs: dict = field(default_factory=dict, compare=False)
     hub_id: str | None = None
     weights_format: str = "open_clip"
+    tokenizer: str | None = None
     description: str = ""
     seed: int | None = None
 
@@ -110,7 +115,7 @@ class ModelSpec:
 
     @property
     def vision_only(self) -> bool:
-        return self.backend != "open_clip"
+        return self.backend not in TEXT_BACKENDS
 
     def to_dict(self) -> dict:
         """JSON-able form (recorded in stores as ``spec``)."""
@@ -194,6 +199,7 @@ def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
         hub_id=entry.get("hub_id") or (str(entry["weights"])[len("hf-hub:"):]
                                        if str(entry.get("weights", "")).startswith("hf-hub:") else None),
         weights_format=str(entry.get("weights_format", "open_clip")),
+        tokenizer=_resolve_rel(entry.get("tokenizer"), p.parent),
         description=str(entry.get("description", "")),
     )
 
