@@ -134,6 +134,13 @@ def test_text_without_tokenizer_is_one_clear_line(conch_tiny, tmp_path):
     (tmp_path / "conch_byte_level_bpe_uncased.json").write_bytes(TOKENIZER.read_bytes())
     found = load_encoder(replace(spec, weights=str(ckpt)), device="cpu")
     assert found.encode_texts(["tumour"]).shape == (1, REF["config"]["embed_dim"])
+    # a tokenizer file that is not the one the entry names by sha256 is refused, in one line
+    wrong = load_encoder(replace(spec, weights=str(ckpt), tokenizer_sha256="0" * 64), device="cpu")
+    with pytest.raises(ConfigError, match="not CONCH's") as e:
+        wrong.encode_texts(["tumour"])
+    assert "\n" not in str(e.value) and "conch_byte_level_bpe_uncased.json" in str(e.value)
+    assert load_registry()["conch"].tokenizer_sha256 == (
+        "a3861e67c64d32670eb6725a8e52d7dbdd2a06646a4a3c7463052ae7110760fb")  # CONCH's file at commit 141cc09
 
 
 def test_hub_offline_names_model_hub_id_and_checkpoint():

@@ -246,6 +246,10 @@ def tokenizer_for(spec: ModelSpec) -> ConchTokenizer:
             "and text search need it",
             hint=("Install CONCH's package (pip install git+https://github.com/mahmoodlab/CONCH), put the file "
                   "beside the checkpoint, or give 'tokenizer: FILE' in a registry YAML passed with --models."))
+    if spec.tokenizer_sha256 and file_sha256(path) != spec.tokenizer_sha256:
+        raise ConfigError(f"model {spec.name!r}: the tokenizer file is not CONCH's (sha256 {file_sha256(path)[:12]}..., "
+                          f"expected {spec.tokenizer_sha256[:12]}...)", path=path,
+                          hint=f"Give CONCH's own {TOKENIZER_FILE}; another tokenizer would score silently wrong.")
     try:
         return ConchTokenizer(path, int(_cfg(spec)["text_cfg"].get("context_length", 128)))
     except Exception as e:  # noqa: BLE001 - not a tokenizers JSON

@@ -42,7 +42,8 @@ TEXT_BACKENDS = ("open_clip", "conch")
 
 _FIELDS = {"arch", "backend", "weights", "checkpoint", "arch_config", "image_mean", "image_std",
            "image_interpolation", "input_size", "resize_size", "training_mpp", "licence", "gated", "pooling",
-           "model_kwargs", "hub_id", "weights_format", "tokenizer", "description"}
+           "model_kwargs", "hub_id", "weights_format", "tokenizer", "tokenizer_sha256",
+           "description"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class ModelSpec:
     tokenizer
         conch backend: path of CONCH's tokenizer file (else looked for beside the weights
         and in an installed ``conch`` package).
+    tokenizer_sha256
+        conch backend: the sha256 the tokenizer file must have (another file is refused).
     """
 
     name: str
@@ -96,6 +99,7 @@ class ModelSpec:
     hub_id: str | None = None
     weights_format: str = "open_clip"
     tokenizer: str | None = None
+    tokenizer_sha256: str | None = None
     description: str = ""
     seed: int | None = None
 
@@ -200,6 +204,7 @@ def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
                                        if str(entry.get("weights", "")).startswith("hf-hub:") else None),
         weights_format=str(entry.get("weights_format", "open_clip")),
         tokenizer=_resolve_rel(entry.get("tokenizer"), p.parent),
+        tokenizer_sha256=str(entry["tokenizer_sha256"]).lower() if entry.get("tokenizer_sha256") else None,
         description=str(entry.get("description", "")),
     )
 
