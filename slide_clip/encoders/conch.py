@@ -34,6 +34,7 @@ tokenizer by ``benchmarks/verify_conch.py``.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,8 +42,8 @@ from torch import nn
 
 from slide_clip.encoders.base import Encoder
 from slide_clip.encoders.spec import ModelSpec
-from slide_clip.encoders.weights import file_sha256, load_into, read_state_dict, seeded, state_dict_sha256
-from slide_clip.errors import ConfigError, WeightsError
+from slide_clip.encoders.weights import file_sha256, hub_error, local_weights, on_device, seeded
+from slide_clip.errors import ConfigError
 
 #: Checkpoint keys of CONCH's captioning parts, not used for embeddings or zero-shot scoring.
 UNUSED_PREFIXES = ("text_decoder.", "visual.attn_pool_caption.", "visual.ln_caption.")
@@ -148,38 +149,25 @@ def preprocess_cfg(spec: ModelSpec) -> dict:
 
 
 def _hub_weights(spec: ModelSpec) -> str:
+    """The hub repository's ``pytorch_model.bin`` (downloaded, or from the local cache)."""
     from huggingface_hub import hf_hub_download
 
-    repo = spec.hub_id or spec.weights[len("hf-hub:"):]
     try:
         return hf_hub_download(spec.weights[len("hf-hub:"):], HUB_WEIGHTS_FILE)
     except Exception as e:  # noqa: BLE001 - offline, gated, missing: one line
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        gated = "is gated: accept its licence on the hub, download its weights" if spec.gated else \
-            "could not be downloaded: download its weights"
-        raise WeightsError(
-            f"model {spec.name!r} (Hugging Face hub {repo}) {gated} ({HUB_WEIGHTS_FILE}) on a machine with "
-            f"network access, then give the file with --checkpoint FILE ({reason})") from None
+        raise hub_error(spec, e) from None
 
 
 def load(spec: ModelSpec, dev: torch.device, precision: str) -> Encoder:
     """Build CONCH for ``spec``: random (seeded), a local file, or the hub's ``pytorch_model.bin``."""
     from slide_clip.encoders.timm_backend import make_transform
 
-    ckpt_sha = None
-    if spec.weights_kind == "random":
-        model = create(spec)
-    elif spec.weights_kind in ("file", "hf-hub"):
-        path = spec.weights if spec.weights_kind == "file" else _hub_weights(spec)
-        state = adapt(read_state_dict(path, spec.name))
-        ckpt_sha = file_sha256(path)
-        model = create(spec)
-        load_into(model, state, spec.name, path)
-    else:
+    local = replace(spec, weights=_hub_weights(spec)) if spec.weights_kind == "hf-hub" else spec
+    built = local_weights(local, create, adapt=lambda model, state: adapt(state))
+    if built is None:
         raise ConfigError(f"model {spec.name!r}: CONCH takes hf-hub:ORG/NAME or a file as weights")
-    model.eval()
-    weights_sha = state_dict_sha256(model)
-    model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
+    model, weights_sha = on_device(built[0], dev)
+    ckpt_sha = built[1]
     cfg = preprocess_cfg(spec)
     return Encoder(
         spec=spec, model=model, preprocess=make_transform(cfg), device=dev, precision=precision,

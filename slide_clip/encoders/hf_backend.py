@@ -12,8 +12,8 @@ import torch
 from slide_clip.encoders.base import Encoder
 from slide_clip.encoders.spec import ModelSpec
 from slide_clip.encoders.timm_backend import make_transform, preprocess_cfg
-from slide_clip.encoders.weights import local_weights, seeded, state_dict_sha256
-from slide_clip.errors import ConfigError, WeightsError
+from slide_clip.encoders.weights import hub_error, local_weights, on_device, seeded
+from slide_clip.errors import ConfigError
 
 #: transformers classes this backend builds (vision models whose output has last_hidden_state).
 CLASSES = ("Dinov2Model", "ViTModel")
@@ -61,15 +61,10 @@ def load(spec: ModelSpec, dev: torch.device, precision: str) -> Encoder:
         try:
             model = model_cls.from_pretrained(repo)
         except Exception as e:  # noqa: BLE001 - offline, gated, missing: one line
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise WeightsError(
-                f"model {spec.name!r} (Hugging Face hub {repo}) could not be downloaded: download its weights on "
-                f"a machine with network access, then give the file with --checkpoint FILE ({reason})") from None
+            raise hub_error(spec, e) from None
     else:
         raise ConfigError(f"model {spec.name!r}: transformers models take hf-hub:ORG/NAME or a file as weights")
-    model.eval()
-    weights_sha = state_dict_sha256(model)
-    model = model.to(dev)
+    model, weights_sha = on_device(model, dev)
     cfg = preprocess_cfg(spec)
 
     def cls_token(x):

@@ -9,7 +9,7 @@ import torch
 
 from slide_clip.encoders.base import Encoder, pick_device, pick_precision
 from slide_clip.encoders.spec import ModelSpec, resolve_model, spec_from_provenance
-from slide_clip.encoders.weights import state_dict_sha256
+from slide_clip.encoders.weights import on_device
 from slide_clip.errors import ConfigError, WeightsError
 
 
@@ -44,9 +44,7 @@ def load_encoder(
     from slide_clip.encoders import openclip
 
     model, preprocess, pre_cfg, arch_cfg, ckpt_sha = openclip.build(spec)
-    model.eval()
-    weights_sha = state_dict_sha256(model)
-    model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
+    model, weights_sha = on_device(model, dev)
     size = openclip.image_size_of(model)
     return Encoder(
         spec=spec, model=model, preprocess=preprocess, device=dev, precision=precision,

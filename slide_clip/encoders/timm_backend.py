@@ -21,8 +21,8 @@ import torch
 
 from slide_clip.encoders.base import Encoder
 from slide_clip.encoders.spec import ModelSpec
-from slide_clip.encoders.weights import local_weights, seeded, state_dict_sha256
-from slide_clip.errors import ConfigError, WeightsError
+from slide_clip.encoders.weights import hub_error, local_weights, on_device, seeded
+from slide_clip.errors import ConfigError
 
 #: ImageNet constants, the default of most pathology ViTs.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,16 +103,6 @@ def create(spec: ModelSpec) -> torch.nn.Module:
         return timm.create_model(spec.arch, pretrained=False, **timm_kwargs(spec))
 
 
-def _gated_error(spec: ModelSpec, err: Exception) -> WeightsError:
-    repo = spec.hub_id or (spec.weights or "")[len("hf-hub:"):]
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-    gated = "is gated: accept its licence on the hub, download its weights" if spec.gated else \
-        "could not be downloaded: download its weights"
-    return WeightsError(
-        f"model {spec.name!r} (Hugging Face hub {repo}) {gated} on a machine with network access, "
-        f"then give the file with --checkpoint FILE ({reason})")
-
-
 def pooled(model, pooling: str):
     """pixels -> features: the model's own pooled output, or class token + mean patch token."""
     if pooling == "cls":
@@ -137,12 +127,10 @@ def load(spec: ModelSpec, dev: torch.device, precision: str) -> Encoder:
         try:
             model = timm.create_model(spec.weights, pretrained=True, **timm_kwargs(spec))
         except Exception as e:  # noqa: BLE001 - offline, gated, missing: one line
-            raise _gated_error(spec, e) from None
+            raise hub_error(spec, e) from None
     else:
         raise ConfigError(f"model {spec.name!r}: timm models take hf-hub:ORG/NAME or a file as weights")
-    model.eval()
-    weights_sha = state_dict_sha256(model)
-    model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
+    model, weights_sha = on_device(model, dev)
     cfg = preprocess_cfg(spec)
     dim = int(model.num_features) * (2 if spec.pooling == "cls+mean" else 1)
     return Encoder(

@@ -126,6 +126,25 @@ def local_weights(spec, create, adapt=None) -> tuple[torch.nn.Module, str | None
     return model, ckpt_sha
 
 
+def hub_error(spec, err: Exception) -> WeightsError:
+    """One line for hub weights that cannot be had here: the model, the hub repository, whether
+    it is gated, and the ``--checkpoint`` way."""
+    repo = spec.hub_id or (spec.weights or "")[len("hf-hub:"):]
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    gated = "is gated: accept its licence on the hub, download its weights" if spec.gated else \
+        "could not be downloaded: download its weights"
+    return WeightsError(
+        f"model {spec.name!r} (Hugging Face hub {repo}) {gated} on a machine with network access, "
+        f"then give the file with --checkpoint FILE ({reason})")
+
+
+def on_device(model: torch.nn.Module, dev: torch.device) -> tuple[torch.nn.Module, str]:
+    """The model in eval mode on ``dev`` (channels_last on CUDA), and its weights' sha256."""
+    model.eval()
+    sha = state_dict_sha256(model)
+    return (model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)), sha
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """Run the block with the CPU random generator seeded, restoring the caller's state after.
