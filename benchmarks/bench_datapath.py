@@ -18,11 +18,15 @@ Sections (``--sections``, comma-separated; all by default on a CPU):
 * ``startup``: process start -> first encoded batch (``slide-clip embed`` of the
   40,000 x 30,000 slide with the tiny model), best of ``--repeats``.
 * Peak RSS of the command's process tree for ``e2e`` and ``cohort`` (``/proc`` polling).
+* ``codec`` (only when named): OpenSlide ``read_region`` strips vs tifffile + imagecodecs
+  decoding the same JPEG tiles (:mod:`slide_clip.jpeg_tiff`), both cut by ``read_tiles``: tiles/s by
+  1 and 2 processes and how many tiles are bit-identical, on the large slide and any
+  ``--codec-slides`` (e.g. the real SVS).
 * ``--device cuda``: ``gpu`` only: ``ViT-B-16`` bf16 end to end vs encoder only, GPU
   utilisation sampled with ``nvidia-smi`` every 200 ms during the end-to-end run.
 
 Slides are synthetic pyramidal TIFFs with JPEG tiles (``slide_clip.synthetic``, needs
-``imagecodecs``, in the dev extra), written once under ``--workdir`` and reused.
+``imagecodecs``), written once under ``--workdir`` and reused.
 
     .venv/bin/python benchmarks/bench_datapath.py --json /tmp/dp.json     # ~10 min on 2 cores
     .venv/bin/python benchmarks/bench_datapath.py --device cuda --sections gpu --tissue-tiles 60x60
@@ -110,7 +114,7 @@ def _grid_of(slide: Path):
     return grid
 
 
-def _decode_share(slide: str, grid, ranges, strips: bool) -> int:
+def _decode_share(slide: str, grid, ranges, strips: bool, method: str = "tifffile") -> int:
     import numpy as np
     import torch
 
@@ -118,7 +122,7 @@ def _decode_share(slide: str, grid, ranges, strips: bool) -> int:
     from slide_clip.tiling import read_tile
 
     torch.set_num_threads(1)
-    osr = open_for_reading(slide)
+    osr = open_for_reading(slide, decoder="auto" if method == "tifffile" else "openslide")
     n = 0
     for i, j in ranges:
         if strips:
@@ -131,22 +135,61 @@ def _decode_share(slide: str, grid, ranges, strips: bool) -> int:
     return n
 
 
-def decode_limit(slide: Path, procs: int, strips: bool = True, batch: int = 64) -> dict:
+def decode_limit(slide: Path, procs: int, strips: bool = True, batch: int = 64, method: str = "tifffile",
+                 grid=None) -> dict:
     import multiprocessing as mp
 
-    grid = _grid_of(slide)
+    grid = grid if grid is not None else _grid_of(slide)
     batches = [(i, min(i + batch, len(grid))) for i in range(0, len(grid), batch)]
     shares = [batches[k::procs] for k in range(procs)]  # round robin, like the reader pool
     with ProcessPoolExecutor(procs, mp_context=mp.get_context("forkserver")) as ex:
-        list(ex.map(_decode_share, [str(slide)] * procs, [grid] * procs, [[(0, 1)]] * procs, [strips] * procs))
+        args = [[str(slide)] * procs, [grid] * procs, [[(0, 1)]] * procs, [strips] * procs, [method] * procs]
+        list(ex.map(_decode_share, *args))
         busy0 = be.system_busy_s()
         t0 = time.perf_counter()
-        n = sum(ex.map(_decode_share, [str(slide)] * procs, [grid] * procs, shares, [strips] * procs))
+        args[2] = shares
+        n = sum(ex.map(_decode_share, *args))
         dt = time.perf_counter() - t0
         busy = be.system_busy_s() - busy0
-    return {"procs": procs, "method": "read_tiles (strips)" if strips else "read_tile (per tile)", "tiles": n,
+    name = "read_tiles (strips)" if strips else "read_tile (per tile)"
+    return {"procs": procs, "method": f"{name}, {method}", "tiles": n,
             "seconds": round(dt, 3), "tiles_per_s": round(n / dt, 1),
             "machine_busy_frac": round(busy / (dt * len(os.sched_getaffinity(0))), 3)}
+
+
+def codec_section(slides: list[Path], repeats: int = 2) -> list[dict]:
+    """OpenSlide ``read_region`` strips vs tifffile + imagecodecs decoding the same JPEG tiles,
+    through the same ``read_tiles`` cutting code: tiles/s (1 and 2 processes, best of
+    ``repeats``) and whether every tile is bit-identical."""
+    import numpy as np
+
+    from slide_clip.reading import open_for_reading, read_tiles
+
+    rows = []
+    for slide in slides:
+        grid = _grid_of(slide)
+        osr, alt = open_for_reading(str(slide), decoder="openslide"), open_for_reading(str(slide))
+        assert type(alt).__name__ == "JpegTiffReader", f"{slide}: no level decoded by tifffile"
+        same, worst = 0, 0
+        for i in range(0, len(grid), 64):
+            a = read_tiles(osr, grid.coords[i:i + 64], grid)
+            b = read_tiles(alt, grid.coords[i:i + 64], grid)
+            eq = (a == b).reshape(len(a), -1).all(axis=1)
+            same += int(eq.sum())
+            worst = max(worst, int(np.abs(a.astype(np.int16) - b).max()))
+        osr.close()
+        alt.close()
+        row = {"slide": slide.name, "tiles": len(grid), "read_level": grid.read_level,
+               "resized": not (float(grid.read_downsample) == 1.0 and grid.extent[0] == grid.tile_size),
+               "identical_tiles": same, "max_abs_diff": worst}
+        for method in ("openslide", "tifffile"):
+            for procs in (1, 2):
+                runs = [decode_limit(slide, procs, method=method, grid=grid) for _ in range(repeats)]
+                row[f"{method}_{procs}p_tiles_per_s"] = max(r["tiles_per_s"] for r in runs)
+                row[f"{method}_{procs}p_busy"] = max(r["machine_busy_frac"] for r in runs)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 # ----------------------------------------------------------------------------- command runs
@@ -279,7 +322,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/slideclip-bench-dp"))
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--sections", default=None, help="decode,e2e,cohort,compute,startup (cpu) or gpu")
+    ap.add_argument("--sections", default=None, help="decode,e2e,cohort,compute,startup (cpu) or gpu; "
+                    "codec (OpenSlide vs tifffile on the large slide and --codec-slides) runs only when named")
+    ap.add_argument("--codec-slides", nargs="*", type=Path, default=[],
+                    help="more JPEG TIFF/SVS slides for the codec section (level 0 tiled)")
     ap.add_argument("--large", default="40000x30000", help="large slide, level-0 px")
     ap.add_argument("--tissue-tiles", default="30x30", help="tissue block of the large slide, tiles")
     ap.add_argument("--cohort", type=int, default=20, help="small slides in the cohort")
@@ -303,6 +349,8 @@ def main(argv=None) -> int:
     if "decode" in sections:
         res["decode"] = [decode_limit(large, 1, strips=False), decode_limit(large, 1), decode_limit(large, 2)]
         print(json.dumps(res["decode"], indent=1), flush=True)
+    if "codec" in sections:
+        res["codec"] = codec_section([large, *a.codec_slides], a.repeats)
     if "e2e" in sections:
         res["e2e"] = {wk: run_embed([large], w / f"out_large_w{wk}", tiny + ["--workers", str(wk)])
                       for wk in sorted({0, a.workers})}

@@ -361,7 +361,8 @@ def worker_context():
     if not sys.platform.startswith("linux"):
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", "openslide", "slide_clip.loader", "slide_clip.reading"])
+    ctx.set_forkserver_preload(["torch", "torchvision", "openslide", "tifffile", "imagecodecs", "slide_clip.loader",
+                              "slide_clip.reading", "slide_clip.jpeg_tiff"])
     return ctx
 
 
