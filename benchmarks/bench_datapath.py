@@ -13,6 +13,9 @@ Sections (``--sections``, comma-separated; all by default on a CPU):
   file times); ratio to the 2-process decode limit (target >= 0.8).
 * ``cohort``: the same command over a folder of ``--cohort`` small slides with the same
   total number of tiles; tiles/s (wall) vs the large slide's (target within 0.8).
+* ``flow``: the same cohort through ``slide-clip run`` (the Prefect cohort flow, a temporary
+  server, ``--concurrency 3 --no-heatmaps``, the tiny model scored with the ``tumour``
+  prompts), tiles/s (wall includes the server's start) and in the encode loop.
 * ``compute``: ``random:ViT-B-32`` fp32 end to end vs the bare encoder on the same tiles
   (``benchmarks/bench_embed.py``'s method; target >= 0.95).
 * ``startup``: process start -> first encoded batch (``slide-clip embed`` of the
@@ -193,8 +196,10 @@ def codec_section(slides: list[Path], repeats: int = 2) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- command runs
-def run_embed(inputs: list[Path], out: Path, args: list[str], poll: float = 0.25, threads: int = 2) -> dict:
-    """``slide-clip embed`` as a subprocess, with the /proc monitor; tiles/s by wall and loop."""
+def run_embed(inputs: list[Path], out: Path, args: list[str], poll: float = 0.25, threads: int = 2,
+              verb: str = "embed") -> dict:
+    """``slide-clip embed`` (or ``run``, the Prefect cohort flow) as a subprocess, with the /proc
+    monitor; tiles/s by wall and loop."""
     import shutil
 
     from slide_clip.store import SlideStore
@@ -203,8 +208,13 @@ def run_embed(inputs: list[Path], out: Path, args: list[str], poll: float = 0.25
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    cmd = [str(exe), "embed", *map(str, inputs), "--out", str(out), "--no-progress", *args]
+    cmd = [str(exe), verb, *map(str, inputs), "--out", str(out), *(["--no-progress"] if verb == "embed" else []),
+           *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if verb == "run":  # a temporary Prefect server of its own, offline
+        env.update({"PREFECT_HOME": str(out / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "DO_NOT_TRACK": "1"})
+        env.pop("PREFECT_API_URL", None)
     busy0, self0 = be.system_busy_s(), be.self_cpu_s()
     t0 = time.perf_counter()
     with open(out / "stderr.txt", "wb") as fe:
@@ -215,7 +225,7 @@ def run_embed(inputs: list[Path], out: Path, args: list[str], poll: float = 0.25
     mon.stop()
     busy, own = be.system_busy_s() - busy0, be.self_cpu_s() - self0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{(out / 'stderr.txt').read_text()}")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{(out / 'stderr.txt').read_text()[-5000:]}")
     stores = sorted(out.glob("*.zarr"))
     model = args[args.index("--model") + 1]
     n = sum(SlideStore.open(s).n_tiles for s in stores)
@@ -372,6 +382,12 @@ def main(argv=None) -> int:
             big = res["e2e"][a.workers]["tiles_per_s_wall"]
             res["cohort"]["ratio_to_large_wall"] = round(res["cohort"]["tiles_per_s_wall"] / big, 3)
         print(json.dumps(res["cohort"], indent=1), flush=True)
+    if "flow" in sections:
+        cx, cy = map(int, a.cohort_tiles.split("x"))
+        folder = w / "slides" / f"cohort_{a.cohort}_t{cx}x{cy}"
+        res["flow"] = run_embed([folder], w / "out_flow", tiny + ["--workers", str(a.workers), "--no-heatmaps",
+                                                                  "--concurrency", "3"], verb="run")
+        print(json.dumps(res["flow"], indent=1), flush=True)
     if "compute" in sections:
         cx, cy = map(int, a.compute_tiles.split("x"))
         small = make_jpeg_slide(w, 10000, 7500, cx, cy, f"compute_t{cx}x{cy}")

@@ -618,16 +618,16 @@ def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, enco
         else:
             enc, t = turns.queue(queue)
             turn = turns.turn(t)
-        with turn:  # a slide with nothing to encode gives its turn back at once
-            if enc is None:
-                n = 0
-            else:
-                try:
+        n = 0
+        try:
+            with turn:  # a slide with nothing to encode gives its turn back at once
+                if enc is not None:
                     with hold() if hold is not None else contextlib.nullcontext():
                         n = run_encoding(enc, encoder, progress=progress)
-                except BaseException:
-                    enc.cancel()  # its queued tiles leave the pool (if it never got to encode)
-                    raise
+        except BaseException:
+            if enc is not None:
+                enc.cancel()  # its queued tiles leave the pool (if it never got to encode)
+            raise
     return {"model": encoders.spec.name, "encoded": n, "skipped": False}
 
 
