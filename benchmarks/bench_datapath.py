@@ -4,7 +4,8 @@ compute regime, peak memory and the fixed cost of a command (CPU; ``--device cud
 Sections (``--sections``, comma-separated; all by default on a CPU):
 
 * ``decode``: the decode limit. The large slide's tiles read with
-  :func:`slide_clip.reading.read_tiles` (strips) and turned into uint8 tensors, as fast as
+  :func:`slide_clip.reading.read_tiles` (strips) through the loader's handle
+  (``open_for_reading``: tifffile for these JPEG TIFFs) and turned into uint8 tensors, as fast as
   possible, by 1 and by 2 processes (each reads its share of batches of 64; nothing is sent
   back). Also one process with ``read_tile`` tile by tile (the old path), for scale.
 * ``e2e``: ``slide-clip embed LARGE --model tiny --workers W`` (the tiny open_clip test
