@@ -12,7 +12,9 @@ synthetic JPEG TIFFs.
 Every other read goes to the OpenSlide handle it wraps: other formats (DICOM, MIRAX, ...),
 other compressions (JPEG 2000, LZW, ...), levels whose downsample is not a whole number or
 whose size differs from the TIFF page's, sparse pages (missing tiles), and any region whose
-origin is not on the level's pixel grid. Without imagecodecs installed, every read does.
+origin is not on the level's pixel grid. When a handle is opened, one file tile of each level
+is decoded both ways, and a level whose pixels differ from OpenSlide's stays with OpenSlide
+(a JPEG flavour this decoder would read differently). Without imagecodecs, every read does.
 """
 
 from __future__ import annotations
@@ -128,7 +130,33 @@ def open_jpeg_tiff(osr, path: str, cache_bytes: int):
         levels = jpeg_levels(osr, tif)
     except Exception:  # noqa: BLE001 - an odd TIFF: OpenSlide reads it
         levels = {}
+    reader = JpegTiffReader(osr, path, levels, tif, cache_bytes) if levels else None
+    for level in list(levels):
+        if not _agrees(reader, level):  # a JPEG flavour decoded differently here: OpenSlide reads it
+            del levels[level]
+    if reader is not None:
+        reader._cache.clear()
+        reader._cached = 0
     if not levels:
+        if reader is not None:
+            os.close(reader._fd)
         tif.close()
         return osr
-    return JpegTiffReader(osr, path, levels, tif, cache_bytes)
+    return reader
+
+
+def _agrees(reader: JpegTiffReader, level: int) -> bool:
+    """Whether one file tile of ``level`` (the middle one) decodes to OpenSlide's pixels."""
+    from slide_clip.tissue import _rgba_to_rgb_white
+
+    page = reader._levels[level]
+    ds = int(reader.osr.level_downsamples[level])
+    cols, rows = -(-page.imagewidth // page.tilewidth), -(-page.imagelength // page.tilelength)
+    x, y = (cols // 2) * page.tilewidth, (rows // 2) * page.tilelength
+    w, h = min(page.tilewidth, page.imagewidth - x), min(page.tilelength, page.imagelength - y)
+    try:
+        ours = reader._region(level, page, x, y, w, h)
+    except Exception:  # noqa: BLE001 - tifffile cannot decode it: OpenSlide reads it
+        return False
+    theirs = np.asarray(_rgba_to_rgb_white(reader.osr.read_region((x * ds, y * ds), level, (w, h))))
+    return bool(np.array_equal(ours, theirs))
