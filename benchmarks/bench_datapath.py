@@ -4,7 +4,8 @@ compute regime, peak memory and the fixed cost of a command (CPU; ``--device cud
 Sections (``--sections``, comma-separated; all by default on a CPU):
 
 * ``decode``: the decode limit. The large slide's tiles read with
-  :func:`slide_clip.reading.read_tiles` (strips) and turned into uint8 tensors, as fast as
+  :func:`slide_clip.reading.read_tiles` (strips) through the loader's handle
+  (``open_for_reading``: tifffile for these JPEG TIFFs) and turned into uint8 tensors, as fast as
   possible, by 1 and by 2 processes (each reads its share of batches of 64; nothing is sent
   back). Also one process with ``read_tile`` tile by tile (the old path), for scale.
 * ``e2e``: ``slide-clip embed LARGE --model tiny --workers W`` (the tiny open_clip test
@@ -13,16 +14,23 @@ Sections (``--sections``, comma-separated; all by default on a CPU):
   file times); ratio to the 2-process decode limit (target >= 0.8).
 * ``cohort``: the same command over a folder of ``--cohort`` small slides with the same
   total number of tiles; tiles/s (wall) vs the large slide's (target within 0.8).
+* ``flow``: the same cohort through ``slide-clip run`` (the Prefect cohort flow, a temporary
+  server, ``--concurrency 3 --no-heatmaps``, the tiny model scored with the ``tumour``
+  prompts), tiles/s (wall includes the server's start) and in the encode loop.
 * ``compute``: ``random:ViT-B-32`` fp32 end to end vs the bare encoder on the same tiles
   (``benchmarks/bench_embed.py``'s method; target >= 0.95).
 * ``startup``: process start -> first encoded batch (``slide-clip embed`` of the
   40,000 x 30,000 slide with the tiny model), best of ``--repeats``.
 * Peak RSS of the command's process tree for ``e2e`` and ``cohort`` (``/proc`` polling).
+* ``codec`` (only when named): OpenSlide ``read_region`` strips vs tifffile + imagecodecs
+  decoding the same JPEG tiles (:mod:`slide_clip.jpeg_tiff`), both cut by ``read_tiles``: tiles/s by
+  1 and 2 processes and how many tiles are bit-identical, on the large slide and any
+  ``--codec-slides`` (e.g. the real SVS).
 * ``--device cuda``: ``gpu`` only: ``ViT-B-16`` bf16 end to end vs encoder only, GPU
   utilisation sampled with ``nvidia-smi`` every 200 ms during the end-to-end run.
 
 Slides are synthetic pyramidal TIFFs with JPEG tiles (``slide_clip.synthetic``, needs
-``imagecodecs``, in the dev extra), written once under ``--workdir`` and reused.
+``imagecodecs``), written once under ``--workdir`` and reused.
 
     .venv/bin/python benchmarks/bench_datapath.py --json /tmp/dp.json     # ~10 min on 2 cores
     .venv/bin/python benchmarks/bench_datapath.py --device cuda --sections gpu --tissue-tiles 60x60
@@ -110,7 +118,7 @@ def _grid_of(slide: Path):
     return grid
 
 
-def _decode_share(slide: str, grid, ranges, strips: bool) -> int:
+def _decode_share(slide: str, grid, ranges, strips: bool, method: str = "tifffile") -> int:
     import numpy as np
     import torch
 
@@ -118,7 +126,7 @@ def _decode_share(slide: str, grid, ranges, strips: bool) -> int:
     from slide_clip.tiling import read_tile
 
     torch.set_num_threads(1)
-    osr = open_for_reading(slide)
+    osr = open_for_reading(slide, decoder="auto" if method == "tifffile" else "openslide")
     n = 0
     for i, j in ranges:
         if strips:
@@ -131,27 +139,68 @@ def _decode_share(slide: str, grid, ranges, strips: bool) -> int:
     return n
 
 
-def decode_limit(slide: Path, procs: int, strips: bool = True, batch: int = 64) -> dict:
+def decode_limit(slide: Path, procs: int, strips: bool = True, batch: int = 64, method: str = "tifffile",
+                 grid=None) -> dict:
     import multiprocessing as mp
 
-    grid = _grid_of(slide)
+    grid = grid if grid is not None else _grid_of(slide)
     batches = [(i, min(i + batch, len(grid))) for i in range(0, len(grid), batch)]
     shares = [batches[k::procs] for k in range(procs)]  # round robin, like the reader pool
     with ProcessPoolExecutor(procs, mp_context=mp.get_context("forkserver")) as ex:
-        list(ex.map(_decode_share, [str(slide)] * procs, [grid] * procs, [[(0, 1)]] * procs, [strips] * procs))
+        args = [[str(slide)] * procs, [grid] * procs, [[(0, 1)]] * procs, [strips] * procs, [method] * procs]
+        list(ex.map(_decode_share, *args))
         busy0 = be.system_busy_s()
         t0 = time.perf_counter()
-        n = sum(ex.map(_decode_share, [str(slide)] * procs, [grid] * procs, shares, [strips] * procs))
+        args[2] = shares
+        n = sum(ex.map(_decode_share, *args))
         dt = time.perf_counter() - t0
         busy = be.system_busy_s() - busy0
-    return {"procs": procs, "method": "read_tiles (strips)" if strips else "read_tile (per tile)", "tiles": n,
+    name = "read_tiles (strips)" if strips else "read_tile (per tile)"
+    return {"procs": procs, "method": f"{name}, {method}", "tiles": n,
             "seconds": round(dt, 3), "tiles_per_s": round(n / dt, 1),
             "machine_busy_frac": round(busy / (dt * len(os.sched_getaffinity(0))), 3)}
 
 
+def codec_section(slides: list[Path], repeats: int = 2) -> list[dict]:
+    """OpenSlide ``read_region`` strips vs tifffile + imagecodecs decoding the same JPEG tiles,
+    through the same ``read_tiles`` cutting code: tiles/s (1 and 2 processes, best of
+    ``repeats``) and whether every tile is bit-identical."""
+    import numpy as np
+
+    from slide_clip.reading import open_for_reading, read_tiles
+
+    rows = []
+    for slide in slides:
+        grid = _grid_of(slide)
+        osr, alt = open_for_reading(str(slide), decoder="openslide"), open_for_reading(str(slide))
+        assert type(alt).__name__ == "JpegTiffReader", f"{slide}: no level decoded by tifffile"
+        same, worst = 0, 0
+        for i in range(0, len(grid), 64):
+            a = read_tiles(osr, grid.coords[i:i + 64], grid)
+            b = read_tiles(alt, grid.coords[i:i + 64], grid)
+            eq = (a == b).reshape(len(a), -1).all(axis=1)
+            same += int(eq.sum())
+            worst = max(worst, int(np.abs(a.astype(np.int16) - b).max()))
+        osr.close()
+        alt.close()
+        row = {"slide": slide.name, "tiles": len(grid), "read_level": grid.read_level,
+               "resized": not (float(grid.read_downsample) == 1.0 and grid.extent[0] == grid.tile_size),
+               "identical_tiles": same, "max_abs_diff": worst}
+        for method in ("openslide", "tifffile"):
+            for procs in (1, 2):
+                runs = [decode_limit(slide, procs, method=method, grid=grid) for _ in range(repeats)]
+                row[f"{method}_{procs}p_tiles_per_s"] = max(r["tiles_per_s"] for r in runs)
+                row[f"{method}_{procs}p_busy"] = max(r["machine_busy_frac"] for r in runs)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- command runs
-def run_embed(inputs: list[Path], out: Path, args: list[str], poll: float = 0.25, threads: int = 2) -> dict:
-    """``slide-clip embed`` as a subprocess, with the /proc monitor; tiles/s by wall and loop."""
+def run_embed(inputs: list[Path], out: Path, args: list[str], poll: float = 0.25, threads: int = 2,
+              verb: str = "embed") -> dict:
+    """``slide-clip embed`` (or ``run``, the Prefect cohort flow) as a subprocess, with the /proc
+    monitor; tiles/s by wall and loop."""
     import shutil
 
     from slide_clip.store import SlideStore
@@ -160,8 +209,13 @@ def run_embed(inputs: list[Path], out: Path, args: list[str], poll: float = 0.25
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    cmd = [str(exe), "embed", *map(str, inputs), "--out", str(out), "--no-progress", *args]
+    cmd = [str(exe), verb, *map(str, inputs), "--out", str(out), *(["--no-progress"] if verb == "embed" else []),
+           *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if verb == "run":  # a temporary Prefect server of its own, offline
+        env.update({"PREFECT_HOME": str(out / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "DO_NOT_TRACK": "1"})
+        env.pop("PREFECT_API_URL", None)
     busy0, self0 = be.system_busy_s(), be.self_cpu_s()
     t0 = time.perf_counter()
     with open(out / "stderr.txt", "wb") as fe:
@@ -172,7 +226,7 @@ def run_embed(inputs: list[Path], out: Path, args: list[str], poll: float = 0.25
     mon.stop()
     busy, own = be.system_busy_s() - busy0, be.self_cpu_s() - self0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{(out / 'stderr.txt').read_text()}")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{(out / 'stderr.txt').read_text()[-5000:]}")
     stores = sorted(out.glob("*.zarr"))
     model = args[args.index("--model") + 1]
     n = sum(SlideStore.open(s).n_tiles for s in stores)
@@ -279,7 +333,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/slideclip-bench-dp"))
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--sections", default=None, help="decode,e2e,cohort,compute,startup (cpu) or gpu")
+    ap.add_argument("--sections", default=None, help="decode,e2e,cohort,compute,startup (cpu) or gpu; "
+                    "codec (OpenSlide vs tifffile on the large slide and --codec-slides) runs only when named")
+    ap.add_argument("--codec-slides", nargs="*", type=Path, default=[],
+                    help="more JPEG TIFF/SVS slides for the codec section (level 0 tiled)")
     ap.add_argument("--large", default="40000x30000", help="large slide, level-0 px")
     ap.add_argument("--tissue-tiles", default="30x30", help="tissue block of the large slide, tiles")
     ap.add_argument("--cohort", type=int, default=20, help="small slides in the cohort")
@@ -303,6 +360,8 @@ def main(argv=None) -> int:
     if "decode" in sections:
         res["decode"] = [decode_limit(large, 1, strips=False), decode_limit(large, 1), decode_limit(large, 2)]
         print(json.dumps(res["decode"], indent=1), flush=True)
+    if "codec" in sections:
+        res["codec"] = codec_section([large, *a.codec_slides], a.repeats)
     if "e2e" in sections:
         res["e2e"] = {wk: run_embed([large], w / f"out_large_w{wk}", tiny + ["--workers", str(wk)])
                       for wk in sorted({0, a.workers})}
@@ -324,6 +383,12 @@ def main(argv=None) -> int:
             big = res["e2e"][a.workers]["tiles_per_s_wall"]
             res["cohort"]["ratio_to_large_wall"] = round(res["cohort"]["tiles_per_s_wall"] / big, 3)
         print(json.dumps(res["cohort"], indent=1), flush=True)
+    if "flow" in sections:
+        cx, cy = map(int, a.cohort_tiles.split("x"))
+        folder = w / "slides" / f"cohort_{a.cohort}_t{cx}x{cy}"
+        res["flow"] = run_embed([folder], w / "out_flow", tiny + ["--workers", str(a.workers), "--no-heatmaps",
+                                                                  "--concurrency", "3"], verb="run")
+        print(json.dumps(res["flow"], indent=1), flush=True)
     if "compute" in sections:
         cx, cy = map(int, a.compute_tiles.split("x"))
         small = make_jpeg_slide(w, 10000, 7500, cx, cy, f"compute_t{cx}x{cy}")

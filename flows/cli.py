@@ -75,7 +75,7 @@ def run(
     concurrency: int = typer.Option(2, help="Slides processed at the same time."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16 or bf16 (default auto)."),
-    workers: Optional[str] = typer.Option(None, help="DataLoader worker processes per slide: a number, or auto."),
+    workers: Optional[str] = typer.Option(None, help="Tile-reader processes (one pool per process and device, shared by its slides): a number, or auto."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per batch."),
     deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment (scale-out)."),
     encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit held while encoding."),
@@ -178,7 +178,7 @@ def serve(
     prompts: List[str] = _PROMPTS,
     concurrency: int = typer.Option(2, help="Slides processed at the same time."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
-    workers: Optional[str] = typer.Option(None, help="DataLoader worker processes per slide: a number, or auto."),
+    workers: Optional[str] = typer.Option(None, help="Tile-reader processes (one pool per process and device, shared by its slides): a number, or auto."),
     deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment "
                                              "(process-slide/NAME from `slide-clip deploy`) instead of "
                                              "processing it here."),

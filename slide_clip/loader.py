@@ -8,7 +8,7 @@ It comes back as ``(n, h, w, 3)`` uint8 tiles (normalised later, on the device: 
 from that preprocess.
 
 :class:`ReaderPool` is a set of reader processes that outlives one slide: each keeps a
-few slide handles open (an LRU keyed by path) and the pool takes batches of the next
+few slide handles open (an LRU keyed by path and file identity) and the pool takes batches of the next
 slide's :class:`TileStream` as soon as the current slide's are all handed out, so the
 readers move on to the next slide without a gap. Results come back in submission order;
 every batch says which tile rows it holds, and the caller checks them against the rows it
@@ -59,10 +59,11 @@ def read_batch(job: TileJob, handles: "collections.OrderedDict") -> tuple[torch.
     """
     from slide_clip.reading import open_for_reading, read_tiles
 
-    osr = handles.pop(job.slide_file, None)
+    key = _file_key(job.slide_file)
+    osr = handles.pop(key, None)
     if osr is None:
         osr = open_for_reading(job.slide_file)
-    handles[job.slide_file] = osr
+    handles[key] = osr
     while len(handles) > HANDLES_PER_WORKER:
         _, old = handles.popitem(last=False)
         old.close()
@@ -73,6 +74,18 @@ def read_batch(job: TileJob, handles: "collections.OrderedDict") -> tuple[torch.
     from PIL import Image
 
     return idx, torch.stack([job.preprocess(Image.fromarray(t)) for t in tiles])
+
+
+def _file_key(path: str) -> tuple:
+    """A handle's key: the path and the file's identity, so that a pool that outlives one run
+    (a Prefect worker's) never reads a slide replaced at the same path from a stale handle."""
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path,)
+    return (path, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _worker_main(tasks, results) -> None:
@@ -348,7 +361,8 @@ def worker_context():
     if not sys.platform.startswith("linux"):
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", "openslide", "slide_clip.loader", "slide_clip.reading"])
+    ctx.set_forkserver_preload(["torch", "torchvision", "openslide", "tifffile", "imagecodecs", "slide_clip.loader",
+                              "slide_clip.reading", "slide_clip.jpeg_tiff"])
     return ctx
 
 

@@ -8,6 +8,12 @@ that while slide k encodes, slide k+1's tissue and grid are made and its first t
 batches are already queued behind slide k's: the readers go from one slide to the next
 without a gap. The store lock is held from preparing to finishing; a slide whose
 preparation fails fails alone, when its turn comes.
+
+Orchestrators that run each slide in its own thread (the Prefect cohort flow) get the same
+hand-over from :class:`DeviceTurns`: a slide queues its tiles in the shared reader pool and
+takes a turn in one step, then encodes when its turn comes, so slides encode in the order
+their tiles were queued and the readers go on to the next slide's tiles as the current
+slide's are handed out.
 """
 
 from __future__ import annotations
@@ -139,6 +145,51 @@ def finish_slide(p: Prepared, *, progress: bool = True):
         n_tiles=p.store.n_tiles, encoded=encoded, seconds=seconds,
         extra={"seconds_embed": seconds} if encoded else {},
     )
+
+
+class DeviceTurns:
+    """First come, first served turns on one device for slides encoded from several threads.
+
+    :meth:`queue` runs a function (one that queues a slide's tiles in a reader pool) and
+    hands out the next turn in one step, so turns follow the pool's queue order; :meth:`turn`
+    waits for that turn and holds it while the slide encodes. A turn that is never used must
+    be given back with :meth:`skip` (a slide that failed before encoding, or needed none),
+    or every later slide would wait for it.
+    """
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._issued = 0
+        self._serving = 0
+        self._returned: set[int] = set()
+
+    def queue(self, fn):
+        """``(fn(), turn)``; ``fn`` runs while no other thread can queue (keep it short)."""
+        with self._cv:
+            out = fn()
+            t = self._issued
+            self._issued += 1
+        return out, t
+
+    @contextlib.contextmanager
+    def turn(self, t: int):
+        """Wait for turn ``t`` and hold it; the next turn starts when this one ends."""
+        try:
+            with self._cv:
+                self._cv.wait_for(lambda: self._serving == t)
+            yield
+        finally:
+            self.skip(t)
+
+    def skip(self, t: int) -> None:
+        """Give turn ``t`` back (used or not); idempotent."""
+        with self._cv:
+            if t >= self._serving:
+                self._returned.add(t)
+            while self._serving in self._returned:
+                self._returned.discard(self._serving)
+                self._serving += 1
+            self._cv.notify_all()
 
 
 def _join_quietly(background: list) -> None:

@@ -575,15 +575,27 @@ def tiles_stage(store: str | Path, cfg: PipelineConfig) -> int:
 
 
 def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, encoders: EncoderCache, *,
-                 force: bool = False, progress: bool = False) -> dict:
+                 force: bool = False, progress: bool = False, readers=None, turns=None, hold=None) -> dict:
     """Stage 3 for a store: encode its tiles unless complete for this model and weights.
 
     Returns ``{"model", "encoded", "skipped"}``. ``force`` re-encodes from scratch.
+
+    For callers that encode many slides from several threads (the Prefect cohort flow):
+    ``readers`` (:class:`slide_clip.lookahead.Readers`) is a reader pool shared across
+    calls (else one is started for this store); ``turns``
+    (:class:`slide_clip.lookahead.DeviceTurns`) makes the tiles be queued in that pool
+    first and encoded when this slide's turn on the device comes, so the readers go from one
+    slide to the next without a gap; ``hold`` (a context manager factory, e.g. a global
+    concurrency slot) is entered once the turn is taken, around the encoding.
     """
+    import contextlib
+
+    from slide_clip.encoding import begin_encoding, run_encoding
+    from slide_clip.loader import ReaderPool, resolve_workers
     from slide_clip.output import output_errors
 
     _start_workers_early(cfg)
-    with output_errors(store), store_lock(store):
+    with output_errors(store), store_lock(store), contextlib.ExitStack() as stack:
         st = SlideStore.open(store)
         if st.status != STATUS_TILED:
             raise StoreError("is not tiled yet", path=store, hint="Run the tissue and tile stages first.")
@@ -591,7 +603,31 @@ def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, enco
             st.drop_embeddings(encoders.spec.name)
         if embeddings_done(st, encoders.spec, encoders.encoder):
             return {"model": encoders.spec.name, "encoded": 0, "skipped": True}
-        n = encode_store(st, str(resolve_slide_path(slide)), encoders.get(), cfg, progress=progress)
+        encoder = encoders.get()
+        if readers is not None:
+            pool = readers.get(encoder.device)
+        else:
+            n = resolve_workers(cfg.encode.num_workers, encoder.device)
+            pool = stack.enter_context(ReaderPool(n)) if n > 0 else None
+
+        def queue():
+            return begin_encoding(st, str(resolve_slide_path(slide)), encoder, cfg, pool=pool)
+
+        if turns is None:
+            enc, turn = queue(), contextlib.nullcontext()
+        else:
+            enc, t = turns.queue(queue)
+            turn = turns.turn(t)
+        n = 0
+        try:
+            with turn:  # a slide with nothing to encode gives its turn back at once
+                if enc is not None:
+                    with hold() if hold is not None else contextlib.nullcontext():
+                        n = run_encoding(enc, encoder, progress=progress)
+        except BaseException:
+            if enc is not None:
+                enc.cancel()  # its queued tiles leave the pool (if it never got to encode)
+            raise
     return {"model": encoders.spec.name, "encoded": n, "skipped": False}
 
 

@@ -99,8 +99,13 @@ def read_tiles(osr, coords: np.ndarray, grid: TileGrid, *, max_width: int = MAX_
     return out
 
 
-def open_for_reading(path: str):
-    """An OpenSlide handle for a loader, with a :data:`SLIDE_CACHE_BYTES` tile cache."""
+def open_for_reading(path: str, decoder: str = "auto"):
+    """A handle for a loader, with a :data:`SLIDE_CACHE_BYTES` tile cache.
+
+    ``decoder`` ``auto``: levels stored as tiled JPEG TIFF pages are decoded with tifffile +
+    imagecodecs (:mod:`slide_clip.jpeg_tiff`: faster, the same pixels), everything else by
+    OpenSlide; ``openslide``: OpenSlide only.
+    """
     import openslide
 
     osr = openslide.OpenSlide(path)
@@ -110,4 +115,8 @@ def open_for_reading(path: str):
             osr.set_cache(cache_cls(SLIDE_CACHE_BYTES))
         except Exception:  # noqa: BLE001 - an older C library: keep the default cache
             pass
-    return osr
+    if decoder == "openslide":
+        return osr
+    from slide_clip.jpeg_tiff import open_jpeg_tiff
+
+    return open_jpeg_tiff(osr, path, SLIDE_CACHE_BYTES)

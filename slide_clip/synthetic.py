@@ -103,7 +103,7 @@ def write_slide(
 
     ``compression`` is ``zlib`` (``compression_level``), ``jpeg`` (RGB JPEG tiles, like most
     scanners' files; ``compression_level`` is then the JPEG quality, 90 when left at 1;
-    needs the optional ``imagecodecs`` package) or None. ``mpp`` (µm per level-0 pixel) is stored in the resolution tags (centimetres); None
+    needs ``imagecodecs``) or None. ``mpp`` (µm per level-0 pixel) is stored in the resolution tags (centimetres); None
     writes no resolution, like a slide whose scanner forgot it.
     """
     import tifffile

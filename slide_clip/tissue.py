@@ -7,6 +7,7 @@ scanner's resolution. Coordinates here are thumbnail pixels.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -120,8 +121,8 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueConfig
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError("tissue_mask needs an (h, w, 3) RGB array")
-    hsv = color.rgb2hsv(rgb)
-    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    sat, val = _saturation_value(rgb)
     sigma = params.smoothing_um / mpp
     sat_s = filters.gaussian(sat, sigma=sigma) if sigma >= 0.5 else sat
     candidates = sat_s[val > params.dark_value]
@@ -132,15 +133,94 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueConfig
     mask = sat_s > thresh
     artefact = val < params.dark_value
     if params.exclude_pen:
-        artefact |= (hue > 70 / 360) & (hue < 200 / 360) & (sat > 0.2)
-    mask &= ~morphology.dilation(artefact, morphology.disk(1))
+        artefact |= _green_ink(rgb, sat)
+    mask &= ~_dilate(artefact, morphology.disk(1))
     r = int(round(params.closing_um / mpp))
     if r >= 1:
-        mask = morphology.closing(mask, morphology.disk(r, decomposition="sequence"))
+        mask = _closing(mask, morphology.disk(r, decomposition="sequence"))
     px_area = mpp * mpp
     mask = morphology.remove_small_holes(mask, max_size=max(1, int(params.min_hole_um2 / px_area)))
     mask = morphology.remove_small_objects(mask, max_size=max(1, int(params.min_object_um2 / px_area)))
     return mask.astype(bool)
+
+
+# The mask above is skimage's HSV threshold and grey-level morphology, computed more cheaply
+# with the same numbers (tests/test_tissue_fast.py compares it with the plain skimage path):
+# saturation and value depend only on a pixel's max and min channel, so they are looked up in
+# tables that skimage's own rgb2hsv filled; hue is computed only where the ink test needs it;
+# dilating and closing a boolean mask with 3x3 footprints are ORs and ANDs of shifted copies.
+
+
+@functools.lru_cache(maxsize=1)
+def _hsv_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Saturation by (max, min) channel and value by max channel, as ``color.rgb2hsv`` computes them."""
+    hi, lo = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    hsv = color.rgb2hsv(np.stack([hi, lo, lo], axis=-1))  # pixel (M, m, m): max M, min m where m <= M
+    sat = np.ascontiguousarray(hsv[..., 1]).reshape(-1)  # index M * 256 + m
+    val = np.ascontiguousarray(hsv[np.arange(256), 0, 2])
+    return sat, val
+
+
+def _saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value of a uint8 RGB picture, equal to ``color.rgb2hsv``'s."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hi = np.maximum(np.maximum(r, g), b)
+    lo = np.minimum(np.minimum(r, g), b)
+    sat_t, val_t = _hsv_tables()
+    return sat_t[hi.astype(np.intp) * 256 + lo], val_t[hi]
+
+
+def _green_ink(rgb: np.ndarray, sat: np.ndarray) -> np.ndarray:
+    """Green/cyan ink: hue in (70°, 200°) where saturation > 0.2 (hue by ``color.rgb2hsv``)."""
+    ink = np.zeros(sat.shape, dtype=bool)
+    where = sat > 0.2
+    if where.any():
+        hue = color.rgb2hsv(rgb[where][:, None, :])[:, 0, 0]
+        ink[where] = (hue > 70 / 360) & (hue < 200 / 360)
+    return ink
+
+
+def _shift_combine(mask: np.ndarray, footprint: np.ndarray, erode: bool, sign: int) -> np.ndarray:
+    """One 3x3 step: OR (dilation) or AND (erosion) of ``mask`` shifted by the footprint's
+    offsets times ``sign``, the picture's edge row and column repeated outside it (scipy's
+    ``reflect`` border for a 3x3 footprint, as skimage uses by default)."""
+    h, w = mask.shape
+    padded = np.pad(mask, 1, mode="edge")
+    out = mask.copy()
+    combine = np.logical_and if erode else np.logical_or
+    for dy, dx in zip(*np.nonzero(footprint)):
+        dy, dx = sign * (int(dy) - 1), sign * (int(dx) - 1)
+        if dy or dx:
+            combine(out, padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w], out=out)
+    return out
+
+
+def _steps(footprint) -> list[tuple[np.ndarray, int]]:
+    """A footprint (or skimage's sequence of them) as (3x3 boolean footprint, repeats) steps."""
+    steps = [(np.asarray(fp, dtype=bool), int(n)) for fp, n in footprint] if isinstance(footprint, tuple) \
+        else [(np.asarray(footprint, dtype=bool), 1)]
+    for fp, _ in steps:
+        if fp.shape != (3, 3) or not fp[1, 1]:
+            raise ValueError("binary morphology here takes 3x3 footprints that hold their centre")
+    return steps
+
+
+def _dilate(mask: np.ndarray, footprint) -> np.ndarray:
+    """``morphology.dilation(mask, footprint)`` of a boolean mask (3x3 footprints)."""
+    for fp, n in _steps(footprint):
+        for _ in range(n):
+            mask = _shift_combine(mask, fp, erode=False, sign=1)
+    return mask
+
+
+def _closing(mask: np.ndarray, footprint) -> np.ndarray:
+    """``morphology.closing(mask, footprint)`` of a boolean mask (3x3 footprints): skimage erodes
+    by the mirrored footprint after dilating."""
+    mask = _dilate(mask, footprint)
+    for fp, n in _steps(footprint):
+        for _ in range(n):
+            mask = _shift_combine(mask, fp, erode=True, sign=-1)
+    return mask
 
 
 #: Tile outline colour of the QC picture: yellow, the complement of H&E's purple and pink, so

@@ -1,14 +1,20 @@
 """Stage: CLIP image embeddings of every tile, resumable.
 
-The encoder is loaded once per worker process and model (not per slide). Within a process
-one slide encodes at a time per device (other slides' tissue and tiling go on meanwhile);
-across processes, a Prefect global concurrency limit named by ``limit`` does the same for a
-machine's GPU: the limit is created with one slot the first time a machine uses it. A CUDA
-out-of-memory error retries the slide with half the batch size.
+The encoder is loaded once per worker process and model (not per slide), and so is the pool
+of tile-reader processes (one per device and worker count, closed when the process exits):
+slides of a cohort flow share both. Within a process one slide encodes at a time per device,
+in the order the slides queued their tiles in the pool (:class:`slide_clip.lookahead.DeviceTurns`):
+a slide that reaches this stage while another encodes queues its tiles at once, so the
+readers go on to them as the other slide's are handed out (other slides' tissue and tiling
+go on meanwhile, in the flow's other threads). Across processes, a Prefect global
+concurrency limit named by ``limit`` holds a machine's GPU for one slide at a time: the limit
+is created with one slot the first time a machine uses it. A CUDA out-of-memory error
+retries the slide with half the batch size.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -21,12 +27,14 @@ from prefect.concurrency.sync import concurrency
 
 from slide_clip.config import PipelineConfig
 from slide_clip.errors import ConfigError
+from slide_clip.lookahead import DeviceTurns, Readers
 from slide_clip.pipeline import EncoderCache, encode_stage
 from slide_clip_tasks._policy import RETRIES, RETRY_DELAY_SECONDS, transient
 
 _lock = threading.Lock()
 _encoders: dict[str, EncoderCache] = {}
-_device_locks: dict[str, threading.Lock] = {}
+_device_turns: dict[str, DeviceTurns] = {}
+_readers: dict[tuple, Readers] = {}
 _limits_ensured: set[str] = set()
 
 
@@ -60,9 +68,27 @@ def ensure_limit(name: str, slots: int = 1) -> None:
     _limits_ensured.add(name)
 
 
-def _device_lock(config: PipelineConfig) -> threading.Lock:
+def _turns(config: PipelineConfig) -> DeviceTurns:
     with _lock:
-        return _device_locks.setdefault(config.encode.device, threading.Lock())
+        return _device_turns.setdefault(config.encode.device, DeviceTurns())
+
+
+def readers_for(config: PipelineConfig) -> Readers:
+    """One pool of tile-reader processes per device and worker count in this process."""
+    key = (config.encode.device, str(config.encode.num_workers))
+    with _lock:
+        if key not in _readers:
+            _readers[key] = Readers(config)
+        return _readers[key]
+
+
+@atexit.register
+def _close_readers() -> None:
+    with _lock:
+        pools = list(_readers.values())
+        _readers.clear()
+    for r in pools:
+        r.close()
 
 
 def encoders_for(config: PipelineConfig) -> EncoderCache:
@@ -81,7 +107,8 @@ def encode_task(store: str, slide: str, config: PipelineConfig, force: bool = Fa
     """Encode the store's tiles.
 
     Returns ``{"model", "encoded", "skipped", "batch_size", "window"}``: ``window`` is the
-    wall-clock [start, end] (epoch seconds) during which this slide held the device.
+    wall-clock [start, end] (epoch seconds) during which this slide held the device (None
+    when there was nothing to encode).
     """
     import torch
 
@@ -91,12 +118,21 @@ def encode_task(store: str, slide: str, config: PipelineConfig, force: bool = Fa
     if name:
         ensure_limit(name)
     while True:
+        window = []
+
+        @contextlib.contextmanager
+        def hold():
+            with concurrency(name, occupy=1) if name else contextlib.nullcontext():
+                window.append(time.time())
+                try:
+                    yield
+                finally:
+                    window.append(time.time())
+
         try:
-            with _device_lock(cfg), (concurrency(name, occupy=1) if name else contextlib.nullcontext()):
-                start = time.time()
-                out = encode_stage(store, slide, cfg, encoders, force=force)
-                window = [start, time.time()]
-            return {**out, "batch_size": cfg.encode.batch_size, "window": window}
+            out = encode_stage(store, slide, cfg, encoders, force=force, readers=readers_for(cfg), turns=_turns(cfg),
+                               hold=hold)
+            return {**out, "batch_size": cfg.encode.batch_size, "window": window or None}
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if cfg.encode.batch_size == 1:

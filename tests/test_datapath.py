@@ -318,3 +318,36 @@ def test_a_lock_caught_between_taking_and_noting_is_tried_again(tmp_path):
             pass
     released.set()
     t.join()
+
+
+def test_device_turns_follow_queue_order_and_a_turn_given_back_never_blocks():
+    import threading
+    import time as _time
+
+    from slide_clip.lookahead import DeviceTurns
+
+    turns = DeviceTurns()
+    queued, encoded = [], []
+    tickets = {}
+    for name in ("a", "b", "skipped", "c"):
+        tickets[name] = turns.queue(lambda n=name: queued.append(n))[1]
+    turns.skip(tickets["skipped"])  # a slide with nothing to encode
+
+    def encode(name, delay):
+        _time.sleep(delay)  # reach the device in the reverse of the queue order
+        with turns.turn(tickets[name]):
+            encoded.append(name)
+            _time.sleep(0.05)
+
+    threads = [threading.Thread(target=encode, args=(n, dl)) for n, dl in (("c", 0.0), ("b", 0.1), ("a", 0.2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert queued == ["a", "b", "skipped", "c"] and encoded == ["a", "b", "c"]
+
+    with pytest.raises(RuntimeError):  # a turn ended by an error is given back too
+        with turns.turn(turns.queue(lambda: None)[1]):
+            raise RuntimeError("encoding failed")
+    with turns.turn(turns.queue(lambda: None)[1]):
+        pass

@@ -130,3 +130,58 @@ def test_cohort_leaves_slides_still_being_copied_for_the_next_run(make_slide, cf
     [s] = r["slides"]
     assert s["slide_id"] == "arriving" and s["status"] == "waiting" and r["failed"] == 0
     assert not (out / "arriving.zarr").exists() and not (out / "status" / "arriving.json").exists()
+
+
+def _corrupt_middle_tile(path):
+    """Overwrite one level-0 tile in the middle of the slide with garbage (the file still opens
+    and its last tile and reduced levels read: only reading that tile fails)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        k = len(page.dataoffsets) // 2
+        offset, size = page.dataoffsets[k], page.databytecounts[k]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * size)
+
+
+def _started(pid: int) -> float:
+    """A process's start time (epoch seconds), from /proc."""
+    import os
+
+    ticks = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19])
+    boot = next(float(ln.split()[1]) for ln in open("/proc/stat") if ln.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_cohort_flow_shares_reader_processes_and_a_slide_failing_mid_read_fails_alone(make_slide, cfg, tmp_path):
+    import shutil
+
+    from slide_clip_flows.process_cohort import process_cohort
+    from slide_clip_tasks.encode import readers_for
+
+    src, _ = make_slide("tissue_0.5", mpp=0.5)
+    d = tmp_path / "slides"
+    d.mkdir()
+    for i in range(4):
+        shutil.copy(src, d / f"s{i}.tif")
+    _corrupt_middle_tile(d / "s1.tif")
+    c = cfg.with_overrides(tissue={"thumbnail_max_side": 512})  # the thumbnail comes from a reduced level
+    out = tmp_path / "out"
+    r = process_cohort(slides=[str(d)], out=str(out), config=c, prompts=["tumour"], heatmaps=False,
+                       max_concurrency=3)
+    status = {s["slide_id"]: s for s in r["slides"]}
+    assert {k: v["status"] for k, v in status.items()} == {"s0": "ok", "s1": "failed", "s2": "ok", "s3": "ok"}
+    assert "failed while reading tiles" in status["s1"]["error"] and "\n" not in status["s1"]["error"]
+    # the same file three times: the same embeddings, every row in its own store and in order
+    ref = SlideStore.open(out / "s0.zarr").embeddings("tiny")
+    for sid in ("s2", "s3"):
+        assert np.array_equal(SlideStore.open(out / f"{sid}.zarr").embeddings("tiny"), ref)
+    # one encoder at a time, and one pool of reader processes for the flow's slides: started
+    # before the first slide finished encoding, still alive after the last
+    windows = sorted(status[s]["extra"]["encode_window"] for s in ("s0", "s2", "s3"))
+    assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:])), windows
+    pool = readers_for(c).pool
+    assert pool is not None and pool._workers and all(p.is_alive() for p in pool._workers)
+    assert max(_started(p.pid) for p in pool._workers) < windows[0][1]

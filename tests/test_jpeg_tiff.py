@@ -1,0 +1,91 @@
+"""Tiled JPEG TIFF levels decoded with tifffile + imagecodecs give OpenSlide's pixels exactly.
+
+Real OpenSlide on both sides: the real Aperio SVS (RGB JPEG tiles with JPEG tables) and
+synthetic pyramidal TIFFs with YCbCr JPEG tiles; other files stay with OpenSlide.
+"""
+
+import numpy as np
+import openslide
+import pytest
+
+from slide_clip.jpeg_tiff import JpegTiffReader
+from slide_clip.reading import open_for_reading, read_tiles
+from slide_clip.tiling import make_grid, read_tile
+from slide_clip.tissue import _rgba_to_rgb_white
+
+
+@pytest.fixture(scope="module")
+def jpeg_slide(tmp_path_factory):
+    from conftest import tissue_scene
+
+    from slide_clip.synthetic import write_slide
+
+    scene = tissue_scene(1500, 1000, 0.5)
+    return write_slide(tmp_path_factory.mktemp("jpeg") / "jpeg.tif", scene, 0.5, levels=3, compression="jpeg")
+
+
+def _pair(path):
+    return open_for_reading(str(path)), open_for_reading(str(path), decoder="openslide")
+
+
+def _regions_equal(fast, ref, level, w, h):
+    ds = int(ref.level_downsamples[level])
+    lw, lh = ref.level_dimensions[level]
+    # inside, across file-tile borders, past the right and bottom edges, before the origin
+    for x, y in ((0, 0), (37, 250), (lw - w // 2, lh - h // 3), (-50, -20), (lw // 2, lh // 2)):
+        a = np.asarray(fast.read_region((x * ds, y * ds), level, (w, h)).convert("RGB"))
+        b = np.asarray(_rgba_to_rgb_white(ref.read_region((x * ds, y * ds), level, (w, h))))
+        assert np.array_equal(a, b), (level, x, y)
+
+
+def _grid(osr, mpp, target_mpp, tile_size=224):
+    mask = np.ones((64, 64), bool)
+    w, h = osr.dimensions
+    return make_grid(osr.dimensions, (mpp, mpp), osr.level_downsamples, mask, (w / 64, h / 64),
+                     target_mpp=target_mpp, tile_size=tile_size, min_tissue=0.5)
+
+
+def test_svs_tiles_identical_to_openslide(cmu_svs):
+    fast, ref = _pair(cmu_svs)
+    try:
+        assert isinstance(fast, JpegTiffReader) and isinstance(ref, openslide.OpenSlide)
+        _regions_equal(fast, ref, 0, 700, 300)
+        mpp = float(ref.properties["openslide.mpp-x"])
+        for target, size in ((0.5, 224), (mpp, 256), (1.0, 224)):  # resized, exact crops, shrunk
+            grid = _grid(ref, mpp, target, size)
+            assert len(grid) > 0
+            a = read_tiles(fast, grid.coords, grid)
+            assert np.array_equal(a, read_tiles(ref, grid.coords, grid))
+            k = len(grid) // 2
+            x, y = map(int, grid.coords[k])
+            assert np.array_equal(np.asarray(read_tile(fast, x, y, grid)), a[k])
+    finally:
+        fast.close()
+        ref.close()
+
+
+def test_synthetic_jpeg_levels_identical_to_openslide(jpeg_slide):
+    fast, ref = _pair(jpeg_slide)
+    try:
+        assert isinstance(fast, JpegTiffReader) and sorted(fast._levels) == [0, 1, 2]
+        for level in (0, 1, 2):
+            _regions_equal(fast, ref, level, 300, 200)
+        # a location off the level's pixel grid goes to OpenSlide: still the same picture
+        a = np.asarray(fast.read_region((3, 5), 1, (100, 80)).convert("RGB"))
+        assert np.array_equal(a, np.asarray(_rgba_to_rgb_white(ref.read_region((3, 5), 1, (100, 80)))))
+        for target in (0.5, 1.0, 2.0, 0.7):  # read levels 0, 1, 2, and level 0 resized
+            grid = _grid(ref, 0.5, target)
+            assert np.array_equal(read_tiles(fast, grid.coords, grid), read_tiles(ref, grid.coords, grid))
+    finally:
+        fast.close()
+        ref.close()
+
+
+def test_other_files_stay_with_openslide(make_slide, cmu_dicom):
+    from slide_clip.slide import resolve_slide_path
+
+    zlib, _ = make_slide("tissue_0.5", mpp=0.5)
+    for path in (zlib, resolve_slide_path(cmu_dicom)):
+        osr = open_for_reading(str(path))
+        assert isinstance(osr, openslide.OpenSlide), path
+        osr.close()
