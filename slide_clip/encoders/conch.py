@@ -80,6 +80,8 @@ class ConchVisual(nn.Module):
             img_size=size, patch_size=int(vision_cfg.get("patch_size", 16)), embed_dim=width,
             depth=int(vision_cfg.get("layers", 12)), num_heads=int(vision_cfg.get("heads", 12)),
             mlp_ratio=float(vision_cfg.get("mlp_ratio", 4.0)), num_classes=0, dynamic_img_size=True)
+        # CONCH's factory never passes its config's attn_pooler_heads on: its poolers always have
+        # 8 heads, which is also what the shipped config says
         self.attn_pool_contrast = AttentionalPooler(
             d_model=embed_dim, context_dim=width, n_head=int(vision_cfg.get("attn_pooler_heads", 8)),
             n_queries=int(vision_cfg.get("n_queries_contrast", 1)))
