@@ -147,6 +147,30 @@ def finish_slide(p: Prepared, *, progress: bool = True):
     )
 
 
+class _Turns:
+    """Numbered turns taken in order: turn i starts once every earlier turn is given back
+    (used, failed, or never needed), whatever order they are given back in."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._current = 0
+        self._returned: set[int] = set()
+
+    def wait(self, i: int) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._current >= i)
+
+    def give_back(self, i: int) -> None:
+        """Give turn ``i`` back; idempotent."""
+        with self._cv:
+            if i >= self._current:
+                self._returned.add(i)
+            while self._current in self._returned:
+                self._returned.discard(self._current)
+                self._current += 1
+            self._cv.notify_all()
+
+
 class DeviceTurns:
     """First come, first served turns on one device for slides encoded from several threads.
 
@@ -158,14 +182,13 @@ class DeviceTurns:
     """
 
     def __init__(self):
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
         self._issued = 0
-        self._serving = 0
-        self._returned: set[int] = set()
+        self._turns = _Turns()
 
     def queue(self, fn):
         """``(fn(), turn)``; ``fn`` runs while no other thread can queue (keep it short)."""
-        with self._cv:
+        with self._lock:
             out = fn()
             t = self._issued
             self._issued += 1
@@ -175,21 +198,14 @@ class DeviceTurns:
     def turn(self, t: int):
         """Wait for turn ``t`` and hold it; the next turn starts when this one ends."""
         try:
-            with self._cv:
-                self._cv.wait_for(lambda: self._serving == t)
+            self._turns.wait(t)
             yield
         finally:
             self.skip(t)
 
     def skip(self, t: int) -> None:
         """Give turn ``t`` back (used or not); idempotent."""
-        with self._cv:
-            if t >= self._serving:
-                self._returned.add(t)
-            while self._serving in self._returned:
-                self._returned.discard(self._serving)
-                self._serving += 1
-            self._cv.notify_all()
+        self._turns.give_back(t)
 
 
 def _join_quietly(background: list) -> None:
@@ -215,35 +231,23 @@ class LookAhead:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="slide-lookahead")
         self._futures: collections.OrderedDict[int, Future] = collections.OrderedDict()
         self._next = 0
-        self._cv = threading.Condition()
-        self._passed: set[int] = set()
-        self._turn = 0  # the slide whose tiles may be queued now
-
-    def _pass(self, i: int) -> None:
-        with self._cv:
-            if i >= self._turn:
-                self._passed.add(i)
-            while self._turn in self._passed:
-                self._passed.discard(self._turn)
-                self._turn += 1
-            self._cv.notify_all()
+        self._turns = _Turns()  # turn i: slide i may queue its tiles
 
     @contextlib.contextmanager
     def turn(self, i: int):
         """Held while slide ``i`` queues its tiles: waits until every earlier slide has queued
         its own (or failed, or needed none)."""
-        with self._cv:
-            self._cv.wait_for(lambda: self._turn >= i)
+        self._turns.wait(i)
         try:
             yield
         finally:
-            self._pass(i)
+            self._turns.give_back(i)
 
     def _run(self, i: int):
         try:
             return self.prepare(i, self.turn(i))
         finally:
-            self._pass(i)  # a slide that failed or needs no encoding never blocks the next
+            self._turns.give_back(i)  # a slide that failed or needs no encoding never blocks the next
 
     def _submit_upto(self, last: int) -> None:
         while self._next <= min(last, self.n - 1):
