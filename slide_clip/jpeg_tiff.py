@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 
 import numpy as np
 from PIL import Image
@@ -44,6 +45,7 @@ class JpegTiffReader:
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
+        self._lock = threading.Lock()  # the cache is shared by threads (the thumbnail reads bands in several)
 
     # the rest of the OpenSlide interface, for callers that need it
     def __getattr__(self, name):
@@ -72,21 +74,32 @@ class JpegTiffReader:
 
     def _tile(self, level: int, page, k: int) -> np.ndarray:
         key = (level, k)
-        tile = self._cache.pop(key, None)
-        if tile is None:
-            data = os.pread(self._fd, int(page.databytecounts[k]), int(page.dataoffsets[k]))
-            tile = page.decode(data, k, jpegtables=page.jpegtables)[0][0]
-            self._cached += tile.nbytes
-        self._cache[key] = tile
-        while self._cached > self._cache_bytes and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._cached -= old.nbytes
+        with self._lock:
+            tile = self._cache.get(key)
+            if tile is not None:
+                self._cache.move_to_end(key)
+                return tile
+        data = os.pread(self._fd, int(page.databytecounts[k]), int(page.dataoffsets[k]))
+        tile = page.decode(data, k, jpegtables=page.jpegtables)[0][0]  # outside the lock: decodes in parallel
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = tile
+                self._cached += tile.nbytes
+            while self._cached > self._cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= old.nbytes
         return tile
+
+    def release(self) -> None:
+        """Close this reader's own file handles, leaving the wrapped OpenSlide handle open."""
+        try:
+            os.close(self._fd)
+        finally:
+            self._tif.close()
 
     def close(self) -> None:
         try:
-            os.close(self._fd)
-            self._tif.close()
+            self.release()
         finally:
             self.osr.close()
 

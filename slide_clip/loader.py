@@ -1,4 +1,4 @@
-"""Batches of tiles from slides, read in the calling process or in a pool of reader processes.
+"""Batches of tiles from slides, read in a thread of the calling process or by reader processes.
 
 A batch is a range of consecutive tile indices of one slide (``batch_size`` tiles), read
 with :func:`slide_clip.reading.read_tiles` (one ``read_region`` per strip of a grid row).
@@ -121,8 +121,8 @@ def _jobs(slide_file: str, grid: TileGrid, start: int, batch_size: int, preproce
 class TileStream:
     """The batches of one slide from tile ``start`` on, in order: iterate for ``(indices, pixels)``.
 
-    Made by :func:`tile_batches`. Without a pool, batches are read in the calling process
-    when asked for. With a pool they are read ahead; :meth:`close` (or leaving the
+    Made by :func:`tile_batches`. Without a pool, batches are read in a thread of the calling
+    process, one batch ahead of the consumer. With a pool they are read ahead by the pool; :meth:`close` (or leaving the
     iteration early) drops what is still queued.
     """
 
@@ -139,13 +139,7 @@ class TileStream:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         try:
             if self.pool is None:
-                handles: collections.OrderedDict = collections.OrderedDict()
-                try:
-                    for job in self.jobs:
-                        yield read_batch(job, handles)
-                finally:
-                    for osr in handles.values():
-                        osr.close()
+                yield from _read_ahead_in_thread(self.jobs)
             else:
                 for job in self.jobs:
                     yield self.pool._result(job)
@@ -159,12 +153,34 @@ class TileStream:
                 self.pool._drop(self)
 
 
+def _read_ahead_in_thread(jobs: list[TileJob]):
+    """The batches of ``jobs`` in order, each read in one background thread while the caller
+    encodes the one before (decoding and resampling release the GIL), so that without reader
+    processes the model does not wait for every batch to be read. One batch is read ahead;
+    leaving early waits for that read and closes the slide."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    handles: collections.OrderedDict = collections.OrderedDict()  # used by the reading thread only
+    ex = ThreadPoolExecutor(1, thread_name_prefix="tile-reader")
+    pending = None
+    try:
+        for k in range(len(jobs)):
+            batch = (pending if pending is not None else ex.submit(read_batch, jobs[k], handles)).result()
+            pending = ex.submit(read_batch, jobs[k + 1], handles) if k + 1 < len(jobs) else None
+            yield batch
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)  # the read under way ends; none starts
+        for osr in handles.values():
+            osr.close()
+
+
 def tile_batches(slide_file: str, grid: TileGrid, *, start: int = 0, batch_size: int = 64,
                  preprocess: Callable | None = None, pool: "ReaderPool | None" = None) -> TileStream:
     """Batches of tiles ``start:`` of ``grid`` in grid order (never shuffled: rows follow tiles).
 
     ``preprocess`` None gives uint8 ``(n, h, w, 3)`` tiles; a callable (PIL image -> tensor)
-    is applied to every tile in the reader. ``pool`` None reads in the calling process.
+    is applied to every tile in the reader. ``pool`` None reads in a thread of the calling
+    process, one batch ahead.
     """
     ids = pool._ids if pool is not None else itertools.count()
     return TileStream(_jobs(slide_file, grid, start, batch_size, preprocess, ids), pool)
@@ -173,8 +189,11 @@ def tile_batches(slide_file: str, grid: TileGrid, *, start: int = 0, batch_size:
 class ReaderPool:
     """``num_workers`` reader processes shared by every slide of a run (see the module text).
 
-    Use as a context manager, or call :meth:`close`. Not thread-safe: one consumer thread
-    (streams may be *made* in another thread: adding a stream is locked).
+    Use as a context manager, or call :meth:`close`. Thread-safe: streams may be made, read
+    and closed from different threads (the Prefect flow queues a slide's tiles in one thread
+    while another slide's are read, and a slide stopped while waiting for its turn drops its
+    queued batches from its own thread); the pool's bookkeeping is under one lock, held
+    only between waits.
     """
 
     def __init__(self, num_workers: int, prefetch: int = PREFETCH_PER_WORKER):
@@ -190,7 +209,7 @@ class ReaderPool:
             self._start_worker()
         self.window = num_workers * prefetch
         self._ids = _LockedCounter()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._streams: collections.deque[TileStream] = collections.deque()
         self._next: collections.deque[TileJob] = collections.deque()  # of the stream being queued
         self._inflight: dict[int, int] = {}  # job id -> worker
@@ -242,30 +261,33 @@ class ReaderPool:
             if stream in self._streams:
                 self._streams.remove(stream)
             ids = {j.job_id for j in stream.jobs}
-        self._next = collections.deque(j for j in self._next if j.job_id not in ids)
-        for i in ids:
-            if i in self._inflight:
-                self._dropped.add(i)
-            self._done.pop(i, None)
+            self._next = collections.deque(j for j in self._next if j.job_id not in ids)
+            for i in ids:
+                if i in self._inflight:
+                    self._dropped.add(i)
+                self._done.pop(i, None)
 
     def _fill(self) -> None:
         """Submit jobs in stream order until ``window`` are in flight."""
-        while len(self._inflight) < self.window:
-            if not self._next:
-                with self._lock:
-                    while self._streams and not self._next:
-                        s = self._streams.popleft()
-                        self._next = collections.deque(s.jobs)
+        with self._lock:
+            while len(self._inflight) < self.window:
+                while self._streams and not self._next:
+                    s = self._streams.popleft()
+                    self._next = collections.deque(s.jobs)
                 if not self._next:
                     return
-            job = self._next.popleft()
-            w = self._rr % len(self._workers)
-            self._rr += 1
-            self._tasks[w].put(job)
-            self._inflight[job.job_id] = w
-            self._order[w].append(job)
+                job = self._next.popleft()
+                w = self._rr % len(self._workers)
+                self._rr += 1
+                self._tasks[w].put(job)
+                self._inflight[job.job_id] = w
+                self._order[w].append(job)
 
     def _take(self, msg) -> None:
+        with self._lock:
+            self._take_locked(msg)
+
+    def _take_locked(self, msg) -> None:
         status, job_id, payload = msg
         w = self._inflight.pop(job_id, None)
         if w is not None and self._order[w] and self._order[w][0].job_id == job_id:
@@ -278,6 +300,10 @@ class ReaderPool:
         self._done[job_id] = (status, payload)
 
     def _check_workers(self) -> None:
+        with self._lock:
+            self._check_workers_locked()
+
+    def _check_workers_locked(self) -> None:
         for w, p in enumerate(self._workers):
             if p.is_alive():
                 continue
@@ -304,14 +330,19 @@ class ReaderPool:
                     self._order[w].append(job)
 
     def _result(self, job: TileJob):
-        while job.job_id not in self._done:
+        while True:
+            with self._lock:
+                if job.job_id in self._done:
+                    status, payload = self._done.pop(job.job_id)
+                    break
             self._fill()
             try:
-                self._take(self._results.get(timeout=1.0))
+                msg = self._results.get(timeout=1.0)  # never under the lock: other threads go on
             except queue_mod.Empty:
                 self._check_workers()
+            else:
+                self._take(msg)
         self._fill()
-        status, payload = self._done.pop(job.job_id)
         if status == "error":
             raise ReaderError(payload)
         return payload
@@ -332,9 +363,9 @@ class _LockedCounter:
 def resolve_workers(num_workers, device) -> int:
     """Loader worker processes for ``num_workers`` (an int, or ``"auto"``) on ``device``.
 
-    ``auto`` reads tiles in the calling process on a CPU: there the model costs ~40x more
-    than reading and preprocessing a tile, and a worker process would preempt torch's own
-    threads (measured in docs/BENCHMARKS.md). On a GPU, decoding dominates: ``min(8,
+    ``auto`` reads tiles in a thread of the calling process on a CPU (one batch ahead): there
+    the model costs ~40x more than reading and preprocessing a tile, and a worker process
+    would preempt torch's own threads (measured in docs/BENCHMARKS.md). On a GPU, decoding dominates: ``min(8,
     cores - 1)`` workers.
     """
     import os

@@ -171,7 +171,7 @@ def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, over
     store = _reusable(path, info, cfg, mpp_xy, overwrite)
     if store is not None:
         return store
-    thumb = read_thumbnail(osr, cfg.tissue.thumbnail_max_side, info.mpp)
+    thumb = _read_thumbnail(osr, info, cfg)
     median = float(np.median(thumb.image)) / 255
     if median < _MIN_BRIGHTFIELD_MEDIAN:
         raise SlideError(
@@ -188,6 +188,19 @@ def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, over
     store.write_tissue(mask, thumb.image, {"downsample": list(thumb.downsample), "mpp": thumb.mpp,
                                            "tissue_area_mm2": area})
     return store
+
+
+def _read_thumbnail(osr, info: SlideInfo, cfg: PipelineConfig):
+    """The slide's thumbnail; tiled JPEG TIFF levels are decoded by tifffile + imagecodecs, which
+    gives OpenSlide's pixels faster (:mod:`slide_clip.jpeg_tiff`, checked when opened)."""
+    from slide_clip.jpeg_tiff import open_jpeg_tiff
+
+    reader = open_jpeg_tiff(osr, info.path, cache_bytes=0)  # a level is read once, band by band
+    try:
+        return read_thumbnail(reader, cfg.tissue.thumbnail_max_side, info.mpp)
+    finally:
+        if reader is not osr:
+            reader.release()
 
 
 def lay_tiles(store: SlideStore, cfg: PipelineConfig, *, background: list | None = None) -> SlideStore:

@@ -218,6 +218,120 @@ def test_embed_slides_shares_readers_prepares_ahead_and_isolates_a_bad_slide(mak
     assert [r.status for r in again] == ["skipped", "skipped"]
 
 
+def test_without_a_pool_batches_are_read_one_ahead_in_a_thread(make_slide, monkeypatch):
+    """No reader processes (``--workers 0``, ``auto`` on a CPU): batch k+1 is read in a
+    background thread while the caller has batch k; order and pixels as read tile by tile,
+    a read error reaches the caller, and leaving early leaves no reading thread behind."""
+    import threading
+    import time
+
+    import slide_clip.loader as loader
+
+    a, _ = make_slide("dp_plain", mpp=0.5, width_um=1500, height_um=600)
+    osr = openslide.OpenSlide(str(a))
+    grid = _grid(osr, 0.5, target_mpp=0.5)
+    assert len(grid) > 20
+    readers, original = [], loader.read_batch
+
+    def spy(job, handles):
+        readers.append((job.first, threading.current_thread().name))
+        return original(job, handles)
+
+    monkeypatch.setattr(loader, "read_batch", spy)
+    expect = 2
+    for idx, tiles in tile_batches(str(a), grid, start=2, batch_size=5):
+        assert int(idx[0]) == expect and np.array_equal(tiles.numpy(), _per_tile(osr, grid, np.asarray(idx)))
+        if expect + 5 < len(grid):  # the next batch is being read while the caller holds this one
+            deadline = time.monotonic() + 10
+            while not any(first == expect + 5 for first, _ in readers) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert any(first == expect + 5 for first, _ in readers)
+        expect += len(idx)
+    assert expect == len(grid)
+    assert all(name.startswith("tile-reader") for _, name in readers)
+    assert [first for first, _ in readers] == list(range(2, len(grid), 5))  # each batch read once
+
+    readers.clear()
+    stream = tile_batches(str(a), grid, batch_size=5)
+    for idx, _ in stream:
+        break
+    stream.close()
+    assert not any(t.name.startswith("tile-reader") and t.is_alive() for t in threading.enumerate())
+    assert len(readers) <= 2
+
+    def broken(job, handles):
+        if job.first >= 10:
+            raise RuntimeError("OpenSlide error: a corrupt tile")
+        return original(job, handles)
+
+    monkeypatch.setattr(loader, "read_batch", broken)
+    got = []
+    with pytest.raises(RuntimeError, match="corrupt tile"):
+        for idx, _ in tile_batches(str(a), grid, batch_size=5):
+            got.append(int(idx[0]))
+    assert got == [0, 5]
+    osr.close()
+
+
+def test_streams_queued_and_dropped_from_other_threads_never_disturb_the_one_being_read(make_slide):
+    """The flow queues slides' tiles from several threads and a slide stopped while waiting
+    for its turn drops its batches from its own thread, while another slide is being read:
+    the slide being read still gets every batch, in order, and nothing is left behind."""
+    import queue
+    import threading
+    import time
+
+    a, _ = make_slide("dp_plain", mpp=0.5, width_um=1500, height_um=600)
+    osr = openslide.OpenSlide(str(a))
+    grid = _grid(osr, 0.5, target_mpp=0.5)
+    with ReaderPool(2, prefetch=2) as pool:
+        stop = threading.Event()
+        errors: list = []
+
+        def churn():  # queue and drop other slides' streams as fast as possible
+            try:
+                while not stop.is_set():
+                    others = [tile_batches(str(a), grid, batch_size=1, pool=pool) for _ in range(3)]
+                    for o in others:
+                        o.close()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        got = []
+
+        def consume():
+            try:
+                for _ in range(3):
+                    for idx, tiles in tile_batches(str(a), grid, batch_size=3, pool=pool):
+                        got.append((int(idx[0]), tiles.numpy().copy()))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        churners = [threading.Thread(target=churn) for _ in range(2)]
+        reader = threading.Thread(target=consume)
+        for t in (*churners, reader):
+            t.start()
+        reader.join(timeout=120)
+        stop.set()
+        for t in churners:
+            t.join(timeout=30)
+        assert not reader.is_alive(), "the slide being read waited forever for a batch"
+        assert not errors, errors
+        starts = list(range(0, len(grid), 3))
+        assert [i for i, _ in got] == starts * 3
+        for i, tiles in got[: len(starts)]:
+            assert np.array_equal(tiles, _per_tile(osr, grid, np.arange(i, min(i + 3, len(grid)))))
+        # every dropped batch was discarded as it came back: nothing kept, nothing owed
+        deadline = time.monotonic() + 30
+        while pool._inflight and time.monotonic() < deadline:
+            try:
+                pool._take(pool._results.get(timeout=1.0))
+            except queue.Empty:
+                pass
+        assert not pool._inflight and not pool._done and not pool._streams
+    osr.close()
+
+
 def test_thumbnail_bands_read_in_threads_equal_one_thread(cmu_svs, monkeypatch):
     import slide_clip.tissue as tissue
 

@@ -89,3 +89,50 @@ def test_other_files_stay_with_openslide(make_slide, cmu_dicom):
         osr = open_for_reading(str(path))
         assert isinstance(osr, openslide.OpenSlide), path
         osr.close()
+
+
+def test_thumbnail_identical_to_openslide_and_leaves_the_handle_open(cmu_svs, jpeg_slide):
+    """detect_tissue reads the thumbnail through the fast decoder (bands in several threads,
+    a cache of one tile shared by them): the very same picture as OpenSlide's."""
+    from types import SimpleNamespace
+
+    from slide_clip.config import load_config
+    from slide_clip.pipeline import _read_thumbnail
+    from slide_clip.tissue import read_thumbnail
+
+    cfg = load_config()
+    for path in (cmu_svs, jpeg_slide):
+        osr = openslide.OpenSlide(str(path))
+        try:
+            info = SimpleNamespace(path=str(path), mpp=0.5)
+            fast = _read_thumbnail(osr, info, cfg)
+            ref = read_thumbnail(osr, cfg.tissue.thumbnail_max_side, 0.5)
+            assert np.array_equal(fast.image, ref.image) and fast.downsample == ref.downsample, path
+            assert fast.image.std() > 10  # a real picture, not a blank
+            osr.read_region((0, 0), 0, (8, 8))  # the caller's handle is still open
+        finally:
+            osr.close()
+
+
+def test_threads_sharing_a_small_cache_read_the_same_pixels(jpeg_slide):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from slide_clip.jpeg_tiff import open_jpeg_tiff
+
+    ref = openslide.OpenSlide(str(jpeg_slide))
+    fast = open_jpeg_tiff(openslide.OpenSlide(str(jpeg_slide)), str(jpeg_slide), cache_bytes=300_000)
+    try:
+        assert isinstance(fast, JpegTiffReader)
+        w, h = ref.level_dimensions[0]
+        spots = [((x * 97) % (w - 300), (x * 61) % (h - 200)) for x in range(48)]
+
+        def same(xy):
+            a = np.asarray(fast.read_region(xy, 0, (300, 200)))
+            return np.array_equal(a, np.asarray(_rgba_to_rgb_white(ref.read_region(xy, 0, (300, 200)))))
+
+        with ThreadPoolExecutor(6) as ex:
+            assert all(ex.map(same, spots * 3))
+        assert fast._cached <= 300_000 or len(fast._cache) == 1
+    finally:
+        fast.close()
+        ref.close()

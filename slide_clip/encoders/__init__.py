@@ -28,12 +28,12 @@ from slide_clip.encoders.spec import (
     spec_from_provenance,
 )
 
-# The names below import torch; they are loaded on first use, so that resolving a model
+# The names below are loaded on first use (all but model_input_size import torch), so that resolving a model
 # name (the registry, its input size and µm/px) does not put torch's import on a command's
 # way to its first tile: the model is built in a background thread meanwhile.
 _LAZY = {
     "Encoder": "base", "pick_device": "base", "pick_precision": "base", "vision_only_error": "base",
-    "load_encoder": "loading", "model_input_size": "loading", "resolve_stored_model": "loading",
+    "load_encoder": "loading", "model_input_size": "arch_configs", "resolve_stored_model": "loading",
     "file_sha256": "weights", "read_state_dict": "weights", "seeded": "weights", "state_dict_sha256": "weights",
 }
 

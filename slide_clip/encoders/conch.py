@@ -41,6 +41,8 @@ import torch
 from torch import nn
 
 from slide_clip.encoders.base import Encoder
+from slide_clip.encoders.arch_configs import conch_arch_cfg as _cfg
+from slide_clip.encoders.arch_configs import model_input_size
 from slide_clip.encoders.spec import ModelSpec
 from slide_clip.encoders.weights import file_sha256, hub_error, local_weights, on_device, seeded
 from slide_clip.errors import ConfigError
@@ -49,21 +51,6 @@ from slide_clip.errors import ConfigError
 UNUSED_PREFIXES = ("text_decoder.", "visual.attn_pool_caption.", "visual.ln_caption.")
 TOKENIZER_FILE = "conch_byte_level_bpe_uncased.json"
 HUB_WEIGHTS_FILE = "pytorch_model.bin"
-
-
-def _cfg(spec: ModelSpec) -> dict:
-    cfg = spec.arch_cfg
-    if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
-        raise ConfigError(f"model {spec.name!r}: the conch backend needs an 'arch_config' JSON with embed_dim, "
-                          "vision_cfg and text_cfg", path=spec.arch_config,
-                          hint="Use the one shipped in configs/archs/conch_ViT-B-16.json.")
-    return cfg
-
-
-def input_size(spec: ModelSpec) -> int:
-    if spec.input_size:
-        return int(spec.input_size)
-    return int(_cfg(spec)["vision_cfg"].get("image_size", 448))
 
 
 class ConchVisual(nn.Module):
@@ -144,7 +131,7 @@ def preprocess_cfg(spec: ModelSpec) -> dict:
     ToTensor, Normalize with OpenAI CLIP's mean and std (the registry entry's values)."""
     if not (spec.image_mean and spec.image_std):
         raise ConfigError(f"model {spec.name!r}: the conch backend needs image_mean and image_std in its entry")
-    size = input_size(spec)
+    size = model_input_size(spec)
     return {"size": size, "resize_size": int(spec.resize_size or size), "mean": list(spec.image_mean),
             "std": list(spec.image_std), "interpolation": spec.image_interpolation or "bicubic",
             "resize_mode": "shortest"}

@@ -31,12 +31,6 @@ def _config(spec: ModelSpec):
     return getattr(transformers, spec.arch), cfg_cls(**{k: v for k, v in spec.arch_cfg.items() if k != "model_type"})
 
 
-def input_size(spec: ModelSpec) -> int | None:
-    if spec.input_size:
-        return int(spec.input_size)
-    return int(spec.arch_cfg["image_size"]) if spec.arch_cfg and "image_size" in spec.arch_cfg else None
-
-
 def create(spec: ModelSpec) -> torch.nn.Module:
     """The architecture with seeded random weights (seed 0 unless ``spec.seed``)."""
     model_cls, cfg = _config(spec)

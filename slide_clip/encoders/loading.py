@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from slide_clip.encoders.arch_configs import model_input_size  # noqa: F401 - re-exported
 from slide_clip.encoders.base import Encoder, pick_device, pick_precision
 from slide_clip.encoders.spec import ModelSpec, resolve_model, spec_from_provenance
 from slide_clip.encoders.weights import on_device
@@ -52,33 +53,6 @@ def load_encoder(
         embed_dim=openclip.embed_dim_of(model, size, dev), image_size=size,
         preprocess_cfg=pre_cfg, arch_cfg=arch_cfg,
     )
-
-
-def model_input_size(spec: ModelSpec) -> int:
-    """The model's input side in px, read from its config without building the model."""
-    if spec.input_size:
-        return int(spec.input_size)
-    if spec.backend == "timm":
-        from slide_clip.encoders import timm_backend
-
-        size = timm_backend.input_size(spec)
-    elif spec.backend == "transformers":
-        from slide_clip.encoders import hf_backend
-
-        size = hf_backend.input_size(spec)
-    elif spec.backend == "conch":
-        from slide_clip.encoders import conch
-
-        size = conch.input_size(spec)
-    else:
-        from slide_clip.encoders import openclip
-
-        size = openclip.input_size(spec)
-    if size is None:
-        raise ConfigError(
-            f"model {spec.name!r}: its input size is not known offline (architecture config on the hub)",
-            hint="Give --tile-size, or 'input_size' (px) in the model's registry entry.")
-    return int(size)
 
 
 def resolve_stored_model(name: str, attrs: dict, registry_files=(), checkpoint: str | Path | None = None,

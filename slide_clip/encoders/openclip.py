@@ -18,63 +18,14 @@ from pathlib import Path
 
 import torch
 
+from slide_clip.encoders.arch_configs import hub_repo as _hub_repo
+from slide_clip.encoders.arch_configs import open_clip_full_config as full_config
 from slide_clip.encoders.spec import ModelSpec
 from slide_clip.encoders.weights import file_sha256, load_into, read_state_dict, seeded
 from slide_clip.errors import ConfigError, WeightsError
 
 _lock = threading.Lock()
 _config_dir: Path | None = None
-
-
-def _hub_repo(arch: str) -> str | None:
-    return arch[len("hf-hub:"):] if arch.startswith("hf-hub:") else None
-
-
-def cached_hub_config(repo: str) -> dict | None:
-    """``open_clip_config.json`` of a hub repository if it is in the local Hugging Face cache."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        p = try_to_load_from_cache(repo, "open_clip_config.json")
-    except Exception:  # noqa: BLE001 - no cache, bad repo id: not available
-        return None
-    if isinstance(p, str) and Path(p).is_file():
-        try:
-            return json.loads(Path(p).read_text())
-        except (OSError, ValueError):
-            return None
-    return None
-
-
-def full_config(spec: ModelSpec) -> dict | None:
-    """``{"model_cfg": ..., "preprocess_cfg": ...}`` for ``spec``, without building anything.
-
-    None when the architecture config is only on the hub and not cached here.
-    """
-    import open_clip
-
-    if spec.arch_cfg is not None:
-        cfg = spec.arch_cfg
-        return {"model_cfg": cfg["model_cfg"], "preprocess_cfg": cfg.get("preprocess_cfg", {})} \
-            if "model_cfg" in cfg else {"model_cfg": cfg, "preprocess_cfg": {}}
-    repo = _hub_repo(spec.arch)
-    if repo:
-        cfg = cached_hub_config(repo)
-        return None if cfg is None or "model_cfg" not in cfg else \
-            {"model_cfg": cfg["model_cfg"], "preprocess_cfg": cfg.get("preprocess_cfg", {})}
-    mc = open_clip.get_model_config(spec.arch)
-    return None if mc is None else {"model_cfg": mc, "preprocess_cfg": {}}
-
-
-def input_size(spec: ModelSpec) -> int | None:
-    """The model's input side in px from its config (None if unknown here)."""
-    if spec.input_size:
-        return int(spec.input_size)
-    cfg = full_config(spec)
-    if cfg is None:
-        return None
-    size = cfg["model_cfg"].get("vision_cfg", {}).get("image_size", 224)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def _local_name(spec: ModelSpec) -> str:

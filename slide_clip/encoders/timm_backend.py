@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from slide_clip.encoders.arch_configs import input_size_or_none
 from slide_clip.encoders.base import Encoder
 from slide_clip.encoders.spec import ModelSpec
 from slide_clip.encoders.weights import hub_error, local_weights, on_device, seeded
@@ -49,25 +50,9 @@ def timm_kwargs(spec: ModelSpec) -> dict:
     return kw
 
 
-def input_size(spec: ModelSpec) -> int | None:
-    """Input side in px: the entry's, its ``img_size``, or timm's default for the architecture."""
-    if spec.input_size:
-        return int(spec.input_size)
-    size = spec.model_kwargs.get("img_size")
-    if size:
-        return int(size[0] if isinstance(size, (list, tuple)) else size)
-    import timm
-
-    try:
-        cfg = timm.get_pretrained_cfg(spec.arch)
-    except Exception:  # noqa: BLE001 - unknown architecture
-        cfg = None
-    return int(cfg.input_size[-1]) if cfg is not None else None
-
-
 def preprocess_cfg(spec: ModelSpec) -> dict:
     """The preprocessing constants (JSON-able): size, resize_size, mean, std, interpolation."""
-    size = input_size(spec) or 224
+    size = input_size_or_none(spec) or 224
     return {
         "size": size,
         "resize_size": int(spec.resize_size or size),
