@@ -37,6 +37,10 @@ from slide_clip.tiling import TileGrid
 PREFETCH_PER_WORKER = 4
 #: Open slide handles a reader process keeps (least recently used closed first).
 HANDLES_PER_WORKER = 4
+#: Seconds without a batch to read after which a reader process closes its slide handles
+#: (and their tile caches): a pool kept by a long-lived process (a Prefect worker, ``serve``)
+#: holds no files or cache memory between runs.
+IDLE_CLOSE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,18 @@ def _file_key(path: str) -> tuple:
     return (path, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _worker_main(tasks, results) -> None:
-    """A reader process: read jobs from ``tasks`` until None, answer on ``results``."""
+def _worker_main(tasks, results, idle_close: float = IDLE_CLOSE_SECONDS) -> None:
+    """A reader process: read jobs from ``tasks`` until None, answer on ``results``; its
+    slide handles are closed after ``idle_close`` seconds without a job."""
     torch.set_num_threads(1)
     handles: collections.OrderedDict = collections.OrderedDict()
     while True:
-        job = tasks.get()
+        try:
+            job = tasks.get(timeout=idle_close) if handles else tasks.get()
+        except queue_mod.Empty:  # idle: let go of the files and their caches
+            while handles:
+                handles.popitem(last=False)[1].close()
+            continue
         if job is None:
             break
         try:
@@ -196,12 +206,14 @@ class ReaderPool:
     only between waits.
     """
 
-    def __init__(self, num_workers: int, prefetch: int = PREFETCH_PER_WORKER):
+    def __init__(self, num_workers: int, prefetch: int = PREFETCH_PER_WORKER,
+                 idle_close: float = IDLE_CLOSE_SECONDS):
         import threading
 
         if num_workers < 1:
             raise ValueError("a ReaderPool needs at least one worker")
         self._ctx = worker_context()
+        self._idle_close = float(idle_close)
         self._results = self._ctx.Queue()
         self._workers: list = []
         self._tasks: list = []
@@ -221,7 +233,7 @@ class ReaderPool:
     # -- processes
     def _start_worker(self, slot: int | None = None) -> None:
         tasks = self._ctx.Queue()
-        p = self._ctx.Process(target=_worker_main, args=(tasks, self._results), daemon=True,
+        p = self._ctx.Process(target=_worker_main, args=(tasks, self._results, self._idle_close), daemon=True,
                               name="slide-clip-reader")
         p.start()
         if slot is None:

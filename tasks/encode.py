@@ -1,8 +1,9 @@
 """Stage: CLIP image embeddings of every tile, resumable.
 
 The encoder is loaded once per worker process and model (not per slide), and so is the pool
-of tile-reader processes (one per device and worker count, closed when the process exits):
-slides of a cohort flow share both. Within a process one slide encodes at a time per device,
+of tile-reader processes (one per device and worker count, closed when the process exits;
+the readers close their slide files after :data:`slide_clip.loader.IDLE_CLOSE_SECONDS`
+without work): slides of a cohort flow share both. Within a process one slide encodes at a time per device,
 in the order the slides queued their tiles in the pool (:class:`slide_clip.lookahead.DeviceTurns`):
 a slide that reaches this stage while another encodes queues its tiles at once, so the
 readers go on to them as the other slide's are handed out (other slides' tissue and tiling

@@ -332,6 +332,47 @@ def test_streams_queued_and_dropped_from_other_threads_never_disturb_the_one_bei
     osr.close()
 
 
+def _open_files(pid: int) -> set[str]:
+    import os
+
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def test_idle_readers_let_go_of_their_slides_and_still_read_after(tmp_path):
+    """A pool kept by a long-lived process (a Prefect worker) holds no slide open between runs
+    (a JPEG TIFF: its reader keeps the file open while in use)."""
+    import time
+
+    from conftest import tissue_scene
+
+    from slide_clip.synthetic import write_slide
+
+    a = write_slide(tmp_path / "jpeg.tif", tissue_scene(1500, 600, 0.5), 0.5, levels=2, compression="jpeg")
+    osr = openslide.OpenSlide(str(a))
+    grid = _grid(osr, 0.5, target_mpp=0.5)
+    path = str(a.resolve())
+    with ReaderPool(1, prefetch=2, idle_close=0.5) as pool:
+        pid = pool._workers[0].pid
+        for idx, tiles in tile_batches(str(a), grid, batch_size=8, pool=pool):
+            pass
+        assert path in _open_files(pid)  # read: the slide is open in the reader
+        deadline = time.monotonic() + 20
+        while path in _open_files(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert path not in _open_files(pid)  # idle: closed
+        assert pool._workers[0].pid == pid  # by the same, living process
+        got = [(idx, tiles) for idx, tiles in tile_batches(str(a), grid, start=4, batch_size=8, pool=pool)]
+        assert int(got[0][0][0]) == 4
+        assert np.array_equal(got[0][1].numpy(), _per_tile(osr, grid, np.asarray(got[0][0])))
+    osr.close()
+
+
 def test_thumbnail_bands_read_in_threads_equal_one_thread(cmu_svs, monkeypatch):
     import slide_clip.tissue as tissue
 
