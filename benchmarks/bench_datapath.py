@@ -9,9 +9,11 @@ Sections (``--sections``, comma-separated; all by default on a CPU):
   possible, by 1 and by 2 processes (each reads its share of batches of 64; nothing is sent
   back). Also one process with ``read_tile`` tile by tile (the old path), for scale.
 * ``e2e``: ``slide-clip embed LARGE --model tiny --workers W`` (the tiny open_clip test
-  architecture, weights from a checkpoint file: the encoder is nearly free), tiles/s from
+  architecture, weights from a checkpoint file: the cheapest encoder there is), tiles/s from
   process start to exit (``wall``) and over the encode loop (``loop``, from the store's
-  file times); ratio to the 2-process decode limit (target >= 0.8).
+  file times); ratio to the 2-process decode limit (target >= 0.8). Also the tiny model's
+  own CPU time per tile (uint8 batches in memory, normalised and encoded, one thread) and the
+  ceiling it leaves two cores, ``2 / (decode s + encode s)`` tiles/s.
 * ``cohort``: the same command over a folder of ``--cohort`` small slides with the same
   total number of tiles; tiles/s (wall) vs the large slide's (target within 0.8).
 * ``flow``: the same cohort through ``slide-clip run`` (the Prefect cohort flow, a temporary
@@ -20,7 +22,8 @@ Sections (``--sections``, comma-separated; all by default on a CPU):
 * ``compute``: ``random:ViT-B-32`` fp32 end to end vs the bare encoder on the same tiles
   (``benchmarks/bench_embed.py``'s method; target >= 0.95).
 * ``startup``: process start -> first encoded batch (``slide-clip embed`` of the
-  40,000 x 30,000 slide with the tiny model), best of ``--repeats``.
+  40,000 x 30,000 slide with the tiny model), best of ``--repeats``; and the time a bare
+  interpreter takes to ``import torch`` and ``import open_clip`` (the floor under it).
 * Peak RSS of the command's process tree for ``e2e`` and ``cohort`` (``/proc`` polling).
 * ``codec`` (only when named): OpenSlide ``read_region`` strips vs tifffile + imagecodecs
   decoding the same JPEG tiles (:mod:`slide_clip.jpeg_tiff`), both cut by ``read_tiles``: tiles/s by
@@ -159,6 +162,51 @@ def decode_limit(slide: Path, procs: int, strips: bool = True, batch: int = 64, 
     return {"procs": procs, "method": f"{name}, {method}", "tiles": n,
             "seconds": round(dt, 3), "tiles_per_s": round(n / dt, 1),
             "machine_busy_frac": round(busy / (dt * len(os.sched_getaffinity(0))), 3)}
+
+
+def tiny_alone(slide: Path, registry: Path, batch: int = 64, repeats: int = 3) -> dict:
+    """The main process's own work per tile in ``e2e``, without reading: the large slide's tiles
+    read into memory as uint8 batches, then normalised and encoded by the tiny model
+    (``encode_uint8``, one torch thread: CPU seconds per tile) as fast as possible; best of
+    ``repeats``."""
+    import torch
+
+    from slide_clip.encoders import load_encoder, resolve_model
+    from slide_clip.reading import open_for_reading, read_tiles
+
+    grid = _grid_of(slide)
+    osr = open_for_reading(str(slide))
+    batches = [torch.from_numpy(read_tiles(osr, grid.coords[i:i + batch], grid)) for i in range(0, len(grid), batch)]
+    osr.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    enc = load_encoder(resolve_model("tiny", (str(registry),)), device="cpu", precision="fp32")
+    norm = enc.pixel_norm(int(batches[0].shape[1]))
+    enc.encode_uint8(batches[0], norm)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for b in batches:
+            enc.encode_uint8(b, norm)
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(threads)
+    n = sum(len(b) for b in batches)
+    return {"tiles": n, "torch_threads": 1, "seconds": round(best, 3), "tiles_per_s": round(n / best, 1),
+            "ms_per_tile": round(1000 * best / n, 3)}
+
+
+def import_floor(repeats: int) -> dict:
+    """Seconds a bare interpreter takes to import torch, and open_clip (with torchvision and
+    transformers, which it imports): the part of start-up no pipeline change removes."""
+    out = {}
+    for mod in ("torch", "open_clip"):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", f"import {mod}"], check=True, capture_output=True)
+            times.append(time.perf_counter() - t)
+        out[f"import_{mod}_s"] = round(min(times), 2)
+    return out
 
 
 def codec_section(slides: list[Path], repeats: int = 2) -> list[dict]:
@@ -365,11 +413,17 @@ def main(argv=None) -> int:
     if "e2e" in sections:
         res["e2e"] = {wk: run_embed([large], w / f"out_large_w{wk}", tiny + ["--workers", str(wk)])
                       for wk in sorted({0, a.workers})}
+        res["e2e_tiny_alone"] = tiny_alone(large, reg, a.batch_size)
         if "decode" in res:
             lim = res["decode"][-1]["tiles_per_s"]
             for r in res["e2e"].values():
                 r["ratio_to_decode2_wall"] = round(r["tiles_per_s_wall"] / lim, 3)
                 r["ratio_to_decode2_loop"] = round(r["tiles_per_s_loop"] / lim, 3)
+            # what 2 cores allow when every tile is decoded (d CPU s, one process in strips) and
+            # normalised + encoded (m CPU s, one thread) once: 2 / (d + m) tiles/s, both cores busy
+            d, m = 1 / res["decode"][1]["tiles_per_s"], 1 / res["e2e_tiny_alone"]["tiles_per_s"]
+            res["e2e_ceiling_2_cores"] = {"tiles_per_s": round(2 / (d + m), 1),
+                                          "ratio_to_decode2": round(2 / (d + m) / lim, 3)}
         print(json.dumps(res["e2e"], indent=1), flush=True)
     if "cohort" in sections:
         cx, cy = map(int, a.cohort_tiles.split("x"))
@@ -403,6 +457,7 @@ def main(argv=None) -> int:
         print(json.dumps(res["compute"], indent=1), flush=True)
     if "startup" in sections:
         res["startup"] = startup(large, w / "out_startup", tiny + ["--workers", "auto"], a.repeats)
+        res["startup"].update(import_floor(a.repeats))
         print(json.dumps(res["startup"], indent=1), flush=True)
     if "gpu" in sections:
         res["gpu"] = gpu_section(large, w, a.batch_size)
