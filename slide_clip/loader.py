@@ -132,8 +132,8 @@ class TileStream:
     """The batches of one slide from tile ``start`` on, in order: iterate for ``(indices, pixels)``.
 
     Made by :func:`tile_batches`. Without a pool, batches are read in a thread of the calling
-    process, one batch ahead of the consumer. With a pool they are read ahead by the pool; :meth:`close` (or leaving the
-    iteration early) drops what is still queued.
+    process, one batch ahead of the consumer. With a pool they are read ahead by the pool;
+    :meth:`close` (or leaving the iteration early) drops what is still queued.
     """
 
     def __init__(self, jobs: list[TileJob], pool: "ReaderPool | None"):

@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slide_clip.encoders.base import Encoder
 from slide_clip.encoders.arch_configs import conch_arch_cfg as _cfg
 from slide_clip.encoders.arch_configs import model_input_size
+from slide_clip.encoders.base import Encoder
 from slide_clip.encoders.spec import ModelSpec
 from slide_clip.encoders.weights import file_sha256, hub_error, local_weights, on_device, seeded
 from slide_clip.errors import ConfigError
