@@ -100,18 +100,33 @@ def test_thumbnail_identical_to_openslide_and_leaves_the_handle_open(cmu_svs, jp
     from slide_clip.pipeline import _read_thumbnail
     from slide_clip.tissue import read_thumbnail
 
+    class Counting:  # the caller's OpenSlide handle, counting the reads that reach OpenSlide
+        def __init__(self, osr):
+            self.osr, self.sizes = osr, []
+
+        def __getattr__(self, name):
+            return getattr(self.osr, name)
+
+        def read_region(self, location, level, size):
+            self.sizes.append(tuple(size))
+            return self.osr.read_region(location, level, size)
+
     cfg = load_config()
     for path in (cmu_svs, jpeg_slide):
-        osr = openslide.OpenSlide(str(path))
+        osr = Counting(openslide.OpenSlide(str(path)))
         try:
             info = SimpleNamespace(path=str(path), mpp=0.5)
             fast = _read_thumbnail(osr, info, cfg)
+            # OpenSlide read only the file tile per level the reader checks itself with when opened,
+            # never the thumbnail's bands (each the level's whole width)
+            assert len(osr.sizes) <= len(osr.level_dimensions) and all(max(sz) <= 256 for sz in osr.sizes), \
+                (path, osr.sizes)
             ref = read_thumbnail(osr, cfg.tissue.thumbnail_max_side, 0.5)
             assert np.array_equal(fast.image, ref.image) and fast.downsample == ref.downsample, path
             assert fast.image.std() > 10  # a real picture, not a blank
             osr.read_region((0, 0), 0, (8, 8))  # the caller's handle is still open
         finally:
-            osr.close()
+            osr.osr.close()
 
 
 def test_threads_sharing_a_small_cache_read_the_same_pixels(jpeg_slide):
