@@ -143,7 +143,11 @@ def _reusable(path: Path, info: SlideInfo, cfg: PipelineConfig, mpp_xy, overwrit
     wanted = _settings(cfg)
     if cfg.tiling.tile_size is None:  # tile size from the model: a store tiled for another model is kept
         wanted["tile_size"] = tiling.get("tile_size")
-    if {k: tiling.get(k) for k in wanted} != wanted or old.get("mpp_x") != mpp_xy[0]:
+    recorded = {k: tiling.get(k) for k in wanted}
+    if isinstance(recorded["tissue"], dict):
+        # a tissue setting added after the store was made: the store was made as its default does
+        recorded["tissue"] = {**type(cfg.tissue)().model_dump(), **recorded["tissue"]}
+    if recorded != wanted or old.get("mpp_x") != mpp_xy[0]:
         raise StoreError("was tiled with other settings", path=path,
                          hint="Use --overwrite to re-tile it, or another --out.")
     return store

@@ -120,6 +120,30 @@ def test_other_settings_need_overwrite(cmu_store, cmu_svs):
         embed_slide(cmu_svs, store.path.parent, cfg2, progress=False)
 
 
+def test_a_store_older_than_a_tissue_setting_is_reused_at_its_default(cmu_store, cmu_svs):
+    """A store made before a tissue setting existed records no value for it: it was made as
+    the setting's default behaves, so it is reused at the default and refused at another value."""
+    _, store, cfg = cmu_store
+    s = SlideStore.open(store.path)
+    tiling = dict(s.tiling)
+    assert tiling["tissue"]["exclude_pen"] is True
+    tiling["tissue"] = {k: v for k, v in tiling["tissue"].items() if k != "exclude_pen"}  # as if older
+    s.group.attrs.update({"tiling": tiling})
+    try:
+        r = embed_slide(cmu_svs, store.path.parent, cfg, progress=False)
+        assert r.status == "skipped" and r.encoded == 0
+        with pytest.raises(StoreError, match="other settings"):
+            embed_slide(cmu_svs, store.path.parent, cfg.with_overrides(tissue={"exclude_pen": False}),
+                        progress=False)
+        tiling["tissue"]["smoothing_um"] = 4.0  # a recorded value still counts
+        s.group.attrs.update({"tiling": tiling})
+        with pytest.raises(StoreError, match="other settings"):
+            embed_slide(cmu_svs, store.path.parent, cfg, progress=False)
+    finally:
+        tiling["tissue"] = {**tiling["tissue"], "exclude_pen": True, "smoothing_um": cfg.tissue.smoothing_um}
+        s.group.attrs.update({"tiling": tiling})
+
+
 def test_slide_without_tissue_is_a_valid_empty_result(make_slide, cfg, tmp_path):
     path, _ = make_slide("blank", scene=Scene(2000, 1500, ()))
     r = embed_slide(path, tmp_path, cfg, progress=False)
