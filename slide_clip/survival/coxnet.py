@@ -63,9 +63,13 @@ class CoxNetModel:
     inner_scores: dict = field(default_factory=dict)
 
     def risk(self, table: pd.DataFrame) -> np.ndarray:
-        """Linear predictor (log relative hazard) per row of a pooled patient table."""
-        X = (table[self.columns].to_numpy(np.float64) - self.mean) / self.scale
-        return X @ self.coef - self.offset
+        """Linear predictor (log relative hazard) per row of a pooled patient table.
+
+        Summed row by row in C order (not by BLAS, whose summation order depends on the
+        memory layout pandas hands over): a model loaded from its file gives the same bits.
+        """
+        X = np.ascontiguousarray(table[self.columns].to_numpy(np.float64))
+        return ((X - self.mean) / self.scale * self.coef).sum(axis=1) - self.offset
 
     @property
     def nonzero(self) -> int:

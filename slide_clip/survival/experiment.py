@@ -441,6 +441,7 @@ def run_survival(out: str | Path, clinical: str | Path, time: str, event: str, *
     cl = read_clinical(clinical, time, event)
     _check_covariates(cl, s.covariates)
     cohort = open_cohort(out, model, manifest=manifest, allow_missing=s.allow_missing)
+    _probe(out / "survival")
     patients, dropped_patients = join_cohort(cl, {sid: cohort.patient_of(sid) for sid in cohort.stores},
                                              allow_missing=s.allow_missing)
     cohort = cohort.restrict(patients)
@@ -455,7 +456,6 @@ def run_survival(out: str | Path, clinical: str | Path, time: str, event: str, *
         log(f"left out (--allow-missing): slide {d['slide']}: {d['reason']}")
     for pid in dropped_patients:
         log(f"left out (--allow-missing): patient {pid}: no slide")
-    _probe(out / "survival")
     reports = {}
     for b in s.baselines:
         final = out / "survival" / b / name

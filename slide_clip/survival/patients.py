@@ -32,6 +32,7 @@ class Listed:
     slide_id: str
     patient_id: str | None
     source: str
+    by_path: bool = True  # a manifest row names a file (checked against the store); patients.csv names the id
 
 
 @dataclass
@@ -86,7 +87,8 @@ def _manifest_rows(out: Path, manifest: Path) -> list[Listed]:
 def _recorded_rows(out: Path) -> list[Listed]:
     from slide_clip.manifest import PATIENTS_FILE, read_patients
 
-    return [Listed(sid, sid, pid, str(out / PATIENTS_FILE)) for sid, pid in sorted(read_patients(out).items())]
+    return [Listed(sid, sid, pid, str(out / PATIENTS_FILE), by_path=False)
+            for sid, pid in sorted(read_patients(out).items())]
 
 
 def _same_slide(row: Listed, store: Path) -> str | None:
@@ -124,7 +126,10 @@ def list_slides(out: str | Path, stores: dict[str, Path], manifest: str | Path |
     seen: dict[str, Listed] = {}
     for row in listed:
         store = stores.get(row.slide_id)
-        reason = _why_no_store(out, row.slide_id) if store is None else _same_slide(row, store)
+        if store is None:
+            reason = _why_no_store(out, row.slide_id)
+        else:
+            reason = _same_slide(row, store) if row.by_path else None
         if row.slide_id in seen and reason is None:
             raise ConfigError(f"lists {seen[row.slide_id].given} and {row.given}, which are one slide (store "
                               f"{row.slide_id})", path=row.source, hint="List each slide once.")

@@ -174,10 +174,12 @@ def permutation_p(observed: float, null: list[float]) -> dict:
     null_ok = [v for v in null if math.isfinite(v)]
     n = len(null_ok)
     if not n or not math.isfinite(observed):
-        return {"n": len(null), "n_valid": n, "p": None, "null_mean": None, "null_sd": None}
+        return {"n": len(null), "n_valid": n, "p": None, "null_mean": None, "null_sd": None,
+                "null": [_clean(v) for v in null]}
     ge = sum(v >= observed - 1e-12 for v in null_ok)
-    return {"n": len(null), "n_valid": n, "p": (1 + ge) / (1 + n), "null_mean": float(np.mean(null_ok)),
-            "null_sd": float(np.std(null_ok, ddof=1)) if n > 1 else None,
+    return {"n": len(null), "n_valid": n, "p": (1 + ge) / (1 + n), "observed": float(observed),
+            "null_mean": float(np.mean(null_ok)), "null_sd": float(np.std(null_ok, ddof=1)) if n > 1 else None,
+            "null": [_clean(v) for v in null],
             "statistic": "mean Harrell's C over the test folds",
             "method": "outcomes (time, event) permuted among patients; folds redrawn and every fold model refitted "
                       "for each permutation"}
