@@ -56,7 +56,7 @@ def console_lines(report: dict, where) -> list[str]:
     warning = report["small_cohort"]["warning"]
     if warning:
         lines.append(f"{b}:   warning: {warning}" + ("" if report.get("permutation") else
-                                                       "; --permutations N adds a permutation test"))
+                                                       " (--permutations N adds a permutation test)"))
     lines.append(f"{b}: -> {where}")
     return lines
 

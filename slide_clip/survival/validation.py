@@ -162,8 +162,8 @@ def small_cohort(n_patients: int, events_per_fold: list[int]) -> dict:
     few = [x for x in few if x]
     warning = None
     if few:
-        warning = ("small cohort: " + "; ".join(few) + ". Its c-index intervals and log-rank p-value are not to be "
-                   "trusted (outcomes permuted at random can look significant); read them as a feasibility check")
+        warning = ("small cohort: " + "; ".join(few) + ". The c-index intervals and the log-rank p-value are not to "
+                   "be trusted (outcomes permuted at random can look significant): read them as a feasibility check")
     return {"patients": int(n_patients), "events": events, "events_per_fold": [int(x) for x in events_per_fold],
             "min_events": MIN_EVENTS, "min_events_per_fold": MIN_EVENTS_PER_FOLD, "warning": warning}
 
