@@ -7,7 +7,7 @@ hazard grows with the share of its tiles drawn around a second direction. Each s
 runs in a fresh child process, so its peak memory (``ru_maxrss``) is its own:
 
 * ``pooled``: the per-slide and per-patient pooled tables (reads every embedding once);
-* ``coxnet``: the elastic-net Cox baseline, 5 folds with inner penalty selection;
+* ``coxnet``: the elastic-net Cox baseline (mean embedding), 5 folds with inner penalty selection;
 * ``abmil``: gated-attention MIL, 5 folds, ``--epochs`` epochs, with the bag cache off, so
   every epoch streams the bags from the stores (the memory a cohort too big for RAM needs).
 
@@ -101,7 +101,8 @@ def _stage(name: str, out: str, clinical: str, epochs: int, device: str, q) -> N
         s = SurvivalSettings(baselines=(name,), n_boot=200, name="bench", heatmaps="none", gallery_patients=0,
                              abmil={"epochs": epochs, "device": device, "cache_mb": 0})
         rep = run_survival(out, clinical, "time", "event", settings=s, log=lambda m: None)[name]
-        result = {"harrell": rep["overall"]["harrell"], "uno": rep["overall"]["uno"]}
+        result = {"harrell_mean_over_folds": rep["headline"]["harrell"]["mean"],
+                  "uno_mean_over_folds": rep["headline"]["uno"]["mean"]}
     result.update({"stage": name, "seconds": round(time.perf_counter() - t0, 2),
                    "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                    "torch_threads": torch.get_num_threads()})

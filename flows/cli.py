@@ -159,8 +159,13 @@ def _report_run(result: dict, out: Path) -> None:
     c = result.get("clusters")
     if c:
         typer.echo(f"clusters (k={c['k']}): {c.get('table') or 'not made: ' + c.get('error', '?')}")
+    from slide_clip.survival.report import headline_text
+
     for name, r in (result.get("survival") or {}).items():
-        typer.echo(f"survival {name}: Harrell's C {r['overall']['harrell']}, {r['report']}")
+        typer.echo(f"survival {name}: Harrell's C {headline_text(r['headline'], 'harrell')} (mean ± SD over folds), "
+                   f"{r['report']}")
+        if r.get("warning"):
+            typer.echo(f"survival {name}: warning: {r['warning']}")
 
 
 @app.command()

@@ -29,7 +29,8 @@ def process_survival(
     manifest: str | None = None,
     settings: dict | None = None,
 ) -> dict:
-    """Run the baselines on ``out``'s stores; returns ``{baseline: {"report", "overall"}}``.
+    """Run the baselines on ``out``'s stores; returns ``{baseline: {"report", "headline", "pooled",
+    "logrank_p", "warning"}}`` (``headline``: mean ± SD of the per-fold c-index, see docs/SURVIVAL.md).
 
     ``settings`` holds further :class:`slide_clip.survival.SurvivalSettings` fields (e.g.
     ``{"abmil": {"epochs": 20}}``).
@@ -45,6 +46,8 @@ def process_survival(
         log.error(str(exc))
         raise
     create_markdown_artifact(metrics_markdown(reports), key="survival-metrics",
-                             description="Cross-validated survival baselines: c-index with 95% bootstrap CIs")
-    return {b: {"report": r["path"], "overall": r["overall"], "logrank_p": r["km"]["logrank_p"]}
+                             description="Cross-validated survival baselines: c-index, mean ± SD over folds, "
+                                         "with 95% bootstrap CIs")
+    return {b: {"report": r["path"], "headline": r["headline"], "pooled": r["pooled"],
+                "logrank_p": r["km"]["logrank_p"], "warning": r["small_cohort"]["warning"]}
             for b, r in reports.items()}

@@ -334,17 +334,26 @@ def survival(
     name: Optional[str] = typer.Option(None, help="Run name (default <model>-<folds>fold-seed<seed>)."),
     manifest: Optional[Path] = typer.Option(None, help="Cohort CSV (path, patient_id) giving slides their patients "
                                             "(default: out/patients.csv from `slide-clip run`; else one patient per slide)."),
+    scores: List[str] = typer.Option([], "--scores", help="Score set whose per-class summaries (slide_prob, mean_prob, "
+                                     "area_fraction) join the Cox model's inputs (repeatable; default none: the mean "
+                                     "embedding only). Every slide must have it."),
     covariate: List[str] = typer.Option([], "--covariate", help="Numeric clinical column added to the Cox model (repeatable)."),
     epochs: Optional[int] = typer.Option(None, help="ABMIL training epochs (default 40)."),
     device: Optional[str] = _DEV_OPT,
-    bootstrap: int = typer.Option(500, help="Bootstrap resamples of the c-index intervals."),
+    bootstrap: int = typer.Option(500, help="Bootstrap resamples of the c-index intervals (patients resampled within folds)."),
+    permutations: int = typer.Option(0, help="Permutation test of the headline c-index: the whole cross-validation is "
+                                     "refitted on N permutations of the outcomes (costs N runs; default 0: off)."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Leave out listed slides that have no complete "
+                                       "store (and patients left without a slide); the report and the console list "
+                                       "them. Default: such a slide stops the run."),
     heatmaps: str = typer.Option("all", help="ABMIL heatmaps of all slides, of the gallery patients' slides "
                                  "(gallery), or none."),
 ):
     """Cross-validated survival baselines from the stores and a clinical table.
 
-    Writes out/survival/<baseline>/<run>/ (report.json, risk.csv, km.png, heatmaps, models) and
-    the pooled tables out/tables/<model>/{slides,patients}.parquet.
+    Writes out/survival/<baseline>/<run>/ (report.json, risk.csv, km.png, features, models,
+    heatmaps), each run folder swapped in only when complete. The headline is the mean ± SD
+    of the c-index over the test folds.
     """
     try:
         from slide_clip.survival import SurvivalSettings, run_survival
@@ -353,7 +362,8 @@ def survival(
               "install them with `pip install scikit-survival h5py`")
     abmil = {k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None}
     settings = SurvivalSettings(baselines=tuple(baseline), folds=folds, seed=seed, name=name, n_boot=bootstrap,
-                                covariates=tuple(covariate), heatmaps=heatmaps, abmil=abmil)
+                                score_sets=tuple(scores), covariates=tuple(covariate), heatmaps=heatmaps,
+                                abmil=abmil, allow_missing=allow_missing, permutations=permutations)
     try:
         run_survival(out, clinical, time, event, model=model, manifest=manifest, settings=settings,
                      log=lambda m: typer.echo(m, err=True))
@@ -369,6 +379,8 @@ def bags(
     model: Optional[str] = _MODEL_OPT,
     manifest: Optional[Path] = typer.Option(None, help="Cohort CSV (path, patient_id); default out/patients.csv."),
     with_max: bool = typer.Option(False, "--max", help="Add max-pooled embedding columns to the pooled tables."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Leave out listed slides that have no complete "
+                                       "store (each is listed). Default: such a slide stops the export."),
 ):
     """Pooled tables (Parquet, per slide and per patient) and optional HDF5 bags for MIL code."""
     from slide_clip.survival import export_h5, open_cohort, write_pooled_tables
@@ -376,7 +388,9 @@ def bags(
     if level not in ("slide", "patient"):
         _fail("--level must be slide or patient")
     try:
-        cohort = open_cohort(out, model, manifest=manifest)
+        cohort = open_cohort(out, model, manifest=manifest, allow_missing=allow_missing)
+        for d in cohort.dropped:
+            typer.echo(f"left out (--allow-missing): slide {d['slide']}: {d['reason']}", err=True)
         for p in write_pooled_tables(cohort, with_max=with_max):
             typer.echo(str(p))
         if h5:

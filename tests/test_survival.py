@@ -117,16 +117,26 @@ def test_clinical_table_errors_name_the_file(tmp_path, surv):
     check("patient_id,t,e\nA,1,2\n", "event 'e' is 2")
     check("patient_id,t,e\nA,1,yes please\n", "events must be 0/1")
     check("patient_id,t,e\nA,1,0\n", "no patient has an event")
+    check("patient_id,t,e\n", "has no rows .only the header: patient_id, t, e.")
+    check("", "is empty: no header and no rows")
+    check("patient_id;t;e\nA;1;1\n", "is semicolon .;.-separated .* slide-clip reads comma-separated")
+    check("patient_id\tt\te\nA\t1\t1\n", "is tab-separated")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("patient_id,t,e,name\nA,1,1,Jos\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text .byte 0xe9.*Save it as UTF-8") as e:
+        read_clinical(latin, "t", "e")
+    assert str(e.value).startswith(str(latin)) and "\n" not in str(e.value)
     ok = tmp_path / "ok.csv"
     ok.write_text("patient_id,t,e\nA,1,true\nB,2.5,False\nC,3,1\n")
     c = read_clinical(ok, "t", "e")
     assert c.table["event"].tolist() == [1, 0, 1] and c.table["time"].tolist() == [1.0, 2.5, 3.0]
     with pytest.raises(ConfigError, match="slide 's2' .patient 'D'. have no patient row|have no patient row"):
         join_cohort(c, {"s1": "A", "s2": "D", "s3": "B", "s4": "C"})
-    with pytest.raises(ConfigError, match="patient.s. have no slide .* 'C'"):
+    with pytest.raises(ConfigError, match="patient.s. have no slide .* 'C'.*--allow-missing"):
         join_cohort(c, {"s1": "A", "s3": "B"})
-    assert join_cohort(c, {"s1": "A", "s2": "A", "s3": "B", "s4": "C"}) == {"A": ["s1", "s2"], "B": ["s3"],
-                                                                           "C": ["s4"]}
+    assert join_cohort(c, {"s1": "A", "s3": "B"}, allow_missing=True) == ({"A": ["s1"], "B": ["s3"]}, ["C"])
+    assert join_cohort(c, {"s1": "A", "s2": "A", "s3": "B", "s4": "C"}) == ({"A": ["s1", "s2"], "B": ["s3"],
+                                                                            "C": ["s4"]}, [])
 
 
 def test_patients_come_from_the_recorded_manifest(surv, tmp_path):
@@ -283,40 +293,90 @@ def real_run(surv):
                         log=lambda m: None)
 
 
+def _saved_model_risks(b: str, d: Path, patients: list[str], bags) -> dict[int, dict[str, float]]:
+    """Per fold, the risk of every patient from the fold model loaded from its file (JSON or
+    safetensors: no pickle)."""
+    out = {}
+    for f in range(5):
+        if b == "coxnet":
+            from slide_clip.survival.coxnet import CoxNetModel
+
+            text = (d / "models" / f"fold{f}.json").read_text()
+            assert text.lstrip().startswith("{")  # plain JSON
+            table = pd.read_parquet(d / "features.parquet").set_index("patient_id")
+            risk = CoxNetModel.load(d / "models" / f"fold{f}.json").risk(table.loc[patients])
+        else:
+            from slide_clip.survival.abmil import load_abmil
+
+            m = load_abmil(d / "models" / f"fold{f}.safetensors")
+            risk = [m.predict_bag(bags[bags.ids.index(p)]["features"])[0] for p in patients]
+        out[f] = dict(zip(patients, np.asarray(risk, np.float64)))
+    return out
+
+
 def test_both_baselines_find_the_hazard_of_the_dense_area(surv, real_run):
+    """The headline is the mean ± SD of the per-fold c-index; the pooled c-index is over risks
+    standardised on each fold's training risks; both recomputed here from risk.csv and from the
+    fold models loaded from their files (which give the very risks of risk.csv)."""
     from lifelines.utils import concordance_index
 
     from slide_clip.survival import patient_folds
 
+    from slide_clip.survival import BagDataset, open_cohort
+
     folds = patient_folds(surv.pids, surv.event, 5, seed=0)
     truth = pd.DataFrame({"time": surv.time, "event": surv.event}, index=surv.pids)
+    bags = BagDataset(open_cohort(surv.out), "patient", as_torch=False, cache_mb=256)
     for b in ("coxnet", "abmil"):
         rep = real_run[b]
         d = surv.out / "survival" / b / "real"
-        assert rep["overall"]["harrell"] >= 0.75, (b, rep["overall"])
-        assert rep["overall"]["uno"] >= 0.7, (b, rep["overall"])
-        risk = pd.read_csv(d / "risk.csv", dtype={"patient_id": str}).set_index("patient_id")
+        saved = _saved_model_risks(b, d, surv.pids, bags)
+        h = rep["headline"]["harrell"]
+        assert h["mean"] >= 0.75 and rep["headline"]["uno"]["mean"] >= 0.7, (b, rep["headline"])
+        risk = pd.read_csv(d / "risk.csv", dtype={"patient_id": str}, float_precision="round_trip")
+        risk = risk.set_index("patient_id")
         assert sorted(risk.index) == surv.pids and risk["risk"].notna().all()
         np.testing.assert_array_equal(risk.loc[surv.pids, ["time", "event"]].to_numpy(),
                                       truth[["time", "event"]].to_numpy())
         assert risk["fold"].to_dict() == folds
-        # the report's c-index is the c-index of risk.csv (an independent implementation)
-        assert rep["overall"]["harrell"] == pytest.approx(
-            concordance_index(risk["time"], -risk["risk"], risk["event"]), abs=1e-12)
-        lo, hi = rep["overall"]["harrell_ci"]["low"], rep["overall"]["harrell_ci"]["high"]
-        assert lo < rep["overall"]["harrell"] < hi
-        # groups: split at each fold's training median
-        for f in rep["folds"]:
-            part = risk[risk["fold"] == f["fold"]]
-            assert ((part["risk"] > f["train_median_risk"]) == (part["group"] == "high")).all()
+        # headline: each fold's c-index of risk.csv (an independent implementation), their mean and SD
+        per_fold, z = [], pd.Series(np.nan, index=risk.index)
+        for f in range(5):
+            test = risk[risk["fold"] == f]
+            train_ids = sorted(risk.index[risk["fold"] != f])
+            per_fold.append(concordance_index(test["time"], -test["risk"], test["event"]))
+            # the fold model, loaded from its file, gives exactly the risks of risk.csv
+            np.testing.assert_array_equal([saved[f][p] for p in test.index], test["risk"].to_numpy())
+            train_risk = np.array([saved[f][p] for p in train_ids])
+            z[test.index] = (test["risk"] - train_risk.mean()) / train_risk.std()
+            fr = rep["folds"][f]
+            assert fr["events"] == int(test["event"].sum()) and fr["n"] == len(test)
+            assert fr["train_median_risk"] == pytest.approx(np.median(train_risk), abs=1e-9)
+            # groups: split at the fold's training median
+            assert ((test["risk"] > np.median(train_risk)) == (test["group"] == "high")).all()
+        assert h["folds"] == pytest.approx(per_fold, abs=1e-12)
+        assert h["mean"] == pytest.approx(np.mean(per_fold), abs=1e-12)
+        assert h["sd"] == pytest.approx(np.std(per_fold, ddof=1), abs=1e-12)
+        assert h["ci"]["low"] < h["mean"] < h["ci"]["high"] and h["ci"]["n_valid"] > 50
+        np.testing.assert_allclose(risk["risk_z"], z, atol=1e-9)
+        pooled = rep["pooled"]
+        assert pooled["harrell"] == pytest.approx(concordance_index(risk["time"], -z, risk["event"]), abs=1e-12)
+        assert pooled["harrell_ci"]["low"] < pooled["harrell"] < pooled["harrell_ci"]["high"]
         assert rep["km"]["logrank_p"] < 0.05
         on_disk = json.loads((d / "report.json").read_text())
         assert on_disk["data"]["data_hash"] == rep["data"]["data_hash"] and len(on_disk["folds"]) == 5
+        assert on_disk["data"]["events_per_fold"] == [f["events"] for f in rep["folds"]]
         assert {"scikit-survival", "torch"} <= set(on_disk["versions"])
         assert (d / "km.png").stat().st_size > 1000
         assert sorted(p.name for p in (d / "models").iterdir()) == [
-            f"fold{k}.{'pkl' if b == 'coxnet' else 'pt'}" for k in range(5)]
-    assert (surv.out / "tables" / "tiny" / "patients.parquet").is_file()
+            f"fold{k}.{'json' if b == 'coxnet' else 'safetensors'}" for k in range(5)]
+        # 60 patients: too few events for the intervals and p-values to be trusted, and it says so
+        assert "small cohort" in rep["small_cohort"]["warning"] and rep["small_cohort"]["events"] == sum(surv.event)
+    # coxnet's inputs are exactly what its options name: here the mean embedding only
+    feats = real_run["coxnet"]["features"]
+    assert feats["columns"] == [f"emb_mean_{j}" for j in range(32)] and feats["score_sets"] == []
+    assert list(pd.read_parquet(surv.out / "survival" / "coxnet" / "real" / "features.parquet").columns) == [
+        "patient_id", *feats["columns"]]
 
 
 def test_abmil_heatmaps_and_gallery(surv, real_run):
@@ -327,25 +387,20 @@ def test_abmil_heatmaps_and_gallery(surv, real_run):
     risk = pd.read_csv(d / "risk.csv", dtype={"patient_id": str}).sort_values("risk")
     extremes = [*risk["patient_id"][:3], *risk["patient_id"][-3:]]  # the gallery's patients
     slides = sorted(s for s, p in surv.patient_of.items() if p in extremes)
-    assert sorted(pics["heatmaps"]) == sorted(str(d / "heatmaps" / f"{s}_{k}.png") for s in slides
+    # paths relative to the run folder (the folder is written aside and moved into place)
+    assert sorted(pics["heatmaps"]) == sorted(f"heatmaps/{s}_{k}.png" for s in slides
                                               for k in ("attention", "tile_risk"))
-    assert "gallery_error" not in pics
+    assert "gallery_error" not in pics and pics["gallery"] == "top_tiles.png"
     img = np.asarray(Image.open(d / "heatmaps" / f"{slides[0]}_attention.png").convert("RGB"))
     assert img.shape[0] > 100 and img.std() > 5
     g = Image.open(d / "top_tiles.png")
     assert g.size[0] > 400 and g.size[1] > 400
     # the fold model of a patient explains its risk: attention sums to one over its bag
-    import torch
-
     from slide_clip.survival import BagDataset, open_cohort
-    from slide_clip.survival.abmil import ABMILModel, ABMILSettings, _build
+    from slide_clip.survival.abmil import load_abmil
 
     risk = risk.set_index("patient_id")
-    state = torch.load(d / "models" / f"fold{int(risk.loc['P07', 'fold'])}.pt", weights_only=False)
-    s = ABMILSettings(**state["settings"])
-    net = _build(len(state["mean"]), s)
-    net.load_state_dict(state["state_dict"])
-    m = ABMILModel(net, state["mean"], state["scale"], s, "cpu")
+    m = load_abmil(d / "models" / f"fold{int(risk.loc['P07', 'fold'])}.safetensors")
     ds = BagDataset(open_cohort(surv.out), "patient", ids=["P07"], as_torch=False)
     r, a, _ = m.predict_bag(ds[0]["features"])
     assert a.sum() == pytest.approx(1.0, abs=1e-5) and r == pytest.approx(risk.loc["P07", "risk"], abs=1e-5)
@@ -363,7 +418,8 @@ def test_permuted_times_give_chance_concordance(surv):
     reps = run_survival(surv.out, perm, "os_months", "dead",
                         settings=_fast(name="permuted", heatmaps="none", gallery_patients=0), log=lambda m: None)
     for b, rep in reps.items():
-        assert abs(rep["overall"]["harrell"] - 0.5) <= 0.1, (b, rep["overall"])
+        assert abs(rep["headline"]["harrell"]["mean"] - 0.5) <= 0.1, (b, rep["headline"])
+        assert abs(rep["pooled"]["harrell"] - 0.5) <= 0.1, (b, rep["pooled"])
 
 
 # ----------------------------------------------------------------------------- command line and flows
@@ -379,7 +435,7 @@ def test_cli_survival_and_bags(surv, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((surv.out / "survival" / "coxnet" / "cli" / "report.json").read_text())
     assert rep["settings"]["folds"] == 3 and rep["settings"]["covariates"] == ["age"]
-    assert "age" in rep["coxnet"]["features"] or rep["coxnet"]["n_features"] > 32
+    assert rep["features"]["columns"] == [f"emb_mean_{j}" for j in range(32)] + ["age"]
     r = runner.invoke(app, ["survival", str(surv.out), "--clinical", str(surv.clinical), "--time", "months",
                             "--event", "dead"])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "no time column 'months'" in r.output
@@ -416,7 +472,396 @@ def test_cohort_flow_runs_the_survival_flow_with_a_clinical_table(surv, tmp_path
     assert (out / "patients.csv").is_file()
     rep = json.loads(Path(r["survival"]["coxnet"]["report"]).read_text())
     assert rep["data"]["n_patients"] == 12 and rep["data"]["n_slides"] == len(keep)
-    assert r["survival"]["coxnet"]["overall"] == rep["overall"]
+    assert r["survival"]["coxnet"]["headline"] == rep["headline"]
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["survival-metrics"])))
     assert arts and "Harrell" in arts[-1].data and "coxnet" in arts[-1].data
+
+
+# ----------------------------------------------------------------------------- statistics (issue 19)
+def test_headline_and_pooled_c_never_mix_the_scales_of_fold_models():
+    """Five fold models that order their own test patients perfectly, on risk scales 20x apart
+    and shifted: each fold's C is 1, so the headline is 1 ± 0 and every within-fold bootstrap
+    resample gives 1; pooling the raw risks would mix the scales (C well below 1); the pooled
+    C is computed on risks standardised by each fold's training risks."""
+    from lifelines.utils import concordance_index
+
+    from slide_clip.survival.validation import FoldData, cv_concordance
+
+    rng = np.random.default_rng(0)
+    folds, raw = [], []
+    for f, (scale, shift) in enumerate([(0.075, 3.0), (1.5, -2.0), (0.3, 0.5), (1.0, 1.0), (0.1, -1.0)]):
+        t, tt = rng.uniform(1, 100, 12), rng.uniform(1, 100, 48)
+        e, te = (rng.uniform(size=12) < 0.7).astype(int), (rng.uniform(size=48) < 0.7).astype(int)
+        e[0] = 1
+        folds.append(FoldData(f, t, e, shift - scale * t / 10, tt, te, shift - scale * tt / 10))
+        raw.append((t, e, shift - scale * t / 10, (shift - scale * t / 10 - (shift - scale * tt / 10).mean())
+                    / (shift - scale * tt / 10).std()))
+    m = cv_concordance(folds, n_boot=60, seed=1)
+    h = m["headline"]["harrell"]
+    assert h["folds"] == [1.0] * 5 and h["mean"] == 1.0 and h["sd"] == 0.0
+    assert h["ci"]["low"] == 1.0 and h["ci"]["high"] == 1.0 and h["ci"]["n_valid"] == 60
+    t, e, r, z = (np.concatenate(x) for x in zip(*raw))
+    pooled_raw = concordance_index(t, -r, e)
+    assert m["pooled"]["harrell"] == pytest.approx(concordance_index(t, -z, e), abs=1e-12)
+    assert m["pooled"]["harrell"] > 0.95 and pooled_raw < 0.8  # the raw pool mixes the scales
+    assert m["pooled"]["harrell_ci"]["low"] <= m["pooled"]["harrell"] <= m["pooled"]["harrell_ci"]["high"]
+    assert [f["events"] for f in m["folds"]] == [int(f.event.sum()) for f in folds]
+
+
+def test_small_cohort_rule_and_p_values_in_scientific_notation(real_run):
+    from slide_clip.survival.metrics import format_p
+    from slide_clip.survival.report import console_lines, metrics_markdown
+    from slide_clip.survival.validation import MIN_EVENTS, MIN_EVENTS_PER_FOLD, small_cohort
+
+    assert small_cohort(400, [MIN_EVENTS_PER_FOLD + 20] * 5)["warning"] is None
+    few = small_cohort(400, [MIN_EVENTS_PER_FOLD - 1] + [40] * 4)["warning"]
+    assert f"{MIN_EVENTS_PER_FOLD - 1} events in the smallest test fold" in few
+    assert f"fewer than {MIN_EVENTS}" in small_cohort(60, [8] * 5)["warning"]
+    assert (format_p(1.18e-10), format_p(4e-4), format_p(0.0123), format_p(None)) == ("1.18e-10", "4.00e-04",
+                                                                                       "0.012", "n/a")
+    rep = {**real_run["coxnet"], "km": {**real_run["coxnet"]["km"], "logrank_p": 1.18e-10}}
+    lines = console_lines(rep, "somewhere")
+    text = "\n".join(lines) + metrics_markdown({"coxnet": rep})
+    assert "log-rank p 1.18e-10" in lines[3] and "p 0.000" not in text
+    assert "log-rank p (out-of-fold high vs low risk) 1.18e-10" in metrics_markdown({"coxnet": rep})
+    h = rep["headline"]["harrell"]
+    assert lines[0].startswith(f"coxnet: Harrell's C {h['mean']:.3f} ± {h['sd']:.3f} (95% CI {h['ci']['low']:.3f}–")
+    assert any(line.startswith("coxnet:   warning: small cohort: ") for line in lines)
+    assert "**coxnet: warning:** small cohort" in metrics_markdown({"coxnet": rep})
+
+
+def test_inner_cv_standardises_within_each_inner_fold():
+    """The penalty search scores each inner fold with a scaler fitted on that fold's own
+    training part (a Pipeline of StandardScaler and the Cox model), recomputed here."""
+    from lifelines.utils import concordance_index
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sksurv.linear_model import CoxnetSurvivalAnalysis
+    from sksurv.util import Surv
+
+    from slide_clip.survival import patient_folds
+    from slide_clip.survival.coxnet import fit_coxnet
+
+    rng = np.random.default_rng(4)
+    n = 45
+    X = rng.normal(size=(n, 6))
+    X[:4, 1] += 40.0  # a few extreme patients: the scale depends on who is in the fit
+    X[:, 2] = np.exp(2 * X[:, 2])
+    T = rng.exponential(1 / np.exp(0.8 * X[:, 0] + 0.5 * X[:, 3]))
+    C = rng.uniform(0, 3, n)
+    t, e = np.minimum(T, C), (T <= C).astype(int)
+    cols = [f"x{j}" for j in range(6)]
+    m = fit_coxnet(pd.DataFrame(X, columns=cols), t, e, cols, seed=7)
+    alphas = m.inner_scores["alphas"]
+    k = m.inner_scores["inner_folds"]
+    inner = patient_folds([str(i) for i in range(n)], e, k=k, seed=8)
+    fold = np.array([inner[str(i)] for i in range(n)])
+    scores = np.zeros((k, len(alphas)))
+    for f in range(k):
+        tr, va = fold != f, fold == f
+        pipe = make_pipeline(StandardScaler(), CoxnetSurvivalAnalysis(l1_ratio=0.5, alphas=alphas, max_iter=100000))
+        pipe.fit(X[tr], Surv.from_arrays(e[tr].astype(bool), t[tr]))
+        for j, a in enumerate(alphas):
+            scores[f, j] = concordance_index(t[va], -pipe[-1].predict(pipe[0].transform(X[va]), alpha=a), e[va])
+    np.testing.assert_allclose(m.inner_scores["inner_c"], scores.mean(0), atol=1e-9)
+    # the final model: scaled by all training patients, risk = z . coef - offset
+    np.testing.assert_allclose(m.mean, X.mean(0))
+    np.testing.assert_allclose(m.scale, X.std(0))
+
+
+def _subset(surv, dest: Path, n_patients: int = 18) -> SimpleNamespace:
+    """Copies of the first ``n_patients`` patients' stores (with out/patients.csv), their
+    clinical rows and a manifest of their slides."""
+    import shutil
+
+    from slide_clip.manifest import record_patients
+
+    pids = surv.pids[:n_patients]
+    keep = [s for s in surv.slides if s.patient_id in set(pids)]
+    out = dest / "out"
+    for s in keep:
+        shutil.copytree(surv.out / f"{s.slide_id}.zarr", out / f"{s.slide_id}.zarr")
+    record_patients(out, keep)
+    clinical = dest / "clinical.csv"
+    df = pd.read_csv(surv.clinical, dtype={"patient_id": str})
+    df[df["patient_id"].isin(pids)].to_csv(clinical, index=False)
+    manifest = dest / "manifest.csv"
+    manifest.write_text("path,patient_id\n" + "".join(f"{s.path},{s.patient_id}\n" for s in keep))
+    return SimpleNamespace(out=out, clinical=clinical, manifest=manifest, slides=keep, pids=pids)
+
+
+def _coxnet(**kw):
+    return _fast(**{"baselines": ("coxnet",), "folds": 3, "n_boot": 20, **kw})
+
+
+def test_permutation_test_reruns_the_whole_cross_validation(surv, tmp_path):
+    from slide_clip.survival import run_survival
+
+    sub = _subset(surv, tmp_path)
+    lines = []
+    rep = run_survival(sub.out, sub.clinical, "os_months", "dead", settings=_coxnet(permutations=6, name="perm"),
+                       log=lines.append)["coxnet"]
+    perm, obs = rep["permutation"], rep["headline"]["harrell"]["mean"]
+    assert perm["n"] == 6 and len(perm["null"]) == 6 and perm["observed"] == obs
+    assert perm["p"] == pytest.approx((1 + sum(v >= obs for v in perm["null"])) / 7)
+    assert len(set(perm["null"])) == 6 and 0.25 < np.mean(perm["null"]) < 0.75  # refitted: chance, varying
+    assert perm["p"] <= 2 / 7  # the signal beats its permutations
+    assert any("permutation p " in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- inputs (issue 20)
+def test_manifest_rows_match_stores_by_the_pipelines_ids_not_by_file_name(surv, tmp_path):
+    """a/x.tif and b/x.tif are two slides: with only a/x embedded (store x), b/x has no store;
+    with both embedded together (a__x, b__x) each row finds its own; a moved folder is
+    matched by fingerprint."""
+    import shutil
+
+    from slide_clip.pipeline import embed_slides
+    from slide_clip.survival import open_cohort
+
+    src = [s.path for s in surv.slides[:2]]
+    for d, p in zip("ab", src):
+        (tmp_path / d).mkdir()
+        shutil.copy(p, tmp_path / d / "x.tif")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,patient_id\n{tmp_path / 'a' / 'x.tif'},P00\n{tmp_path / 'b' / 'x.tif'},P01\n")
+    one, both = tmp_path / "one", tmp_path / "both"
+    assert [r.status for r in embed_slides([tmp_path / "a" / "x.tif"], one, surv.cfg, progress=False)] == ["ok"]
+    assert [r.name for r in embed_slides([tmp_path / "a" / "x.tif", tmp_path / "b" / "x.tif"], both, surv.cfg,
+                                         progress=False)] == ["a__x", "b__x"]
+    with pytest.raises(ConfigError, match=f"slide {tmp_path / 'b' / 'x.tif'} cannot be used: no store b__x.zarr") as e:
+        open_cohort(one, manifest=manifest)
+    assert str(e.value).startswith(str(manifest)) and "--allow-missing" in str(e.value)
+    c = open_cohort(one, manifest=manifest, allow_missing=True)
+    assert c.patients == {"P00": ["x"]}
+    assert [(d["slide"], d["slide_id"]) for d in c.dropped] == [(str(tmp_path / "b" / "x.tif"), "b__x")]
+    assert open_cohort(both, manifest=manifest).patients == {"P00": ["a__x"], "P01": ["b__x"]}
+    # the slides moved to another folder: the stores' recorded paths are gone, fingerprints match
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(tmp_path / "a", moved / "a")
+    shutil.move(tmp_path / "b", moved / "b")
+    m2 = tmp_path / "m2.csv"
+    m2.write_text(f"path,patient_id\n{moved / 'a' / 'x.tif'},P00\n{moved / 'b' / 'x.tif'},P01\n")
+    assert open_cohort(both, manifest=m2).patients == {"P00": ["a__x"], "P01": ["b__x"]}
+    # the manifest names b's file for a's store's id: another slide, never matched by its name
+    shutil.copy(src[1], moved / "x.tif")
+    m3 = tmp_path / "m3.csv"
+    m3.write_text(f"path,patient_id\n{moved / 'x.tif'},P01\n")
+    with pytest.raises(ConfigError, match="store x.zarr holds another slide"):
+        open_cohort(one, manifest=m3)
+
+
+def test_a_listed_slide_without_a_store_stops_the_run_or_is_listed(surv, tmp_path):
+    import shutil
+
+    from slide_clip.survival import run_survival
+
+    sub = _subset(surv, tmp_path, 16)
+    gone = sub.slides[3]  # a listed slide whose store is missing, e.g. after a failed embed
+    shutil.rmtree(sub.out / f"{gone.slide_id}.zarr")
+    (sub.out / "status").mkdir()
+    (sub.out / "status" / f"{gone.slide_id}.json").write_text(json.dumps(
+        {"name": gone.slide_id, "status": "failed", "error": "the disk was full"}))
+    for listing in (sub.manifest, None):  # the manifest, or out/patients.csv recorded by the cohort flow
+        with pytest.raises(ConfigError) as e:
+            run_survival(sub.out, sub.clinical, "os_months", "dead", manifest=listing, settings=_coxnet(),
+                         log=lambda m: None)
+        text = str(e.value)
+        assert f"{gone.path if listing else gone.slide_id} cannot be used: no store: its embedding failed (the disk " \
+               "was full)" in text and "--allow-missing" in text and "\n" not in text
+        assert text.startswith(str(sub.manifest if listing else sub.out / "patients.csv"))
+    lines = []
+    rep = run_survival(sub.out, sub.clinical, "os_months", "dead", manifest=sub.manifest,
+                       settings=_coxnet(allow_missing=True, name="dropping"), log=lines.append)["coxnet"]
+    alone = sum(s.patient_id == gone.patient_id for s in sub.slides) == 1
+    assert [d["slide"] for d in rep["data"]["dropped_slides"]] == [gone.path]
+    assert rep["data"]["dropped_patients"] == ([gone.patient_id] if alone else [])
+    assert rep["data"]["n_slides"] == len(sub.slides) - 1
+    assert any(line.startswith(f"left out (--allow-missing): slide {gone.path}: no store") for line in lines)
+
+
+def test_coxnet_features_are_exactly_what_the_options_name(surv, tmp_path):
+    """Clustering the stores adds a score set; the default model's inputs, data hash and risks
+    do not change. Named score sets are added, recorded in full and hashed."""
+    from slide_clip.errors import StoreError
+    from slide_clip.explore.clusters import cluster
+    from slide_clip.survival import run_survival
+
+    sub = _subset(surv, tmp_path, 16)
+
+    def run(name, **kw):
+        return run_survival(sub.out, sub.clinical, "os_months", "dead", settings=_coxnet(name=name, **kw),
+                            log=lambda m: None)["coxnet"]
+
+    before = run("a")
+    cluster([sub.out], k=3, maps=False, gallery=False)
+    after = run("b")
+    emb = [f"emb_mean_{j}" for j in range(32)]
+    assert before["features"]["columns"] == after["features"]["columns"] == emb
+    assert before["data"]["data_hash"] == after["data"]["data_hash"]
+    a = pd.read_csv(sub.out / "survival" / "coxnet" / "a" / "risk.csv")
+    b = pd.read_csv(sub.out / "survival" / "coxnet" / "b" / "risk.csv")
+    pd.testing.assert_frame_equal(a, b)
+    named = run("c", score_sets=("tumour", "clusters-k3"))
+    tumour = [f"tumour:{m}:{c}" for m in ("slide_prob", "mean_prob", "area_fraction") for c in ("tumour", "non-tumour")]
+    clusters = [f"clusters-k3:{m}:cluster_{i}" for m in ("slide_prob", "mean_prob", "area_fraction") for i in range(3)]
+    assert sorted(named["features"]["columns"]) == sorted(emb + tumour + clusters)
+    assert named["features"]["score_sets"] == ["tumour", "clusters-k3"]
+    assert named["data"]["data_hash"] != before["data"]["data_hash"]
+    with pytest.raises(StoreError, match="has no score set 'nosuch'"):
+        run("d", score_sets=("nosuch",))
+
+
+def test_outcomes_without_order_are_one_line_errors(surv, tmp_path):
+    from slide_clip.survival import run_survival
+
+    sub = _subset(surv, tmp_path, 12)
+    df = pd.read_csv(sub.clinical, dtype={"patient_id": str})
+    same = tmp_path / "same.csv"
+    df.assign(os_months=7.0).to_csv(same, index=False)
+    with pytest.raises(ConfigError, match="every patient of the cohort has the same follow-up time .7 in 'os_months'"):
+        run_survival(sub.out, same, "os_months", "dead", settings=_coxnet(), log=lambda m: None)
+
+
+# ----------------------------------------------------------------------------- faults (issue 20)
+# Kept here rather than in test_faults.py: they reuse this module's embedded cohort (copies of
+# its stores), which takes minutes to build.
+def _cli(*args, timeout=600):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "slide_clip.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _survival_args(sub, *extra):
+    return ["survival", sub.out, "--clinical", sub.clinical, "--time", "os_months", "--event", "dead", "-b", "coxnet",
+            "--folds", "3", "--bootstrap", "20", *extra]
+
+
+def _run_files(d: Path) -> dict[str, bytes]:
+    """A run folder's files (report.json without its timing fields)."""
+    files = {}
+    for f in sorted(d.rglob("*")):
+        if f.is_file():
+            data = f.read_bytes()
+            if f.name == "report.json":
+                r = json.loads(data)
+                for k in ("created", "seconds", "run"):
+                    r.pop(k)
+                r["settings"].pop("name")
+                data = json.dumps(r, sort_keys=True).encode()
+            files[str(f.relative_to(d))] = data
+    return files
+
+
+def test_kill_9_during_a_rerun_of_the_same_name_never_leaves_a_mixed_folder(surv, tmp_path):
+    """`slide-clip survival --name R` killed with SIGKILL while rerunning with other settings
+    (after its first fold model, then after its risk table): R is still the previous complete
+    run, file for file; the next rerun equals an uninterrupted run of the new settings."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from slide_clip.survival import SurvivalSettings, run_survival
+
+    sub = _subset(surv, tmp_path, 16)
+
+    def in_process(name, seed):  # the settings the command line below makes
+        s = SurvivalSettings(baselines=("coxnet",), folds=3, seed=seed, name=name, n_boot=20)
+        run_survival(sub.out, sub.clinical, "os_months", "dead", settings=s, log=lambda m: None)
+
+    parent = sub.out / "survival" / "coxnet"
+    in_process("R", 0)
+    old = _run_files(parent / "R")
+    in_process("ref", 1)  # the uninterrupted run of the new settings
+    for target in ("models/fold0.json", "risk.csv"):
+        proc = subprocess.Popen([sys.executable, "-m", "slide_clip.cli",
+                                 *map(str, _survival_args(sub, "--name", "R", "--seed", "1"))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not list(parent.glob(f".R.partial-*/{target}")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        alive = proc.poll() is None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert alive, f"the run ended before the kill at {target}"
+        assert list(parent.glob(".R.partial-*")), "killed before its partial folder was written"
+        assert _run_files(parent / "R") == old  # the previous run, whole and alone
+    in_process("R", 1)
+    assert _run_files(parent / "R") == _run_files(parent / "ref")
+    assert sorted(p.name for p in parent.iterdir()) == ["R", "ref"]  # the killed runs' partial folders are gone
+
+
+def _mounted_tmpfs(where: Path, options: str):
+    from test_faults import _mounted_tmpfs as mount
+
+    return mount(where, options)
+
+
+def test_full_disk_during_survival_is_one_line_and_keeps_the_previous_run(surv, tmp_path):
+    import os
+    import shutil
+
+    from slide_clip.errors import OutputError
+    from slide_clip.survival import run_survival
+
+    sub = _subset(surv, tmp_path, 12)
+    need = sum(f.stat().st_size for f in sub.out.rglob("*") if f.is_file())
+    with _mounted_tmpfs(tmp_path / "small", f"size={(need + (4 << 20)) // 4096 * 4096}") as disk:
+        out = disk / "out"
+        shutil.copytree(sub.out, out)
+        run = lambda seed: run_survival(out, sub.clinical, "os_months", "dead",  # noqa: E731
+                                        settings=_coxnet(name="R", seed=seed), log=lambda m: None)
+        run(0)
+        previous = _run_files(out / "survival" / "coxnet" / "R")
+        failures = 0
+        for left in (2 << 10, 24 << 10, 60 << 10):
+            filler = disk / "filler"
+            st = os.statvfs(disk)
+            with open(filler, "wb") as f:
+                f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - left))
+            try:
+                run(1)
+            except OutputError as e:
+                failures += 1
+                text = str(e)
+                assert "cannot write: no space left on the device" in text and str(out / "survival") in text
+                assert "\n" not in text and "run the same command again" in text
+            filler.unlink()
+            assert _run_files(out / "survival" / "coxnet" / "R") == previous  # untouched
+            assert not list((out / "survival" / "coxnet").glob(".*"))  # no partial folder left
+        assert failures >= 2, "the disk never filled up"
+        run(1)  # space again: the same command finishes
+        ref = run_survival(sub.out, sub.clinical, "os_months", "dead", settings=_coxnet(name="R", seed=1),
+                           log=lambda m: None)
+        assert ref["coxnet"]["headline"] == json.loads((out / "survival/coxnet/R/report.json").read_text())["headline"]
+
+
+def test_read_only_out_and_damaged_stores_are_one_line_errors(surv, tmp_path):
+    import shutil
+    import subprocess
+
+    sub = _subset(surv, tmp_path, 12)
+    with _mounted_tmpfs(tmp_path / "ro", "size=64m") as ro:
+        shutil.copytree(sub.out, ro / "out")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        ro_sub = SimpleNamespace(**{**vars(sub), "out": ro / "out"})
+        r = _cli(*_survival_args(ro_sub))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip() == (f"error: {ro / 'out' / 'survival'}: cannot write: the file system is read-only. "
+                                    "survival writes its results under OUT/survival/: make OUT writable, or copy the "
+                                    "stores to a writable folder and run there.")
+    # a damaged store (a chunk file lost): the store's own one-line error, never a traceback
+    victim = sub.out / f"{sub.slides[2].slide_id}.zarr"
+    next((victim / "embeddings").rglob("c/0/0")).unlink()
+    r = _cli(*_survival_args(sub))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {victim}"), r.stderr

@@ -13,12 +13,16 @@ from the stores when they are needed unless the whole training set fits in ``cac
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from slide_clip.survival.bags import BagDataset, Cohort
+
+MODEL_FORMAT = "slide-clip-abmil/1"
 
 
 @dataclass(frozen=True)
@@ -120,9 +124,35 @@ class ABMILModel:
             r, a, tr = self.net(self._x(feats))
         return float(r), a.cpu().numpy().astype(np.float64), tr.cpu().numpy().astype(np.float64)
 
-    def state(self) -> dict:
-        return {"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()}, "mean": self.mean,
-                "scale": self.scale, "settings": self.settings.to_dict()}
+    def save(self, path: str | Path) -> Path:
+        """Write the model as safetensors (no pickle): the network's tensors, the tile
+        standardisation (``standardise.mean``, ``standardise.scale``) and, in the metadata,
+        the format and the hyperparameters. :func:`load_abmil` reads it back."""
+        import torch
+        from safetensors.torch import save_file
+
+        tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        tensors["standardise.mean"] = torch.from_numpy(np.ascontiguousarray(self.mean, np.float64))
+        tensors["standardise.scale"] = torch.from_numpy(np.ascontiguousarray(self.scale, np.float64))
+        save_file(tensors, str(path), metadata={"format": MODEL_FORMAT,
+                                                "settings": json.dumps(self.settings.to_dict())})
+        return Path(path)
+
+
+def load_abmil(path: str | Path, device: str = "cpu") -> ABMILModel:
+    """A model written by :meth:`ABMILModel.save` (safetensors: loading runs no code)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{path}: not a slide-clip ABMIL model (format {meta.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    s = ABMILSettings(**json.loads(meta["settings"]))
+    mean, scale = tensors.pop("standardise.mean").numpy(), tensors.pop("standardise.scale").numpy()
+    net = _build(len(mean), s)
+    net.load_state_dict({k[len("net."):]: v for k, v in tensors.items()})
+    return ABMILModel(net.to(device), mean, scale, s, device)
 
 
 def _tile_stats(bags: BagDataset, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from slide_clip.errors import StoreError
 from slide_clip.scoring import find_stores, open_scored_store
-from slide_clip.store import SlideStore
+from slide_clip.store import STATUS_TILED, SlideStore, model_key
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class Cohort:
     patients : dict[str, list[str]]
         Patient id -> its slide ids, sorted.
     embed_dim : int
+    dropped : tuple of dict
+        Listed slides left out (only with ``allow_missing``): ``{"slide", "slide_id", "source",
+        "reason"}`` each (see :mod:`slide_clip.survival.patients`).
     """
 
     out: Path
@@ -50,6 +53,7 @@ class Cohort:
     stores: dict[str, Path]
     patients: dict[str, list[str]]
     embed_dim: int
+    dropped: tuple = ()
 
     def open(self, slide_id: str) -> SlideStore:
         return SlideStore.open(self.stores[slide_id])
@@ -61,29 +65,70 @@ class Cohort:
         raise KeyError(slide_id)
 
     def restrict(self, patients: dict[str, list[str]]) -> "Cohort":
-        """The same stores with another patient grouping (e.g. checked against a clinical table)."""
-        return Cohort(self.out, self.model, self.weights_sha256, self.stores, patients, self.embed_dim)
+        """The stores of these patients (e.g. checked against a clinical table)."""
+        keep = {s for sids in patients.values() for s in sids}
+        return Cohort(self.out, self.model, self.weights_sha256, {k: v for k, v in self.stores.items() if k in keep},
+                      patients, self.embed_dim, self.dropped)
+
+
+def _incomplete(path: Path, model: str | None) -> str | None:
+    """Why a store cannot be used yet (tiling or embeddings not finished), or None."""
+    st = SlideStore.open(path)
+    if st.status != STATUS_TILED:
+        return f"its store {path.name} is partial (tiling did not finish)"
+    keys = st.models()
+    if model is not None:
+        keys = [k for k in keys if k == model_key(model)]
+    if len(keys) == 1:
+        name = st.embedding_attrs(keys[0]).get("name", keys[0])
+        if not st.is_complete(name):
+            a = st.embedding_attrs(name)
+            return (f"its store {path.name} has partial embeddings ({a.get('rows_written', 0)} of {st.n_tiles} "
+                    "tiles)")
+    elif not keys:
+        return f"its store {path.name} has no embeddings" + (f" of {model!r}" if model else "")
+    return None
 
 
 def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Path | None = None,
-                stores: list[str | Path] | None = None) -> Cohort:
+                stores: list[str | Path] | None = None, allow_missing: bool = False) -> Cohort:
     """Open every store in ``out`` (or the ``stores`` given) for one embedding model.
 
     Every store must be tiled and hold complete embeddings of ``model`` (or of its one
     model), all from the same weights: a partial or mismatched store raises
     :class:`~slide_clip.errors.StoreError` naming it, never a silently smaller cohort.
-    Patients come from :func:`slide_clip.survival.clinical.slide_patients`.
+    Slides and patients come from :func:`slide_clip.survival.patients.list_slides`: a slide
+    the manifest (or ``out/patients.csv``) lists without a complete store is a
+    :class:`~slide_clip.errors.ConfigError` naming it, unless ``allow_missing``; then it is
+    left out and recorded in :attr:`Cohort.dropped`.
     """
-    from slide_clip.survival.clinical import slide_patients
+    from slide_clip.survival.patients import list_slides, missing_error
 
     out = Path(out)
     paths = find_stores(stores or [out])
     if not paths:
         raise StoreError("holds no slide stores", path=out, hint="Run `slide-clip embed` or `slide-clip run` first.")
+    by_id: dict[str, Path] = {}
+    for p in paths:
+        sid = Path(p).name[: -len(".zarr")] if Path(p).name.endswith(".zarr") else Path(p).name
+        if sid in by_id:
+            raise StoreError(f"holds slide {sid!r}, as does {by_id[sid]}", path=p)
+        by_id[sid] = Path(p)
+    listing = list_slides(out, by_id, manifest)
+    dropped = list(listing.dropped)
+    if dropped and not allow_missing:
+        raise missing_error(dropped)
+    listed = {r.slide_id for r in listing.listed}
     found: dict[str, Path] = {}
     name = sha = None
     dim = 0
-    for p in paths:
+    for sid, p in sorted(by_id.items()):
+        if allow_missing and sid in listed:
+            why = _incomplete(p, model)
+            if why is not None:
+                dropped += [{"slide": r.given, "slide_id": sid, "source": r.source, "reason": why}
+                            for r in listing.listed if r.slide_id == sid]
+                continue
         st, mname = open_scored_store(p, model)
         a = st.embedding_attrs(mname)
         if name is None:
@@ -92,16 +137,13 @@ def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Pa
             raise StoreError(f"holds embeddings of {mname!r} (weights {a['weights_sha256'][:12]}…), other stores of "
                              f"{name!r} (weights {sha[:12]}…)", path=p, hint="Choose the model with --model, or "
                              "re-embed the slides with one model.")
-        sid = str(st.slide["name"])
-        if sid in found:
-            raise StoreError(f"holds slide {sid!r}, as does {found[sid]}", path=p)
-        found[sid] = Path(p)
-    found = dict(sorted(found.items()))
-    mapping = slide_patients(out, list(found), manifest)
+        found[sid] = p
+    if not found:
+        raise StoreError("holds no complete slide store", path=out, hint="Run `slide-clip embed` first.")
     patients: dict[str, list[str]] = {}
-    for sid, pid in mapping.items():
-        patients.setdefault(pid, []).append(sid)
-    return Cohort(out, name, sha, found, dict(sorted(patients.items())), dim)
+    for sid in found:
+        patients.setdefault(listing.patients[sid], []).append(sid)
+    return Cohort(out, name, sha, found, dict(sorted(patients.items())), dim, tuple(dropped))
 
 
 def read_slide_bag(store: SlideStore, model: str) -> tuple[np.ndarray, np.ndarray]:

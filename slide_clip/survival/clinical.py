@@ -1,15 +1,13 @@
-"""Clinical tables and the slide-to-patient map of a cohort.
+"""Clinical tables, checked, and their join with a cohort's slides.
 
 A clinical table (CSV or Parquet) has one row per patient: ``patient_id``, a follow-up time
 column, an event column (0/1 or booleans) and optional covariates. Slides reach patients
-through the manifest's ``patient_id``, recorded beside the stores in ``out/patients.csv`` by
-the cohort flow (see :func:`slide_clip.manifest.record_patients`), or given here as a
-manifest CSV; a slide without one is its own patient (patient id = slide id).
+through :mod:`slide_clip.survival.patients` (the manifest's ``patient_id``, or
+``out/patients.csv``); a slide without one is its own patient (patient id = slide id).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,16 +49,36 @@ class Clinical:
         return [c for c in self.table.columns if c not in ("time", "event")]
 
 
+_SEPARATORS = {";": "semicolon (;)", "\t": "tab", "|": "vertical bar (|)"}
+
+
 def _read_table(p: Path) -> pd.DataFrame:
     if not p.is_file():
         raise ConfigError("clinical table not found", path=p, hint="Give a CSV or Parquet file with patient_id, "
                           "a time and an event column.")
-    try:
-        if p.suffix.lower() in (".parquet", ".pq"):
+    if p.suffix.lower() in (".parquet", ".pq"):
+        try:
             return pd.read_parquet(p)
-        return pd.read_csv(p, dtype={"patient_id": str}, keep_default_na=True)
+        except Exception as e:  # noqa: BLE001 - any parser error is the user's file
+            raise ConfigError(f"cannot be read as Parquet ({type(e).__name__}: {e})", path=p) from None
+    try:
+        df = pd.read_csv(p, dtype={"patient_id": str}, keep_default_na=True, encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}; Latin-1 or "
+                          "another legacy encoding?)", path=p,
+                          hint="Save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet) and run again.") from None
+    except pd.errors.EmptyDataError:
+        raise ConfigError("is empty: no header and no rows", path=p,
+                          hint="Give a CSV with a header (patient_id, time, event) and one row per patient.") from None
     except Exception as e:  # noqa: BLE001 - any parser error is the user's file
-        raise ConfigError(f"cannot be read as a table ({type(e).__name__}: {e})", path=p) from None
+        raise ConfigError(f"cannot be read as a CSV table ({type(e).__name__}: {e})", path=p) from None
+    if len(df.columns) == 1:  # one column: maybe another separator than the comma
+        header = str(df.columns[0])
+        for sep, what in _SEPARATORS.items():
+            if sep in header:
+                raise ConfigError(f"is {what}-separated (its header is {header!r}); slide-clip reads comma-separated "
+                                  "CSV", path=p, hint="Save it with commas between columns (or as Parquet).")
+    return df
 
 
 def _events(values: pd.Series, p: Path, column: str) -> np.ndarray:
@@ -99,6 +117,9 @@ def read_clinical(path: str | Path, time: str, event: str) -> Clinical:
     """
     p = Path(path)
     df = _read_table(p)
+    if df.empty:
+        raise ConfigError(f"has no rows (only the header: {', '.join(map(str, df.columns))})", path=p,
+                          hint="Add one row per patient.")
     for col, what in (("patient_id", "patient id"), (time, "time"), (event, "event")):
         if col not in df.columns:
             raise ConfigError(f"has no {what} column {col!r} (columns: {', '.join(map(str, df.columns))})", path=p,
@@ -133,51 +154,16 @@ def read_clinical(path: str | Path, time: str, event: str) -> Clinical:
 
 
 # ----------------------------------------------------------------------------- slides to patients
-def _status_patients(out: Path) -> dict[str, str]:
-    found = {}
-    d = out / "status"
-    for f in sorted(d.glob("*.json")) if d.is_dir() else []:
-        try:
-            st = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        pid = ((st.get("extra") or {}).get("metadata") or {}).get("patient_id")
-        if pid not in (None, ""):
-            found[str(st.get("name") or f.stem)] = str(pid)
-    return found
-
-
-def _manifest_patients(manifest: Path) -> dict[str, str]:
-    from slide_clip.manifest import read_manifest
-
-    return {s.slide_id: s.patient_id for s in read_manifest(manifest) if s.patient_id is not None}
-
-
-def slide_patients(out: str | Path, slide_ids: list[str], manifest: str | Path | None = None) -> dict[str, str]:
-    """The patient of each slide.
-
-    Looked up, first match wins, in: ``manifest`` (a cohort CSV with ``path`` and
-    ``patient_id``), ``out/patients.csv`` (written by the cohort flow), the ``metadata`` of
-    ``out/status/<slide>.json``; a slide found in none is its own patient.
-    """
-    from slide_clip.manifest import read_patients
-
-    out = Path(out)
-    sources = [_manifest_patients(Path(manifest))] if manifest else []
-    sources += [read_patients(out), _status_patients(out)]
-    mapping = {}
-    for sid in slide_ids:
-        mapping[sid] = next((src[sid] for src in sources if sid in src), sid)
-    return mapping
-
-
-def join_cohort(clinical: Clinical, patients_of: dict[str, str]) -> dict[str, list[str]]:
-    """Patient id -> its slide ids (sorted), checked against the clinical table.
+def join_cohort(clinical: Clinical, patients_of: dict[str, str], *,
+                allow_missing: bool = False) -> tuple[dict[str, list[str]], list[str]]:
+    """(patient id -> its slide ids (sorted), clinical patients left out), checked against
+    the clinical table.
 
     Raises
     ------
     ConfigError
-        If a slide's patient has no clinical row, or a clinical patient has no slide.
+        If a slide's patient has no clinical row, or a clinical patient has no slide (unless
+        ``allow_missing``: then such patients are left out and returned).
     """
     slides: dict[str, list[str]] = {}
     for sid, pid in sorted(patients_of.items()):
@@ -191,9 +177,28 @@ def join_cohort(clinical: Clinical, patients_of: dict[str, str]) -> dict[str, li
             hint="Add the patient, give slides their patient_id with a manifest (--manifest), or remove the "
                  "slide's store from the folder.")
     missing = sorted(have - set(slides))
-    if missing:
+    if missing and not allow_missing:
         raise ConfigError(
             f"{len(missing)} patient(s) have no slide with complete embeddings, e.g. {missing[0]!r}",
             path=clinical.source,
-            hint="Embed their slides (check out/status/ for failures) or drop them from the clinical table.")
-    return {pid: slides[pid] for pid in sorted(slides)}
+            hint="Embed their slides (check out/status/ for failures), drop them from the clinical table, or pass "
+                 "--allow-missing to leave them out (the report then lists them).")
+    return {pid: slides[pid] for pid in sorted(slides)}, missing
+
+
+def check_outcomes(clinical: Clinical, patients: list[str]) -> None:
+    """Refuse outcomes no survival model can learn from: without a comparable pair (a patient
+    with an event before another patient's time), every c-index and Cox fit is undefined."""
+    t = clinical.table.loc[patients]
+    time, event = t["time"].to_numpy(float), t["event"].to_numpy(bool)
+    if not event.any():
+        raise ConfigError(f"no patient of the cohort has an event ({clinical.event_column!r} is 0 for all "
+                          f"{len(patients)}): no survival model can be fitted", path=clinical.source)
+    if np.unique(time).size == 1:
+        raise ConfigError(f"every patient of the cohort has the same follow-up time ({time[0]:g} in "
+                          f"{clinical.time_column!r}): there is no order of events to learn", path=clinical.source,
+                          hint="Check the time column (--time): it must hold each patient's own follow-up.")
+    if not (time[event].min() < time.max()):
+        raise ConfigError(f"no event happens before another patient's follow-up ends ({clinical.time_column!r}): "
+                          "no pair of patients can be compared", path=clinical.source,
+                          hint="Check the time and event columns (--time, --event).")

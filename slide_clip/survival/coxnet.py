@@ -1,11 +1,22 @@
 """The penalised Cox baseline: elastic-net Cox (scikit-survival ``CoxnetSurvivalAnalysis``) on
 the pooled patient table, its penalty chosen by an inner cross-validation of the training
-patients only."""
+patients only.
+
+Standardisation is part of the model: a scikit-learn ``Pipeline`` of ``StandardScaler`` and
+the Cox model is fitted in each inner fold (so an inner fold's validation patients never
+shape the scaling it is scored with) and again on all training patients for the final fit.
+
+A fitted model is saved as JSON (:meth:`CoxNetModel.save`): its input columns, the
+training mean and scale of each, the coefficients and offset at the chosen penalty, and
+the penalty search. That is all the risk needs; nothing is unpickled to load it.
+"""
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,47 +24,93 @@ import pandas as pd
 from slide_clip.survival.folds import patient_folds
 from slide_clip.survival.metrics import harrell_c
 
+MODEL_FORMAT = "slide-clip-coxnet/1"
 
-def feature_columns(table: pd.DataFrame, *, with_scores: bool = True, with_max: bool = False,
+
+def feature_columns(table: pd.DataFrame, *, score_sets: list[str] | tuple[str, ...] = (), with_max: bool = False,
                     covariates: list[str] | None = None) -> list[str]:
-    """The pooled table's model inputs: mean embedding, optionally max embedding, zero-shot
-    score columns and numeric clinical covariates."""
+    """The model's inputs, exactly as named: the mean embedding, the max embedding if
+    ``with_max``, the columns of each named score set (``<set>:<metric>:<class>``; a set
+    missing from the table is an error) and the clinical covariates."""
+    from slide_clip.store import model_key
+
     cols = [c for c in table.columns if c.startswith("emb_mean_")]
     if with_max:
         cols += [c for c in table.columns if c.startswith("emb_max_")]
-    if with_scores:
-        cols += [c for c in table.columns if c.count(":") == 2]
+    for s in score_sets:
+        mine = [c for c in table.columns if c.count(":") == 2 and c.split(":")[0] == model_key(s)]
+        if not mine:
+            raise KeyError(f"the pooled table has no columns of score set {s!r}")
+        cols += mine
     cols += list(covariates or [])
     return cols
 
 
 @dataclass
 class CoxNetModel:
-    """A fitted elastic-net Cox model with the standardisation of its training patients."""
+    """A fitted elastic-net Cox model with the standardisation of its training patients.
+
+    ``risk = ((x - mean) / scale) · coef - offset`` (the linear predictor, log relative hazard).
+    """
 
     columns: list[str]
     mean: np.ndarray
     scale: np.ndarray
-    estimator: object
+    coef: np.ndarray
+    offset: float
     alpha: float
     l1_ratio: float
     inner_scores: dict = field(default_factory=dict)
 
     def risk(self, table: pd.DataFrame) -> np.ndarray:
-        """Linear predictor (log relative hazard) per row of a pooled patient table."""
-        X = (table[self.columns].to_numpy(np.float64) - self.mean) / self.scale
-        return np.asarray(self.estimator.predict(X, alpha=self.alpha), np.float64)
+        """Linear predictor (log relative hazard) per row of a pooled patient table.
+
+        Summed row by row in C order (not by BLAS, whose summation order depends on the
+        memory layout pandas hands over): a model loaded from its file gives the same bits.
+        """
+        X = np.ascontiguousarray(table[self.columns].to_numpy(np.float64))
+        return ((X - self.mean) / self.scale * self.coef).sum(axis=1) - self.offset
+
+    @property
+    def nonzero(self) -> int:
+        return int(np.count_nonzero(self.coef))
+
+    def to_dict(self) -> dict:
+        return {"format": MODEL_FORMAT, "columns": list(self.columns), "mean": self.mean.tolist(),
+                "scale": self.scale.tolist(), "coef": self.coef.tolist(), "offset": float(self.offset),
+                "alpha": float(self.alpha), "l1_ratio": float(self.l1_ratio), "inner": self.inner_scores}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model as JSON (floats written exactly: a loaded model gives the same risks)."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CoxNetModel":
+        d = json.loads(Path(path).read_text())
+        if d.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{path}: not a slide-clip Coxnet model (format {d.get('format')!r})")
+        return cls(list(d["columns"]), np.asarray(d["mean"], np.float64), np.asarray(d["scale"], np.float64),
+                   np.asarray(d["coef"], np.float64), float(d["offset"]), float(d["alpha"]), float(d["l1_ratio"]),
+                   d.get("inner") or {})
 
 
-def _fit_path(X, y, l1_ratio, n_alphas=100, alpha_min_ratio="auto", alphas=None):
+def _pipeline(l1_ratio, n_alphas=100, alpha_min_ratio="auto", alphas=None):
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     from sksurv.linear_model import CoxnetSurvivalAnalysis
 
-    est = CoxnetSurvivalAnalysis(l1_ratio=l1_ratio, n_alphas=n_alphas, alpha_min_ratio=alpha_min_ratio,
-                                 alphas=alphas, max_iter=100000, fit_baseline_model=False)
+    return make_pipeline(StandardScaler(), CoxnetSurvivalAnalysis(
+        l1_ratio=l1_ratio, n_alphas=n_alphas, alpha_min_ratio=alpha_min_ratio, alphas=alphas, max_iter=100000,
+        fit_baseline_model=False))
+
+
+def _fit(pipe, X, y):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence warnings at the smallest penalties
-        est.fit(X, y)
-    return est
+        pipe.fit(X, y)
+    return pipe
 
 
 def fit_coxnet(table: pd.DataFrame, time, event, columns: list[str], *, l1_ratio: float = 0.5,
@@ -61,6 +118,10 @@ def fit_coxnet(table: pd.DataFrame, time, event, columns: list[str], *, l1_ratio
                seed: int = 0) -> CoxNetModel:
     """Fit on training patients; the penalty maximises Harrell's c-index over ``inner_folds``
     folds of these patients (nothing outside them is seen).
+
+    The penalty grid is the path of the standardised training patients (as ``cv.glmnet``
+    does); each inner fold then fits standardisation and model on its own training part
+    and scores its validation part at every penalty of the grid.
 
     Parameters
     ----------
@@ -70,6 +131,12 @@ def fit_coxnet(table: pd.DataFrame, time, event, columns: list[str], *, l1_ratio
         Their follow-up times and event indicators.
     columns : list of str
         Input columns (see :func:`feature_columns`).
+
+    Raises
+    ------
+    ArithmeticError
+        The model could not be fitted (scikit-survival's numerical error) on any inner fold,
+        or on all the training patients.
     """
     from sksurv.util import Surv
 
@@ -78,12 +145,10 @@ def fit_coxnet(table: pd.DataFrame, time, event, columns: list[str], *, l1_ratio
     if not np.isfinite(X).all():
         bad = columns[int(np.flatnonzero(~np.isfinite(X).all(axis=0))[0])]
         raise ValueError(f"pooled column {bad!r} has missing values")
-    mean, scale = X.mean(axis=0), X.std(axis=0)
-    scale[scale < 1e-12] = 1.0
-    Z = (X - mean) / scale
     y = Surv.from_arrays(event=e, time=t)
-    path = _fit_path(Z, y, l1_ratio, n_alphas, alpha_min_ratio)
-    alphas = np.asarray(path.alphas_)
+    full = _fit(_pipeline(l1_ratio, n_alphas, alpha_min_ratio), X, y)
+    cox = full[-1]
+    alphas = np.asarray(cox.alphas_)
     k = max(2, min(inner_folds, int(e.sum()), len(t) // 2))
     inner = patient_folds([str(i) for i in range(len(t))], e.astype(int), k=k, seed=seed + 1)
     fold = np.array([inner[str(i)] for i in range(len(t))])
@@ -91,11 +156,12 @@ def fit_coxnet(table: pd.DataFrame, time, event, columns: list[str], *, l1_ratio
     for f in range(k):
         tr, va = fold != f, fold == f
         try:
-            est = _fit_path(Z[tr], y[tr], l1_ratio, alphas=alphas)
+            pipe = _fit(_pipeline(l1_ratio, alphas=alphas), X[tr], y[tr])
         except ArithmeticError:  # sksurv: "numerical error" at a too small penalty for this fold
             continue
-        for j, a in enumerate(est.alphas_):
-            scores[f, j] = harrell_c(t[va], e[va], est.predict(Z[va], alpha=a))
+        Zva = pipe[:-1].transform(X[va])
+        for j, a in enumerate(pipe[-1].alphas_):
+            scores[f, j] = harrell_c(t[va], e[va], pipe[-1].predict(Zva, alpha=a))
     if not np.isfinite(scores).any():
         raise ArithmeticError("the elastic-net Cox model could not be fitted on any inner fold")
     with warnings.catch_warnings():
@@ -103,6 +169,9 @@ def fit_coxnet(table: pd.DataFrame, time, event, columns: list[str], *, l1_ratio
         mean_score = np.nanmean(scores, axis=0)
     mean_score = np.nan_to_num(mean_score, nan=-1.0)
     best = int(np.argmax(mean_score))  # ties: the largest penalty (alphas are decreasing)
-    return CoxNetModel(columns, mean, scale, path, float(alphas[best]), l1_ratio,
+    scaler = full[0]
+    return CoxNetModel(list(columns), np.asarray(scaler.mean_, np.float64), np.asarray(scaler.scale_, np.float64),
+                       np.asarray(cox.coef_[:, best], np.float64).copy(), float(cox.offset_[best]),
+                       float(alphas[best]), l1_ratio,
                        {"alphas": alphas.tolist(), "inner_c": [None if s < 0 else float(s) for s in mean_score],
                         "inner_folds": k})

@@ -1,5 +1,6 @@
-"""Survival metrics: Harrell's and Uno's c-index with bootstrap intervals, Kaplan-Meier curves
-of risk groups and the log-rank test (scikit-survival does the counting)."""
+"""Survival metrics: Harrell's and Uno's c-index, Kaplan-Meier curves of risk groups and the
+log-rank test (scikit-survival does the counting). Cross-validated summaries and their
+bootstrap intervals are in :mod:`slide_clip.survival.validation`."""
 
 from __future__ import annotations
 
@@ -56,48 +57,15 @@ def uno_c(train_time, train_event, time, event, risk, tau: float | None = None) 
         return float("nan")
 
 
-def bootstrap_ci(stat, n: int, *, n_boot: int = 500, seed: int = 0, level: float = 0.95) -> dict:
-    """Percentile bootstrap interval of ``stat(indices)`` over ``n`` resampled patients.
-
-    Returns ``{"low", "high", "n_boot", "n_valid"}``; resamples where the statistic is
-    undefined (NaN: no comparable pair) are dropped and counted out of ``n_valid``.
-    """
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n_boot):
-        v = stat(rng.integers(0, n, n))
-        if np.isfinite(v):
-            vals.append(v)
-    if len(vals) < max(10, n_boot // 10):
-        return {"low": None, "high": None, "n_boot": n_boot, "n_valid": len(vals)}
-    a = (1 - level) / 2
-    lo, hi = np.quantile(vals, [a, 1 - a])
-    return {"low": float(lo), "high": float(hi), "n_boot": n_boot, "n_valid": len(vals)}
-
-
-def concordance(time, event, risk, train_time=None, train_event=None, *, n_boot: int = 500,
-                seed: int = 0) -> dict:
-    """Harrell's and Uno's c-index of one set of patients, each with a 95 % bootstrap interval.
-
-    ``train_time``/``train_event`` estimate the censoring distribution of Uno's index (default:
-    the patients themselves).
-    """
-    t, e, r = (np.asarray(x, float) for x in (time, event, risk))
-    tt = t if train_time is None else np.asarray(train_time, float)
-    te = e if train_event is None else np.asarray(train_event, float)
-    h = harrell_c(t, e, r)
-    u = uno_c(tt, te, t, e, r)
-    return {
-        "n": int(len(t)), "events": int(e.sum()),
-        "harrell": _clean(h), "harrell_ci": bootstrap_ci(lambda i: harrell_c(t[i], e[i], r[i]), len(t),
-                                                         n_boot=n_boot, seed=seed),
-        "uno": _clean(u), "uno_ci": bootstrap_ci(lambda i: uno_c(tt, te, t[i], e[i], r[i]), len(t),
-                                                 n_boot=n_boot, seed=seed + 1),
-    }
-
-
 def _clean(v: float):
     return None if v is None or not math.isfinite(v) else float(v)
+
+
+def format_p(p) -> str:
+    """A p-value for people: 3 decimals, scientific notation below 1e-3 (``1.18e-10``), n/a if undefined."""
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
 
 
 def logrank_p(time, event, group) -> float:
@@ -137,7 +105,7 @@ def km_plot(time, event, high, path: str | Path, title: str, time_label: str = "
     ax.set_xlabel(time_label)
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"{title}\nlog-rank p = {p:.3g}" if math.isfinite(p) else f"{title}\nlog-rank p: n/a", fontsize=10)
+    ax.set_title(f"{title}\nlog-rank p = {format_p(p)}", fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 Columns: ``slide_id`` or ``patient_id`` (and ``slide_ids`` of a patient), ``n_tiles``,
 ``tissue_area_mm2`` (sum over a patient's slides), ``emb_mean_<j>`` (mean tile embedding,
 j = 0..d-1; a patient's over all its tiles), optionally ``emb_max_<j>`` (element-wise
-max), and for every score set stored in all slides, per class:
+max), and for every score set asked for (default: every set stored in all slides), per class:
 ``<set>:slide_prob:<class>``, ``<set>:mean_prob:<class>`` and ``<set>:area_fraction:<class>``
 (:func:`slide_clip.aggregate.slide_scores`, a patient's computed over all its tiles).
 Embeddings are read one store chunk at a time.
@@ -64,7 +64,9 @@ def _read_slide(store: SlideStore, model: str, sets: list[str], acc: _Accumulato
         acc.logits.setdefault(s, []).append(logits)
         acc.classes.setdefault(s, list(attrs["classes"]))
         if list(attrs["classes"]) != acc.classes[s]:
-            raise ValueError(f"score set {s!r} has other classes in {store.path}")
+            raise StoreError(f"score set {s!r} has other classes ({', '.join(attrs['classes'])}) than in the other "
+                             f"slides ({', '.join(acc.classes[s])})", path=store.path,
+                             hint="Score every slide with the same prompt set again.")
 
 
 def _row(acc: _Accumulator, d: int, with_max: bool, topk: int, decision: str) -> dict:
@@ -85,11 +87,30 @@ def _row(acc: _Accumulator, d: int, with_max: bool, topk: int, decision: str) ->
     return row
 
 
-def pooled_tables(cohort: Cohort, *, with_max: bool = False, topk: int = 50,
-                  decision: str = "topk") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(slides, patients) tables of the cohort (see the module docstring for the columns)."""
+def _named_score_sets(cohort: Cohort, names) -> list[str]:
+    """The keys of the named score sets; a slide without one of them is an error naming it."""
+    keys = [model_key(n) for n in names]
+    for sid in cohort.stores:
+        st = cohort.open(sid)
+        have = {s for _, s in st.score_sets(cohort.model)}
+        for name, key in zip(names, keys):
+            if key not in have:
+                raise StoreError(f"has no score set {name!r} of model {cohort.model!r} (it has: "
+                                 f"{', '.join(sorted(have)) or 'none'})", path=st.path,
+                                 hint="Score every slide with that set first (`slide-clip zeroshot`, `fewshot` or "
+                                      "`cluster`), or leave it out of --scores.")
+    return keys
+
+
+def pooled_tables(cohort: Cohort, *, with_max: bool = False, topk: int = 50, decision: str = "topk",
+                  score_sets: list[str] | tuple[str, ...] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(slides, patients) tables of the cohort (see the module docstring for the columns).
+
+    ``score_sets``: exactly these score sets (every slide must have them); default (None)
+    every set that all slides have.
+    """
     d = cohort.embed_dim
-    sets = _shared_score_sets(cohort)
+    sets = _shared_score_sets(cohort) if score_sets is None else _named_score_sets(cohort, list(score_sets))
     slide_rows, per_slide = [], {}
     for sid in cohort.stores:
         acc = _Accumulator(d)
