@@ -1,7 +1,8 @@
 """The tissue mask's cheap path gives exactly the mask of the plain skimage path.
 
 :func:`reference_mask` is the straightforward implementation (skimage's rgb2hsv and grey
-morphology, as slide_clip used before the look-up tables and shifted-copy morphology); the
+morphology, as slide_clip used before the look-up tables and shifted-copy morphology; the
+threshold of tissue algorithm 2, written out again here); the
 masks, and so the tiles kept, must be identical on real slides (OpenSlide thumbnails of the
 CMU SVS and DICOM, synthetic pyramidal TIFFs) and on hostile synthetic pictures.
 """
@@ -22,12 +23,27 @@ def reference_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueCon
     hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     sigma = params.smoothing_um / mpp
     sat_s = filters.gaussian(sat, sigma=sigma) if sigma >= 0.5 else sat
-    candidates = sat_s[val > params.dark_value]
+    lit = val > params.dark_value
+    candidates = sat_s[lit]
     if candidates.size == 0 or float(np.ptp(candidates)) < 1e-6:
-        thresh = params.min_saturation
+        low = high = params.min_saturation
     else:
-        thresh = max(float(filters.threshold_otsu(candidates)), params.min_saturation)
-    mask = sat_s > thresh
+        # algorithm 2: Otsu's threshold, and a lower one at most min_saturation above the glass
+        # (the 5 % quantile of the pixels below Otsu's threshold, pure white and its smoothing
+        # neighbourhood left out), kept where the pixel's own saturation (sigma / 4) passes it too
+        otsu = float(filters.threshold_otsu(candidates))
+        glass_px = lit & (sat_s <= otsu)
+        white = np.all(rgb == 255, axis=-1)
+        if white.any():
+            share = filters.gaussian(white.astype(float), sigma=sigma) if sigma >= 0.5 else white
+            glass_px &= share <= 0.01
+        glass = float(np.quantile(sat_s[glass_px], 0.05)) if glass_px.any() else otsu
+        high = max(params.min_saturation, otsu)
+        low = max(params.min_saturation, min(otsu, glass + params.min_saturation))
+    mask = sat_s > high
+    if low < high:
+        sat_f = filters.gaussian(sat, sigma=sigma / 4) if sigma / 4 >= 0.5 else sat
+        mask |= (sat_s > low) & (sat_f > low)
     artefact = val < params.dark_value
     if params.exclude_pen:
         artefact |= (hue > 70 / 360) & (hue < 200 / 360) & (sat > 0.2)
