@@ -2,7 +2,8 @@
 
 Synthetic slides (``slide_clip.synthetic``, real pyramidal TIFFs read through OpenSlide): the
 slides of issue 19, 1792 x 1792 px at 0.5 µm/px, a pale texture over the slide with 64 px
-margins and the ``dense`` texture over a share phi of it (phi from 0 to 1). Pale textures:
+margins and the ``dense`` texture over a share phi of it (phi from 0 to 1); and ``ellipse``
+slides of the same size, a pale ellipse around a dense one of area share phi. Pale textures:
 the ``tissue`` texture (base saturation 0.31) and eosin-pale ``stained(s)`` for s = 0.06, 0.1,
 0.15, 0.2; the mean smoothed saturation of each texture and of the glass is measured and
 printed. Settings: the defaults (2,048 px thumbnail, 224 px tiles at 0.5 µm/px) and
@@ -45,6 +46,7 @@ from slide_clip.tissue import qc_image, read_thumbnail, tissue_mask  # noqa: E40
 
 SIDE, MARGIN, MPP = 1792, 64, 0.5
 PHIS = (0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.7, 0.85, 1.0)
+ELLIPSE_PHIS = (0.0, 0.2, 0.45, 0.7, 1.0)
 PALE = {"tissue": "tissue", "s0.06": stained(0.06), "s0.10": stained(0.1), "s0.15": stained(0.15),
         "s0.20": stained(0.2)}
 SETTINGS = {"default": (2048, 0.5), "mpp1_thumb512": (512, 1.0)}
@@ -70,10 +72,21 @@ def algorithm(version: int):
         tissue_module.saturation_thresholds = original
 
 
-def scene(phi: float, pale) -> Scene:
-    regions = [Region("rect", (MARGIN, MARGIN, SIDE - MARGIN, SIDE - MARGIN), pale)]
+def scene(phi: float, pale, shape: str = "rect") -> Scene:
+    """``rect``: the report's slides (tiles lie well inside the tissue or on glass).
+    ``ellipse``: a pale ellipse (radii 760 x 620 px) with a dense ellipse of area share phi at
+    its centre: the curved edge cuts tiles at every tissue fraction, so tile precision shows."""
+    if shape == "rect":
+        regions = [Region("rect", (MARGIN, MARGIN, SIDE - MARGIN, SIDE - MARGIN), pale)]
+        if phi > 0:
+            regions.append(Region("rect", (MARGIN, MARGIN, MARGIN + (SIDE - 2 * MARGIN) * phi, SIDE - MARGIN),
+                                  "dense"))
+        return Scene(SIDE, SIDE, tuple(regions))
+    c, rx, ry = SIDE / 2, 760.0, 620.0
+    regions = [Region("ellipse", (c - rx, c - ry, c + rx, c + ry), pale)]
     if phi > 0:
-        regions.append(Region("rect", (MARGIN, MARGIN, MARGIN + (SIDE - 2 * MARGIN) * phi, SIDE - MARGIN), "dense"))
+        k = phi ** 0.5
+        regions.append(Region("ellipse", (c - k * rx, c - k * ry, c + k * rx, c + k * ry), "dense"))
     return Scene(SIDE, SIDE, tuple(regions))
 
 
@@ -101,10 +114,12 @@ def smoothed_saturation(thumb) -> np.ndarray:
 
 def synthetic(workdir: Path) -> list[dict]:
     rows = []
-    for pale_name, pale in PALE.items():
-        for phi in PHIS:
-            sc = scene(phi, pale)
-            path = workdir / f"{pale_name}_{phi}.tif"
+    families = [("rect", name, pale, PHIS) for name, pale in PALE.items()]
+    families += [("ellipse", name, PALE[name], ELLIPSE_PHIS) for name in ("tissue", "s0.10", "s0.20")]
+    for shape, pale_name, pale, phis in families:
+        for phi in phis:
+            sc = scene(phi, pale, shape)
+            path = workdir / f"{shape}_{pale_name}_{phi}.tif"
             if not path.is_file():
                 write_slide(path, sc, MPP)
             for setting, (max_side, target_mpp) in SETTINGS.items():
@@ -114,7 +129,7 @@ def synthetic(workdir: Path) -> list[dict]:
                 true_set = {tuple(c) for c in true.coords}
                 sat = smoothed_saturation(thumb)
                 pale_px = truth & ~sc.truth(truth.shape, texture="dense")
-                row = {"pale": pale_name, "phi": phi, "setting": setting, "true_tiles": len(true),
+                row = {"shape": shape, "pale": pale_name, "phi": phi, "setting": setting, "true_tiles": len(true),
                        "pale_saturation": float(sat[pale_px].mean()) if pale_px.any() else None,
                        "glass_saturation": float(np.median(sat[~truth]))}
                 for v in (1, 2):
@@ -127,7 +142,7 @@ def synthetic(workdir: Path) -> list[dict]:
                                     "tiles": len(kept), "tile_recall": tp / max(1, len(true_set)),
                                     "tile_precision": tp / max(1, len(kept))}
                 rows.append(row)
-                print(f"{pale_name:6s} phi {phi:4.2f} {setting:14s} pale sat {row['pale_saturation'] or 0:.3f} "
+                print(f"{shape:7s} {pale_name:6s} phi {phi:4.2f} {setting:14s} pale sat {row['pale_saturation'] or 0:.3f} "
                       f"true {len(true):3d} | v1 tiles {row['v1']['tiles']:3d} r {row['v1']['recall']:.3f} "
                       f"p {row['v1']['precision']:.3f} | v2 tiles {row['v2']['tiles']:3d} r {row['v2']['recall']:.3f} "
                       f"p {row['v2']['precision']:.3f} tile r {row['v2']['tile_recall']:.3f} "

@@ -45,8 +45,9 @@ def stained(saturation: float, value: float = 0.94, hue_deg: float = 330.0) -> T
     """Eosin-like tissue whose base colour has HSV ``saturation`` (pale stroma at 0.05-0.2, the
     ``tissue`` texture's base is at 0.31) and sparse nuclei twice as saturated and darker.
 
-    The nuclei cover about 12 % of the area, so the texture's mean saturation is about
-    ``1.1 * saturation``; benchmarks report the measured value.
+    The nuclei cover 8.5 % of the area, so the texture's mean saturation is about
+    ``1.09 * saturation`` before the rendering noise (which adds a little); benchmarks report the
+    measured value.
     """
     import colorsys
 
