@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 from skimage import color, filters, morphology
 
 from slide_clip.config import TissueConfig
@@ -99,9 +100,6 @@ def _rgba_to_rgb_white(img: Image.Image) -> Image.Image:
 #: The glass's level is this quantile of the smoothed saturation of the pixels below Otsu's
 #: threshold: the glass's lower tail while glass is at least this share of them.
 GLASS_QUANTILE = 0.05
-#: Pixels whose smoothing window holds more than this share of pure white (unscanned areas that
-#: OpenSlide leaves transparent, or clipped glass) are not glass samples.
-_WHITE_SHARE = 0.01
 #: The pixel's own stain is its saturation smoothed at this fraction of ``smoothing_um``.
 FINE_SMOOTHING = 0.25
 
@@ -171,9 +169,9 @@ def saturation_thresholds(sat_s: np.ndarray, lit: np.ndarray, white: np.ndarray,
     Otsu's threshold splits the histogram in two; when a slide holds glass, pale tissue and
     dense tissue, the split can fall between pale and dense tissue. The lower threshold is
     therefore at most ``min_saturation`` above the glass's level: the :data:`GLASS_QUANTILE`
-    quantile of the pixels below Otsu's threshold, pure white and what its smoothing reaches
-    left out (unscanned areas are not glass; with no such pixel left, the lower threshold is
-    Otsu's). Both are at least ``min_saturation`` (a blank slide gives an empty mask). Where
+    quantile of the pixels below Otsu's threshold, leaving out pure white and the pixels its
+    smoothing reaches (3 sigma): unscanned areas, which OpenSlide leaves transparent, and
+    clipped glass are not glass samples (with no pixel left, the lower threshold is Otsu's). Both are at least ``min_saturation`` (a blank slide gives an empty mask). Where
     Otsu's threshold is within ``min_saturation`` of the glass, the two are equal and the
     mask is algorithm 1's.
     """
@@ -182,9 +180,9 @@ def saturation_thresholds(sat_s: np.ndarray, lit: np.ndarray, white: np.ndarray,
         return min_saturation, min_saturation
     otsu = float(filters.threshold_otsu(candidates))
     reference = lit & (sat_s <= otsu)
-    if white.any():
-        near_white = filters.gaussian(white.astype(np.float64), sigma=sigma) if sigma >= 0.5 else white
-        reference &= near_white <= _WHITE_SHARE
+    if white.any():  # within reach of the smoothing (3 sigma, a square): a box maximum, cheap at any sigma
+        reach = math.ceil(3 * sigma)
+        reference &= ~(ndimage.maximum_filter(white, size=2 * reach + 1) if reach >= 1 else white)
     below = sat_s[reference]
     glass = float(np.quantile(below, GLASS_QUANTILE)) if below.size else otsu
     high = max(min_saturation, otsu)

@@ -173,3 +173,26 @@ def test_qc_outline_goes_round_pale_tissue(make_slide):
     assert right_edge.mean() > 0.95  # the pale side's outer edge is outlined
     x = int(_MARGIN + (_SIDE - 2 * _MARGIN) * phi)
     assert not green[rows, x - 30:x + 30].any()  # no outline between the dense and the pale tissue
+
+
+def _tinted_glass_beside_white(seed=0):
+    """A 600 x 800 picture: bluish glass (saturation about 0.08), its left quarter unscanned
+    (pure white), pale tissue with a dense half in the middle. Returns (rgb, truth)."""
+    scene = Scene(800, 600, (Region("rect", (300, 150, 700, 450), "tissue"),
+                             Region("rect", (300, 150, 500, 450), "dense")))
+    rgb = scene.render(0, 0, 800, 600).astype(int)
+    truth = scene.truth((600, 800))
+    rng = np.random.default_rng(seed)
+    glass = np.array([225, 230, 245]) + rng.integers(-5, 6, rgb.shape)
+    rgb[~truth] = glass[~truth]
+    rgb[:, :200] = 255
+    return np.clip(rgb, 0, 255).astype(np.uint8), truth
+
+
+def test_tinted_glass_beside_unscanned_white_stays_glass():
+    """Pure white (areas OpenSlide leaves transparent) is not taken for the glass: bluish glass
+    about 0.08 more saturated than white is still background, and the tissue is found."""
+    rgb, truth = _tinted_glass_beside_white()
+    mask = tissue_mask(rgb, 2.0)
+    hit = (mask & truth).sum()
+    assert hit / truth.sum() >= 0.97 and hit / mask.sum() >= 0.95
