@@ -19,9 +19,11 @@ no truth, so the mask area, the tiles kept (defaults), the time of ``tissue_mask
 
 Algorithm 1 is this version's ``tissue_mask`` with both thresholds set to Otsu's (clamped at
 ``min_saturation``), which is exactly what algorithm 1 computed (the rest of the mask is the
-same code).
+same code). ``--alternatives``: also skimage's 3-class multi-Otsu (its lowest threshold) on
+some of the report's slides, an alternative that was considered.
 
     .venv/bin/python benchmarks/bench_tissue.py --out /tmp/bench_tissue --json /tmp/bench_tissue.json
+    .venv/bin/python benchmarks/bench_tissue.py --no-synthetic --alternatives     # real slides, multi-Otsu
 """
 
 from __future__ import annotations
@@ -54,14 +56,20 @@ TILE, MIN_TISSUE = 224, 0.25
 
 
 @contextlib.contextmanager
-def algorithm(version: int):
-    """Run ``tissue_mask`` as algorithm ``version`` (1: both thresholds Otsu's)."""
+def algorithm(version):
+    """Run ``tissue_mask`` as algorithm ``version`` (1: both thresholds Otsu's; "multiotsu", an
+    alternative considered: both the lowest of skimage's 3-class multi-Otsu thresholds)."""
     if version == 2:
         yield
         return
+    from skimage import filters
+
     original = tissue_module.saturation_thresholds
 
     def otsu_only(sat_s, lit, white, sigma, min_saturation):
+        if version == "multiotsu":
+            t = max(min_saturation, float(filters.threshold_multiotsu(sat_s[lit], classes=3)[0]))
+            return t, t
         high = original(sat_s, lit, white, sigma, min_saturation)[1]
         return high, high
 
@@ -150,6 +158,27 @@ def synthetic(workdir: Path) -> list[dict]:
     return rows
 
 
+def alternatives(workdir: Path) -> list[dict]:
+    """Pixel recall of the multi-Otsu alternative on some report slides (default settings)."""
+    rows = []
+    for pale_name in ("tissue", "s0.10"):
+        for phi in (0.0, 0.3, 0.45, 0.7, 1.0):
+            sc = scene(phi, PALE[pale_name])
+            path = workdir / f"rect_{pale_name}_{phi}.tif"
+            if not path.is_file():
+                write_slide(path, sc, MPP)
+            thumb, _, _ = thumbnail(path, 2048, MPP)
+            truth = sc.truth(thumb.image.shape[:2])
+            with algorithm("multiotsu"):
+                mask = tissue_mask(thumb.image, thumb.mpp)
+            hit = int((mask & truth).sum())
+            rows.append({"pale": pale_name, "phi": phi, "recall": hit / int(truth.sum()),
+                         "precision": hit / max(1, int(mask.sum()))})
+            print(f"multi-Otsu {pale_name:6s} phi {phi:4.2f}: recall {rows[-1]['recall']:.3f} "
+                  f"precision {rows[-1]['precision']:.3f}", flush=True)
+    return rows
+
+
 def real(paths: list[Path], out: Path, repeats: int) -> list[dict]:
     from slide_clip.slide import open_slide
 
@@ -194,9 +223,11 @@ def main(argv=None) -> None:
                     default=[shared / "CMU-1-Small-Region.svs", shared / "CMU-1-Small-Region-dicom"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-synthetic", action="store_true")
+    ap.add_argument("--alternatives", action="store_true", help="also the multi-Otsu alternative")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    result = {"synthetic": [] if a.no_synthetic else synthetic(a.out), "real": real(a.real, a.out, a.repeats)}
+    result = {"synthetic": [] if a.no_synthetic else synthetic(a.out),
+              "alternatives": alternatives(a.out) if a.alternatives else [], "real": real(a.real, a.out, a.repeats)}
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
 
