@@ -158,16 +158,16 @@ def test_store_records_the_tissue_algorithm_and_a_store_without_it_is_refused(cm
     s.group.attrs.update({"tiling": old})
     try:
         for call in (lambda: embed_slide(cmu_svs, store.path.parent, cfg, progress=False),
-                     lambda: open_scored_store(store.path, None)):
+                     lambda: open_scored_store(store.path, cfg.encode.model)):
             with pytest.raises(StoreError, match=r"made by tissue algorithm 1 .*--overwrite") as e:
                 call()
             assert "\n" not in str(e.value) and str(store.path) in str(e.value)
         s.group.attrs.update({"tiling": {**tiling, "tissue_algorithm": 3}})
         with pytest.raises(StoreError, match="algorithm 3, from a newer slide-clip"):
-            open_scored_store(store.path, None)
+            open_scored_store(store.path, cfg.encode.model)
     finally:
         s.group.attrs.update({"tiling": tiling})
-    assert open_scored_store(store.path, None)[0].n_tiles == store.n_tiles
+    assert open_scored_store(store.path, cfg.encode.model)[0].n_tiles == store.n_tiles
 
 
 def test_an_older_mask_is_refused_by_each_stage_until_overwritten(make_slide, cfg, tmp_path):
