@@ -190,7 +190,7 @@ def saturation_thresholds(sat_s: np.ndarray, lit: np.ndarray, white: np.ndarray,
 
 
 # The mask above is skimage's HSV threshold and grey-level morphology, computed more cheaply
-# with the same numbers (tests/test_tissue_fast.py compares it with the plain skimage path):
+# with the same numbers (tests/test_tissue_reference.py compares it with the plain skimage path):
 # saturation and value depend only on a pixel's max and min channel, so they are looked up in
 # tables that skimage's own rgb2hsv filled; hue is computed only where the ink test needs it;
 # dilating and closing a boolean mask with 3x3 footprints are ORs and ANDs of shifted copies.
