@@ -20,10 +20,11 @@ no truth, so the mask area, the tiles kept (defaults), the time of ``tissue_mask
 Algorithm 1 is this version's ``tissue_mask`` with both thresholds set to Otsu's (clamped at
 ``min_saturation``), which is exactly what algorithm 1 computed (the rest of the mask is the
 same code). ``--alternatives``: also skimage's 3-class multi-Otsu (its lowest threshold) on
-some of the report's slides, an alternative that was considered.
+some of the report's slides, an alternative that was considered. ``--survival-demo``: the
+tiles kept on the survival demo cohort's slide geometry.
 
     .venv/bin/python benchmarks/bench_tissue.py --out /tmp/bench_tissue --json /tmp/bench_tissue.json
-    .venv/bin/python benchmarks/bench_tissue.py --no-synthetic --alternatives     # real slides, multi-Otsu
+    .venv/bin/python benchmarks/bench_tissue.py --no-synthetic --alternatives --survival-demo --real
 """
 
 from __future__ import annotations
@@ -179,6 +180,33 @@ def alternatives(workdir: Path) -> list[dict]:
     return rows
 
 
+def survival_demo(workdir: Path) -> list[dict]:
+    """Tiles kept on the survival demo's slides (:mod:`slide_clip.survival.demo`: 64 px tiles at
+    1 µm/px), one per dense share (left band, seed 1): truth, algorithm 1, algorithm 2."""
+    from slide_clip.survival.demo import MPP as DEMO_MPP
+    from slide_clip.survival.demo import TILE as DEMO_TILE
+    from slide_clip.survival.demo import demo_scene
+
+    rows = []
+    for phi in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        sc, _, _ = demo_scene(phi, True, 1)
+        path = write_slide(workdir / f"survival_demo_{phi}.tif", sc, DEMO_MPP)
+        thumb, dims, ds = thumbnail(path, 2048, DEMO_MPP)
+
+        def tiles(mask):
+            return len(make_grid(dims, (DEMO_MPP, DEMO_MPP), ds, mask, thumb.downsample, target_mpp=DEMO_MPP,
+                                 tile_size=DEMO_TILE, overlap=0.0, min_tissue=MIN_TISSUE))
+
+        row = {"phi": phi, "true_tiles": tiles(sc.truth(thumb.image.shape[:2]))}
+        for v in (1, 2):
+            with algorithm(v):
+                row[f"v{v}_tiles"] = tiles(tissue_mask(thumb.image, thumb.mpp))
+        rows.append(row)
+        print(f"survival demo phi {phi:.1f}: tiles true {row['true_tiles']} v1 {row['v1_tiles']} "
+              f"v2 {row['v2_tiles']}", flush=True)
+    return rows
+
+
 def real(paths: list[Path], out: Path, repeats: int) -> list[dict]:
     from slide_clip.slide import open_slide
 
@@ -224,10 +252,12 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--alternatives", action="store_true", help="also the multi-Otsu alternative")
+    ap.add_argument("--survival-demo", action="store_true", help="also the survival demo's slides")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     result = {"synthetic": [] if a.no_synthetic else synthetic(a.out),
-              "alternatives": alternatives(a.out) if a.alternatives else [], "real": real(a.real, a.out, a.repeats)}
+              "alternatives": alternatives(a.out) if a.alternatives else [],
+              "survival_demo": survival_demo(a.out) if a.survival_demo else [], "real": real(a.real, a.out, a.repeats)}
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
 
