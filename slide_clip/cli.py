@@ -127,7 +127,7 @@ def embed(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps (default auto)."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16 or bf16 (default auto)."),
     pattern: Optional[str] = typer.Option(None, help="Glob for slides inside folders (default: known slide extensions)."),
-    overwrite: bool = typer.Option(False, help="Replace stores made with other settings or from another file."),
+    overwrite: bool = typer.Option(False, help="Replace stores made with other settings, from another file, or by another tissue algorithm."),
     progress: bool = typer.Option(True, help="Show a progress bar (tiles/s)."),
 ):
     """Find tissue, tile at an exact resolution and write CLIP embeddings to one Zarr store per slide.

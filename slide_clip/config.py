@@ -21,12 +21,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The tissue-detection algorithm (:func:`slide_clip.tissue.tissue_mask`), recorded in every
+#: store as ``tiling.tissue_algorithm``. 1: Otsu's threshold on smoothed saturation (stores
+#: without the attribute were made by it); 2: also a threshold at most ``min_saturation`` above
+#: the glass, so pale tissue beside dense tissue is kept. Raised whenever the same settings give
+#: another mask; a store made by another version is refused (:meth:`SlideStore.check_tissue_algorithm`),
+#: never mixed with new ones. Not a :class:`TissueConfig` field: a store older than a field counts
+#: as that field's default, which must not happen to the algorithm.
+TISSUE_ALGORITHM = 2
+
+
 class TissueConfig(_Section):
     """Tissue detection on the thumbnail; sizes are physical (µm, µm²)."""
 
     thumbnail_max_side: int = Field(2048, ge=256, le=8192, description="thumbnail's longest side, px")
     smoothing_um: float = Field(8.0, ge=0)
-    min_saturation: float = Field(0.05, ge=0, le=1)
+    min_saturation: float = Field(
+        0.05, ge=0, le=1, description="the saturation threshold's floor (a blank slide stays empty) and its "
+                                      "most above the glass's saturation (pale tissue is kept)")
     closing_um: float = Field(16.0, ge=0)
     min_object_um2: float = Field(20_000.0, ge=0)
     min_hole_um2: float = Field(10_000.0, ge=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slide_clip.config import PipelineConfig
+from slide_clip.config import TISSUE_ALGORITHM, PipelineConfig
 from slide_clip.encoding import encode_store  # noqa: F401 - stage 3, re-exported here
 from slide_clip.errors import ConfigError, SlideClipError, SlideError, StoreError, WeightsError
 from slide_clip.slide import SlideInfo, check_mpp, open_slide, resolve_slide_path
@@ -108,7 +108,7 @@ def _settings(cfg: PipelineConfig) -> dict:
     """The store's ``tiling`` attributes that decide the tiles (the grid geometry is added later)."""
     t = cfg.tiling
     return {"target_mpp": target_mpp_for(cfg), "tile_size": tile_size_for(cfg), "overlap": t.overlap,
-            "min_tissue": t.min_tissue, "tissue": cfg.tissue.model_dump()}
+            "min_tissue": t.min_tissue, "tissue": cfg.tissue.model_dump(), "tissue_algorithm": TISSUE_ALGORITHM}
 
 
 def _tile_size_attrs(cfg: PipelineConfig) -> dict:
@@ -139,6 +139,7 @@ def _reusable(path: Path, info: SlideInfo, cfg: PipelineConfig, mpp_xy, overwrit
                                   "(see docs/FORMAT.md); use another --out for this slide.")
         raise StoreError(f"was made from another version of {info.path} (fingerprint differs)", path=path,
                          hint=f"Name {info.path} with --overwrite to replace it, or use another --out.")
+    store.check_tissue_algorithm()  # another algorithm's mask: refused, never mixed with this one's
     tiling = store.tiling
     wanted = _settings(cfg)
     if cfg.tiling.tile_size is None:  # tile size from the model: a store tiled for another model is kept
@@ -588,7 +589,9 @@ def tiles_stage(store: str | Path, cfg: PipelineConfig) -> int:
     from slide_clip.output import output_errors
 
     with output_errors(store), store_lock(store):
-        return lay_tiles(SlideStore.open(store), cfg).n_tiles
+        st = SlideStore.open(store)
+        st.check_tissue_algorithm()
+        return lay_tiles(st, cfg).n_tiles
 
 
 def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, encoders: EncoderCache, *,
@@ -616,6 +619,7 @@ def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, enco
         st = SlideStore.open(store)
         if st.status != STATUS_TILED:
             raise StoreError("is not tiled yet", path=store, hint="Run the tissue and tile stages first.")
+        st.check_tissue_algorithm()
         if force and encoders.spec.name in [st.embedding_attrs(k).get("name") for k in st.models()]:
             st.drop_embeddings(encoders.spec.name)
         if embeddings_done(st, encoders.spec, encoders.encoder):

@@ -69,6 +69,7 @@ def open_scored_store(path: Path, model: str | None) -> tuple[SlideStore, str]:
     store = SlideStore.open(path)
     if store.status != STATUS_TILED:
         raise StoreError("is partial (tiling did not finish)", path=path, hint="Run `slide-clip embed` again.")
+    store.check_tissue_algorithm()  # a cohort never mixes masks of two tissue algorithms
     for key in ("tiles/coords", "tiles/grid", "tiles/tissue_fraction", "tissue/mask"):
         store.array(key)  # present, every chunk file there: a damaged store is never scored
     keys = store.models()

@@ -38,6 +38,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from slide_clip.config import TISSUE_ALGORITHM
 from slide_clip.errors import StoreBusyError, StoreError
 
 FORMAT_VERSION = 1
@@ -209,6 +210,32 @@ class SlideStore:
     @property
     def tiling(self) -> dict:
         return dict(self.group.attrs["tiling"])
+
+    @property
+    def tissue_algorithm(self):
+        """The tissue algorithm that made the mask: ``tiling.tissue_algorithm``, 1 where absent
+        (stores made before it was recorded)."""
+        return self.tiling.get("tissue_algorithm", 1)
+
+    def check_tissue_algorithm(self) -> None:
+        """Raise :class:`StoreError` unless this slide-clip's tissue algorithm made the mask.
+
+        Masks of two algorithms keep different tiles of the same slide; a cohort never mixes
+        them, and a store is never reused, tiled, encoded or read under another algorithm.
+        """
+        found = self.tissue_algorithm
+        if found == TISSUE_ALGORITHM:
+            return
+        if found == 1:
+            why = "tissue algorithm 1 (before slide-clip recorded it), which can leave out pale tissue beside dense tissue"
+        elif isinstance(found, int) and not isinstance(found, bool) and found > TISSUE_ALGORITHM:
+            why = f"tissue algorithm {found}, from a newer slide-clip"
+        else:
+            why = f"tissue algorithm {found!r}, unknown to this slide-clip"
+        raise StoreError(f"its tissue mask was made by {why}; this slide-clip finds tissue with algorithm "
+                         f"{TISSUE_ALGORITHM}, and never mixes the two", path=self.path,
+                         hint="Re-embed the slide with `slide-clip embed --overwrite` (new mask, tiles and "
+                              "embeddings), or use another --out.")
 
     @property
     def status(self) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 from skimage import color, filters, morphology
 
 from slide_clip.config import TissueConfig
@@ -96,8 +97,16 @@ def _rgba_to_rgb_white(img: Image.Image) -> Image.Image:
     return bg
 
 
+#: The glass's level is this quantile of the smoothed saturation of the pixels below Otsu's
+#: threshold: the glass's lower tail while glass is at least this share of them.
+GLASS_QUANTILE = 0.05
+#: The pixel's own stain is its saturation smoothed at this fraction of ``smoothing_um``.
+FINE_SMOOTHING = 0.25
+
+
 def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueConfig()) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail.
+    """Boolean tissue mask of an RGB thumbnail (tissue algorithm 2, see
+    :data:`slide_clip.config.TISSUE_ALGORITHM`).
 
     Parameters
     ----------
@@ -114,10 +123,15 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueConfig
 
     Notes
     -----
-    Stained tissue is saturated, glass is not: the saturation channel is smoothed and
-    thresholded with Otsu's method (never below ``params.min_saturation``, so a blank slide
-    yields an empty mask). Very dark pixels (folds' cores, dust, slide edges, black ink)
-    and green/cyan ink are removed before morphological clean-up.
+    Stained tissue is saturated, glass is not. The saturation channel is smoothed
+    (``smoothing_um``) and compared with two thresholds (:func:`saturation_thresholds`):
+    Otsu's, and a lower one at most ``min_saturation`` above the glass's saturation. A pixel is
+    tissue above Otsu's threshold, or above the lower one where its own saturation (smoothed at
+    :data:`FINE_SMOOTHING` of the scale) is above it too: pale tissue beside dense tissue is
+    kept, and the blur of dense tissue into the glass beside it is not. Neither threshold is
+    below ``min_saturation``, so a blank slide yields an empty mask. Very dark pixels (folds'
+    cores, dust, slide edges, black ink) and green/cyan ink are removed before morphological
+    clean-up.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError("tissue_mask needs an (h, w, 3) RGB array")
@@ -125,12 +139,13 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueConfig
     sat, val = _saturation_value(rgb)
     sigma = params.smoothing_um / mpp
     sat_s = filters.gaussian(sat, sigma=sigma) if sigma >= 0.5 else sat
-    candidates = sat_s[val > params.dark_value]
-    if candidates.size == 0 or float(np.ptp(candidates)) < 1e-6:
-        thresh = params.min_saturation
-    else:
-        thresh = max(float(filters.threshold_otsu(candidates)), params.min_saturation)
-    mask = sat_s > thresh
+    white = (val == 1.0) & (sat == 0.0)
+    low, high = saturation_thresholds(sat_s, val > params.dark_value, white, sigma, params.min_saturation)
+    mask = sat_s > high
+    if low < high:
+        fine = sigma * FINE_SMOOTHING
+        sat_f = filters.gaussian(sat, sigma=fine) if fine >= 0.5 else sat
+        mask |= (sat_s > low) & (sat_f > low)
     artefact = val < params.dark_value
     if params.exclude_pen:
         artefact |= _green_ink(rgb, sat)
@@ -144,8 +159,38 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueConfig = TissueConfig
     return mask.astype(bool)
 
 
+def saturation_thresholds(sat_s: np.ndarray, lit: np.ndarray, white: np.ndarray, sigma: float,
+                          min_saturation: float) -> tuple[float, float]:
+    """The lower (glass-referenced) and upper (Otsu's) smoothed-saturation thresholds.
+
+    ``sat_s`` is the smoothed saturation, ``lit`` the pixels bright enough to judge, ``white``
+    the pure-white pixels, ``sigma`` the smoothing in pixels.
+
+    Otsu's threshold splits the histogram in two; when a slide holds glass, pale tissue and
+    dense tissue, the split can fall between pale and dense tissue. The lower threshold is
+    therefore at most ``min_saturation`` above the glass's level: the :data:`GLASS_QUANTILE`
+    quantile of the pixels below Otsu's threshold, leaving out pure white and the pixels its
+    smoothing reaches (3 sigma): unscanned areas, which OpenSlide leaves transparent, and
+    clipped glass are not glass samples (with no pixel left, the lower threshold is Otsu's). Both are at least ``min_saturation`` (a blank slide gives an empty mask). Where
+    Otsu's threshold is within ``min_saturation`` of the glass, the two are equal and the
+    mask is algorithm 1's.
+    """
+    candidates = sat_s[lit]
+    if candidates.size == 0 or float(np.ptp(candidates)) < 1e-6:
+        return min_saturation, min_saturation
+    otsu = float(filters.threshold_otsu(candidates))
+    reference = lit & (sat_s <= otsu)
+    if white.any():  # within reach of the smoothing (3 sigma, a square): a box maximum, cheap at any sigma
+        reach = math.ceil(3 * sigma)
+        reference &= ~(ndimage.maximum_filter(white, size=2 * reach + 1) if reach >= 1 else white)
+    below = sat_s[reference]
+    glass = float(np.quantile(below, GLASS_QUANTILE)) if below.size else otsu
+    high = max(min_saturation, otsu)
+    return max(min_saturation, min(otsu, glass + min_saturation)), high
+
+
 # The mask above is skimage's HSV threshold and grey-level morphology, computed more cheaply
-# with the same numbers (tests/test_tissue_fast.py compares it with the plain skimage path):
+# with the same numbers (tests/test_tissue_reference.py compares it with the plain skimage path):
 # saturation and value depend only on a pixel's max and min channel, so they are looked up in
 # tables that skimage's own rgb2hsv filled; hue is computed only where the ink test needs it;
 # dilating and closing a boolean mask with 3x3 footprints are ORs and ANDs of shifted copies.

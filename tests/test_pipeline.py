@@ -144,6 +144,50 @@ def test_a_store_older_than_a_tissue_setting_is_reused_at_its_default(cmu_store,
         s.group.attrs.update({"tiling": tiling})
 
 
+def test_store_records_the_tissue_algorithm_and_a_store_without_it_is_refused(cmu_store, cmu_svs):
+    """Masks of two tissue algorithms never mix: a store made before the algorithm was recorded
+    (algorithm 1) is refused by embedding and by every reader, in one line naming --overwrite."""
+    from slide_clip.config import TISSUE_ALGORITHM
+    from slide_clip.scoring import open_scored_store
+
+    _, store, cfg = cmu_store
+    s = SlideStore.open(store.path)
+    tiling = dict(s.tiling)
+    assert tiling["tissue_algorithm"] == TISSUE_ALGORITHM == 2
+    old = {k: v for k, v in tiling.items() if k != "tissue_algorithm"}  # as made before this change
+    s.group.attrs.update({"tiling": old})
+    try:
+        for call in (lambda: embed_slide(cmu_svs, store.path.parent, cfg, progress=False),
+                     lambda: open_scored_store(store.path, cfg.encode.model)):
+            with pytest.raises(StoreError, match=r"made by tissue algorithm 1 .*--overwrite") as e:
+                call()
+            assert "\n" not in str(e.value) and str(store.path) in str(e.value)
+        s.group.attrs.update({"tiling": {**tiling, "tissue_algorithm": 3}})
+        with pytest.raises(StoreError, match="algorithm 3, from a newer slide-clip"):
+            open_scored_store(store.path, cfg.encode.model)
+    finally:
+        s.group.attrs.update({"tiling": tiling})
+    assert open_scored_store(store.path, cfg.encode.model)[0].n_tiles == store.n_tiles
+
+
+def test_an_older_mask_is_refused_by_each_stage_until_overwritten(make_slide, cfg, tmp_path):
+    from slide_clip.config import TISSUE_ALGORITHM
+    from slide_clip.pipeline import tiles_stage, tissue_stage
+
+    path, _ = make_slide("tissue_0.5", mpp=0.5)
+    store = tissue_stage(path, tmp_path, cfg)
+    s = SlideStore.open(store)
+    old = {k: v for k, v in s.tiling.items() if k != "tissue_algorithm"}
+    s.group.attrs.update({"tiling": old})
+    for stage in (lambda: tissue_stage(path, tmp_path, cfg), lambda: tiles_stage(store, cfg)):
+        with pytest.raises(StoreError, match="tissue algorithm 1"):
+            stage()
+    assert SlideStore.open(store).status == "tissue"  # nothing tiled from the old mask
+    tissue_stage(path, tmp_path, cfg, overwrite=True)
+    assert tiles_stage(store, cfg) > 0
+    assert SlideStore.open(store).tiling["tissue_algorithm"] == TISSUE_ALGORITHM
+
+
 def test_slide_without_tissue_is_a_valid_empty_result(make_slide, cfg, tmp_path):
     path, _ = make_slide("blank", scene=Scene(2000, 1500, ()))
     r = embed_slide(path, tmp_path, cfg, progress=False)
