@@ -51,10 +51,20 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ):
     """Print each slide's metadata: size, levels, resolution, vendor."""
-    from slide_clip.slide import find_slides, slide_info
+    from slide_clip.mpp_overrides import check_mpp_value
+    from slide_clip.scan import scan_slides, skipped_line
+    from slide_clip.slide import slide_info
 
+    try:
+        mpp = check_mpp_value(mpp)
+    except SlideClipError as e:
+        _fail(str(e))
+    scan = scan_slides(slides)
+    line = skipped_line(scan.skipped)
+    if line:
+        typer.echo(line, err=True)
     rows, failed = [], 0
-    for s in find_slides(slides):
+    for s in scan.slides:
         try:
             i = slide_info(s, mpp)
         except SlideClipError as e:
@@ -135,8 +145,10 @@ def embed(
     Goes on past a bad slide; ends with a status line per slide and exit code 1 if any failed.
     """
     from slide_clip.config import load_config
+    from slide_clip.mpp_overrides import check_mpp_value, read_mpp_csv
+    from slide_clip.output import ensure_out_dir
     from slide_clip.pipeline import embed_slides
-    from slide_clip.slide import find_slides, read_mpp_csv
+    from slide_clip.scan import SKIPPED_FILE, scan_slides, skipped_line, write_skipped
 
     try:
         cfg = load_config(config).with_overrides(
@@ -145,10 +157,17 @@ def embed(
                     "registries": tuple(str(r) for r in registry) or None, "batch_size": batch_size,
                     "num_workers": workers, "device": device, "precision": precision},
         )
+        mpp = check_mpp_value(mpp)
         mpps = read_mpp_csv(mpp_csv) if mpp_csv else None
-        paths = find_slides(slides, pattern)
+        scan = scan_slides(slides, pattern, out)
+        paths = scan.slides
         if not paths:
-            _fail(f"no slides found in {', '.join(map(str, slides))}")
+            line = skipped_line(scan.skipped)
+            _fail(f"no slides found in {', '.join(map(str, slides))}" + (f" ({line})" if line else ""))
+        ensure_out_dir(out)
+        line = skipped_line(scan.skipped, write_skipped(out, scan.skipped) or Path(out) / SKIPPED_FILE)
+        if line:  # a cohort never shrinks without a word
+            typer.echo(line, err=True)
 
         def report(r):
             line = f"{r.status:8s} {r.name}"
