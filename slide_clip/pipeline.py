@@ -206,7 +206,7 @@ def _read_thumbnail(osr, info: SlideInfo, cfg: PipelineConfig):
 
     reader = open_jpeg_tiff(osr, info.path, cache_bytes=0)  # a level is read once, band by band
     try:
-        return read_thumbnail(reader, cfg.tissue.thumbnail_max_side, info.mpp)
+        return read_thumbnail(reader, cfg.tissue.thumbnail_max_side, info.mpp, info.path)
     finally:
         if reader is not osr:
             reader.release()

@@ -232,6 +232,42 @@ def _check_last_tile(osr, path) -> None:
                          path=path, hint=_RECOPY) from None
 
 
+def is_decode_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a codec's or OpenSlide's failure to decode a slide's image data."""
+    return isinstance(exc, openslide.OpenSlideError) or type(exc).__module__.split(".")[0] == "imagecodecs"
+
+
+def read_region(osr, location: tuple[int, int], level: int, size: tuple[int, int], path=None):
+    """``osr.read_region``, with the slide's corrupt image data (bit rot, a damaged copy) as a
+    one-line :class:`SlideError` naming the file, the level and the level-0 position.
+
+    Both decoders raise there: OpenSlide's (``OpenSlideError``) and tifffile + imagecodecs'
+    (:mod:`slide_clip.jpeg_tiff`, which marks the file tile it failed on). ``path`` names
+    the slide (default: the file the handle was opened from).
+    """
+    try:
+        return osr.read_region(location, level, size)
+    except Exception as e:
+        if not is_decode_error(e):
+            raise
+        tile = getattr(e, "tile_origin", None)
+        if tile is not None:
+            where = f"in its file tile at level-0 pixel ({int(tile[0])}, {int(tile[1])})"
+        else:  # OpenSlide does not say which of the region's file tiles failed
+            x, y = int(location[0]), int(location[1])
+            try:
+                ds = float(osr.level_downsamples[level])
+            except Exception:  # noqa: BLE001 - an OpenSlide handle refuses every call after an error
+                ds = None
+            where = (f"in the region of level-0 pixels ({x}, {y}) to "
+                     f"({x + round(size[0] * ds)}, {y + round(size[1] * ds)})" if ds else
+                     f"in the region at level-0 pixel ({x}, {y}), {size[0]} x {size[1]} pixels of level {level}")
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise SlideError(f"has corrupt image data at level {level} {where} ({type(e).__name__}: {reason})",
+                         path=path or getattr(osr, "_filename", None),
+                         hint="Copy the file again from its source (a damaged copy or a failing disk).") from None
+
+
 def _is_tiff(file: Path) -> bool:
     with open(file, "rb") as f:
         return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
