@@ -131,6 +131,8 @@ def _allowed_range(section: str, name: str) -> str | None:
             parts.append(f"less than {m.lt:g}")
         elif isinstance(m, at.Le):
             parts.append(f"at most {m.le:g}")
+    if not parts:  # bounds inside a union (num_workers): pydantic's own words say it better
+        return None
     whole = "int" in str(field.annotation) and "float" not in str(field.annotation)
     kind = "a whole number" if whole else "a finite number"
     return f"{kind} {' and '.join(parts)}".strip()

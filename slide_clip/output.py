@@ -24,20 +24,13 @@ OUTPUT_FILES = ("*.zarr.lock", "*_qc.png", "cohort-*.csv", "cohort-*.parquet", "
 
 def is_output_folder(folder: str | Path, out_dir: str | Path | None = None) -> bool:
     """Whether ``folder`` is ``out_dir`` or holds what slide-clip writes (a store or statuses)."""
-    import json
-
     d = Path(folder)
     if out_dir is not None and os.path.abspath(d) == os.path.abspath(out_dir):
         return True
     status = d / "status"
     if status.is_dir() and any(status.glob("*.json")):
         return True
-    for store in d.glob("*.zarr/zarr.json"):
-        try:
-            return "slide_clip" in json.loads(store.read_text()).get("attributes", {})
-        except (OSError, ValueError, AttributeError):
-            continue
-    return False
+    return any(is_store(z.parent) for z in d.glob("*.zarr/zarr.json"))
 
 
 def is_store(folder: str | Path) -> bool:
