@@ -63,7 +63,8 @@ def run(
     prompts: List[str] = _PROMPTS,
     mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
     mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides "
-                                           "(over a manifest's mpp column; --mpp wins over both)."),
+                                           "(slide: a path, file name, name or id; each row must name one slide; "
+                                           "over a manifest's mpp column; --mpp wins over both)."),
     target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default: the µm/px the model was "
                                       "trained at, else 0.5)."),
     tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default: the "

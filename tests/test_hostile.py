@@ -446,6 +446,15 @@ def test_corrupt_jpeg_data_is_a_one_line_error_naming_where(tmp_path, cfg):
 
     slide = write_slide(tmp_path / "rot.tif", tissue_scene(1500, 1000, 0.5), 0.5, levels=3, compression="jpeg")
     x, y = h.corrupt_jpeg_tile(slide, row=3, col=4)  # inside the tissue, not the tile checked at open
+    # end to end: the thumbnail (read from level 0), then the tile loader (in a thread here; in reader
+    # processes: test_flows.py::test_cohort_flow_shares_reader_processes_and_a_slide_failing_mid_read_fails_alone)
+    for thumb in (2048, 512):
+        c = cfg.with_overrides(encode={"num_workers": 0}, tissue={"thumbnail_max_side": thumb})
+        [r] = embed_slides([slide], tmp_path / f"out{thumb}", c, progress=False)
+        assert r.status == "failed" and "unexpected error" not in r.error, r.error
+        assert r.error.startswith(f"{slide}: has corrupt image data at level 0 in its file tile at level-0 "
+                                  f"pixel ({x}, {y})"), r.error
+    # each decoder on its own: tifffile + imagecodecs (the loader's), and OpenSlide's
     for decoder, where in [("auto", f"in its file tile at level-0 pixel ({x}, {y})"),
                            ("openslide", "in the region at level-0 pixel")]:
         osr = open_for_reading(str(slide), decoder)
@@ -458,14 +467,6 @@ def test_corrupt_jpeg_data_is_a_one_line_error_naming_where(tmp_path, cfg):
         text = str(e.value)
         assert text.startswith(f"{slide}: has corrupt image data at level 0 {where}"), text
         assert "Copy the file again" in text and "\n" not in text
-    # end to end: the thumbnail (read from level 0), then the tile loader (in a thread here; in reader
-    # processes: test_flows.py::test_cohort_flow_shares_reader_processes_and_a_slide_failing_mid_read_fails_alone)
-    for thumb in (2048, 512):
-        c = cfg.with_overrides(encode={"num_workers": 0}, tissue={"thumbnail_max_side": thumb})
-        [r] = embed_slides([slide], tmp_path / f"out{thumb}", c, progress=False)
-        assert r.status == "failed" and "unexpected error" not in r.error, r.error
-        assert r.error.startswith(f"{slide}: has corrupt image data at level 0 in its file tile at level-0 "
-                                  f"pixel ({x}, {y})"), r.error
 
 
 def test_error_paths_are_absolute_whatever_form_they_were_given_in(hostile_dir, monkeypatch, tmp_path, cfg):
