@@ -24,7 +24,7 @@ from slide_clip_flows.process_slide import process_slide
 from slide_clip.config import PipelineConfig, load_config
 from slide_clip.errors import SlideClipError, shown_path
 from slide_clip.manifest import CohortSlide, cohort_scan, record_patients, split_settled
-from slide_clip.scan import skipped_line, write_skipped
+from slide_clip.scan import record_skipped
 from slide_clip_flows import quiet_user_errors
 from slide_clip_tasks.summary import summary_task
 
@@ -121,11 +121,10 @@ def process_cohort(
         cohort, skipped = cohort_scan(slides, pattern, out, allow_empty=allow_empty or settle_seconds > 0)
         cohort = _with_mpp(cohort, mpp, mpp_csv)
         Path(out).mkdir(parents=True, exist_ok=True)
-        skipped_file = write_skipped(out, skipped)  # out/skipped-files.csv: every skipped file, with its reason
     except SlideClipError as exc:
         log.error(str(exc))
         raise
-    line = skipped_line(skipped, skipped_file)
+    line, skipped_file = record_skipped(out, skipped)  # and out/skipped-files.csv: every one, with its reason
     if line:  # a cohort never shrinks without a word
         log.warning(line)
     cohort, waiting = split_settled(cohort, settle_seconds)

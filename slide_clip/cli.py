@@ -149,7 +149,7 @@ def embed(
     from slide_clip.mpp_overrides import check_mpp_value, read_mpp_csv
     from slide_clip.output import ensure_out_dir
     from slide_clip.pipeline import embed_slides
-    from slide_clip.scan import SKIPPED_FILE, scan_slides, skipped_line, write_skipped
+    from slide_clip.scan import record_skipped, scan_slides, skipped_line
 
     try:
         cfg = load_config(config).with_overrides(
@@ -166,7 +166,7 @@ def embed(
             line = skipped_line(scan.skipped)
             _fail(f"no slides found in {', '.join(map(str, slides))}" + (f" ({line})" if line else ""))
         ensure_out_dir(out)
-        line = skipped_line(scan.skipped, write_skipped(out, scan.skipped) or Path(out) / SKIPPED_FILE)
+        line, _ = record_skipped(out, scan.skipped)
         if line:  # a cohort never shrinks without a word
             typer.echo(line, err=True)
 

@@ -248,3 +248,20 @@ def write_skipped(out_dir: str | Path, skipped: list[Skipped]) -> Path | None:
         finally:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def record_skipped(out_dir: str | Path, skipped: list[Skipped]) -> tuple[str | None, Path | None]:
+    """Write ``out/skipped-files.csv`` and return (the one-line notice, the file written).
+
+    A disk that cannot take the list (full, read-only) does not stop the run: the slides
+    meet that disk with their own errors; the notice says the list was not written.
+    """
+    from slide_clip.errors import OutputError
+
+    try:
+        written = write_skipped(out_dir, skipped)
+    except OutputError as e:
+        line = skipped_line(skipped)
+        return (f"{line} (the full list was not written: {e})" if line else None), None
+    return skipped_line(skipped, written), written
+
