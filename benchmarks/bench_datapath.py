@@ -24,6 +24,10 @@ Sections (``--sections``, comma-separated; all by default on a CPU):
 * ``startup``: process start -> first encoded batch (``slide-clip embed`` of the
   40,000 x 30,000 slide with the tiny model), best of ``--repeats``; and the time a bare
   interpreter takes to ``import torch`` and ``import open_clip`` (the floor under it).
+* ``refused`` (only when named): a slide refused at its checks (2 µm/px, coarser than the
+  0.5 µm/px target), ``slide-clip embed --model random:ViT-B-32``: seconds from process start
+  to exit; and a good small slide's first encoded batch with the same model (the start-up
+  overlap of the model build with tissue detection), each of ``--repeats`` runs.
 * Peak RSS of the command's process tree for ``e2e`` and ``cohort`` (``/proc`` polling).
 * ``codec`` (only when named): OpenSlide ``read_region`` strips vs tifffile + imagecodecs
   decoding the same JPEG tiles (:mod:`slide_clip.jpeg_tiff`), both cut by ``read_tiles``: tiles/s by
@@ -333,6 +337,34 @@ def startup(slide: Path, out: Path, args: list[str], repeats: int) -> dict:
             "first_batch_best_s": round(min(firsts), 2)}
 
 
+def refused(work: Path, repeats: int) -> dict:
+    """A refused slide's wall time to exit, and a good slide's first batch, with random:ViT-B-32."""
+    import shutil
+
+    from slide_clip.synthetic import write_slide
+
+    coarse = work / "slides" / "coarse_2mpp.tif"
+    if not coarse.is_file():
+        coarse.parent.mkdir(parents=True, exist_ok=True)
+        write_slide(coarse, be.bench_scene(15 * be.TILE_L0, 13 * be.TILE_L0, 4, 4), 2.0, levels=2)
+    exe = Path(sys.executable).with_name("slide-clip")
+    args = ["--model", "random:ViT-B-32", "--device", "cpu", "--precision", "fp32", "--batch-size", "32"]
+    walls = []
+    for _ in range(repeats):
+        out = work / "out_refused"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        p = subprocess.run([str(exe), "embed", str(coarse), "--out", str(out), "--no-progress", *args],
+                           capture_output=True, text=True)
+        walls.append(round(time.perf_counter() - t0, 2))
+        if p.returncode != 1 or "coarser than the target" not in p.stdout + p.stderr:
+            raise SystemExit(f"the coarse slide was not refused:\n{p.stdout}\n{p.stderr}")
+    good = make_jpeg_slide(work, 20 * be.TILE_L0, 16 * be.TILE_L0, 4, 4, "small_t4x4")
+    first = startup(good, work / "out_refused_good", args + ["--workers", "auto"], repeats)
+    return {"refused_exit_s": walls, "refused_exit_best_s": min(walls), "good_first_batch_s": first["first_batch_s"],
+            "good_first_batch_best_s": first["first_batch_best_s"], "good_exit_s": first["exit_s"]}
+
+
 # ----------------------------------------------------------------------------- GPU
 class GpuSampler:
     def __init__(self, interval_ms: int = 200):
@@ -382,7 +414,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/slideclip-bench-dp"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--sections", default=None, help="decode,e2e,cohort,compute,startup (cpu) or gpu; "
-                    "codec (OpenSlide vs tifffile on the large slide and --codec-slides) runs only when named")
+                    "codec (OpenSlide vs tifffile on the large slide and --codec-slides) and refused (a refused "
+                    "slide's exit, a good slide's first batch, random:ViT-B-32) run only when named")
     ap.add_argument("--codec-slides", nargs="*", type=Path, default=[],
                     help="more JPEG TIFF/SVS slides for the codec section (level 0 tiled)")
     ap.add_argument("--large", default="40000x30000", help="large slide, level-0 px")
@@ -459,6 +492,9 @@ def main(argv=None) -> int:
         res["startup"] = startup(large, w / "out_startup", tiny + ["--workers", "auto"], a.repeats)
         res["startup"].update(import_floor(a.repeats))
         print(json.dumps(res["startup"], indent=1), flush=True)
+    if "refused" in sections:
+        res["refused"] = refused(w, a.repeats)
+        print(json.dumps(res["refused"], indent=1), flush=True)
     if "gpu" in sections:
         res["gpu"] = gpu_section(large, w, a.batch_size)
         print(json.dumps(res["gpu"], indent=1), flush=True)

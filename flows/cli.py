@@ -63,7 +63,8 @@ def run(
     prompts: List[str] = _PROMPTS,
     mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
     mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides "
-                                           "(over a manifest's mpp column; --mpp wins over both)."),
+                                           "(slide: a path, file name, name or id; each row must name one slide; "
+                                           "over a manifest's mpp column; --mpp wins over both)."),
     target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default: the µm/px the model was "
                                       "trained at, else 0.5)."),
     tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default: the "
@@ -91,8 +92,8 @@ def run(
     Finished slides are skipped; changed prompts only re-score. Exit code 1 if any slide failed.
     The last lines say where the stores, heatmaps and cohort tables are.
     """
+    from slide_clip.mpp_overrides import check_mpp_value, read_mpp_csv
     from slide_clip.prompts import load_prompts
-    from slide_clip.slide import read_mpp_csv
 
     if clinical is not None and not (time and event):
         _fail("--clinical needs --time and --event (the follow-up time and event columns)")
@@ -102,20 +103,26 @@ def run(
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, batch_size, tiling, precision)
         for p in prompts:  # a bad prompt set fails now, not after every slide is embedded
             load_prompts(p)
-        if mpp_csv:
-            read_mpp_csv(mpp_csv)
-        from slide_clip.manifest import cohort_slides
+        check_mpp_value(mpp)
+        from slide_clip.manifest import cohort_scan
         from slide_clip.output import ensure_out_dir
         from slide_clip.pipeline import resampling_note
+        from slide_clip.scan import SKIPPED_FILE, skipped_line
 
-        cohort_slides(slides, pattern)  # no slide at all: one line now, before a server starts
+        # no slide at all, an --mpp-csv row naming no slide: one line now, before a server starts
+        cohort, skipped = cohort_scan(slides, pattern, out)
+        if mpp_csv:
+            read_mpp_csv(mpp_csv).match([(c.path, c.slide_id) for c in cohort])
         ensure_out_dir(out)
+        skipped_text = skipped_line(skipped, out / SKIPPED_FILE)
 
         note = resampling_note(cfg)  # the same check `embed` makes, said once
     except SlideClipError as e:
         _fail(str(e))
     if note:
         typer.echo(note, err=True)
+    if skipped_text:  # a cohort never shrinks without a word (the flow writes the full list)
+        typer.echo(skipped_text, err=True)
     from slide_clip_flows.temporary_server import temporary_server
 
     try:
@@ -151,6 +158,9 @@ def _report_run(result: dict, out: Path) -> None:
                 heatmap_dirs.add(str(d))
     n_failed = result["failed"]
     typer.echo(f"{len(result['slides']) - n_failed} of {len(result['slides'])} slides done, {n_failed} failed")
+    if result.get("skipped_files"):
+        typer.echo(f"skipped {len(result['skipped_files'])} files or folders that are not slides (listed with "
+                   f"the reasons in {result.get('skipped_list')})")
     typer.echo(f"stores: {out}/<slide>.zarr (QC pictures {out}/<slide>_qc.png)")
     for d in sorted(heatmap_dirs):
         typer.echo(f"heatmaps: {d}")

@@ -22,8 +22,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from slide_clip_flows.process_slide import process_slide
 from slide_clip.config import PipelineConfig, load_config
-from slide_clip.errors import SlideClipError
-from slide_clip.manifest import CohortSlide, cohort_slides, record_patients, split_settled
+from slide_clip.errors import SlideClipError, shown_path
+from slide_clip.manifest import CohortSlide, cohort_scan, record_patients, split_settled
+from slide_clip.scan import record_skipped
 from slide_clip_flows import quiet_user_errors
 from slide_clip_tasks.summary import summary_task
 
@@ -64,7 +65,7 @@ def run_slide(item: dict, out: str, config: PipelineConfig, prompts: list[str], 
             del params["encoder_limit"]
         fr = run_deployment(deployment, parameters=params, timeout=None, poll_interval=1)
         if not fr.state or not fr.state.is_completed():
-            error = f"{cs.path}: flow run {fr.name} ended {fr.state.name if fr.state else 'without a state'}"
+            error = f"{shown_path(cs.path)}: flow run {fr.name} ended {fr.state.name if fr.state else 'without a state'}"
     else:
         state = process_slide(**params, return_state=True)
         if not state.is_completed():
@@ -117,16 +118,19 @@ def process_cohort(
     cfg = config or load_config()
     log = get_run_logger()
     try:
-        cohort = _with_mpp(cohort_slides(slides, pattern, out, allow_empty=allow_empty or settle_seconds > 0),
-                           mpp, mpp_csv)
+        cohort, skipped = cohort_scan(slides, pattern, out, allow_empty=allow_empty or settle_seconds > 0)
+        cohort = _with_mpp(cohort, mpp, mpp_csv)
+        Path(out).mkdir(parents=True, exist_ok=True)
     except SlideClipError as exc:
         log.error(str(exc))
         raise
+    line, skipped_file = record_skipped(out, skipped)  # and out/skipped-files.csv: every one, with its reason
+    if line:  # a cohort never shrinks without a word
+        log.warning(line)
     cohort, waiting = split_settled(cohort, settle_seconds)
     for c in waiting:
         log.info(f"{c.path}: changed in the last {settle_seconds:g} s (still being copied?); left for the next run")
     log.info(f"{len(cohort)} slides, at most {max_concurrency} at a time -> {out}")
-    Path(out).mkdir(parents=True, exist_ok=True)
     record_patients(out, cohort)  # out/patients.csv: slides -> patients, for the survival models
     progress = _Progress(len(cohort))
     results = []
@@ -147,10 +151,13 @@ def process_cohort(
     score_sets = sorted({(name, s.get("model")) for r in results
                          for name, s in ((r.get("extra") or {}).get("scores") or {}).items()})
     tables = {name: summary_task(out, name, model, metadata, ids) for name, model in score_sets}
-    _report(results, tables, out)
+    skipped_rows = [{"path": shown_path(s.path) + ("/" if s.folder else ""),
+                     "reason": s.reason if s.label is None else f"{s.label} {s.reason}"} for s in skipped]
+    _report(results, tables, out, skipped_rows)
     n_failed = sum(r.get("status") == "failed" for r in results)
     result = {"slides": results, "tables": {k: {"csv": v["csv"], "parquet": v["parquet"]} for k, v in tables.items()},
-              "failed": n_failed}
+              "failed": n_failed, "skipped_files": skipped_rows,
+              "skipped_list": str(skipped_file) if skipped_file else None}
     if clusters:
         from slide_clip_tasks.explore import cluster_task
 
@@ -170,19 +177,23 @@ def process_cohort(
 
 
 def _with_mpp(cohort: list[CohortSlide], mpp: float | None, mpp_csv: str | None) -> list[CohortSlide]:
-    """Apply ``--mpp`` (every slide) or ``--mpp-csv`` (per slide) over the manifest's own mpp."""
-    from slide_clip.slide import lookup_mpp, read_mpp_csv
+    """Apply ``--mpp`` (every slide) or ``--mpp-csv`` (per slide) over the manifest's own mpp.
 
+    Checked before any slide runs: a bad value, a CSV row matching no slide or several, or
+    two rows giving one slide different values stop the run (:mod:`slide_clip.mpp_overrides`).
+    """
+    from slide_clip.mpp_overrides import check_mpp_value, read_mpp_csv
+
+    mpp = check_mpp_value(mpp)
+    table = read_mpp_csv(mpp_csv).match([(c.path, c.slide_id) for c in cohort]) if mpp_csv else {}
     if mpp is not None:
         return [dataclasses.replace(c, mpp=mpp) for c in cohort]
-    if mpp_csv:
-        table = read_mpp_csv(mpp_csv)
-        return [dataclasses.replace(c, mpp=lookup_mpp(table, c.path, c.slide_id) or c.mpp) for c in cohort]
-    return cohort
+    return [dataclasses.replace(c, mpp=table.get(c.path, c.mpp)) for c in cohort]
 
 
-def _report(results: list[dict], tables: dict, out: str) -> None:
-    """A table artifact per score set and a markdown artifact of per-slide status and heatmaps."""
+def _report(results: list[dict], tables: dict, out: str, skipped: list[dict] = ()) -> None:
+    """A table artifact per score set and a markdown artifact of per-slide status and heatmaps
+    (and of the files and folders the scan skipped, with the reasons)."""
     for name, t in tables.items():
         create_table_artifact(t["rows"], key=f"cohort-summary-{name.replace('_', '-').lower()}",
                               description=f"Cohort summary ({name}): one row per slide. {t['csv']}")
@@ -199,4 +210,7 @@ def _report(results: list[dict], tables: dict, out: str) -> None:
                 parts.append(f"{name}: **{s.get('predicted')}** {maps}")
             detail = "<br>".join(parts)
         lines.append(f"| {r.get('slide_id')} | {r.get('status')} | {r.get('n_tiles', '')} | {detail} |")
+    if skipped:
+        lines += ["", f"## Skipped: {len(skipped)} files or folders that are not slides", "",
+                  "| path | reason |", "|---|---|"] + [f"| `{s['path']}` | {s['reason']} |" for s in skipped]
     create_markdown_artifact("\n".join(lines), key="cohort-report", description="Per-slide status and heatmaps")

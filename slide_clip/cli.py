@@ -51,10 +51,20 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ):
     """Print each slide's metadata: size, levels, resolution, vendor."""
-    from slide_clip.slide import find_slides, slide_info
+    from slide_clip.mpp_overrides import check_mpp_value
+    from slide_clip.scan import scan_slides, skipped_line
+    from slide_clip.slide import slide_info
 
+    try:
+        mpp = check_mpp_value(mpp)
+    except SlideClipError as e:
+        _fail(str(e))
+    scan = scan_slides(slides)
+    line = skipped_line(scan.skipped)
+    if line:
+        typer.echo(line, err=True)
     rows, failed = [], 0
-    for s in find_slides(slides):
+    for s in scan.slides:
         try:
             i = slide_info(s, mpp)
         except SlideClipError as e:
@@ -114,7 +124,8 @@ def embed(
     checkpoint: Optional[Path] = typer.Option(None, help="Local weights file for the model (offline use)."),
     registry: List[Path] = typer.Option([], "--models", help="Extra model registry YAML files."),
     mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
-    mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides."),
+    mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides "
+                                           "(slide: a path, file name, name or id; each row must name one slide)."),
     target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default: the µm/px the model was trained at, "
                                       "else 0.5)."),
     tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default: the model's input "
@@ -135,8 +146,10 @@ def embed(
     Goes on past a bad slide; ends with a status line per slide and exit code 1 if any failed.
     """
     from slide_clip.config import load_config
+    from slide_clip.mpp_overrides import check_mpp_value, read_mpp_csv
+    from slide_clip.output import ensure_out_dir
     from slide_clip.pipeline import embed_slides
-    from slide_clip.slide import find_slides, read_mpp_csv
+    from slide_clip.scan import record_skipped, scan_slides, skipped_line
 
     try:
         cfg = load_config(config).with_overrides(
@@ -145,10 +158,17 @@ def embed(
                     "registries": tuple(str(r) for r in registry) or None, "batch_size": batch_size,
                     "num_workers": workers, "device": device, "precision": precision},
         )
+        mpp = check_mpp_value(mpp)
         mpps = read_mpp_csv(mpp_csv) if mpp_csv else None
-        paths = find_slides(slides, pattern)
+        scan = scan_slides(slides, pattern, out)
+        paths = scan.slides
         if not paths:
-            _fail(f"no slides found in {', '.join(map(str, slides))}")
+            line = skipped_line(scan.skipped)
+            _fail(f"no slides found in {', '.join(map(str, slides))}" + (f" ({line})" if line else ""))
+        ensure_out_dir(out)
+        line, _ = record_skipped(out, scan.skipped)
+        if line:  # a cohort never shrinks without a word
+            typer.echo(line, err=True)
 
         def report(r):
             line = f"{r.status:8s} {r.name}"

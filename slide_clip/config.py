@@ -8,17 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slide_clip.errors import ConfigError
 from slide_clip.resources import config_file
+from slide_clip.yaml_files import read_yaml
 
 DEFAULT_CONFIG = config_file("default.yaml")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN passes every bound check (nan > 0 and nan <= 50 are both False,
+    # so pydantic reported "less than or equal to 50"); NaN and inf are refused as not finite
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 #: The tissue-detection algorithm (:func:`slide_clip.tissue.tissue_mask`), recorded in every
@@ -110,7 +112,42 @@ class PipelineConfig(_Section):
         data = self.model_dump()
         for section, values in sections.items():
             data[section].update({k: v for k, v in (values or {}).items() if v is not None})
-        return _validate(data, "options given")
+        return _validate(data, None)
+
+
+#: Configuration fields set by command-line options, named as the user typed them.
+OPTIONS = {"tiling.target_mpp": "--target-mpp", "tiling.tile_size": "--tile-size", "tiling.overlap": "--overlap",
+           "tiling.min_tissue": "--min-tissue", "encode.batch_size": "--batch-size", "encode.num_workers": "--workers",
+           "encode.device": "--device", "encode.precision": "--precision", "heatmap.smoothing_tiles": "--smooth",
+           "heatmap.scale": "--scale", "scoring.topk": "--topk", "scoring.decision": "--decision"}
+
+_NUMBER_ERRORS = {"finite_number", "greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                  "float_parsing", "float_type", "int_parsing", "int_type", "int_from_float"}
+
+
+def _allowed_range(section: str, name: str) -> str | None:
+    """What a numeric field accepts, in words ("a finite number greater than 0 and at most 50")."""
+    import annotated_types as at
+
+    model = PipelineConfig.model_fields.get(section)
+    field = model.annotation.model_fields.get(name) if model is not None else None
+    if field is None:
+        return None
+    parts = []
+    for m in field.metadata:
+        if isinstance(m, at.Gt):
+            parts.append(f"greater than {m.gt:g}")
+        elif isinstance(m, at.Ge):
+            parts.append(f"at least {m.ge:g}")
+        elif isinstance(m, at.Lt):
+            parts.append(f"less than {m.lt:g}")
+        elif isinstance(m, at.Le):
+            parts.append(f"at most {m.le:g}")
+    if not parts:  # bounds inside a union (num_workers): pydantic's own words say it better
+        return None
+    whole = "int" in str(field.annotation) and "float" not in str(field.annotation)
+    kind = "a whole number" if whole else "a finite number"
+    return f"{kind} {' and '.join(parts)}".strip()
 
 
 def _field(loc) -> str:
@@ -118,15 +155,29 @@ def _field(loc) -> str:
     return ".".join(str(x) for x in loc if not (isinstance(x, str) and ("[" in x or x.startswith("constrained-"))))
 
 
-def _validate(data: Any, source: str) -> PipelineConfig:
+def _validate(data: Any, source: str | None) -> PipelineConfig:
+    """``data`` as a config; ``source`` is the file it came from, None for command-line options."""
     try:
         return PipelineConfig.model_validate(data or {})
     except ValidationError as e:
         errors = e.errors()
-        where = _field(errors[0]["loc"])
+        first = errors[0]
+        where = _field(first["loc"])
         msgs = [err["msg"] for err in errors if _field(err["loc"]) == where]  # one per union branch
         msg = " or ".join(dict.fromkeys(m if i == 0 else m.removeprefix("Input should be ").strip()
                                         for i, m in enumerate(msgs)))
+        parts = where.split(".")
+        value = first.get("input")
+        shown = f"{value:g}" if isinstance(value, float) else repr(value)
+        allowed = _allowed_range(*parts) if first["type"] in _NUMBER_ERRORS and len(parts) == 2 else None
+        if allowed:
+            msg = f"{shown} is not {allowed}"
+        if source is None:  # command-line options: name the option as typed
+            option = OPTIONS.get(where)
+            if option:
+                raise ConfigError(f"{option} {shown}: must be {allowed} ({where})" if allowed
+                                  else f"{option} {shown}: {msg} ({where})") from None
+            raise ConfigError(f"invalid option setting {where}: {msg}") from None
         raise ConfigError(f"invalid configuration: {where}: {msg}", path=source) from None
 
 
@@ -135,10 +186,7 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
     p = Path(path) if path else DEFAULT_CONFIG
     if not p.is_file():
         raise ConfigError("config file not found", path=p)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config is not valid YAML ({e.__class__.__name__})", path=p) from None
+    data = read_yaml(p, "config")
     if data is not None and not isinstance(data, dict):
         raise ConfigError("config must be a mapping of sections (tissue, tiling, encode, scoring, heatmap)", path=p)
     cfg = _validate(data, str(p))

@@ -7,19 +7,33 @@ line, never a traceback.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
-class SlideClipError(Exception):
-    """A problem with the user's input or environment, explained in one line."""
+def shown_path(path: str | Path) -> str:
+    """How a file is named in a message: always its absolute path (``~`` expanded, ``..``
+    folded, symbolic links kept as given), so a line means the same file wherever it is read
+    (a log, a status file, a cohort table) and whichever form the path was given in."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
-    def __init__(self, problem: str, *, path: str | Path | None = None, hint: str | None = None):
-        self.path = str(path) if path is not None else None
+
+class SlideClipError(Exception):
+    """A problem with the user's input or environment, explained in one line.
+
+    ``path`` (one path, or a list of them) is shown absolute (:func:`shown_path`).
+    """
+
+    def __init__(self, problem: str, *, path: str | Path | list | tuple | None = None, hint: str | None = None):
+        if isinstance(path, (list, tuple)):
+            self.path = ", ".join(shown_path(p) for p in path) if path else None
+        else:
+            self.path = shown_path(path) if path is not None else None
         self.problem = problem
         self.hint = hint
         text = problem if self.path is None else f"{self.path}: {problem}"
         if hint:
-            text = f"{text}. {hint}" if not text.endswith(".") else f"{text} {hint}"
+            text = f"{text}. {hint}" if not text.endswith((".", "?", "!")) else f"{text} {hint}"
         super().__init__(" ".join(text.split()))  # always one line
 
 

@@ -80,7 +80,13 @@ class JpegTiffReader:
                 self._cache.move_to_end(key)
                 return tile
         data = os.pread(self._fd, int(page.databytecounts[k]), int(page.dataoffsets[k]))
-        tile = page.decode(data, k, jpegtables=page.jpegtables)[0][0]  # outside the lock: decodes in parallel
+        try:
+            tile = page.decode(data, k, jpegtables=page.jpegtables)[0][0]  # outside the lock: decodes in parallel
+        except Exception as e:  # corrupt data: say which file tile (slide.read_region reports it)
+            r, c = divmod(k, -(-page.imagewidth // page.tilewidth))
+            ds = self.osr.level_downsamples[level]
+            e.tile_origin = (round(c * page.tilewidth * ds), round(r * page.tilelength * ds))
+            raise
         with self._lock:
             if key not in self._cache:
                 self._cache[key] = tile

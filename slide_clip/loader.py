@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from slide_clip.errors import SlideError
 from slide_clip.tiling import TileGrid
 
 #: Batches each reader process may hold read ahead of the consumer.
@@ -71,7 +72,7 @@ def read_batch(job: TileJob, handles: "collections.OrderedDict") -> tuple[torch.
     while len(handles) > HANDLES_PER_WORKER:
         _, old = handles.popitem(last=False)
         old.close()
-    tiles = read_tiles(osr, job.coords, job.grid)
+    tiles = read_tiles(osr, job.coords, job.grid, path=job.slide_file)
     idx = torch.arange(job.first, job.first + len(job.coords))
     if job.preprocess is None:
         return idx, torch.from_numpy(tiles)
@@ -108,6 +109,8 @@ def _worker_main(tasks, results, idle_close: float = IDLE_CLOSE_SECONDS) -> None
             break
         try:
             out = ("ok", job.job_id, read_batch(job, handles))
+        except SlideError as e:  # the slide's own one-line error (corrupt image data)
+            out = ("slide-error", job.job_id, str(e))
         except Exception:  # noqa: BLE001 - handed to the consumer, which fails that slide
             out = ("error", job.job_id, traceback.format_exc())
         results.put(out)
@@ -357,6 +360,8 @@ class ReaderPool:
         self._fill()
         if status == "error":
             raise ReaderError(payload)
+        if status == "slide-error":
+            raise SlideError(payload)  # already one line naming the file
         return payload
 
 

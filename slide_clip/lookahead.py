@@ -107,10 +107,11 @@ def prepare_slide(slide, out_dir, cfg: PipelineConfig, encoders, readers: Reader
         with contextlib.ExitStack() as stack:
             stack.enter_context(output_errors(path))
             stack.enter_context(store_lock(path))
-            if overwrite or not _finished(path, encoders.spec):
-                encoders.preload()  # the model builds while tissue is found
+            # the model builds while tissue is found, once the slide has passed its checks: a
+            # refused slide (resolution, another file's store) never waits for a model build
+            checked = encoders.preload if overwrite or not _finished(path, encoders.spec) else None
             stack.callback(_join_quietly, background)  # a failure below: never leave a writer behind
-            store = tile_slide(osr, info, cfg, path, overwrite=overwrite, background=background)
+            store = tile_slide(osr, info, cfg, path, overwrite=overwrite, background=background, checked=checked)
             done = embeddings_done(store, encoders.spec, encoders.encoder)
             enc = encoder = None
             if not done:

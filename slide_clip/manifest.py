@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slide_clip.errors import ConfigError
-from slide_clip.slide import find_slides, slide_id
+from slide_clip.slide import slide_id
 
 
 @dataclass(frozen=True)
@@ -67,36 +67,50 @@ def read_manifest(path: str | Path) -> list[CohortSlide]:
 
 def cohort_slides(inputs: list[str | Path], pattern: str | None = None, out_dir: str | Path | None = None,
                   *, allow_empty: bool = False) -> list[CohortSlide]:
-    """Expand files, folders (with ``pattern``) and ``.csv`` manifests into cohort slides.
+    """The slides of :func:`cohort_scan` (what the scan skipped is dropped: report it)."""
+    return cohort_scan(inputs, pattern, out_dir, allow_empty=allow_empty)[0]
+
+
+def cohort_scan(inputs: list[str | Path], pattern: str | None = None, out_dir: str | Path | None = None,
+                *, allow_empty: bool = False) -> tuple[list[CohortSlide], list]:
+    """Expand files, folders (with ``pattern``) and ``.csv`` manifests into cohort slides, and
+    the files and folders the scan skipped (:class:`slide_clip.scan.Skipped`, with reasons).
 
     Each slide gets an id unique among them and within ``out_dir``
-    (:func:`slide_clip.slide_ids.assign_slide_ids`). No slide at all is a
-    :class:`ConfigError` unless ``allow_empty`` (a watched folder may be empty).
+    (:func:`slide_clip.slide_ids.assign_slide_ids`); ``out_dir`` inside an input folder is
+    never searched for slides. No slide at all is a :class:`ConfigError` (saying what was
+    skipped) unless ``allow_empty`` (a watched folder may be empty).
     """
     from dataclasses import replace
 
+    from slide_clip.scan import scan_slides, skipped_line
     from slide_clip.slide_ids import assign_slide_ids
 
     out: list[CohortSlide] = []
     plain: list[str | Path] = []
+    skipped: list = []
     for item in inputs:
         if str(item).lower().endswith(".csv"):
             out.extend(read_manifest(item))
         else:
             plain.append(item)
     if plain:
-        out.extend(CohortSlide(str(p)) for p in find_slides(plain, pattern))
+        scan = scan_slides(plain, pattern, out_dir)
+        out.extend(CohortSlide(str(p)) for p in scan.slides)
+        skipped = scan.skipped
     seen: set[str] = set()
     out = [c for c in out if not (c.path in seen or seen.add(c.path))]  # a slide given twice is one slide
     if not out and not allow_empty:
         what = ", ".join(map(str, inputs)) or "nothing"
-        raise ConfigError(f"no slides found in {what}" + (f" matching {pattern!r}" if pattern else ""),
+        line = skipped_line(skipped)
+        raise ConfigError(f"no slides found in {what}" + (f" matching {pattern!r}" if pattern else "")
+                          + (f" ({line})" if line else ""),
                           hint="Check the paths (and --pattern): a folder is searched for slide files "
                                "and DICOM series.")
     ids = assign_slide_ids([c.path for c in out], out_dir)
     out = [replace(c, name=ids[c.path]) for c in out]
     _check_unique(out, None)
-    return out
+    return out, skipped
 
 
 def _check_unique(rows: list[CohortSlide], where) -> None:

@@ -14,6 +14,35 @@ from pathlib import Path
 
 from slide_clip.errors import OutputError, SlideClipError
 
+#: What slide-clip writes into an output folder: folder and file name patterns (fnmatch). A
+#: folder scan (:mod:`slide_clip.scan`) never takes any of them as a slide. A new kind of
+#: output gets its pattern here.
+OUTPUT_FOLDERS = ("*.zarr", "status", "summaries", "heatmaps", "classifiers", "explore", "survival", "tables")
+OUTPUT_FILES = ("*.zarr.lock", "*_qc.png", "cohort-*.csv", "cohort-*.parquet", "patients.csv", "patients.csv.part",
+                "skipped-files.csv", ".slide-clip-write-test-*")
+
+
+def is_output_folder(folder: str | Path, out_dir: str | Path | None = None) -> bool:
+    """Whether ``folder`` is ``out_dir`` or holds what slide-clip writes (a store or statuses)."""
+    d = Path(folder)
+    if out_dir is not None and os.path.abspath(d) == os.path.abspath(out_dir):
+        return True
+    status = d / "status"
+    if status.is_dir() and any(status.glob("*.json")):
+        return True
+    return any(is_store(z.parent) for z in d.glob("*.zarr/zarr.json"))
+
+
+def is_store(folder: str | Path) -> bool:
+    """Whether ``folder`` is a slide-clip store (its root attributes say so)."""
+    import json
+
+    try:
+        return "slide_clip" in json.loads((Path(folder) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 #: errno -> (what happened, what to do)
 _DISK_ERRORS = {
     errno.ENOSPC: ("no space left on the device", "Free space (or use another --out) and run the same "

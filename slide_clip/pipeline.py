@@ -166,14 +166,19 @@ def _check_replaceable(path: Path, info: SlideInfo) -> None:
                          "of the same file", path=path, hint="Use another --out for this slide.")
 
 
-def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False) -> SlideStore:
+def detect_tissue(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False,
+                  checked=None) -> SlideStore:
     """Stage 1: check the resolution, read the thumbnail, find tissue; write them to a new store.
 
     An existing store is reused when it holds the same slide (fingerprint) at the same
     settings; another slide or other settings are an error unless ``overwrite``.
+    ``checked`` (a callable) is called once the slide has passed these checks, before the
+    thumbnail is read (``embed`` starts building the model there).
     """
     mpp_xy = check_mpp(info, target_mpp_for(cfg))
     store = _reusable(path, info, cfg, mpp_xy, overwrite)
+    if checked is not None:
+        checked()
     if store is not None:
         return store
     thumb = _read_thumbnail(osr, info, cfg)
@@ -202,7 +207,7 @@ def _read_thumbnail(osr, info: SlideInfo, cfg: PipelineConfig):
 
     reader = open_jpeg_tiff(osr, info.path, cache_bytes=0)  # a level is read once, band by band
     try:
-        return read_thumbnail(reader, cfg.tissue.thumbnail_max_side, info.mpp)
+        return read_thumbnail(reader, cfg.tissue.thumbnail_max_side, info.mpp, info.path)
     finally:
         if reader is not osr:
             reader.release()
@@ -264,10 +269,11 @@ def qc_title(slide: dict, grid: TileGrid, n_tiles: int, tissue_mm2: float | None
 
 
 def tile_slide(osr, info: SlideInfo, cfg: PipelineConfig, path: Path, *, overwrite: bool = False,
-               background: list | None = None) -> SlideStore:
+               background: list | None = None, checked=None) -> SlideStore:
     """Find tissue and lay the tile grid (stages 1 and 2) into the store at ``path``
-    (``background``: see :func:`lay_tiles`)."""
-    return lay_tiles(detect_tissue(osr, info, cfg, path, overwrite=overwrite), cfg, background=background)
+    (``background``: see :func:`lay_tiles`; ``checked``: see :func:`detect_tissue`)."""
+    return lay_tiles(detect_tissue(osr, info, cfg, path, overwrite=overwrite, checked=checked), cfg,
+                     background=background)
 
 
 class BackgroundWrite:
@@ -348,8 +354,11 @@ def _finished(path: Path, spec) -> bool:
 class EncoderCache:
     """Loads the configured encoder once, on first need (so finished slides load no model).
 
-    :meth:`preload` starts loading in a background thread, so that building the model
-    overlaps a slide's tissue detection; :meth:`get` waits for it (and raises its error).
+    :meth:`preload` starts loading in a background thread (and the tile readers' fork server,
+    :func:`_start_workers_early`), so that building the model overlaps a slide's tissue
+    detection; :meth:`get` waits for it (and raises its error). Callers preload once a slide
+    has passed its checks (opened, resolution valid, store reusable or new): a refused slide
+    never waits for a model it will not use.
     """
 
     def __init__(self, cfg: PipelineConfig, encoder=None):
@@ -362,6 +371,7 @@ class EncoderCache:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._workers_started = False
 
     def _load(self) -> None:
         from slide_clip.encoders import load_encoder
@@ -379,6 +389,9 @@ class EncoderCache:
 
     def preload(self) -> None:
         """Start loading in a background thread (no-op if loaded or already loading)."""
+        if not self._workers_started:
+            self._workers_started = True
+            _start_workers_early(self.cfg)  # the fork server's imports overlap tissue detection
         if self.encoder is None and self._thread is None:
             # Not a daemon: the interpreter waits for it at exit. A daemon thread still inside
             # torch's C++ code when the interpreter shuts down aborts the process
@@ -460,12 +473,14 @@ def embed_slide(
     from slide_clip.output import ensure_out_dir
     from slide_clip.slide_ids import assign_slide_ids
 
+    from slide_clip.mpp_overrides import check_mpp_value
+
     cfg = cfg or PipelineConfig()
+    mpp = check_mpp_value(mpp)
     own_cache = encoders is None
     encoders = encoders or EncoderCache(cfg, encoder)
     out = ensure_out_dir(out_dir)
     slide_id = slide_id or assign_slide_ids([slide], out)[str(slide)]
-    _start_workers_early(cfg)  # the fork server's imports overlap tissue detection
     own_readers = readers is None
     readers = readers or Readers(cfg)
     try:
@@ -483,13 +498,18 @@ def embed_slides(
     out_dir: str | Path,
     cfg: PipelineConfig | None = None,
     *,
-    mpps: dict[str, float] | None = None,
+    mpps=None,
     mpp: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
     on_result=None,
 ) -> list[SlideResult]:
     """Process several slides; a failing slide is recorded and the others go on.
+
+    ``mpp`` overrides every slide's resolution; ``mpps`` (a
+    :class:`slide_clip.mpp_overrides.MppTable` from ``read_mpp_csv``) per slide. Both are
+    checked before any slide is read: a bad value, or a CSV row matching no slide or
+    several, or two rows giving one slide different values, is a :class:`ConfigError`.
 
     The encoder is loaded once, when the first slide needs it, and one pool of tile-reader
     processes serves every slide. While a slide encodes, the next one is opened, checked,
@@ -500,15 +520,17 @@ def embed_slides(
     from slide_clip.errors import OutputError
     from slide_clip.lookahead import LookAhead, Readers, finish_slide, prepare_slide
     from slide_clip.output import ensure_out_dir
-    from slide_clip.slide import lookup_mpp
+    from slide_clip.mpp_overrides import check_mpp_value
     from slide_clip.slide_ids import assign_slide_ids
 
     if not slides:
         raise ConfigError("no slides to process (an empty folder, or a pattern that matches nothing)",
                           hint="Check the input paths and --pattern.")
     cfg = cfg or PipelineConfig()
+    mpp = check_mpp_value(mpp)
     ensure_out_dir(out_dir)
     ids = assign_slide_ids(slides, out_dir)
+    overrides = mpps.match([(s, ids[str(s)]) for s in slides]) if mpps is not None else {}
     encoders = EncoderCache(cfg)
     readers = Readers(cfg)  # one pool of reader processes for every slide of the run
     results: list[SlideResult] = []
@@ -516,12 +538,12 @@ def embed_slides(
     def prepare(i: int, turn):
         s = slides[i]
         sid = ids[str(s)]
-        override = mpp if mpp is not None else (lookup_mpp(mpps, s, sid) if mpps else None)
+        override = mpp if mpp is not None else overrides.get(str(s))
         return prepare_slide(s, out_dir, cfg, encoders, readers, mpp=override, overwrite=overwrite, slide_id=sid,
                              turn=turn)
 
-    _start_workers_early(cfg)
-    # the next slides are checked, masked and tiled while this one encodes
+    # the next slides are checked, masked and tiled while this one encodes; the model build
+    # (and the readers' fork server) starts once a slide has passed its checks (prepare_slide)
     ahead = LookAhead(len(slides), prepare, depth=LOOKAHEAD_SLIDES, threads=LOOKAHEAD_THREADS)
     try:
         for i, s in enumerate(slides):
@@ -654,8 +676,10 @@ def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, enco
 
 def unexpected_error(slide, exc: BaseException) -> str:
     """One line for an error that is not the user's (a bug or a system fault)."""
+    from slide_clip.errors import shown_path
+
     detail = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
-    return f"{slide}: unexpected error: {detail}"
+    return f"{shown_path(slide)}: unexpected error: {detail}"
 
 
 def record_status(out_dir, r: SlideResult) -> None:

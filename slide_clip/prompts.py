@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from slide_clip.errors import ConfigError
 from slide_clip.resources import config_file
+from slide_clip.yaml_files import read_yaml
 
 PROMPTS_DIR = config_file("prompts")
 
@@ -141,11 +142,11 @@ def load_prompts(name_or_path: str | Path) -> PromptSet:
     """Read and validate a prompt set; errors name the file and the problem."""
     p = resolve_prompts_path(name_or_path)
     try:
-        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = read_yaml(p, "prompt set", _UniqueKeyLoader)
     except ConfigError as e:
+        if e.path is not None:  # already names the file (a syntax error, an unreadable file)
+            raise
         raise ConfigError(f"invalid prompt set: {e}", path=p) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"prompt set is not valid YAML ({type(e).__name__})", path=p) from None
     if not isinstance(data, dict):
         raise ConfigError("prompt set must be a mapping with name, templates and classes", path=p)
     try:

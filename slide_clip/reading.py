@@ -69,17 +69,20 @@ def strip_runs(coords: np.ndarray, grid: TileGrid, max_width: int = MAX_STRIP_PX
     return runs
 
 
-def read_tiles(osr, coords: np.ndarray, grid: TileGrid, *, max_width: int = MAX_STRIP_PX) -> np.ndarray:
+def read_tiles(osr, coords: np.ndarray, grid: TileGrid, *, max_width: int = MAX_STRIP_PX, path=None) -> np.ndarray:
     """Tiles at level-0 ``coords`` as one ``(n, tile_size, tile_size, 3)`` uint8 array.
 
-    Each tile equals ``np.asarray(read_tile(osr, x, y, grid))`` exactly.
+    Each tile equals ``np.asarray(read_tile(osr, x, y, grid))`` exactly. Corrupt image data is
+    a :class:`~slide_clip.errors.SlideError` naming ``path``, the level and where.
     """
+    from slide_clip.slide import read_region
+
     n = len(coords)
     size = grid.tile_size
     out = np.empty((n, size, size, 3), dtype=np.uint8)
     if not groupable(grid):
         for k in range(n):
-            out[k] = np.asarray(read_tile(osr, int(coords[k, 0]), int(coords[k, 1]), grid))
+            out[k] = np.asarray(read_tile(osr, int(coords[k, 0]), int(coords[k, 1]), grid, path))
         return out
     ds = int(grid.read_downsample)
     level = grid.read_level
@@ -88,7 +91,7 @@ def read_tiles(osr, coords: np.ndarray, grid: TileGrid, *, max_width: int = MAX_
         sx, sy = boxes[0][0], boxes[0][1]
         sw = boxes[-1][0] + boxes[-1][2] - sx
         sh = max(b[3] for b in boxes)
-        strip = _rgba_to_rgb_white(osr.read_region((sx * ds, sy * ds), level, (sw, sh)))
+        strip = _rgba_to_rgb_white(read_region(osr, (sx * ds, sy * ds), level, (sw, sh), path))
         arr = np.asarray(strip)
         for k, (ix, iy, w, h, box) in zip(range(i, j), boxes):
             if box == (0.0, 0.0, float(w), float(h)) and (w, h) == (size, size):

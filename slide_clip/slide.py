@@ -10,16 +10,14 @@ metadata unless the caller gives an override; where it came from is recorded.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import openslide
 
-from slide_clip.errors import ConfigError, MppError, SlideError
+from slide_clip.errors import MppError, SlideError
 
 #: Possible range of a scan's level-0 resolution, µm/px: a real scan may be coarse (a DICOM
 #: overview at 30 µm/px), but nothing outside this range is a microscope scan.
@@ -232,6 +230,42 @@ def _check_last_tile(osr, path) -> None:
         reason = str(e).strip() or type(e).__name__
         raise SlideError(f"is truncated or corrupt: its last tile cannot be read ({reason[:200]})",
                          path=path, hint=_RECOPY) from None
+
+
+def is_decode_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a codec's or OpenSlide's failure to decode a slide's image data."""
+    return isinstance(exc, openslide.OpenSlideError) or type(exc).__module__.split(".")[0] == "imagecodecs"
+
+
+def read_region(osr, location: tuple[int, int], level: int, size: tuple[int, int], path=None):
+    """``osr.read_region``, with the slide's corrupt image data (bit rot, a damaged copy) as a
+    one-line :class:`SlideError` naming the file, the level and the level-0 position.
+
+    Both decoders raise there: OpenSlide's (``OpenSlideError``) and tifffile + imagecodecs'
+    (:mod:`slide_clip.jpeg_tiff`, which marks the file tile it failed on). ``path`` names
+    the slide (default: the file the handle was opened from).
+    """
+    try:
+        return osr.read_region(location, level, size)
+    except Exception as e:
+        if not is_decode_error(e):
+            raise
+        tile = getattr(e, "tile_origin", None)
+        if tile is not None:
+            where = f"in its file tile at level-0 pixel ({int(tile[0])}, {int(tile[1])})"
+        else:  # OpenSlide does not say which of the region's file tiles failed
+            x, y = int(location[0]), int(location[1])
+            try:
+                ds = float(osr.level_downsamples[level])
+            except Exception:  # noqa: BLE001 - an OpenSlide handle refuses every call after an error
+                ds = None
+            where = (f"in the region of level-0 pixels ({x}, {y}) to "
+                     f"({x + round(size[0] * ds)}, {y + round(size[1] * ds)})" if ds else
+                     f"in the region at level-0 pixel ({x}, {y}), {size[0]} x {size[1]} pixels of level {level}")
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise SlideError(f"has corrupt image data at level {level} {where} ({type(e).__name__}: {reason})",
+                         path=path or getattr(osr, "_filename", None),
+                         hint="Copy the file again from its source (a damaged copy or a failing disk).") from None
 
 
 def _is_tiff(file: Path) -> bool:
@@ -466,91 +500,8 @@ def _round_up(v: float) -> float:
     return round(math.ceil(v / e - 1e-9) * e, 10)
 
 
-def read_mpp_csv(path: str | Path) -> dict[str, float]:
-    """Read a CSV of per-slide mpp overrides.
+def find_slides(inputs: list[str | Path], pattern: str | None = None, out_dir: str | Path | None = None) -> list[Path]:
+    """The slides in files and folders: :func:`slide_clip.scan.find_slides` (which see)."""
+    from slide_clip.scan import find_slides as find
 
-    Columns ``slide`` (a path, a file name or a slide id) and ``mpp`` (µm/px). Keys of the
-    returned mapping are the ``slide`` values as given and their slide ids, so a slide is
-    matched by its full path, its file name or its id.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("mpp CSV not found", path=p)
-    out: dict[str, float] = {}
-    with open(p, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"slide", "mpp"} <= set(reader.fieldnames):
-            raise ConfigError(
-                "mpp CSV needs the columns 'slide' and 'mpp'", path=p, hint="Add a header row: slide,mpp"
-            )
-        for i, row in enumerate(reader, start=2):
-            try:
-                mpp = float(row["mpp"])
-            except (TypeError, ValueError):
-                raise ConfigError(f"line {i}: mpp {row['mpp']!r} is not a number", path=p) from None
-            key = (row["slide"] or "").strip()
-            if not key:
-                raise ConfigError(f"line {i}: empty slide", path=p)
-            out[key] = mpp
-            out[Path(key).name] = mpp
-            out[slide_id(key)] = mpp
-    return out
-
-
-def lookup_mpp(mpps: dict[str, float], slide_path: str | Path, assigned_id: str | None = None) -> float | None:
-    """The override for ``slide_path`` (or its assigned slide id) in a mapping from :func:`read_mpp_csv`."""
-    p = Path(slide_path)
-    keys = [str(p), str(p.expanduser().resolve()), p.name] + ([assigned_id] if assigned_id else []) + [slide_id(p)]
-    for key in keys:
-        if key in mpps:
-            return mpps[key]
-    return None
-
-
-def find_slides(inputs: list[str | Path], pattern: str | None = None) -> list[Path]:
-    """Expand files and folders into a list of slide paths (each folder's slides sorted).
-
-    Folders are searched recursively for files whose extension OpenSlide handles, or that
-    match ``pattern``. DICOM files are grouped by series (SeriesInstanceUID) per folder: a
-    folder holding exactly one series and no other slide is that slide (the folder's path);
-    otherwise each series is a slide of its own, given by its largest file (OpenSlide finds
-    the rest of the series beside it). Two series in one folder are two slides.
-    """
-    exts = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
-            ".bif", ".dcm", ".czi", ".jpg", ".jpeg", ".png"}
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if not p.is_dir():
-            found.append(p)
-            continue
-        candidates = sorted(p.rglob(pattern)) if pattern else sorted(p.rglob("*"))
-        per_dir: dict[Path, list[Path]] = {}
-        dicom_dirs: set[Path] = set()
-        for f in candidates:
-            if not f.is_file() or f.name.startswith(".") or any(x.startswith(".") for x in f.relative_to(p).parts):
-                continue
-            if f.suffix.lower() in _DICOM_SUFFIXES:
-                dicom_dirs.add(f.parent)
-            elif pattern or f.suffix.lower() in exts:
-                per_dir.setdefault(f.parent, []).append(f)
-        for d in sorted(set(per_dir) | dicom_dirs):
-            others = per_dir.get(d, [])
-            series = dicom_series(d) if d in dicom_dirs else {}
-            if pattern:  # only the DICOM files the pattern matched count
-                matched = {f for f in candidates if f.parent == d}
-                series = {k: v for k, v in ((k, [f for f in v if f in matched]) for k, v in series.items()) if v}
-            slides = list(others)
-            if len(series) == 1 and not others:
-                slides.append(d)
-            else:
-                slides += [max(files, key=lambda f: (f.stat().st_size, f.name)) for files in series.values()]
-            found.extend(sorted(slides))
-    seen: set[str] = set()
-    unique = []
-    for f in found:
-        key = os.path.abspath(f)
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
+    return find(inputs, pattern, out_dir)

@@ -183,16 +183,19 @@ def level_box(x: int, y: int, grid: TileGrid) -> tuple[int, int, int, int, tuple
     return ix, iy, w, h, (lx - ix, ly - iy, lx - ix + ew, ly - iy + eh)
 
 
-def read_tile(osr, x: int, y: int, grid: TileGrid) -> Image.Image:
+def read_tile(osr, x: int, y: int, grid: TileGrid, path=None) -> Image.Image:
     """Read one tile: level-0 top-left (x, y), returned as a ``tile_size`` RGB image.
 
     Reads the smallest region of ``grid.read_level`` that covers the tile's exact extent and
     resamples that sub-pixel box to ``tile_size`` pixels (bicubic, antialiased when
-    shrinking). Unscanned (transparent) pixels become white.
+    shrinking). Unscanned (transparent) pixels become white. Corrupt image data is a
+    :class:`~slide_clip.errors.SlideError` naming ``path`` (:func:`slide_clip.slide.read_region`).
     """
+    from slide_clip.slide import read_region
+
     ds = grid.read_downsample
     ix, iy, w, h, box = level_box(x, y, grid)
-    region = osr.read_region((int(round(ix * ds)), int(round(iy * ds))), grid.read_level, (w, h))
+    region = read_region(osr, (int(round(ix * ds)), int(round(iy * ds))), grid.read_level, (w, h), path)
     rgb = _rgba_to_rgb_white(region)
     size = (grid.tile_size, grid.tile_size)
     if box == (0.0, 0.0, float(w), float(h)) and (w, h) == size:

@@ -41,13 +41,17 @@ class Thumbnail:
     mpp: float | None
 
 
-def read_thumbnail(osr, max_side: int = DEFAULT_THUMBNAIL_MAX_SIDE, mpp: float | None = None) -> Thumbnail:
+def read_thumbnail(osr, max_side: int = DEFAULT_THUMBNAIL_MAX_SIDE, mpp: float | None = None,
+                   path=None) -> Thumbnail:
     """Read the whole slide at a size whose longest side is ``max_side`` pixels or less.
 
     Reads the coarsest pyramid level still at least as large as the thumbnail, in strips,
     so memory stays bounded by the thumbnail and one strip, never by the slide's size.
-    Transparent (unscanned) areas become white.
+    Transparent (unscanned) areas become white. Corrupt image data is a
+    :class:`~slide_clip.errors.SlideError` naming ``path`` (:func:`slide_clip.slide.read_region`).
     """
+    from slide_clip.slide import read_region
+
     w0, h0 = osr.dimensions
     scale = min(1.0, max_side / max(w0, h0))
     tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
@@ -68,7 +72,7 @@ def read_thumbnail(osr, max_side: int = DEFAULT_THUMBNAIL_MAX_SIDE, mpp: float |
         ty1 = min(th, ty0 + rows_per_strip)
         ly0 = int(math.floor(ty0 * lh / th))
         ly1 = min(lh, int(math.ceil(ty1 * lh / th)))
-        region = osr.read_region((0, int(round(ly0 * ds))), level, (lw, max(1, ly1 - ly0)))
+        region = read_region(osr, (0, int(round(ly0 * ds))), level, (lw, max(1, ly1 - ly0)), path)
         rgb = _rgba_to_rgb_white(region)
         # Exact box of this band within the level strip, sub-pixel.
         box = (0.0, ty0 * lh / th - ly0, float(lw), ty1 * lh / th - ly0)

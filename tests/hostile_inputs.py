@@ -121,3 +121,30 @@ def dicom_truncated(dst: Path, cmu_dicom: Path) -> Path:
     data = vol.read_bytes()
     vol.write_bytes(data[: len(data) // 3])
     return dst
+
+
+# ------------------------------------------------------------------------------ input-side (issue 20)
+def dark_slide(path: Path) -> Path:
+    """A tiled RGB TIFF at 0.5 µm/px with a dark background (a fluorescence-like scan): it opens and
+    its resolution is valid, so it is refused only after its thumbnail is read."""
+    img = np.full((1024, 1536, 3), 12, np.uint8)
+    img[300:700, 400:1100] = (40, 200, 60)
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    return path
+
+
+def corrupt_jpeg_tile(path: Path, row: int, col: int, level_page: int = 0) -> tuple[int, int]:
+    """Flip 40 bytes in the middle of one JPEG file tile (row, col) of a tiled JPEG TIFF page, as bit
+    rot or a damaged copy would; returns that tile's level-0 origin (x, y) for level 0."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[level_page]
+        cols = -(-page.imagewidth // page.tilewidth)
+        k = row * cols + col
+        offset, size = int(page.dataoffsets[k]), int(page.databytecounts[k])
+        origin = (col * page.tilewidth, row * page.tilelength)
+    data = bytearray(path.read_bytes())
+    start = offset + size // 3
+    data[start:start + 40] = bytes(b ^ 0xFF for b in data[start:start + 40])
+    path.write_bytes(bytes(data))
+    return origin

@@ -223,3 +223,44 @@ def test_doctor_checks_the_installation(tmp_path, tiny_registry):
     assert "not found: give --checkpoint" in line("warn", "model tiny")
     assert "does not answer" in line("FAIL", "prefect")
     assert "Traceback" not in r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- option values (in-process)
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    import slide_clip_flows.cli  # noqa: F401 - adds `run` to the app
+    from slide_clip.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--target-mpp", "nan", "--target-mpp nan: must be a finite number greater than 0 and at most 50"),
+    ("--target-mpp", "inf", "--target-mpp inf: must be a finite number greater than 0 and at most 50"),
+    ("--overlap", "nan", "--overlap nan: must be a finite number at least 0 and less than 1"),
+    ("--min-tissue", "inf", "--min-tissue inf: must be a finite number at least 0 and at most 1"),
+    ("--tile-size", "3", "--tile-size 3: must be a whole number at least 16 and at most 4096"),
+    ("--mpp", "0", "--mpp 0: must be a finite positive number of µm per level-0 pixel"),
+    ("--mpp", "nan", "--mpp nan: must be a finite positive number of µm per level-0 pixel"),
+    ("--mpp", "inf", "--mpp inf: must be a finite positive number of µm per level-0 pixel"),
+    ("--mpp", "500", "--mpp 500: outside 0.05-80 µm per level-0 pixel"),
+])
+def test_bad_option_values_are_one_line_before_any_slide(tmp_path, make_slide, option, value, message):
+    good, _ = make_slide("tissue_0.5", mpp=0.5)
+    for command in ("embed", "run"):  # `run` says it before a server starts
+        r = _invoke(command, good, "--out", tmp_path / command, "--model", "random:ViT-B-32", option, value)
+        assert r.exit_code == 2, r.output
+        assert r.stderr.startswith(f"error: {message}") and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / command).exists()  # no slide was read, nothing written
+
+
+def test_unknown_random_architecture_names_the_lists(tmp_path, make_slide):
+    good, _ = make_slide("tissue_0.5", mpp=0.5)
+    for extra in ([], ["--tile-size", "224"]):
+        r = _invoke("embed", good, "--out", tmp_path, "--model", "random:ViT-B-23", *extra)
+        assert r.exit_code == 2, r.output
+        text = r.stderr.strip()
+        assert text.startswith("error: model 'random:ViT-B-23': unknown architecture 'ViT-B-23'"), text
+        assert "did you mean ViT-B-32" in text and "slide-clip models" in text and "list_models()" in text
+        assert "--tile-size" not in text and text.count("\n") == 0

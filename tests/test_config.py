@@ -16,10 +16,12 @@ def test_defaults_and_overrides():
 
 
 @pytest.mark.parametrize("section,values,message", [
-    ("encode", {"num_workers": "many"}, "encode.num_workers: Input should be 'auto' or a valid integer"),
-    ("encode", {"num_workers": -1}, "encode.num_workers: Input should be 'auto' or greater than or equal to 0"),
-    ("tiling", {"tile_size": 3}, "tiling.tile_size: Input should be greater than or equal to 16"),
-    ("scoring", {"decision": "vote"}, "scoring.decision: Input should be 'topk', 'mean' or 'area'"),
+    # options are named as typed, with the configuration field they set
+    ("encode", {"num_workers": "many"}, "--workers 'many': Input should be 'auto' or a valid integer"),
+    ("encode", {"num_workers": -1}, "--workers -1: Input should be 'auto' or greater than or equal to 0"),
+    ("tiling", {"tile_size": 3}, "--tile-size 3: must be a whole number at least 16 and at most 4096 "
+                                 "(tiling.tile_size)"),
+    ("scoring", {"decision": "vote"}, "--decision 'vote': Input should be 'topk', 'mean' or 'area'"),
 ])
 def test_bad_values_are_one_line(section, values, message):
     with pytest.raises(ConfigError) as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -300,19 +301,21 @@ def test_literal_braces_are_fine_in_a_template(tmp_path):
 
 # ------------------------------------------------------------------------------ background model build
 def test_a_slide_failing_while_the_model_builds_exits_cleanly(hostile_dir, tmp_path, cfg):
-    """The model builds in a background thread while the slide is checked; a slide that fails
-    at once must not leave that thread running into interpreter shutdown (exit 134)."""
+    """The model builds in a background thread while tissue is found (once the slide has passed
+    its checks); a slide that fails then (a dark, fluorescence-like scan, refused from its
+    thumbnail) must not leave that thread running into interpreter shutdown (exit 134)."""
     from slide_clip.pipeline import embed_slides
 
+    dark = h.dark_slide(tmp_path / "dark.tif")
     slow = cfg.with_overrides(encode={"model": "random:ViT-B-32"}, tiling={"target_mpp": 0.5})
-    [r] = embed_slides([hostile_dir / "coarse.tif"], tmp_path / "out", slow, progress=False)
-    assert r.status == "failed"
+    [r] = embed_slides([dark], tmp_path / "out", slow, progress=False)
+    assert r.status == "failed" and "dark background" in r.error
     assert not [t for t in threading.enumerate() if t.name == "load-encoder"]  # joined before returning
-    p = subprocess.run([sys.executable, "-m", "slide_clip.cli", "embed", str(hostile_dir / "coarse.tif"),
+    p = subprocess.run([sys.executable, "-m", "slide_clip.cli", "embed", str(dark),
                         "--out", str(tmp_path / "cli"), "--model", "random:ViT-B-32", "--device", "cpu",
                         "--no-progress"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stderr
-    assert "terminate called" not in p.stderr and "coarser than the target" in p.stderr
+    assert "terminate called" not in p.stderr and "dark background" in p.stderr
 
 
 def test_slide_id_rule(tmp_path):
@@ -329,3 +332,172 @@ def test_slide_id_rule(tmp_path):
     assert assign_slide_ids([p["a/x.svs"], p["b/x.svs"]]) == {p["a/x.svs"]: "a__x", p["b/x.svs"]: "b__x"}
     ids = assign_slide_ids([p["a/x.svs"], p["a/x.tif"]])
     assert ids == {p["a/x.svs"]: "x", p["a/x.tif"]: "x.tif"}
+
+
+# ------------------------------------------------------------------------------ input side (issue 20)
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """A folder of slides as users keep them: one good slide, a multiplex .qptiff, notes, hidden
+    files, a hidden folder, a format OpenSlide does not read, a link to a folder, and the
+    output folder of an earlier run inside it."""
+    d = tmp_path / "slides"
+    d.mkdir()
+    h.good_slide(d / "good.tif")
+    h.multichannel_tiff(d / "panel.qptiff")  # a TIFF by its content: taken, and refused with its own error
+    (d / "notes.txt").write_text("scanned on Tuesday")
+    (d / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (d / ".snapshot").mkdir()
+    shutil.copy(d / "good.tif", d / ".snapshot" / "good.tif")
+    (d / "scan.vsi").write_bytes(b"\x00" * 64)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(d / "good.tif", tmp_path / "elsewhere" / "linked.tif")
+    (d / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    return d
+
+
+def test_folder_scan_names_every_skipped_file_and_never_takes_its_own_outputs(mixed_folder, tiny_registry):
+    from typer.testing import CliRunner
+
+    from slide_clip.cli import app
+    from slide_clip.scan import scan_slides, skipped_line
+
+    d = mixed_folder
+    out = d / "out"  # the output folder inside the input folder
+    args = ["embed", str(d), "--out", str(out), "--models", str(tiny_registry), "--model", "tiny",
+            "--device", "cpu", "--workers", "0", "--target-mpp", "1", "--no-progress"]
+    runner = CliRunner()
+    for run in range(2):  # the second run finds the first one's stores, QC pictures and statuses in out/
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, r.output  # the multiplex .qptiff fails, with its own line
+        rows = dict(line.split("\t")[:2] for line in r.stdout.strip().splitlines()[1:])
+        assert rows == {"good": "ok" if run == 0 else "skipped", "panel": "failed"}, r.output
+        assert "fluorescence/multiplex" in r.stdout and "_qc" not in r.stdout
+        [line] = [ln for ln in r.stderr.splitlines() if re.match(r"skipped \d+ (file|folder)", ln)]
+        for name, why in [("notes.txt", "not a slide image"), (".DS_Store", "hidden file"),
+                          (".snapshot/", "hidden folder"), ("scan.vsi", "Olympus/Evident VSI: not a slide format"),
+                          ("linked/", "a link to a folder: not followed")]:
+            assert f"{name} ({why}" in line, line
+        assert ("out/ (slide-clip's own output folder" in line) == (run == 1), line
+    assert (out / "good_qc.png").is_file() and not (out / "good_qc.zarr").exists()
+    # the full list beside the stores, absolute paths
+    listed = (out / "skipped-files.csv").read_text()
+    assert str(d / "notes.txt") in listed and str(d / "out") + "/" in listed
+    # an output folder is known by its contents too (another run's --out): never a source of slides
+    scan = scan_slides([d])
+    assert [p.name for p in scan.slides] == ["good.tif", "panel.qptiff"]
+    assert any(s.shown == "out/" and "output folder" in s.reason for s in scan.skipped)
+    # past a few entries: a count, and where the full list is
+    many = skipped_line(scan.skipped, out / "skipped-files.csv", limit=2)
+    assert f"and {len(scan.skipped) - 2} more (all listed in {out / 'skipped-files.csv'})" in many
+    assert "\n" not in many
+    # with --pattern: the files it leaves out are counted
+    scan = scan_slides([d], "*.qptiff")
+    assert [p.name for p in scan.slides] == ["panel.qptiff"]
+    assert "3 files (not matching --pattern '*.qptiff')" in skipped_line(scan.skipped)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_lists_the_files_its_scan_skipped(mixed_folder, cfg, tmp_path):
+    from slide_clip_flows.process_cohort import process_cohort
+
+    out = tmp_path / "out"
+    r = process_cohort(slides=[str(mixed_folder)], out=str(out), config=_cfg(cfg), prompts=["tumour"],
+                       heatmaps=False)
+    assert {s["slide_id"]: s["status"] for s in r["slides"]} == {"good": "ok", "panel": "failed"}
+    reasons = {row["path"]: row["reason"] for row in r["skipped_files"]}
+    assert reasons[str(mixed_folder / "notes.txt")] == "not a slide image"
+    assert reasons[str(mixed_folder / ".DS_Store")] == "hidden file"
+    assert r["skipped_list"] == str(out / "skipped-files.csv") and (out / "skipped-files.csv").is_file()
+    from test_flows import _read_artifact
+
+    [report] = _read_artifact("cohort-report")
+    assert "Skipped" in report.data and "notes.txt" in report.data
+
+
+def test_a_refused_slide_never_starts_the_model_build(hostile_dir, tmp_path, cfg, monkeypatch):
+    """The model is built in the background only once a slide has passed its checks, and then
+    before its thumbnail is read (the start-up overlap of a good slide is kept)."""
+    import slide_clip.pipeline as pipeline
+    from slide_clip.pipeline import EncoderCache, embed_slides
+
+    events = []
+    preload, thumbnail = EncoderCache.preload, pipeline.read_thumbnail
+    monkeypatch.setattr(EncoderCache, "preload", lambda self: (events.append("preload"), preload(self))[1])
+    monkeypatch.setattr(pipeline, "read_thumbnail", lambda *a, **k: (events.append("thumbnail"), thumbnail(*a, **k))[1])
+    c = cfg.with_overrides(tiling={"target_mpp": 0.5}, encode={"num_workers": 0})
+    [r] = embed_slides([hostile_dir / "coarse.tif"], tmp_path / "out", c, progress=False)
+    assert r.status == "failed" and "coarser than the target" in r.error
+    assert events == []  # refused before any model was asked for
+    [r] = embed_slides([hostile_dir / "good slide ü.tif"], tmp_path / "out", c, progress=False)
+    assert r.status == "ok" and events[:2] == ["preload", "thumbnail"]
+
+
+def test_corrupt_jpeg_data_is_a_one_line_error_naming_where(tmp_path, cfg):
+    """Bit rot in one JPEG tile: 'corrupt image data at level 0 in ... (x, y). Copy the file
+    again', from the thumbnail, the tile loader (in a thread and in reader processes) and both
+    decoders (tifffile + imagecodecs, OpenSlide), never an 'unexpected error'."""
+    from conftest import tissue_scene
+
+    from slide_clip.errors import SlideError
+    from slide_clip.pipeline import embed_slides
+    from slide_clip.reading import open_for_reading, read_tiles
+    from slide_clip.synthetic import write_slide
+    from slide_clip.tiling import make_grid
+
+    slide = write_slide(tmp_path / "rot.tif", tissue_scene(1500, 1000, 0.5), 0.5, levels=3, compression="jpeg")
+    x, y = h.corrupt_jpeg_tile(slide, row=3, col=4)  # inside the tissue, not the tile checked at open
+    # end to end: the thumbnail (read from level 0), then the tile loader (in a thread here; in reader
+    # processes: test_flows.py::test_cohort_flow_shares_reader_processes_and_a_slide_failing_mid_read_fails_alone)
+    for thumb in (2048, 512):
+        c = cfg.with_overrides(encode={"num_workers": 0}, tissue={"thumbnail_max_side": thumb})
+        [r] = embed_slides([slide], tmp_path / f"out{thumb}", c, progress=False)
+        assert r.status == "failed" and "unexpected error" not in r.error, r.error
+        assert r.error.startswith(f"{slide}: has corrupt image data at level 0 in its file tile at level-0 "
+                                  f"pixel ({x}, {y})"), r.error
+    # each decoder on its own: tifffile + imagecodecs (the loader's), and OpenSlide's
+    for decoder, where in [("auto", f"in its file tile at level-0 pixel ({x}, {y})"),
+                           ("openslide", "in the region at level-0 pixel")]:
+        osr = open_for_reading(str(slide), decoder)
+        w, hh = osr.dimensions
+        grid = make_grid(osr.dimensions, (0.5, 0.5), osr.level_downsamples, np.ones((64, 64), bool),
+                         (w / 64, hh / 64), target_mpp=0.5, tile_size=224, min_tissue=0.5)
+        with pytest.raises(SlideError) as e:
+            read_tiles(osr, grid.coords, grid, path=str(slide))
+        osr.close()
+        text = str(e.value)
+        assert text.startswith(f"{slide}: has corrupt image data at level 0 {where}"), text
+        assert "Copy the file again" in text and "\n" not in text
+
+
+def test_error_paths_are_absolute_whatever_form_they_were_given_in(hostile_dir, monkeypatch, tmp_path, cfg):
+    from slide_clip.pipeline import embed_slides
+
+    monkeypatch.chdir(hostile_dir)
+    with pytest.raises(SlideClipError) as e:
+        slide_info("zero.svs")  # relative
+    assert str(e.value).startswith(f"{hostile_dir / 'zero.svs'}: is an empty file"), str(e.value)
+    with pytest.raises(SlideClipError) as e:
+        slide_info("a/../zero.svs")
+    assert str(e.value).startswith(f"{hostile_dir / 'zero.svs'}: "), str(e.value)
+    results = embed_slides(["zero.svs", "coarse.tif"], tmp_path / "out", _cfg(cfg).with_overrides(
+        tiling={"target_mpp": 0.5}), progress=False)
+    assert [r.error.split(": ")[0] for r in results] == [str(hostile_dir / "zero.svs"),
+                                                        str(hostile_dir / "coarse.tif")]
+
+
+@pytest.mark.parametrize("kind,text,where", [
+    ("config", "tiling:\n  target_mpp: 0.5\n tile_size: 3\n", "line 3, column 2"),
+    ("prompts", "name: x\ntemplates: ['a {}'\nclasses: []\n", "line 3, column 1"),
+    ("registry", "models:\n  a: {arch: x\n", "line 3, column 1"),
+])
+def test_yaml_errors_name_the_line_and_column(tmp_path, kind, text, where):
+    from slide_clip.config import load_config
+    from slide_clip.encoders import load_registry
+    from slide_clip.prompts import load_prompts
+
+    p = tmp_path / f"{kind}.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        {"config": load_config, "prompts": load_prompts, "registry": load_registry}[kind](p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ") and "is not valid YAML: " + where in msg and "\n" not in msg, msg

@@ -66,3 +66,60 @@ def test_slides_being_copied_wait_for_a_later_run(tmp_path):
     assert [s.slide_id for s in ready] == ["old"]
     assert sorted(s.slide_id for s in waiting) == ["fresh", "scan"]
     assert split_settled(slides, 0) == (slides, [])
+
+
+# ----------------------------------------------------------------------------- --mpp-csv rows match slides
+@pytest.fixture
+def same_stems(tmp_path):
+    """a/x.tif, b/x.tif (ids a__x, b__x) and y.tif; dummy files: the CSV is checked before any
+    slide is opened."""
+    d = tmp_path / "slides"
+    for rel in ("a/x.tif", "b/x.tif", "y.tif"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(b"x")
+    return d
+
+
+@pytest.mark.parametrize("rows,message", [
+    ("yy.tif,0.5\n", "line 2: 'yy.tif' matches no slide of this run"),
+    ("y.tif,0.5\nb__x,0.25\na__z,0.25\n", "line 4: 'a__z' matches no slide of this run"),
+    ("y.tif,0.5\ny,0.25\n", "lines 2 and 3 give the slide {d}/y.tif two resolutions (0.5 and 0.25 µm/px)"),
+    ("a__x,0.5\nslides/a/x.tif,0.3\n", "lines 2 and 3 give the slide {d}/a/x.tif two resolutions (0.5 and 0.3 µm/px)"),
+    ("x.tif,0.5\n", "line 2: 'x.tif' matches 2 slides (a__x, b__x)"),
+    ("y.tif,nan\n", "line 2: mpp nan: must be a finite positive number"),
+    ("y.tif,0\n", "line 2: mpp 0: must be a finite positive number"),
+])
+def test_mpp_csv_rows_that_match_no_slide_or_disagree_are_errors(same_stems, tmp_path, rows, message):
+    from slide_clip.errors import ConfigError as Error
+    from slide_clip_flows.process_cohort import _with_mpp
+    from test_cli import _invoke
+
+    d = same_stems
+    csv = tmp_path / "mpp.csv"
+    csv.write_text("slide,mpp\n" + rows)
+    expected = f"{csv}: {message.format(d=d)}"
+    for command in ("embed", "run"):  # both paths, before any slide is read (or a server started)
+        r = _invoke(command, d, "--out", tmp_path / command, "--mpp-csv", csv, "--model", "random:ViT-B-32")
+        assert r.exit_code == 2 and r.stderr.startswith(f"error: {expected}"), r.output
+        assert r.stderr.count("\n") == 1 and not (tmp_path / command / "status").exists()
+    with pytest.raises(Error) as e:  # the cohort flow's own check (a flow run started without the CLI)
+        _with_mpp(cohort_slides([d], None, tmp_path / "flow"), None, str(csv))
+    assert str(e.value).startswith(expected)
+
+
+def test_mpp_csv_matches_paths_names_and_ids(same_stems, tmp_path):
+    from slide_clip.mpp_overrides import read_mpp_csv
+    from slide_clip_flows.process_cohort import _with_mpp
+
+    d = same_stems
+    (tmp_path / "not_in_this_run.svs").write_bytes(b"x")
+    csv = d / "mpp.csv"
+    # an id, a path relative to the CSV, a name given twice with one value (accepted), and the
+    # path of an existing slide this run does not process (a cohort-wide CSV: accepted)
+    csv.write_text(f"slide,mpp\na__x,0.25\nb/x.tif,0.3\ny.tif,0.5\ny,0.5\n{tmp_path / 'not_in_this_run.svs'},0.4\n")
+    cohort = cohort_slides([d], None, tmp_path / "out")
+    assert {c.slide_id: c.mpp for c in _with_mpp(cohort, None, str(csv))} == {"a__x": 0.25, "b__x": 0.3, "y": 0.5}
+    assert {c.slide_id: c.mpp for c in _with_mpp(cohort, 0.7, str(csv))} == {"a__x": 0.7, "b__x": 0.7, "y": 0.7}
+    table = read_mpp_csv(csv)  # the embed path: slides as given, ids assigned by embed_slides
+    paths = [d / "a" / "x.tif", d / "b" / "x.tif", d / "y.tif"]
+    assert table.match(list(zip(paths, ["a__x", "b__x", "y"]))) == dict(zip(map(str, paths), [0.25, 0.3, 0.5]))

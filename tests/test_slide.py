@@ -6,7 +6,8 @@ import tifffile
 from PIL import Image
 
 from slide_clip.errors import MppError, SlideError
-from slide_clip.slide import check_mpp, find_slides, lookup_mpp, read_mpp_csv, slide_info
+from slide_clip.mpp_overrides import read_mpp_csv
+from slide_clip.slide import check_mpp, find_slides, slide_info
 
 
 def test_svs_metadata(cmu_svs):
@@ -56,10 +57,9 @@ def test_mpp_override_and_missing_mpp(make_slide):
 def test_mpp_csv(tmp_path, make_slide):
     path, _ = make_slide("no_mpp", write_mpp=None)
     csv = tmp_path / "mpp.csv"
-    csv.write_text(f"slide,mpp\n{path.name},0.25\nother.svs,0.5\n")
+    csv.write_text(f"slide,mpp\n{path.name},0.25\n")
     mpps = read_mpp_csv(csv)
-    assert lookup_mpp(mpps, path) == 0.25
-    assert lookup_mpp(mpps, tmp_path / "unknown.svs") is None
+    assert mpps.match([(path, "no_mpp"), (tmp_path / "unknown.svs", "unknown")]) == {str(path): 0.25}
     bad = tmp_path / "bad.csv"
     bad.write_text("file,resolution\na,1\n")
     with pytest.raises(Exception, match="columns 'slide' and 'mpp'"):

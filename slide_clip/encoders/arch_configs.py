@@ -64,6 +64,42 @@ def _packaged_open_clip_config(arch: str) -> dict | None:
     return None
 
 
+def _packaged_open_clip_archs() -> list[str]:
+    """Names of open_clip's built-in architectures (its config files), without importing it."""
+    try:
+        found = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return []
+    roots = found.submodule_search_locations if found is not None else None
+    return sorted({f.stem for r in roots or () for f in (Path(r) / "model_configs").glob("*.json")})
+
+
+def check_open_clip_arch(name: str, arch: str) -> None:
+    """Refuse an open_clip architecture name that exists nowhere (a typo in ``random:ARCH``).
+
+    Known: an ``hf-hub:`` name (its config is on the hub), one of open_clip's own configs, or
+    one registered in this process (``open_clip.add_model_config``). The error names the
+    closest architectures and where the full lists are.
+    """
+    import difflib
+
+    import sys
+
+    if hub_repo(arch) or _packaged_open_clip_config(arch) is not None:
+        return
+    known = _packaged_open_clip_archs()
+    if "open_clip" in sys.modules:  # registered at run time (add_model_config): only open_clip knows it
+        known = sys.modules["open_clip"].list_models()
+    if arch in known:
+        return
+    close = difflib.get_close_matches(arch, known, n=3, cutoff=0.5)
+    raise ConfigError(
+        f"model {name!r}: unknown architecture {arch!r} (not in the model registry nor among open_clip's "
+        f"{len(known)} architectures)" + (f"; did you mean {', '.join(close)}?" if close else ""),
+        hint="`slide-clip models` lists the registry's names (each also works as random:NAME); "
+             "open_clip.list_models() lists the architectures.")
+
+
 def open_clip_full_config(spec: ModelSpec) -> dict | None:
     """``{"model_cfg": ..., "preprocess_cfg": ...}`` for an open_clip ``spec``, without building
     anything; None when the architecture config is only on the hub and not cached here."""

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from slide_clip.errors import ConfigError
 from slide_clip.resources import config_file
+from slide_clip.yaml_files import read_yaml
 
 #: The registry shipped with the project.
 DEFAULT_REGISTRY = config_file("models.yaml")
@@ -216,10 +216,7 @@ def load_registry(*paths: str | Path) -> dict[str, ModelSpec]:
         p = Path(path)
         if not p.is_file():
             raise ConfigError("model registry not found", path=p)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"model registry is not valid YAML ({e.__class__.__name__})", path=p) from None
+        data = read_yaml(p, "model registry") or {}
         models = data.get("models") if isinstance(data, dict) else None
         if not isinstance(models, dict):
             raise ConfigError("model registry needs a top-level 'models:' mapping", path=p)
@@ -260,6 +257,7 @@ def resolve_model(name: str, registry_files=(), checkpoint: str | Path | None = 
         base, seed = parse_random(name)
         if base in registry:
             return replace(registry[base], name=random_name(base, seed), weights=None, seed=seed)
+        _check_arch(name, base)
         return ModelSpec(name=random_name(base, seed), arch=base, weights=None, seed=seed)
     if name in registry:
         spec = registry[name]
@@ -267,6 +265,7 @@ def resolve_model(name: str, registry_files=(), checkpoint: str | Path | None = 
             spec = replace(spec, weights=ckpt)
         return spec
     if ckpt:
+        _check_arch(name, name)
         return ModelSpec(name=name, arch=name, weights=ckpt)
     raise ConfigError(
         f"unknown model {name!r}",
@@ -274,6 +273,12 @@ def resolve_model(name: str, registry_files=(), checkpoint: str | Path | None = 
               "--checkpoint FILE, random:NAME for seeded random weights, or add it to a registry YAML "
               "passed with --models."),
     )
+
+
+def _check_arch(name: str, arch: str) -> None:
+    from slide_clip.encoders.arch_configs import check_open_clip_arch  # imports this module
+
+    check_open_clip_arch(name, arch)
 
 
 def spec_from_provenance(attrs: dict) -> ModelSpec | None:

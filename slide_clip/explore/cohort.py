@@ -72,7 +72,7 @@ class Cohort:
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         paths = find_stores(inputs)
         if not paths:
-            raise StoreError("holds no slide stores", path=", ".join(map(str, inputs)),
+            raise StoreError("holds no slide stores", path=list(inputs),
                              hint="Run `slide-clip embed` into it first.")
         slides, failed = [], []
         name = sha = dim = None

@@ -1,0 +1,267 @@
+"""Finding slides in folders, and saying what was left out and why.
+
+A cohort must never shrink without a word. A folder scan returns the slides it found and
+every file or folder it did not take, each with its reason:
+
+* a file with a slide extension OpenSlide reads (``.svs``, ``.tif``, ``.ndpi``, ``.mrxs``,
+  ...) is a slide; so is any other file that is a TIFF by its content (``.qptiff``,
+  ``.btf``): opening it says whether it is a brightfield slide, so a multiplex ``.qptiff``
+  fails with its own error instead of being passed over;
+* DICOM files are grouped into series (:func:`slide_clip.slide.dicom_series`);
+* formats of other scanners and microscopes that OpenSlide does not read (``.isyntax``,
+  ``.vsi``, ``.lif``, ...) are skipped, with what to convert them to;
+* hidden files and folders (a name starting with ``.``) are skipped;
+* slide-clip's own outputs are never inputs: in an output folder (``--out``, or any
+  folder holding slide-clip stores or statuses) everything slide-clip writes
+  (:data:`slide_clip.output.OUTPUT_FOLDERS`, :data:`~slide_clip.output.OUTPUT_FILES`) is
+  skipped as one entry per output folder;
+* links to folders are not followed (they are named, so a linked cohort is not lost
+  silently);
+* with a ``pattern``, files that do not match it are counted, not named;
+* everything else is "not a slide image".
+
+A MIRAX slide's data folder (``scan/`` beside ``scan.mrxs``) and a Hamamatsu VMS's JPEG
+files are parts of their slide: not slides, not skipped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Extensions OpenSlide reads (and plain images, which open with their own error).
+SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
+                    ".bif", ".dcm", ".czi", ".jpg", ".jpeg", ".png"}
+
+_CONVERT = ("not a slide format slide-clip reads (OpenSlide does not): convert it to a pyramidal TIFF "
+            "(QuPath, bfconvert or vips)")
+
+#: Slide and microscopy formats OpenSlide does not read.
+OTHER_FORMATS = {
+    ".isyntax": "Philips iSyntax", ".vsi": "Olympus/Evident VSI", ".ets": "Olympus/Evident VSI data",
+    ".lif": "Leica LIF", ".nd2": "Nikon ND2", ".kfb": "KFBio KFB", ".sdpc": "SQray SDPC", ".tmap": "UNIC TMAP",
+    ".mds": "Motic MDS", ".mdsx": "Motic MDSX", ".zvi": "Zeiss ZVI", ".oir": "Olympus OIR", ".oib": "Olympus OIB",
+    ".oif": "Olympus OIF", ".ims": "Imaris", ".dzi": "Deep Zoom", ".jp2": "JPEG 2000", ".heic": "HEIC",
+    ".webp": "WebP", ".bmp": "BMP", ".gif": "GIF",
+}
+
+_DICOM = (".dcm", ".dicom")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file or folder of the inputs that is not taken as a slide, and why."""
+
+    path: Path
+    reason: str
+    folder: bool = False
+    root: Path | None = None  # the input folder it was found in
+    files: int = 1  # files it stands for (an entry for the files not matching --pattern: their number)
+    label: str | None = None  # shown instead of the path
+
+    @property
+    def shown(self) -> str:
+        """Its path below its input folder (a folder ends in ``/``)."""
+        if self.label:
+            return self.label
+        rel = os.path.relpath(self.path, self.root) if self.root is not None else str(self.path)
+        return rel + "/" if self.folder else rel
+
+
+@dataclass
+class Scan:
+    """What a scan of the inputs found: the slides, and everything it skipped."""
+
+    slides: list[Path] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def _is_tiff(file: Path) -> bool:
+    try:
+        with open(file, "rb") as f:
+            return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    except OSError:
+        return False
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def scan_slides(inputs: list[str | Path], pattern: str | None = None, out_dir: str | Path | None = None) -> Scan:
+    """Expand files and folders into slides (each folder's slides sorted) and skipped entries.
+
+    Files given by name are taken as they are. Folders are searched recursively (see the
+    module text for what is taken and what is skipped). DICOM files are grouped by series
+    (SeriesInstanceUID) per folder: a folder holding exactly one series and no other slide
+    is that slide (the folder's path); otherwise each series is a slide of its own, given by
+    its largest file (OpenSlide finds the rest of the series beside it). ``out_dir``, if
+    inside a folder, is never searched for slides.
+    """
+    from slide_clip.output import OUTPUT_FILES, OUTPUT_FOLDERS, is_output_folder, is_store
+    from slide_clip.slide import dicom_series
+
+    scan = Scan()
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if not p.is_dir():
+            found.append(p)
+            continue
+        matched = set(p.rglob(pattern)) if pattern else None
+        not_matching = 0
+        per_dir: dict[Path, list[Path]] = {}
+        dicom_files: dict[Path, set[Path]] = {}
+
+        def skip(path: Path, reason: str, folder: bool = False) -> None:
+            scan.skipped.append(Skipped(path, reason, folder, p))
+
+        for root, dirs, files in os.walk(p):
+            here = Path(root)
+            output = is_output_folder(here, out_dir)
+            outputs = 0
+            keep = []
+            for d in sorted(dirs):
+                sub = here / d
+                if d.startswith("."):
+                    skip(sub, "hidden folder", True)
+                elif output and _matches(d, OUTPUT_FOLDERS):
+                    outputs += 1
+                elif sub.is_symlink():
+                    skip(sub, "a link to a folder: not followed; give the folder itself as an input", True)
+                elif (here / f"{d}.mrxs").is_file():
+                    continue  # a MIRAX slide's data folder: part of that slide
+                elif d.lower().endswith(".zarr"):
+                    skip(sub, "a slide-clip store (an output, never an input)" if is_store(sub) else
+                         f"a Zarr folder: {_CONVERT}", True)
+                else:
+                    keep.append(d)
+            dirs[:] = keep
+            vms = any(f.lower().endswith(".vms") for f in files)
+            for f in sorted(files):
+                path = here / f
+                ext = path.suffix.lower()
+                if output and _matches(f, OUTPUT_FILES):
+                    outputs += 1
+                elif f.startswith("."):
+                    skip(path, "hidden file")
+                elif matched is not None and path not in matched:
+                    not_matching += 1
+                elif ext in _DICOM:
+                    dicom_files.setdefault(here, set()).add(path)
+                elif vms and ext in (".jpg", ".jpeg", ".opt"):
+                    continue  # a Hamamatsu VMS slide's image files: part of that slide
+                elif matched is not None or ext in SLIDE_EXTENSIONS:
+                    per_dir.setdefault(here, []).append(path)
+                elif ext in OTHER_FORMATS:
+                    skip(path, f"{OTHER_FORMATS[ext]}: {_CONVERT}")
+                elif _is_tiff(path):
+                    per_dir.setdefault(here, []).append(path)  # a TIFF by its content (.qptiff, .btf)
+                else:
+                    skip(path, "not a slide image")
+            if outputs:
+                skip(here, f"slide-clip's own output folder: {outputs} of its outputs", True)
+        if not_matching:
+            scan.skipped.append(Skipped(p, f"not matching --pattern {pattern!r}", False, p, not_matching,
+                                        f"{not_matching} file{'s' * (not_matching != 1)}"))
+        for d in sorted(set(per_dir) | set(dicom_files)):
+            others = per_dir.get(d, [])
+            series = {}
+            if d in dicom_files:
+                series = {k: v for k, v in ((k, [f for f in v if f in dicom_files[d]])
+                                            for k, v in dicom_series(d).items()) if v}
+            slides = list(others)
+            if len(series) == 1 and not others:
+                slides.append(d)
+            else:
+                slides += [max(files, key=lambda f: (f.stat().st_size, f.name)) for files in series.values()]
+            found.extend(sorted(slides))
+    seen: set[str] = set()
+    for f in found:
+        key = os.path.abspath(f)
+        if key not in seen:
+            seen.add(key)
+            scan.slides.append(f)
+    return scan
+
+
+def find_slides(inputs: list[str | Path], pattern: str | None = None, out_dir: str | Path | None = None) -> list[Path]:
+    """The slides of :func:`scan_slides` (what it skipped is dropped: report it where a user sees it)."""
+    return scan_slides(inputs, pattern, out_dir).slides
+
+
+#: Skipped entries named in the one-line notice; the rest are counted (and listed in the file).
+SHOWN_SKIPPED = 8
+
+#: Beside the stores: every file or folder the last scan skipped (columns ``path,reason``).
+SKIPPED_FILE = "skipped-files.csv"
+
+
+def skipped_line(skipped: list[Skipped], full_list: str | Path | None = None, limit: int = SHOWN_SKIPPED) -> str | None:
+    """One line naming what a scan skipped, with the reasons; None when nothing was skipped.
+
+    ``skipped 3 files in /data/slides: a.vsi (Olympus/Evident VSI: not a slide format ...),
+    .DS_Store (hidden file), notes.txt (not a slide image)``; past ``limit`` entries, the
+    count of the rest and ``full_list`` (where all of them are written).
+    """
+    if not skipped:
+        return None
+    from slide_clip.errors import shown_path
+
+    roots = {s.root for s in skipped if s.root is not None}
+    where = f" in {shown_path(next(iter(roots)))}" if len(roots) == 1 else ""
+    n_folders = sum(s.folder for s in skipped)
+    n_files = sum(s.files for s in skipped if not s.folder)
+    counts = " and ".join(x for x in (f"{n_files} file{'s' * (n_files != 1)}" if n_files else "",
+                                      f"{n_folders} folder{'s' * (n_folders != 1)}" if n_folders else "") if x)
+    named = [f"{s.shown if len(roots) == 1 else shown_path(s.path)} ({s.reason})" for s in skipped[:limit]]
+    rest = len(skipped) - len(named)
+    tail = ""
+    if rest:
+        tail = f", and {rest} more" + (f" (all listed in {shown_path(full_list)})" if full_list else "")
+    return f"skipped {counts}{where}: {', '.join(named)}{tail}"
+
+
+def write_skipped(out_dir: str | Path, skipped: list[Skipped]) -> Path | None:
+    """Write ``out/skipped-files.csv`` (absolute path, reason) for this run's scan, or remove
+    an earlier run's when nothing was skipped; returns the file written."""
+    import csv
+
+    from slide_clip.errors import shown_path
+    from slide_clip.output import output_errors
+
+    path = Path(out_dir) / SKIPPED_FILE
+    with output_errors(path):
+        if not skipped:
+            path.unlink(missing_ok=True)
+            return None
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "reason"])
+                w.writerows([shown_path(s.path) + ("/" if s.folder else ""),
+                             s.reason if s.label is None else f"{s.label} {s.reason}"] for s in skipped)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def record_skipped(out_dir: str | Path, skipped: list[Skipped]) -> tuple[str | None, Path | None]:
+    """Write ``out/skipped-files.csv`` and return (the one-line notice, the file written).
+
+    A disk that cannot take the list (full, read-only) does not stop the run: the slides
+    meet that disk with their own errors; the notice says the list was not written.
+    """
+    from slide_clip.errors import OutputError
+
+    try:
+        written = write_skipped(out_dir, skipped)
+    except OutputError as e:
+        line = skipped_line(skipped)
+        return (f"{line} (the full list was not written: {e})" if line else None), None
+    return skipped_line(skipped, written), written
+
