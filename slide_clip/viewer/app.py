@@ -19,6 +19,11 @@ import logging
 import os
 from pathlib import Path
 
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
 from slide_clip.errors import ConfigError, OutputError, SlideClipError, SlideError, StoreBusyError, StoreError
 from slide_clip.viewer import labels as labels_mod
 from slide_clip.viewer.assets import PAGE_DIR, openseadragon_dir, openseadragon_version
@@ -46,11 +51,6 @@ def create_app(out: str | Path, cfg, *, model: str | None = None, allowed_hosts:
     ``model``: the stored model to search and re-score with (needed when stores hold several).
     ``allowed_hosts``: ``Host`` header names accepted (default: loopback names).
     """
-    from fastapi import FastAPI, Query, Request
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
-
     catalog = Catalog(out)
     osd = openseadragon_dir()
     slides = SlidePool()
