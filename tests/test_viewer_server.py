@@ -194,7 +194,7 @@ def test_overlay_is_one_pixel_per_tile_in_the_heatmap_colours(served):
     assert (img[empty, 3] == 0).all()   # transparent where no tile
 
 
-def _dz_equal(path, levels=None):
+def _dz_equal(path, levels=None, rows_max=None):
     """Every tile (of ``levels``) of the viewer's Deep Zoom equals OpenSlide DeepZoomGenerator's."""
     import openslide
     from openslide.deepzoom import DeepZoomGenerator
@@ -210,7 +210,7 @@ def _dz_equal(path, levels=None):
     for level in levels or range(ref.level_count):
         cols, rows = ref.level_tiles[level]
         for c in range(cols):
-            for r in range(rows):
+            for r in range(min(rows, rows_max or rows)):
                 a, b = np.asarray(ours.tile(level, c, r)), np.asarray(ref.get_tile(level, (c, r)))
                 assert a.shape == b.shape and np.array_equal(a, b), (path, level, c, r)
                 n += 1
@@ -224,11 +224,11 @@ def test_deep_zoom_equals_openslide_on_jpeg_tiff_svs_and_dicom(tmp_path, cmu_svs
     from slide_clip.synthetic import write_slide
 
     jpeg = write_slide(tmp_path / "j.tif", SCENES["slide_a"], 0.5, compression="jpeg")
-    n, reader = _dz_equal(jpeg)
-    assert n > 50 and reader == "JpegTiffReader"  # the pipeline's tifffile decoder served it
-    svs_levels = [8, 10, 11, 12]  # thumbnail scale to full resolution (level 12 = level 0)
-    assert _dz_equal(cmu_svs, svs_levels)[0] > 50
-    assert _dz_equal(cmu_dicom, svs_levels)[0] > 50
+    n, reader = _dz_equal(jpeg, [6, 9, 10, 11, 12], 4)  # level 12 = level 0
+    assert n > 40 and reader == "JpegTiffReader"  # the pipeline's tifffile decoder served it
+    levels = [8, 10, 12]  # thumbnail scale to full resolution (level 12 = level 0); 3 rows of tiles each
+    assert _dz_equal(cmu_svs, levels, 3)[0] > 20
+    assert _dz_equal(cmu_dicom, levels, 3)[0] > 20
 
 
 def test_deep_zoom_over_http_is_the_jpeg_of_that_tile(served):

@@ -65,16 +65,17 @@ def build_cohort(base: Path, registry: Path, names=("slide_a", "slide_b"), hosti
                  clusters: int | None = None):
     """Embed, score (`tumour`), summarize (and optionally cluster) synthetic slides; returns (out, cfg)."""
     from slide_clip.config import load_config
-    from slide_clip.pipeline import embed_slide
+    from slide_clip.pipeline import embed_slides
     from slide_clip.prompts import load_prompts
     from slide_clip.scoring import summarize_all, zeroshot
 
     cfg = load_config().with_overrides(encode={"model": "tiny", "registries": (str(registry),),
                                                "batch_size": 32, "num_workers": 0, "device": "cpu"})
     out = base / "out"
-    for name in (*names, *(["hostile"] if hostile else [])):
-        slide = write_slide(base / "slides" / f"{name}.tif", SCENES[name], 0.5)
-        embed_slide(slide, out, cfg, progress=False)
+    slides = [write_slide(base / "slides" / f"{name}.tif", SCENES[name], 0.5)
+              for name in (*names, *(["hostile"] if hostile else []))]
+    results = embed_slides(slides, out, cfg, progress=False)  # one model load, status files written
+    assert all(r.status == "ok" for r in results), [r.error for r in results]
     if hostile:
         rename_slide(out, "hostile", HOSTILE)
     zeroshot(sorted(out.glob("*.zarr")), load_prompts("tumour"), cfg)

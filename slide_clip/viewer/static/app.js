@@ -255,6 +255,7 @@ function redraw() {
     ctx.setLineDash([]);
   }
 }
+window.redrawMarks = redraw;
 viewer.addHandler("update-viewport", redraw);
 viewer.addHandler("resize", redraw);
 $("opacity").addEventListener("input", redraw);
