@@ -35,9 +35,9 @@ def cohort(tmp_path_factory, tiny_registry):
 
 
 @pytest.fixture(scope="module")
-def server(cohort, tiny_registry):
+def server(cohort):
     out, _ = cohort
-    srv = CliServer(out, "--models", str(tiny_registry))  # the registry names the text side's checkpoint
+    srv = CliServer(out)  # the text side is rebuilt from what the stores recorded (checkpoint file)
     yield srv
     srv.stop()
 

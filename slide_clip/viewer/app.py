@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
@@ -53,6 +54,7 @@ def create_app(out: str | Path, cfg, *, model: str | None = None, allowed_hosts:
     """
     catalog = Catalog(out)
     osd = openseadragon_dir()
+    threading.Thread(target=_warm_imports, daemon=True).start()
     slides = SlidePool()
     searcher = Searcher(catalog.out, cfg, model)
     colormap = cfg.heatmap.colormap
@@ -237,6 +239,16 @@ def create_app(out: str | Path, cfg, *, model: str | None = None, allowed_hosts:
         return FileResponse(target)
 
     return app
+
+
+def _warm_imports() -> None:
+    """Import, in the background at start, what the first tile details and searches need (skimage,
+    zarr readers, the explore search; torch is left for the first text query), so a user's first
+    clicks do not wait for imports."""
+    import slide_clip.explore.queries  # noqa: F401
+    import slide_clip.explore.search  # noqa: F401
+    import slide_clip.pipeline  # noqa: F401
+    from matplotlib import colormaps  # noqa: F401
 
 
 def _cohort_model(searcher: Searcher) -> str:

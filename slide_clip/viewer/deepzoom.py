@@ -20,9 +20,13 @@ import os
 import threading
 from pathlib import Path
 
+import openslide
+from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from slide_clip.errors import SlideClipError, SlideError
+from slide_clip.reading import open_for_reading
+from slide_clip.slide import resolve_slide_path
 
 #: Deep Zoom tile side and overlap, pixels (254 + 2 x 1 = 256, OpenSlide's defaults).
 TILE_SIZE = 254
@@ -49,12 +53,6 @@ class DeepZoomSlide:
     """
 
     def __init__(self, path: str | Path, tile_size: int = TILE_SIZE, overlap: int = OVERLAP):
-        import openslide
-        from openslide.deepzoom import DeepZoomGenerator
-
-        from slide_clip.reading import open_for_reading
-        from slide_clip.slide import resolve_slide_path
-
         file = resolve_slide_path(path)
         try:
             self.reader = open_for_reading(str(file))

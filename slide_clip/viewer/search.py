@@ -47,6 +47,11 @@ class Searcher:
                 if cfg.encode.checkpoint and cfg.encode.model != cohort.model:
                     cfg = cfg.with_overrides(encode={"model": cohort.model})
                 self._pool = EncoderPool(cfg)
+                # load the model as the stores recorded it (architecture, weights file, seed), as
+                # zeroshot does: no --models or --checkpoint needed while the weights stay put
+                first = cohort.slides[0]
+                self._pool.get(cohort.model, cohort.weights_sha256, first.path,
+                               first.store.embedding_attrs(cohort.model))
             return self._pool
 
     def text(self, text: str, top: int) -> list[dict]:

@@ -411,4 +411,24 @@ $("import-geojson").addEventListener("change", async (e) => {
 $("table-select").addEventListener("change", (e) => { state.tableKey = e.target.value; renderCohort(); });
 
 // ---------------------------------------------------------------- start
-loadCohort().then(loadLabels).then(() => { window.viewerReady = true; }).catch(fail);
+// A link may open a view: #slide=ID&x=X&y=Y&set=SET&class=CLASS&opacity=0.6&grid=1&fit=slide (x, y: a tile's level-0 top-left).
+async function openFromHash() {
+  const h = new URLSearchParams(location.hash.slice(1));
+  if (!h.get("slide")) return;
+  if (h.get("opacity")) $("opacity").value = h.get("opacity");
+  if (h.get("grid") === "1") $("grid-toggle").checked = true;
+  const x = parseFloat(h.get("x")), y = parseFloat(h.get("y"));
+  const tile = Number.isFinite(x) && Number.isFinite(y) ? { x, y } : null;
+  await openSlide(h.get("slide"), h.get("fit") === "slide" ? null : tile);   // fit=slide: whole slide, tile selected
+  if (tile && h.get("fit") === "slide") await selectTile(x + state.slide.extent[0] / 2, y + state.slide.extent[1] / 2);
+  if (h.get("set")) {
+    const opt = Array.from($("overlay-select").options).find((o) => {
+      if (!o.value) return false;
+      const v = JSON.parse(o.value);
+      return v.set === h.get("set") && (!h.get("class") || v.cls === h.get("class"));
+    });
+    if (opt) { $("overlay-select").value = opt.value; await showOverlay(); }
+  }
+}
+
+loadCohort().then(loadLabels).then(openFromHash).then(() => { window.viewerReady = true; }).catch(fail);
