@@ -11,6 +11,7 @@ numpy and matplotlib, never from the viewer. A missing browser fails with one li
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tempfile
 import time
@@ -28,6 +29,20 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--window-size=1400,900", "--force-device-scale-factor=1", "--hide-scrollbars"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def browser_bins():
+    """Debian's chromium and chromium-driver, checked before anything is built: missing, one line."""
+    chromium = shutil.which("chromium") or (CHROMIUM if os.path.exists(CHROMIUM) else None)
+    driver = shutil.which("chromedriver") or (DRIVER if os.path.exists(DRIVER) else None)
+    if not chromium or not driver:
+        pytest.fail(INSTALL, pytrace=False)
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.fail("the viewer's browser tests need selenium: pip install -e '.[dev]'", pytrace=False)
+    return chromium, driver
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory, tiny_registry):
     out, cfg = build_cohort(tmp_path_factory.mktemp("viewer_ui"), tiny_registry, hostile=True, clusters=3)
@@ -43,16 +58,11 @@ def server(cohort):
 
 
 @pytest.fixture(scope="module")
-def browser(server):
-    chromium = shutil.which("chromium") or (CHROMIUM if shutil.os.path.exists(CHROMIUM) else None)
-    driver_bin = shutil.which("chromedriver") or (DRIVER if shutil.os.path.exists(DRIVER) else None)
-    if not chromium or not driver_bin:
-        pytest.fail(INSTALL, pytrace=False)
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("the viewer's browser tests need selenium: pip install -e '.[dev]'", pytrace=False)
+def browser(server, browser_bins):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_bin = browser_bins
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     profile = tempfile.mkdtemp(prefix="slide-clip-chromium-")
