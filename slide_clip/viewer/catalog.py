@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from slide_clip.errors import ConfigError, SlideClipError, StoreError
-from slide_clip.store import SlideStore, model_key
+from slide_clip.store import SlideStore
 
 
 class UnknownSlideError(ConfigError):
@@ -153,9 +153,9 @@ class Catalog:
         for sid in ids:
             e = self.slides.get(sid)
             st = statuses.get(sid, {})
+            # what embedding reported (ok, skipped, failed), else the store's own state (tiled, ...)
             slides.append({"slide_id": sid, "has_store": e is not None,
-                           "status": st.get("status") or ("tiled" if e and e.status == "tiled" else
-                                                          (e.status if e else None)),
+                           "status": st.get("status") or (e.status if e else None),
                            "error": st.get("error"), "n_tiles": st.get("n_tiles")})
         return {"out": str(self.out), "slides": slides, "tables": self.tables(),
                 "failed_stores": [{"store": p, "error": m} for p, m in self.failed]}
@@ -230,8 +230,3 @@ def tile_details(store: SlideStore, row: int) -> dict:
         "um": None if not (mx and my) else {"x": x * mx, "y": y * my, "width": ex * mx, "height": ey * my},
         "scores": scores,
     }
-
-
-def set_key(model: str, set_name: str) -> tuple[str, str]:
-    """Group names of a score set as the store writes them."""
-    return model_key(model), model_key(set_name)

@@ -132,6 +132,7 @@ async function openSlide(slideId, focus) {
   fillOverlayChoices(info, null);
   renderCohort();
   clearTile();
+  setLabels(state.labels);   // this slide's labelled tiles and export link
   const opened = new Promise((resolve) => viewer.addOnceHandler("open", resolve));
   viewer.open({
     width: info.width, height: info.height, tileSize: 254, tileOverlap: 1, minLevel: 0,
