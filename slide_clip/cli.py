@@ -544,6 +544,37 @@ def map_(
 
 
 
+# ----------------------------------------------------------------------------- viewer
+@app.command()
+def view(
+    out: Path = typer.Argument(..., help="An output folder of `embed` (its stores, score sets and cohort tables)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8765, help="Port (0 picks a free one)."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a --host other machines can reach "
+                                      "(no login: anyone who reaches it sees the slides)."),
+    model: Optional[str] = _MODEL_OPT,
+    registry: List[Path] = _REG_OPT,
+    checkpoint: Optional[Path] = _CKPT_OPT,
+    config: Optional[Path] = _CFG_OPT,
+    device: Optional[str] = _DEV_OPT,
+):
+    """Serve a local page: the cohort, slides at full resolution with score overlays, tile details,
+    search by text or by tile, and labelling tiles to re-score from the stored embeddings.
+
+    Reads the stores; writes only label sets (OUT/labels/) and the score sets you ask for.
+    """
+    from slide_clip.viewer import serve
+
+    try:
+        cfg = _scoring_config(config, registry, checkpoint, device)
+        serve(out, cfg, host=host, port=port, model=model, allow_remote=allow_remote,
+              echo=lambda m: typer.echo(m, err=m.startswith("warning")))
+    except SlideClipError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        pass
+
+
 def main():  # console-script entry point
     try:
         app()

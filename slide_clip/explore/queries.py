@@ -62,21 +62,25 @@ def _query_set(texts: list[str], prompts: PromptSet, raw: bool) -> tuple[PromptS
     return qs, kinds
 
 
-def _encoder(cohort: Cohort, cfg):
+def _encoder(cohort: Cohort, cfg, pool=None):
     """The cohort's model for text or image files, its weights hash checked against the stores.
 
     A ``checkpoint`` in ``cfg`` is the stored model's weights file (as ``--checkpoint`` of
     `zeroshot`): it applies to the cohort's model whatever ``cfg.encode.model`` names.
+    ``pool`` (an :class:`~slide_clip.scoring.EncoderPool`) keeps the model loaded between
+    calls, as a long-running caller (the viewer) wants; by default a fresh one loads it.
     """
     from slide_clip.scoring import EncoderPool
 
-    if cfg.encode.checkpoint and cfg.encode.model != cohort.model:
-        cfg = cfg.with_overrides(encode={"model": cohort.model})
-    return EncoderPool(cfg).get(cohort.model, cohort.weights_sha256, cohort.slides[0].path)
+    if pool is None:
+        if cfg.encode.checkpoint and cfg.encode.model != cohort.model:
+            cfg = cfg.with_overrides(encode={"model": cohort.model})
+        pool = EncoderPool(cfg)
+    return pool.get(cohort.model, cohort.weights_sha256, cohort.slides[0].path)
 
 
 def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path | None = None,
-                 raw: bool = False) -> list[Query]:
+                 raw: bool = False, pool=None) -> list[Query]:
     """Embed text queries with the cohort's model (cached in ``<out>/classifiers``).
 
     Parameters
@@ -90,6 +94,8 @@ def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path |
         Prompt set YAML or shipped name (default :data:`DEFAULT_TEMPLATES`).
     raw : bool
         Embed each text verbatim (no templates, no synonyms).
+    pool : EncoderPool, optional
+        Keeps the text encoder loaded between calls (see :func:`_encoder`).
     """
     if not texts:
         return []
@@ -98,7 +104,7 @@ def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path |
     cache = ClassifierCache(cohort.out / "classifiers")
     clf = cache.get(cohort.model, cohort.weights_sha256, qs)
     if clf is None:
-        clf = text_classifier(_encoder(cohort, cfg), qs)
+        clf = text_classifier(_encoder(cohort, cfg, pool), qs)
         cache.put(cohort.model, cohort.weights_sha256, qs, clf)
     return [Query(c.name, k, clf[i], {"texts": qs.texts(c), "prompt_set": ps.name})
             for i, (c, k) in enumerate(zip(qs.classes, kinds))]
