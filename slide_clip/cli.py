@@ -99,7 +99,8 @@ def models(
             return "?"
 
     _table(["name", "kind", "backend", "input", "mpp", "licence", "gated", "weights", "description"],
-           [[s.name, "vision-only" if s.vision_only else "vision-language", s.backend, size(s),
+           [[s.name, "vision-only" if s.vision_only else "vision-language" if s.output == "joint" else s.output,
+             s.backend, size(s),
              f"{s.training_mpp:g}" if s.training_mpp else "-", s.licence or "-", "yes" if s.gated else "no",
              s.weights or "random", s.description] for s in reg.values()])
     typer.echo("Every name also works as random:NAME[@seed=N] (seeded random weights, for testing).")
@@ -319,6 +320,27 @@ def summarize(
         typer.echo(f"{csv_path}\n{parquet_path}")
 
 
+# ----------------------------------------------------------------------------- reading stores
+def _say_embeddings(inputs, model: str | None) -> None:
+    """One line on stderr naming the embedding group a command reads and what it holds, e.g.
+    ``embeddings: conch-features (pre-projection features, not normalised)`` (the group's
+    ``output``, docs/FORMAT.md). Stores that cannot be read are left to the command itself."""
+    from slide_clip.encoders.outputs import embeddings_line
+    from slide_clip.scoring import find_stores, open_scored_store
+
+    try:
+        paths = find_stores([Path(p) for p in inputs])
+    except SlideClipError:
+        return
+    for p in paths:
+        try:
+            store, name = open_scored_store(Path(p), model)
+            typer.echo(embeddings_line(name, store.embedding_attrs(name)), err=True)
+            return
+        except SlideClipError:
+            continue
+
+
 # ----------------------------------------------------------------------------- survival
 @app.command()
 def survival(
@@ -351,6 +373,7 @@ def survival(
     except ImportError as e:  # pragma: no cover - a broken install
         _fail(f"the survival models need scikit-survival, scikit-learn and h5py ({e}); "
               "install them with `pip install scikit-survival h5py`")
+    _say_embeddings([out], model)
     abmil = {k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None}
     settings = SurvivalSettings(baselines=tuple(baseline), folds=folds, seed=seed, name=name, n_boot=bootstrap,
                                 covariates=tuple(covariate), heatmaps=heatmaps, abmil=abmil)
@@ -375,6 +398,7 @@ def bags(
 
     if level not in ("slide", "patient"):
         _fail("--level must be slide or patient")
+    _say_embeddings([out], model)
     try:
         cohort = open_cohort(out, model, manifest=manifest)
         for p in write_pooled_tables(cohort, with_max=with_max):
@@ -423,6 +447,7 @@ def search(
     from slide_clip.explore.retrieval import search as run_search
 
     where, texts = [stores[0]], [str(t) for t in stores[1:]]
+    _say_embeddings(where, model)
     try:
         cfg = _scoring_config(config, registry, checkpoint, device)
         r = run_search(where, cfg, texts=texts, images=[str(i) for i in image], tiles=list(tile), prompts=prompts,
@@ -457,6 +482,7 @@ def cluster(
     """Cluster tiles across the cohort (k-means); store each slide's clusters; maps, gallery, table."""
     from slide_clip.explore.clusters import cluster as run_cluster
 
+    _say_embeddings(stores, model)
     try:
         r = run_cluster(stores, k=k, model=model, sample=sample, seed=seed, name=name, maps=maps,
                         gallery=gallery, per_cluster=per_cluster)
@@ -487,6 +513,7 @@ def map_(
     """Draw a 2-D map (UMAP, t-SNE or PCA) of tiles or slides; optional mosaic and AnnData export."""
     from slide_clip.explore.maps import embedding_map
 
+    _say_embeddings(stores, model)
     try:
         per = per_slide if per_slide > 0 else 10**12
         r = embedding_map(stores, model=model, of=of, method=method, per_slide=per, seed=seed,

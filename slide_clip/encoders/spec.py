@@ -43,7 +43,7 @@ TEXT_BACKENDS = ("open_clip", "conch")
 _FIELDS = {"arch", "backend", "weights", "checkpoint", "arch_config", "image_mean", "image_std",
            "image_interpolation", "input_size", "resize_size", "training_mpp", "licence", "gated", "pooling",
            "model_kwargs", "hub_id", "weights_format", "tokenizer", "tokenizer_sha256",
-           "description"}
+           "description", "output", "tile_size", "finetuned_from"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,11 @@ class ModelSpec:
         and in an installed ``conch`` package).
     tokenizer_sha256
         conch backend: the sha256 the tokenizer file must have (another file is refused).
+    output
+        conch backend: ``joint`` (the embedding in the joint image-text space, L2-normalised;
+        the default) or ``pre-projection`` (CONCH's features before the projection, not
+        normalised: for survival and multiple-instance learning; no zero-shot or text search).
+        See :mod:`slide_clip.encoders.outputs`.
     """
 
     name: str
@@ -101,6 +106,7 @@ class ModelSpec:
     tokenizer: str | None = None
     tokenizer_sha256: str | None = None
     description: str = ""
+    output: str = "joint"
     seed: int | None = None
 
     @property
@@ -180,6 +186,10 @@ def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
     pooling = str(entry.get("pooling", "cls"))
     if pooling not in ("cls", "cls+mean"):
         raise ConfigError(f"model {name!r}: pooling must be cls or cls+mean", path=p)
+    output = str(entry.get("output", "joint"))
+    if output not in ("joint", "pre-projection") or (output != "joint" and backend != "conch"):
+        raise ConfigError(f"model {name!r}: output must be joint, or pre-projection for the conch backend "
+                          f"(not {output!r})", path=p)
     kwargs = entry.get("model_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ConfigError(f"model {name!r}: model_kwargs must be a mapping", path=p)
@@ -206,6 +216,7 @@ def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
         tokenizer=_resolve_rel(entry.get("tokenizer"), p.parent),
         tokenizer_sha256=str(entry["tokenizer_sha256"]).lower() if entry.get("tokenizer_sha256") else None,
         description=str(entry.get("description", "")),
+        output=output,
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slide_clip.encoders.outputs import text_refusal
 from slide_clip.errors import ConfigError
 from slide_clip.explore.cohort import Cohort
 from slide_clip.prompts import PromptClass, PromptSet, load_prompts
@@ -93,6 +94,9 @@ def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path |
     """
     if not texts:
         return []
+    refusal = text_refusal(cohort.model, cohort.slides[0].store.embedding_attrs(cohort.model))
+    if refusal is not None:  # vision-only or pre-projection: refused before a model is loaded
+        raise refusal
     ps = load_prompts(prompts or DEFAULT_TEMPLATES)
     qs, kinds = _query_set(texts, ps, raw)
     cache = ClassifierCache(cohort.out / "classifiers")
