@@ -373,7 +373,6 @@ def survival(
     except ImportError as e:  # pragma: no cover - a broken install
         _fail(f"the survival models need scikit-survival, scikit-learn and h5py ({e}); "
               "install them with `pip install scikit-survival h5py`")
-    _say_embeddings([out], model)
     abmil = {k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None}
     settings = SurvivalSettings(baselines=tuple(baseline), folds=folds, seed=seed, name=name, n_boot=bootstrap,
                                 covariates=tuple(covariate), heatmaps=heatmaps, abmil=abmil)
@@ -398,9 +397,9 @@ def bags(
 
     if level not in ("slide", "patient"):
         _fail("--level must be slide or patient")
-    _say_embeddings([out], model)
     try:
         cohort = open_cohort(out, model, manifest=manifest)
+        _say_embeddings([out], cohort.model)
         for p in write_pooled_tables(cohort, with_max=with_max):
             typer.echo(str(p))
         if h5:

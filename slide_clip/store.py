@@ -38,6 +38,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from slide_clip.encoders.outputs import is_normalised
 from slide_clip.errors import StoreBusyError, StoreError
 
 FORMAT_VERSION = 1
@@ -323,7 +324,7 @@ class SlideStore:
                 )
             rows = np.asarray(arr[: int(attrs.get("rows_written", 0))], dtype=np.float32)
             self._check_rows(model, 0, rows)
-            return _unit_rows(rows) if unit and not _normalised(attrs) else rows
+            return _unit_rows(rows) if unit and not is_normalised(attrs) else rows
         if arr.shape[0] == 0:
             return np.zeros(arr.shape, np.float32)
         return np.concatenate([b for _, b in self.iter_embeddings(model, unit=unit)], axis=0)
@@ -364,7 +365,7 @@ class SlideStore:
                 f"embeddings for {model!r} are partial ({attrs.get('rows_written', 0)} of "
                 f"{arr.shape[0]} tiles)", path=self.path, hint="Run `slide-clip embed` again to resume it.")
         step = int(rows or arr.chunks[0])
-        scale = unit and not _normalised(attrs)
+        scale = unit and not is_normalised(attrs)
         for start in range(0, arr.shape[0], step):
             block = np.asarray(arr[start:start + step], dtype=np.float32)
             self._check_rows(model, start, block)
@@ -491,12 +492,6 @@ class EmbeddingWriter:
         self._last_flush = time.monotonic()
         if self.rows_written == self.n and not self.complete:
             self.group.attrs.update({"status": STATUS_COMPLETE, "finished": _now()})
-
-
-def _normalised(attrs: dict) -> bool:
-    """Whether an embedding group's rows are L2-normalised (``normalised``; groups written
-    before it was recorded always are)."""
-    return attrs.get("normalised", True) is not False
 
 
 def _unit_rows(block: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -36,10 +37,11 @@ def conch_tiny(tmp_path_factory):
     (d / "conch_tiny.json").write_text(json.dumps(REF["config"]))
     reg = d / "models.yaml"
     reg.write_text(
-        "models:\n  conch-tiny:\n    backend: conch\n    arch: conch_tiny\n    arch_config: conch_tiny.json\n"
+        "models:\n  conch-tiny: &tiny\n    backend: conch\n    arch: conch_tiny\n    arch_config: conch_tiny.json\n"
         f"    checkpoint: conch_tiny.bin\n    tokenizer: {TOKENIZER}\n    input_size: 64\n"
         f"    image_mean: {OPENAI_MEAN}\n    image_std: {OPENAI_STD}\n    image_interpolation: bicubic\n"
-        "    training_mpp: 0.5\n    licence: test\n")
+        "    training_mpp: 0.5\n    licence: test\n"
+        "  conch-tiny-features:\n    <<: *tiny\n    output: pre-projection\n")
     return reg
 
 
@@ -239,10 +241,7 @@ def test_conch_code_reproduces_the_reference_and_the_pad_mask(conch_tiny):
         ref = theirs.encode_text(ids, normalize=True).numpy()
     assert np.abs(enc.encode_texts(PAD_PROMPTS) - ref).max() <= 1e-6
     # the pre-projection features: the same weights, CONCH's features before the joint space
-    from dataclasses import replace
-
-    feats = load_encoder(replace(spec, name="conch-tiny-features", output="pre-projection"), device="cpu",
-                         precision="fp32")
+    feats = load_encoder(resolve_model("conch-tiny-features", [conch_tiny]), device="cpu", precision="fp32")
     got = feats.encode_images(REF["pixels"])
     assert feats.weights_sha256 == enc.weights_sha256 and got.shape == pre.shape == (3, REF["config"]["embed_dim"])
     assert np.abs(got - pre).max() <= 1e-6 * np.abs(pre).max()
@@ -329,3 +328,70 @@ def test_full_size_port_equals_conch_code(conch_full):
         txt = theirs.encode_text(ids, normalize=True).numpy()
     assert np.abs(ours.encode_texts(prompts) - txt).max() <= 1e-5
     assert ours.logit_scale == pytest.approx(float(theirs.logit_scale.detach().exp()), rel=1e-6)
+
+
+def test_conch_features_group_beside_the_joint_one(conch_tiny, make_slide, tmp_path):
+    """One slide embedded with conch-tiny and conch-tiny-features: each group says what it holds,
+    the features are the joint embeddings before the projection (the checkpoint's own
+    proj_contrast maps one onto the other), zero-shot and text search refuse the features in
+    one line, few-shot and tile search read them as cosines, and the commands name the group
+    they read."""
+    from typer.testing import CliRunner
+
+    from slide_clip.cli import app
+    from slide_clip.config import load_config
+    from slide_clip.explore.retrieval import search
+    from slide_clip.pipeline import embed_slide
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import fewshot, zeroshot
+    from slide_clip.store import SlideStore
+
+    slide, _ = make_slide("conch_small", width_um=500, height_um=400)
+    out = tmp_path / "out"
+    base = load_config().with_overrides(encode={"registries": (str(conch_tiny),), "device": "cpu", "num_workers": 0,
+                                                "batch_size": 32})
+    for name in ("conch-tiny", "conch-tiny-features"):
+        r = embed_slide(slide, out, base.with_overrides(encode={"model": name}), progress=False)
+        assert r.status == "ok", r.error
+    st = SlideStore.open(r.store)
+    joint_a, feat_a = st.embedding_attrs("conch-tiny"), st.embedding_attrs("conch-tiny-features")
+    assert (joint_a["output"], joint_a["normalised"]) == ("joint", True)
+    assert (feat_a["output"], feat_a["normalised"]) == ("pre-projection", False)
+    assert feat_a["weights_sha256"] == joint_a["weights_sha256"] and feat_a["logit_scale"] is None
+    joint, feats = st.embeddings("conch-tiny"), st.embeddings("conch-tiny-features")
+    assert len(feats) > 50 and np.abs(np.linalg.norm(feats, axis=1) - 1).min() > 1e-2  # stored as CONCH gives them
+    proj = REF["state_dict"]["visual.proj_contrast"].numpy().astype(np.float64)
+    mapped = feats.astype(np.float64) @ proj
+    assert np.abs(mapped / np.linalg.norm(mapped, axis=1, keepdims=True) - joint).max() <= 1e-5
+    unit = st.embeddings("conch-tiny-features", unit=True)
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-6) and np.allclose(unit * np.linalg.norm(
+        feats, axis=1, keepdims=True), feats, atol=1e-5)
+
+    cfg = base.with_overrides(encode={"model": "conch-tiny-features"})
+    with pytest.raises(ConfigError, match="pre-projection image features, not the joint") as e:
+        zeroshot([Path(r.store)], load_prompts("tumour"), cfg, model="conch-tiny-features")
+    assert "\n" not in str(e.value) and "--model conch" in e.value.hint
+    with pytest.raises(ConfigError, match="pre-projection") as e:
+        search([out], cfg, texts=["tumour"], model="conch-tiny-features", gallery=False)
+    assert "\n" not in str(e.value)
+    # few-shot on the features: cosines with prototypes (logits within +-100)
+    coords = st.coords()
+    csv = tmp_path / "ex.csv"
+    csv.write_text("slide,x,y,label\n" + "".join(f"{slide},{x},{y},{'a' if i % 2 else 'b'}\n"
+                                                 for i, (x, y) in enumerate(coords[:4])))
+    [res] = fewshot([Path(r.store)], csv, cfg, model="conch-tiny-features")
+    assert res["status"] == "ok", res
+    _, logits, _ = st.scores("conch-tiny-features", res["score_set"])
+    assert np.abs(logits).max() <= 100 + 1e-3
+
+    runner = CliRunner()
+    x, y = (int(v) for v in coords[7])
+    r2 = runner.invoke(app, ["search", str(out), "--tile", f"{st.slide['name']}:{x}:{y}", "--top", "3",
+                             "--no-gallery", "--model", "conch-tiny-features"])
+    assert r2.exit_code == 0, r2.output
+    assert "embeddings: conch-tiny-features (pre-projection features, not normalised)" in r2.output
+    hits = pd.read_csv(next((out / "explore" / "search").glob("*/hits.csv")))
+    assert hits.iloc[0][["x", "y"]].tolist() == [x, y] and hits.iloc[0]["score"] == pytest.approx(1, abs=1e-5)
+    r2 = runner.invoke(app, ["bags", str(out), "--model", "conch-tiny"])
+    assert r2.exit_code == 0, r2.output
+    assert "embeddings: conch-tiny (joint image-text space)" in r2.output

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slide_clip.encoders.outputs import embeddings_line
 from slide_clip.errors import ConfigError
 from slide_clip.store import model_key
 from slide_clip.survival.bags import BagDataset, Cohort, open_cohort
@@ -277,7 +278,7 @@ def run_survival(out: str | Path, clinical: str | Path, time: str, event: str, *
     fold = patient_folds(pids, cl.table.loc[pids, "event"].to_numpy(), s.folds, s.seed)
     name = s.name or f"{model_key(cohort.model)}-{s.folds}fold-seed{s.seed}"
     log(f"{len(pids)} patients, {len(cohort.stores)} slides, {int(cl.table.loc[pids, 'event'].sum())} events; "
-        f"embeddings {cohort.model}")
+        + embeddings_line(cohort.model, cohort.open(next(iter(cohort.stores))).embedding_attrs(cohort.model)))
     reports = {}
     tables = None
     for b in s.baselines:
