@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from slide_clip.config import PipelineConfig
 from slide_clip.errors import SlideClipError, SlideError
-from slide_clip.store import SlideStore
+from slide_clip.store import SlideStore, model_key
 
 
 @dataclass
@@ -48,14 +48,16 @@ def begin_encoding(store: SlideStore, slide_file: str, encoder, cfg: PipelineCon
     from slide_clip.loader import tile_batches
     from slide_clip.pipeline import grid_from_store
 
+    from slide_clip.encoders.spec import made_as
+    from slide_clip.encoders.tile_view import encoder_view
+
     e = cfg.encode
     tiling = store.tiling
     size = int(tiling["tile_size"])
-    seen = int(encoder.preprocess_cfg.get("resize_size") or encoder.image_size[0])  # px the tile is resized to
-    # what this model saw: the tile resampled from tile_size to its input size
-    writer = store.begin_embeddings({**encoder.provenance(), "tile_size": size, "resampled": size != seen,
-                                     "seen_mpp": float(tiling["target_mpp"]) * size / seen},
-                                    chunk_rows=e.chunk_rows)
+    provenance = {**encoder.provenance(), **encoder_view(encoder, size, tiling["target_mpp"]).attrs()}
+    if model_key(encoder.name) in store.models() and not made_as(store.embedding_attrs(encoder.name), encoder.spec):
+        store.drop_embeddings(encoder.name)  # made another way (architecture, output): never resumed or kept
+    writer = store.begin_embeddings(provenance, chunk_rows=e.chunk_rows)
     writer.flush_seconds = e.flush_seconds
     if writer.complete:
         return None

@@ -273,3 +273,78 @@ def test_target_mpp_defaults_to_the_model_training_mpp(small_slide, tiny_registr
     assert SlideStore.open(r.store).embedding_attrs("tiny-1mpp")["training_mpp"] == 1.0
     given = c.with_overrides(tiling={"target_mpp": 0.5})
     assert target_mpp_for(given) == 0.5
+
+
+# ----------------------------------------------------------------------------- (f) a card's tile, then its crop
+@pytest.fixture(scope="module")
+def card_crop_registry(tmp_path_factory):
+    """A small timm model shaped like Prov-GigaPath's entry: 64 px input, the card's transform
+    Resize(80) + CenterCrop(64), tiles of 80 px (Prov-GigaPath: 224, 256, 256)."""
+    import timm
+
+    d = tmp_path_factory.mktemp("card_crop")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1, img_size=64)
+    torch.save(m.state_dict(), d / "vit.pt")
+    reg = d / "models.yaml"
+    reg.write_text("models:\n  crop-vit:\n    backend: timm\n    arch: vit_tiny_patch16_224\n"
+                   "    model_kwargs: {depth: 1, img_size: 64}\n    checkpoint: vit.pt\n    input_size: 64\n"
+                   "    resize_size: 80\n    tile_size: 80\n    training_mpp: 0.5\n    licence: test\n")
+    return reg
+
+
+def _note_mpp(note: str) -> float:
+    """The µm/px a console note says the model sees."""
+    import re
+
+    m = re.search(r"sees ([0-9.]+) µm/px", note) or re.search(r"\) at ([0-9.]+) µm/px", note)
+    return float(m.group(1))
+
+
+def test_card_tile_size_then_its_crop_console_and_store_agree(small_slide, cfg, card_crop_registry, tmp_path):
+    """A model whose card cuts larger tiles and crops them gets those tiles by default; what the
+    console says it sees (µm/px, share of the tile) is what its store records, at the default and
+    at a given --tile-size; the crop runs on the device and gives the per-tile PIL path's numbers."""
+    from slide_clip.config import load_config
+    from slide_clip.pipeline import tile_size_for
+
+    # the shipped registry: Prov-GigaPath cuts 256 px at 0.5 µm/px and sees the central 224 at 0.5 µm/px
+    gp = load_config().with_overrides(encode={"model": "prov-gigapath"})
+    assert tile_size_for(gp) == 256
+    note = resampling_note(gp)
+    assert "0.5 µm/px" in note and "76.6%" in note and "central 224 px of each 256 px tile" in note
+    note = resampling_note(gp.with_overrides(tiling={"tile_size": 224}))  # the old default: upsampled
+    assert "0.4375 µm/px" in note and "resampled to 256 px" in note
+    note = resampling_note(gp.with_overrides(tiling={"tile_size": 256}))
+    assert "0.5 µm/px" in note and "resampled" not in note  # not 256 x 0.5 / 224 = 0.5714
+
+    c = cfg.with_overrides(encode={"model": "crop-vit", "registries": (str(card_crop_registry),), "num_workers": 0})
+    for tile_size, mpp in ((None, 0.5), (80, 0.5), (64, 0.5 * 64 / 80), (96, 0.5 * 96 / 80)):
+        run = c.with_overrides(tiling={"tile_size": tile_size})
+        note = resampling_note(run)
+        r = embed_slide(small_slide, tmp_path / f"t{tile_size}", run, progress=False)
+        assert r.status == "ok", r.error
+        st = SlideStore.open(r.store)
+        t, e = st.tiling, st.embedding_attrs("crop-vit")
+        assert t["tile_size"] == (tile_size or 80) and t["model_tile_size"] == 80 and t["model_input_size"] == 64
+        assert t["tile_size_from"] == ("model" if tile_size is None else "user")
+        assert e["seen_mpp"] == pytest.approx(mpp) and _note_mpp(note) == pytest.approx(e["seen_mpp"], rel=1e-3)
+        # the model sees the central 64 of 80 px (after any resize): 64 % of the tile's area
+        assert e["seen_fraction"] == pytest.approx(0.64) and "64.0%" in note
+        assert e["seen_um"] == pytest.approx(64 * mpp)
+        assert e["resampled"] is t["resampled"] is (tile_size not in (None, 80))
+    # the default run's embeddings: cropped on the device, equal to the per-tile PIL preprocess
+    from slide_clip.encoders import load_encoder, resolve_model
+    from slide_clip.pipeline import grid_from_store
+    from slide_clip.tiling import read_tile
+
+    st = SlideStore.open(tmp_path / "tNone" / "small_provenance.zarr")
+    enc = load_encoder(resolve_model("crop-vit", [card_crop_registry]), device="cpu")
+    norm = enc.pixel_norm(80)
+    assert norm is not None and norm.crop == (8, 8, 64, 64)
+    import openslide
+
+    grid = grid_from_store(st)
+    osr = openslide.OpenSlide(str(small_slide))
+    pil = torch.stack([enc.preprocess(read_tile(osr, int(x), int(y), grid)) for x, y in grid.coords])
+    osr.close()
+    assert np.allclose(st.embeddings("crop-vit"), enc.encode_images(pil), rtol=0, atol=1e-6)

@@ -74,6 +74,7 @@ class Encoder:
     preprocess_cfg: dict = field(default_factory=dict)
     arch_cfg: dict | None = None
     image_fn: Callable | None = field(default=None, repr=False)  # pixels -> features (before normalising)
+    extra: dict = field(default_factory=dict)  # backend-specific provenance (open_clip: quick_gelu)
     _tokenizer: Any = field(default=None, repr=False)
 
     @property
@@ -124,6 +125,7 @@ class Encoder:
             "precision": self.precision,
             "logit_scale": self.logit_scale,
             "spec": s.to_dict(),
+            **self.extra,
         }
 
     def _autocast(self):

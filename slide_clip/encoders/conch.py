@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from slide_clip.encoders.arch_configs import conch_arch_cfg as _cfg
-from slide_clip.encoders.arch_configs import model_input_size
+from slide_clip.encoders.arch_configs import model_input_size, model_resize_size
 from slide_clip.encoders.base import Encoder
 from slide_clip.encoders.outputs import PRE_PROJECTION
 from slide_clip.encoders.spec import ModelSpec
@@ -187,7 +187,7 @@ def preprocess_cfg(spec: ModelSpec) -> dict:
     if not (spec.image_mean and spec.image_std):
         raise ConfigError(f"model {spec.name!r}: the conch backend needs image_mean and image_std in its entry")
     size = model_input_size(spec)
-    return {"size": size, "resize_size": int(spec.resize_size or size), "mean": list(spec.image_mean),
+    return {"size": size, "resize_size": model_resize_size(spec), "mean": list(spec.image_mean),
             "std": list(spec.image_std), "interpolation": spec.image_interpolation or "bicubic",
             "resize_mode": "shortest"}
 

@@ -83,6 +83,14 @@ class ModelSpec:
         the default) or ``pre-projection`` (CONCH's features before the projection, not
         normalised: for survival and multiple-instance learning; no zero-shot or text search).
         See :mod:`slide_clip.encoders.outputs`.
+    tile_size
+        Tile side in px cut for this model by default (None: its input size), when its card
+        cuts tiles larger than the input and then resizes and crops them (Prov-GigaPath: 256,
+        then Resize(256) + CenterCrop(224)).
+    finetuned_from
+        open_clip backend: ``pretrained:TAG``, the open_clip weights of the same architecture
+        that the entry's weights were fine-tuned from (QuiltNet, PLIP: OpenAI's CLIP). The
+        architecture must have that tag's activation (QuickGELU for ``openai``; tested).
     """
 
     name: str
@@ -107,6 +115,8 @@ class ModelSpec:
     tokenizer_sha256: str | None = None
     description: str = ""
     output: str = "joint"
+    tile_size: int | None = None
+    finetuned_from: str | None = None
     seed: int | None = None
 
     @property
@@ -217,6 +227,8 @@ def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
         tokenizer_sha256=str(entry["tokenizer_sha256"]).lower() if entry.get("tokenizer_sha256") else None,
         description=str(entry.get("description", "")),
         output=output,
+        tile_size=int(entry["tile_size"]) if entry.get("tile_size") else None,
+        finetuned_from=str(entry["finetuned_from"]) if entry.get("finetuned_from") else None,
     )
 
 
@@ -293,6 +305,21 @@ def spec_from_provenance(attrs: dict) -> ModelSpec | None:
     if not isinstance(d, dict):
         return None
     return ModelSpec.from_dict({**d, "arch_config": None})
+
+
+def made_as(attrs: dict, spec: ModelSpec) -> bool:
+    """Whether a stored embedding group was made the way ``spec`` embeds tiles now (weights are
+    compared by the caller): the same architecture and output, and, for open_clip hub weights
+    of a registry architecture (QuiltNet), built into that architecture. Groups of those
+    written before ``quick_gelu`` was recorded were built by open_clip's hub loading from the
+    hub config's architecture, whatever ``arch`` they name, and are made again."""
+    from slide_clip.encoders.outputs import output_of, spec_output
+
+    if attrs.get("arch") != spec.arch or output_of(attrs) != spec_output(spec):
+        return False
+    hub_into_registry_arch = (spec.backend == "open_clip" and spec.weights_kind == "hf-hub"
+                              and spec.weights_format != "transformers" and not spec.arch.startswith("hf-hub:"))
+    return not (hub_into_registry_arch and "quick_gelu" not in attrs)
 
 
 def describe_weights(spec: ModelSpec) -> str:
