@@ -168,6 +168,86 @@ def test_hub_architecture_loads_the_checkpoint_given(hub_like_registry):
         assert p["arch_config"]["model_cfg"]["embed_dim"] == 32
 
 
+@pytest.fixture
+def quilt_like(tmp_path, monkeypatch):
+    """An entry shaped like QuiltNet-B-32's: hub weights (``hf-hub:``) for a registry
+    architecture with QuickGELU, in a Hugging Face cache on disk whose ``open_clip_config.json``
+    leaves ``quick_gelu`` out (as QuiltNet-B-32's does). The hub cannot be reached: the hub path
+    is served from this cache (``HF_HUB_OFFLINE=1``, conftest)."""
+    import huggingface_hub
+
+    model_cfg = json.loads((ASSETS / f"{TINY}.json").read_text())
+    arch = tmp_path / "slideclip-tiny-quickgelu-test.json"
+    arch.write_text(json.dumps({**model_cfg, "quick_gelu": True}))
+    snap = tmp_path / "hf" / "models--test-org--quilt-like" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("a" * 40)
+    (snap / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        open_clip.add_model_config(arch)
+        m = open_clip.create_model(arch.stem, pretrained=None)
+    torch.save(m.state_dict(), snap / "open_clip_pytorch_model.bin")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    reg = tmp_path / "models.yaml"
+    reg.write_text(f"models:\n  quilt-like:\n    arch: {arch.stem}\n    arch_config: {arch}\n"
+                   "    weights: hf-hub:test-org/quilt-like\n")
+    return reg, snap / "open_clip_pytorch_model.bin"
+
+
+def test_hub_weights_of_a_registry_architecture_build_it_on_every_path(quilt_like):
+    """The hub's weights, the same file given with --checkpoint, and random:NAME all build the
+    registry's architecture (QuickGELU), not the hub config's (GELU); the same weights give the
+    same embeddings whichever way they were loaded, and the store records the activation."""
+    reg, cached = quilt_like
+    hub = load_encoder(resolve_model("quilt-like", [reg]), device="cpu")
+    local = load_encoder(resolve_model("quilt-like", [reg], checkpoint=cached), device="cpu")
+    rand = load_encoder(resolve_model("random:quilt-like", [reg]), device="cpu")
+    for enc in (hub, local, rand):
+        p = enc.provenance()
+        assert p["quick_gelu"] is True and p["arch_config"]["model_cfg"]["quick_gelu"] is True
+        assert p["arch"] == "slideclip-tiny-quickgelu-test"
+    assert hub.provenance()["weights_kind"] == "hf-hub" and hub.checkpoint_sha256 == file_sha256(cached)
+    assert hub.weights_sha256 == local.weights_sha256 != rand.weights_sha256
+    pixels = torch.rand(2, 3, 224, 224)
+    assert np.array_equal(hub.encode_images(pixels), local.encode_images(pixels))
+    assert np.array_equal(hub.encode_texts(["tumour", "stroma"]), local.encode_texts(["tumour", "stroma"]))
+    # open_clip's own hub loading (what the hub path did) builds the hub config: GELU, other numbers
+    theirs, _, _ = open_clip.create_model_and_transforms("hf-hub:test-org/quilt-like")
+    from slide_clip.encoders.openclip import uses_quick_gelu
+
+    assert not uses_quick_gelu(theirs)
+    with torch.no_grad():
+        other = torch.nn.functional.normalize(theirs.eval().encode_image(pixels), dim=-1).numpy()
+    assert np.abs(other - hub.encode_images(pixels)).max() > 1e-3
+
+
+def test_groups_made_another_way_are_made_again(quilt_like, small_slide, cfg, tmp_path):
+    """A group built by the old hub path (no ``quick_gelu`` recorded: open_clip built the hub
+    config), or under another architecture (openai-vit-b-16 was ViT-B-16), is not 'done': the
+    slide is encoded again and the group replaced."""
+    from slide_clip.encoders import load_registry
+    from slide_clip.encoders.spec import made_as
+    from slide_clip.pipeline import embeddings_done
+
+    assert not made_as({"arch": "ViT-B-16"}, load_registry()["openai-vit-b-16"])
+    reg, _ = quilt_like
+    c = cfg.with_overrides(encode={"model": "quilt-like", "registries": (str(reg),), "num_workers": 0})
+    r = embed_slide(small_slide, tmp_path / "out", c, progress=False)
+    st = SlideStore.open(r.store)
+    spec = resolve_model("quilt-like", [reg])
+    assert r.encoded == r.n_tiles > 0 and embeddings_done(st, spec)
+    group = st.group["embeddings/quilt-like"]
+    old = {k: v for k, v in group.attrs.items() if k != "quick_gelu"}
+    group.attrs.clear()
+    group.attrs.update(old)  # as the old hub path wrote it
+    assert not embeddings_done(SlideStore.open(r.store), spec)
+    again = embed_slide(small_slide, tmp_path / "out", c, progress=False)
+    assert again.status == "ok" and again.encoded == r.n_tiles
+    assert SlideStore.open(r.store).embedding_attrs("quilt-like")["quick_gelu"] is True
+
+
 def test_real_biomedclip_with_checkpoint_offline_refuses_clearly(tiny_checkpoint):
     # BiomedCLIP's architecture config lives on the hub; without network or cache it cannot be built
     with pytest.raises(WeightsError) as e:
