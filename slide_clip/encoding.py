@@ -48,15 +48,16 @@ def begin_encoding(store: SlideStore, slide_file: str, encoder, cfg: PipelineCon
     from slide_clip.loader import tile_batches
     from slide_clip.pipeline import grid_from_store
 
-    from slide_clip.encoders.spec import made_as
+    from slide_clip.encoders.spec import same_build
     from slide_clip.encoders.tile_view import encoder_view
 
     e = cfg.encode
     tiling = store.tiling
     size = int(tiling["tile_size"])
     provenance = {**encoder.provenance(), **encoder_view(encoder, size, tiling["target_mpp"]).attrs()}
-    if model_key(encoder.name) in store.models() and not made_as(store.embedding_attrs(encoder.name), encoder.spec):
-        store.drop_embeddings(encoder.name)  # made another way (architecture, output): never resumed or kept
+    made = model_key(encoder.name) in store.models()
+    if made and not same_build(store.embedding_attrs(encoder.name), encoder):
+        store.drop_embeddings(encoder.name)  # made another way (architecture, output, activation): never kept
     writer = store.begin_embeddings(provenance, chunk_rows=e.chunk_rows)
     writer.flush_seconds = e.flush_seconds
     if writer.complete:

@@ -25,6 +25,7 @@ import numpy as np
 from slide_clip.aggregate import cohort_table, slide_scores, write_cohort_table
 from slide_clip.config import PipelineConfig
 from slide_clip.encoders.outputs import text_refusal
+from slide_clip.encoders.spec import same_build
 from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, StoreError
 from slide_clip.heatmap import (grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid,
                                 tiles_geojson, value_range)
@@ -118,6 +119,11 @@ class EncoderPool:
                 f"embeddings were made by other weights than model {name!r} loads now "
                 f"(stored {expected_sha256[:12]}…, loaded {enc.weights_sha256[:12]}…)", path=where,
                 hint="Give the weights the store was made with (--checkpoint), or re-embed the slide.")
+        if attrs is not None and not same_build(attrs, enc):
+            raise StoreError(
+                f"embeddings of {name!r} were made by another build of the model than the one it loads now "
+                f"(an older slide-clip built open_clip's hub config for these weights)", path=where,
+                hint=f"Re-embed the slides with --model {name} (the stored group is replaced).")
         return enc
 
 

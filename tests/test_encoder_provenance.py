@@ -225,8 +225,8 @@ def test_hub_weights_of_a_registry_architecture_build_it_on_every_path(quilt_lik
 
 def test_groups_made_another_way_are_made_again(quilt_like, small_slide, cfg, tmp_path):
     """A group built by the old hub path (no ``quick_gelu`` recorded: open_clip built the hub
-    config), or under another architecture (openai-vit-b-16 was ViT-B-16), is not 'done': the
-    slide is encoded again and the group replaced."""
+    config), or under another architecture (openai-vit-b-16 was ViT-B-16), is not 'done' and
+    is not scored: the slide is encoded again and the group replaced."""
     from slide_clip.encoders import load_registry
     from slide_clip.encoders.spec import made_as
     from slide_clip.pipeline import embeddings_done
@@ -243,6 +243,12 @@ def test_groups_made_another_way_are_made_again(quilt_like, small_slide, cfg, tm
     group.attrs.clear()
     group.attrs.update(old)  # as the old hub path wrote it
     assert not embeddings_done(SlideStore.open(r.store), spec)
+    # scored as it is, its text side would come from another build than its image side: refused
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import zeroshot
+
+    [res] = zeroshot([Path(r.store)], load_prompts("tumour"), c)
+    assert res["status"] == "failed" and "another build" in res["error"] and "--model quilt-like" in res["error"]
     again = embed_slide(small_slide, tmp_path / "out", c, progress=False)
     assert again.status == "ok" and again.encoded == r.n_tiles
     assert SlideStore.open(r.store).embedding_attrs("quilt-like")["quick_gelu"] is True

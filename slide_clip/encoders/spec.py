@@ -322,6 +322,13 @@ def made_as(attrs: dict, spec: ModelSpec) -> bool:
     return not (hub_into_registry_arch and "quick_gelu" not in attrs)
 
 
+def same_build(attrs: dict, encoder) -> bool:
+    """Whether a loaded encoder embeds as the stored group's model did (weights are compared by
+    the caller): :func:`made_as`, and the same activation where both record it."""
+    recorded, built = attrs.get("quick_gelu"), encoder.extra.get("quick_gelu")
+    return made_as(attrs, encoder.spec) and (recorded is None or built is None or recorded == built)
+
+
 def describe_weights(spec: ModelSpec) -> str:
     """One short phrase for where the weights come from (``slide-clip models``)."""
     if spec.weights is None:

@@ -72,8 +72,8 @@ class TileView:
             return (f"note: {model} sees the central {self.input_size} px of each {self.tile_size} px tile "
                     f"({share}) at {scale}, as its card's Resize({self.resize_size}) + CenterCrop({self.input_size}) "
                     "does (recorded in the stores)")
-        leave_out = (f"leave out --tile-size to cut {card_tile} px tiles, as its card does" if card_tile != self.input_size
-                     else "leave out --tile-size to tile at the model's input size")
+        leave_out = (f"leave out --tile-size to cut {card_tile} px tiles, as its card does"
+                     if card_tile != self.input_size else "leave out --tile-size to tile at the model's input size")
         if self.cropped:
             return (f"note: tiles of {self.tile_size} px at {self.target_mpp:g} µm/px are resampled to "
                     f"{self.resize_size} px and centre-cropped to the model's {self.input_size} px input, so "

@@ -73,7 +73,9 @@ def _encoder(cohort: Cohort, cfg):
 
     if cfg.encode.checkpoint and cfg.encode.model != cohort.model:
         cfg = cfg.with_overrides(encode={"model": cohort.model})
-    return EncoderPool(cfg).get(cohort.model, cohort.weights_sha256, cohort.slides[0].path)
+    first = cohort.slides[0]
+    return EncoderPool(cfg).get(cohort.model, cohort.weights_sha256, first.path,
+                                first.store.embedding_attrs(cohort.model))
 
 
 def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path | None = None,
