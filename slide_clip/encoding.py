@@ -45,11 +45,10 @@ def begin_encoding(store: SlideStore, slide_file: str, encoder, cfg: PipelineCon
     :class:`slide_clip.loader.ReaderPool`) reads the batches; None reads them in this
     process when they are asked for.
     """
-    from slide_clip.loader import tile_batches
-    from slide_clip.pipeline import grid_from_store
-
     from slide_clip.encoders.spec import same_build
     from slide_clip.encoders.tile_view import encoder_view
+    from slide_clip.loader import tile_batches
+    from slide_clip.pipeline import grid_from_store
 
     e = cfg.encode
     tiling = store.tiling

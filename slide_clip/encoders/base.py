@@ -48,7 +48,7 @@ def vision_only_error(spec: ModelSpec) -> ConfigError:
 
 def text_error(spec: ModelSpec) -> ConfigError:
     """Why ``spec``'s embeddings cannot be compared with text (vision-only, or pre-projection features)."""
-    return text_refusal(spec.name, {"output": spec_output(spec)}) or vision_only_error(spec)
+    return text_refusal(spec.name, {"output": spec_output(spec)})
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from slide_clip.encoders.outputs import ENTRY_OUTPUTS, JOINT, output_of, spec_output
 from slide_clip.errors import ConfigError
 from slide_clip.resources import config_file
 
@@ -196,8 +197,8 @@ def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
     pooling = str(entry.get("pooling", "cls"))
     if pooling not in ("cls", "cls+mean"):
         raise ConfigError(f"model {name!r}: pooling must be cls or cls+mean", path=p)
-    output = str(entry.get("output", "joint"))
-    if output not in ("joint", "pre-projection") or (output != "joint" and backend != "conch"):
+    output = str(entry.get("output", JOINT))
+    if output not in ENTRY_OUTPUTS or (output != JOINT and backend != "conch"):
         raise ConfigError(f"model {name!r}: output must be joint, or pre-projection for the conch backend "
                           f"(not {output!r})", path=p)
     kwargs = entry.get("model_kwargs") or {}
@@ -313,8 +314,6 @@ def made_as(attrs: dict, spec: ModelSpec) -> bool:
     of a registry architecture (QuiltNet), built into that architecture. Groups of those
     written before ``quick_gelu`` was recorded were built by open_clip's hub loading from the
     hub config's architecture, whatever ``arch`` they name, and are made again."""
-    from slide_clip.encoders.outputs import output_of, spec_output
-
     if attrs.get("arch") != spec.arch or output_of(attrs) != spec_output(spec):
         return False
     hub_into_registry_arch = (spec.backend == "open_clip" and spec.weights_kind == "hf-hub"
