@@ -109,7 +109,8 @@ def models(
             return "?"
 
     _table(["name", "kind", "backend", "input", "mpp", "licence", "gated", "weights", "description"],
-           [[s.name, "vision-only" if s.vision_only else "vision-language", s.backend, size(s),
+           [[s.name, "vision-only" if s.vision_only else "vision-language" if s.output == "joint" else s.output,
+             s.backend, size(s),
              f"{s.training_mpp:g}" if s.training_mpp else "-", s.licence or "-", "yes" if s.gated else "no",
              s.weights or "random", s.description] for s in reg.values()])
     typer.echo("Every name also works as random:NAME[@seed=N] (seeded random weights, for testing).")
@@ -339,6 +340,27 @@ def summarize(
         typer.echo(f"{csv_path}\n{parquet_path}")
 
 
+# ----------------------------------------------------------------------------- reading stores
+def _say_embeddings(inputs, model: str | None) -> None:
+    """One line on stderr naming the embedding group a command reads and what it holds, e.g.
+    ``embeddings: conch-features (pre-projection features, not normalised)`` (the group's
+    ``output``, docs/FORMAT.md). Stores that cannot be read are left to the command itself."""
+    from slide_clip.encoders.outputs import embeddings_line
+    from slide_clip.scoring import find_stores, open_scored_store
+
+    try:
+        paths = find_stores([Path(p) for p in inputs])
+    except SlideClipError:
+        return
+    for p in paths:
+        try:
+            store, name = open_scored_store(Path(p), model)
+            typer.echo(embeddings_line(name, store.embedding_attrs(name)), err=True)
+            return
+        except SlideClipError:
+            continue
+
+
 # ----------------------------------------------------------------------------- survival
 @app.command()
 def survival(
@@ -411,6 +433,7 @@ def bags(
         cohort = open_cohort(out, model, manifest=manifest, allow_missing=allow_missing)
         for d in cohort.dropped:
             typer.echo(f"left out (--allow-missing): slide {d['slide']}: {d['reason']}", err=True)
+        _say_embeddings([out], cohort.model)
         for p in write_pooled_tables(cohort, with_max=with_max):
             typer.echo(str(p))
         if h5:
@@ -457,6 +480,7 @@ def search(
     from slide_clip.explore.retrieval import search as run_search
 
     where, texts = [stores[0]], [str(t) for t in stores[1:]]
+    _say_embeddings(where, model)
     try:
         cfg = _scoring_config(config, registry, checkpoint, device)
         r = run_search(where, cfg, texts=texts, images=[str(i) for i in image], tiles=list(tile), prompts=prompts,
@@ -491,6 +515,7 @@ def cluster(
     """Cluster tiles across the cohort (k-means); store each slide's clusters; maps, gallery, table."""
     from slide_clip.explore.clusters import cluster as run_cluster
 
+    _say_embeddings(stores, model)
     try:
         r = run_cluster(stores, k=k, model=model, sample=sample, seed=seed, name=name, maps=maps,
                         gallery=gallery, per_cluster=per_cluster)
@@ -521,6 +546,7 @@ def map_(
     """Draw a 2-D map (UMAP, t-SNE or PCA) of tiles or slides; optional mosaic and AnnData export."""
     from slide_clip.explore.maps import embedding_map
 
+    _say_embeddings(stores, model)
     try:
         per = per_slide if per_slide > 0 else 10**12
         r = embedding_map(stores, model=model, of=of, method=method, per_slide=per, seed=seed,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from slide_clip.config import PipelineConfig
 from slide_clip.errors import SlideClipError, SlideError
-from slide_clip.store import SlideStore
+from slide_clip.store import SlideStore, model_key
 
 
 @dataclass
@@ -45,17 +45,19 @@ def begin_encoding(store: SlideStore, slide_file: str, encoder, cfg: PipelineCon
     :class:`slide_clip.loader.ReaderPool`) reads the batches; None reads them in this
     process when they are asked for.
     """
+    from slide_clip.encoders.spec import same_build
+    from slide_clip.encoders.tile_view import encoder_view
     from slide_clip.loader import tile_batches
     from slide_clip.pipeline import grid_from_store
 
     e = cfg.encode
     tiling = store.tiling
     size = int(tiling["tile_size"])
-    seen = int(encoder.preprocess_cfg.get("resize_size") or encoder.image_size[0])  # px the tile is resized to
-    # what this model saw: the tile resampled from tile_size to its input size
-    writer = store.begin_embeddings({**encoder.provenance(), "tile_size": size, "resampled": size != seen,
-                                     "seen_mpp": float(tiling["target_mpp"]) * size / seen},
-                                    chunk_rows=e.chunk_rows)
+    provenance = {**encoder.provenance(), **encoder_view(encoder, size, tiling["target_mpp"]).attrs()}
+    made = model_key(encoder.name) in store.models()
+    if made and not same_build(store.embedding_attrs(encoder.name), encoder):
+        store.drop_embeddings(encoder.name)  # made another way (architecture, output, activation): never kept
+    writer = store.begin_embeddings(provenance, chunk_rows=e.chunk_rows)
     writer.flush_seconds = e.flush_seconds
     if writer.complete:
         return None

@@ -53,14 +53,15 @@ class SlideResult:
 
 def tile_size_for(cfg: PipelineConfig) -> int:
     """The tile side in px: the configured one, or (``tile_size: null``, the default) the
-    model's own input size, so that ``target_mpp`` is what the model sees.
+    model's own: its entry's ``tile_size`` where its card cuts larger tiles and crops them
+    (Prov-GigaPath: 256), else its input size, so that ``target_mpp`` is what the model sees.
 
-    Every stage of every path (``embed``, the Prefect tasks) asks here; the model's input
-    size is read from its config without building it.
+    Every stage of every path (``embed``, the Prefect tasks) asks here; the sizes are read
+    from the registry and the model's config without building it.
     """
     if cfg.tiling.tile_size is not None:
         return int(cfg.tiling.tile_size)
-    return _model_input_size(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
+    return _model_tile_size(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
 
 
 #: Tile resolution when neither the user nor the model's registry entry gives one, µm/px.
@@ -90,18 +91,28 @@ def _model_input_size(model: str, registries: tuple, checkpoint: str | None) -> 
     return model_input_size(resolve_model(model, registries, checkpoint))
 
 
+@functools.lru_cache(maxsize=32)
+def _model_tile_size(model: str, registries: tuple, checkpoint: str | None) -> int:
+    from slide_clip.encoders import resolve_model
+    from slide_clip.encoders.arch_configs import model_tile_size
+
+    return model_tile_size(resolve_model(model, registries, checkpoint))
+
+
 def resampling_note(cfg: PipelineConfig) -> str | None:
-    """One line for the console when tiles are resampled to the model's input size, else None."""
-    if cfg.tiling.tile_size is None:
+    """One line for the console when the model does not see the tiles pixel for pixel (tiles
+    resampled to its input, or centre-cropped as its card does), else None. The µm/px and
+    area it gives are what the stores record (:mod:`slide_clip.encoders.tile_view`)."""
+    from slide_clip.encoders import resolve_model
+    from slide_clip.encoders.tile_view import spec_view
+
+    e = cfg.encode
+    spec = resolve_model(e.model, tuple(e.registries), e.checkpoint)
+    try:
+        view = spec_view(spec, tile_size_for(cfg), target_mpp_for(cfg))
+        return view.note(spec.name, _model_tile_size(e.model, tuple(e.registries), e.checkpoint))
+    except SlideClipError:  # the model's input size is not known offline (--tile-size given): said later
         return None
-    size = _model_input_size(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
-    t = cfg.tiling
-    if size == t.tile_size:
-        return None
-    mpp = target_mpp_for(cfg)
-    return (f"note: tiles of {t.tile_size} px at {mpp:g} µm/px are resampled to the model's "
-            f"{size} px input, so the model sees {mpp * t.tile_size / size:.4g} µm/px "
-            "(recorded in the stores; leave out --tile-size to tile at the model's input size)")
 
 
 def _settings(cfg: PipelineConfig) -> dict:
@@ -113,14 +124,20 @@ def _settings(cfg: PipelineConfig) -> dict:
 
 def _tile_size_attrs(cfg: PipelineConfig) -> dict:
     """How the tile size was chosen (recorded beside the settings in ``tiling``)."""
+    from slide_clip.encoders import resolve_model
+    from slide_clip.encoders.tile_view import spec_view
+
+    e = cfg.encode
     size = tile_size_for(cfg)
     try:
-        model_size = _model_input_size(cfg.encode.model, tuple(cfg.encode.registries), cfg.encode.checkpoint)
+        view = spec_view(resolve_model(e.model, tuple(e.registries), e.checkpoint), size, target_mpp_for(cfg))
+        model_tile = _model_tile_size(e.model, tuple(e.registries), e.checkpoint)
     except SlideClipError:  # the model's input size is unknown offline; --tile-size was given
-        model_size = None
+        view = model_tile = None
     return {"target_mpp_from": "model" if cfg.tiling.target_mpp is None else "user",
-            "tile_size_from": "model" if cfg.tiling.tile_size is None else "user", "model_input_size": model_size,
-            "resampled": model_size is not None and model_size != size}
+            "tile_size_from": "model" if cfg.tiling.tile_size is None else "user",
+            "model_input_size": view.input_size if view else None, "model_tile_size": model_tile,
+            "resampled": bool(view and view.resampled)}
 
 
 def _reusable(path: Path, info: SlideInfo, cfg: PipelineConfig, mpp_xy, overwrite: bool) -> SlideStore | None:
@@ -328,17 +345,20 @@ def embeddings_done(store: SlideStore, spec, encoder=None) -> bool:
     source (hub or pretrained tag), or the random-weights flag (``random:ARCH``).
     """
     from slide_clip.encoders import file_sha256
+    from slide_clip.encoders.spec import made_as
 
     if not store.is_complete(spec.name):
         return False
     a = store.embedding_attrs(spec.name)
+    if not made_as(a, spec):  # another architecture or output under this name: made again
+        return False
     if encoder is not None:
         return a.get("weights_sha256") == encoder.weights_sha256
     if spec.weights_kind == "random":
-        return bool(a.get("random_weights")) and a.get("seed", 0) == spec.seed and a.get("arch") == spec.arch
+        return bool(a.get("random_weights")) and a.get("seed", 0) == spec.seed
     if spec.weights_kind == "file":
         return Path(spec.weights).is_file() and a.get("checkpoint_sha256") == file_sha256(spec.weights)
-    return a.get("weights_source") == spec.weights and a.get("arch") == spec.arch
+    return a.get("weights_source") == spec.weights
 
 
 def _finished(path: Path, spec) -> bool:

@@ -24,6 +24,8 @@ import numpy as np
 
 from slide_clip.aggregate import cohort_table, slide_scores, write_cohort_table
 from slide_clip.config import PipelineConfig
+from slide_clip.encoders.outputs import text_refusal
+from slide_clip.encoders.spec import same_build
 from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, StoreError
 from slide_clip.heatmap import (grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid,
                                 tiles_geojson, value_range)
@@ -118,6 +120,11 @@ class EncoderPool:
                 f"embeddings were made by other weights than model {name!r} loads now "
                 f"(stored {expected_sha256[:12]}…, loaded {enc.weights_sha256[:12]}…)", path=where,
                 hint="Give the weights the store was made with (--checkpoint), or re-embed the slide.")
+        if attrs is not None and not same_build(attrs, enc):
+            raise StoreError(
+                f"embeddings of {name!r} were made by another build of the model than the one it loads now "
+                f"(an older slide-clip built open_clip's hub config for these weights)", path=where,
+                hint=f"Re-embed the slides with --model {name} (the stored group is replaced).")
         return enc
 
 
@@ -133,7 +140,7 @@ def score_store(store: SlideStore, model: str, set_name: str, classifier: np.nda
                 attrs: dict, cfg: PipelineConfig, t0: float) -> dict:
     """Score every tile with ``classifier``, write scores, heatmap grid and the slide summary."""
     emb = store.embedding_attrs(model)
-    feats = store.embeddings(model)
+    feats = store.embeddings(model, unit=True)  # cosines, also for a group of unnormalised features
     # the model's own, recorded at embedding time; vision-only models have none (few-shot only):
     # CLIP's usual 100, recorded with the scores
     logit_scale = float(emb["logit_scale"]) if emb.get("logit_scale") is not None else VISION_ONLY_LOGIT_SCALE
@@ -253,10 +260,9 @@ def zeroshot(stores: list[Path], prompts: PromptSet, cfg: PipelineConfig, *, mod
     pool = EncoderPool(cfg)
 
     def classifier_for(store: SlideStore, name: str) -> np.ndarray:
-        if store.embedding_attrs(name).get("vision_only"):  # refused before any model is loaded
-            from slide_clip.encoders import spec_from_provenance, vision_only_error
-
-            raise vision_only_error(spec_from_provenance(store.embedding_attrs(name)))
+        refusal = text_refusal(name, store.embedding_attrs(name))  # before any model is loaded
+        if refusal is not None:
+            raise refusal
         sha = store.embedding_attrs(name)["weights_sha256"]
         cache = ClassifierCache(_out_dir(store) / "classifiers")
         clf = cache.get(name, sha, prompts)

@@ -39,6 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from slide_clip.config import TISSUE_ALGORITHM
+from slide_clip.encoders.outputs import is_normalised
 from slide_clip.errors import StoreBusyError, StoreError
 
 FORMAT_VERSION = 1
@@ -331,11 +332,13 @@ class SlideStore:
         key = f"embeddings/{model_key(model)}"
         return key in self.group and self.group[key].attrs.get("status") == STATUS_COMPLETE
 
-    def embeddings(self, model: str, allow_partial: bool = False) -> np.ndarray:
+    def embeddings(self, model: str, allow_partial: bool = False, *, unit: bool = False) -> np.ndarray:
         """The model's (n, d) embeddings; raises on a partial store unless ``allow_partial``.
 
         With ``allow_partial`` only the rows written so far are returned. Every row read is
         checked: a lost chunk (NaN rows) or a missing array is a :class:`StoreError`.
+        ``unit=True`` returns L2-normalised rows whatever the group holds (cosines; a group of
+        pre-projection features is stored unnormalised).
         """
         attrs = self.embedding_attrs(model)
         arr = self._features(model)
@@ -348,10 +351,10 @@ class SlideStore:
                 )
             rows = np.asarray(arr[: int(attrs.get("rows_written", 0))], dtype=np.float32)
             self._check_rows(model, 0, rows)
-            return rows
+            return _unit_rows(rows) if unit and not is_normalised(attrs) else rows
         if arr.shape[0] == 0:
             return np.zeros(arr.shape, np.float32)
-        return np.concatenate([b for _, b in self.iter_embeddings(model)], axis=0)
+        return np.concatenate([b for _, b in self.iter_embeddings(model, unit=unit)], axis=0)
 
     def _present(self, key: str) -> zarr.Array:
         """The array at ``key``; a missing one is a damaged store."""
@@ -373,13 +376,14 @@ class SlideStore:
                 f"is damaged: embeddings for {model!r} hold missing values from row {bad} "
                 "(a chunk file is lost or unreadable)", path=self.path, hint=_DAMAGED)
 
-    def iter_embeddings(self, model: str, rows: int | None = None):
+    def iter_embeddings(self, model: str, rows: int | None = None, *, unit: bool = False):
         """Yield ``(start, block)`` over a complete model's embeddings, ``rows`` at a time.
 
         ``block`` is a float32 ``(k, d)`` slice of rows ``start:start + k`` in tile order. Memory
         stays at one block (default: one Zarr chunk). A partial group, or a block with
         non-finite values (a lost chunk file reads as the NaN fill value), raises
-        :class:`StoreError` naming the store: a damaged store is never a result.
+        :class:`StoreError` naming the store: a damaged store is never a result. ``unit=True``
+        L2-normalises the rows of a group stored unnormalised (``normalised: false``).
         """
         attrs = self.embedding_attrs(model)
         arr = self._features(model)
@@ -388,10 +392,11 @@ class SlideStore:
                 f"embeddings for {model!r} are partial ({attrs.get('rows_written', 0)} of "
                 f"{arr.shape[0]} tiles)", path=self.path, hint="Run `slide-clip embed` again to resume it.")
         step = int(rows or arr.chunks[0])
+        scale = unit and not is_normalised(attrs)
         for start in range(0, arr.shape[0], step):
             block = np.asarray(arr[start:start + step], dtype=np.float32)
             self._check_rows(model, start, block)
-            yield start, block
+            yield start, _unit_rows(block) if scale else block
 
     def drop_embeddings(self, model: str) -> None:
         """Delete a model's embeddings (to re-encode from scratch)."""
@@ -514,3 +519,8 @@ class EmbeddingWriter:
         self._last_flush = time.monotonic()
         if self.rows_written == self.n and not self.complete:
             self.group.attrs.update({"status": STATUS_COMPLETE, "finished": _now()})
+
+
+def _unit_rows(block: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(block, axis=1, keepdims=True)
+    return (block / np.where(norms > 0, norms, 1)).astype(np.float32)

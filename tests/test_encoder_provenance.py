@@ -168,6 +168,92 @@ def test_hub_architecture_loads_the_checkpoint_given(hub_like_registry):
         assert p["arch_config"]["model_cfg"]["embed_dim"] == 32
 
 
+@pytest.fixture
+def quilt_like(tmp_path, monkeypatch):
+    """An entry shaped like QuiltNet-B-32's: hub weights (``hf-hub:``) for a registry
+    architecture with QuickGELU, in a Hugging Face cache on disk whose ``open_clip_config.json``
+    leaves ``quick_gelu`` out (as QuiltNet-B-32's does). The hub cannot be reached: the hub path
+    is served from this cache (``HF_HUB_OFFLINE=1``, conftest)."""
+    import huggingface_hub
+
+    model_cfg = json.loads((ASSETS / f"{TINY}.json").read_text())
+    arch = tmp_path / "slideclip-tiny-quickgelu-test.json"
+    arch.write_text(json.dumps({**model_cfg, "quick_gelu": True}))
+    snap = tmp_path / "hf" / "models--test-org--quilt-like" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("a" * 40)
+    (snap / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        open_clip.add_model_config(arch)
+        m = open_clip.create_model(arch.stem, pretrained=None)
+    torch.save(m.state_dict(), snap / "open_clip_pytorch_model.bin")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    reg = tmp_path / "models.yaml"
+    reg.write_text(f"models:\n  quilt-like:\n    arch: {arch.stem}\n    arch_config: {arch}\n"
+                   "    weights: hf-hub:test-org/quilt-like\n")
+    return reg, snap / "open_clip_pytorch_model.bin"
+
+
+def test_hub_weights_of_a_registry_architecture_build_it_on_every_path(quilt_like):
+    """The hub's weights, the same file given with --checkpoint, and random:NAME all build the
+    registry's architecture (QuickGELU), not the hub config's (GELU); the same weights give the
+    same embeddings whichever way they were loaded, and the store records the activation."""
+    reg, cached = quilt_like
+    hub = load_encoder(resolve_model("quilt-like", [reg]), device="cpu")
+    local = load_encoder(resolve_model("quilt-like", [reg], checkpoint=cached), device="cpu")
+    rand = load_encoder(resolve_model("random:quilt-like", [reg]), device="cpu")
+    for enc in (hub, local, rand):
+        p = enc.provenance()
+        assert p["quick_gelu"] is True and p["arch_config"]["model_cfg"]["quick_gelu"] is True
+        assert p["arch"] == "slideclip-tiny-quickgelu-test"
+    assert hub.provenance()["weights_kind"] == "hf-hub" and hub.checkpoint_sha256 == file_sha256(cached)
+    assert hub.weights_sha256 == local.weights_sha256 != rand.weights_sha256
+    pixels = torch.rand(2, 3, 224, 224)
+    assert np.array_equal(hub.encode_images(pixels), local.encode_images(pixels))
+    assert np.array_equal(hub.encode_texts(["tumour", "stroma"]), local.encode_texts(["tumour", "stroma"]))
+    # open_clip's own hub loading (what the hub path did) builds the hub config: GELU, other numbers
+    theirs, _, _ = open_clip.create_model_and_transforms("hf-hub:test-org/quilt-like")
+    from slide_clip.encoders.openclip import uses_quick_gelu
+
+    assert not uses_quick_gelu(theirs)
+    with torch.no_grad():
+        other = torch.nn.functional.normalize(theirs.eval().encode_image(pixels), dim=-1).numpy()
+    assert np.abs(other - hub.encode_images(pixels)).max() > 1e-3
+
+
+def test_groups_made_another_way_are_made_again(quilt_like, small_slide, cfg, tmp_path):
+    """A group built by the old hub path (no ``quick_gelu`` recorded: open_clip built the hub
+    config), or under another architecture (openai-vit-b-16 was ViT-B-16), is not 'done' and
+    is not scored: the slide is encoded again and the group replaced."""
+    from slide_clip.encoders import load_registry
+    from slide_clip.encoders.spec import made_as
+    from slide_clip.pipeline import embeddings_done
+
+    assert not made_as({"arch": "ViT-B-16"}, load_registry()["openai-vit-b-16"])
+    reg, _ = quilt_like
+    c = cfg.with_overrides(encode={"model": "quilt-like", "registries": (str(reg),), "num_workers": 0})
+    r = embed_slide(small_slide, tmp_path / "out", c, progress=False)
+    st = SlideStore.open(r.store)
+    spec = resolve_model("quilt-like", [reg])
+    assert r.encoded == r.n_tiles > 0 and embeddings_done(st, spec)
+    group = st.group["embeddings/quilt-like"]
+    old = {k: v for k, v in group.attrs.items() if k != "quick_gelu"}
+    group.attrs.clear()
+    group.attrs.update(old)  # as the old hub path wrote it
+    assert not embeddings_done(SlideStore.open(r.store), spec)
+    # scored as it is, its text side would come from another build than its image side: refused
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import zeroshot
+
+    [res] = zeroshot([Path(r.store)], load_prompts("tumour"), c)
+    assert res["status"] == "failed" and "another build" in res["error"] and "--model quilt-like" in res["error"]
+    again = embed_slide(small_slide, tmp_path / "out", c, progress=False)
+    assert again.status == "ok" and again.encoded == r.n_tiles
+    assert SlideStore.open(r.store).embedding_attrs("quilt-like")["quick_gelu"] is True
+
+
 def test_real_biomedclip_with_checkpoint_offline_refuses_clearly(tiny_checkpoint):
     # BiomedCLIP's architecture config lives on the hub; without network or cache it cannot be built
     with pytest.raises(WeightsError) as e:
@@ -273,3 +359,78 @@ def test_target_mpp_defaults_to_the_model_training_mpp(small_slide, tiny_registr
     assert SlideStore.open(r.store).embedding_attrs("tiny-1mpp")["training_mpp"] == 1.0
     given = c.with_overrides(tiling={"target_mpp": 0.5})
     assert target_mpp_for(given) == 0.5
+
+
+# ----------------------------------------------------------------------------- (f) a card's tile, then its crop
+@pytest.fixture(scope="module")
+def card_crop_registry(tmp_path_factory):
+    """A small timm model shaped like Prov-GigaPath's entry: 64 px input, the card's transform
+    Resize(80) + CenterCrop(64), tiles of 80 px (Prov-GigaPath: 224, 256, 256)."""
+    import timm
+
+    d = tmp_path_factory.mktemp("card_crop")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1, img_size=64)
+    torch.save(m.state_dict(), d / "vit.pt")
+    reg = d / "models.yaml"
+    reg.write_text("models:\n  crop-vit:\n    backend: timm\n    arch: vit_tiny_patch16_224\n"
+                   "    model_kwargs: {depth: 1, img_size: 64}\n    checkpoint: vit.pt\n    input_size: 64\n"
+                   "    resize_size: 80\n    tile_size: 80\n    training_mpp: 0.5\n    licence: test\n")
+    return reg
+
+
+def _note_mpp(note: str) -> float:
+    """The µm/px a console note says the model sees."""
+    import re
+
+    m = re.search(r"sees ([0-9.]+) µm/px", note) or re.search(r"\) at ([0-9.]+) µm/px", note)
+    return float(m.group(1))
+
+
+def test_card_tile_size_then_its_crop_console_and_store_agree(small_slide, cfg, card_crop_registry, tmp_path):
+    """A model whose card cuts larger tiles and crops them gets those tiles by default; what the
+    console says it sees (µm/px, share of the tile) is what its store records, at the default and
+    at a given --tile-size; the crop runs on the device and gives the per-tile PIL path's numbers."""
+    from slide_clip.config import load_config
+    from slide_clip.pipeline import tile_size_for
+
+    # the shipped registry: Prov-GigaPath cuts 256 px at 0.5 µm/px and sees the central 224 at 0.5 µm/px
+    gp = load_config().with_overrides(encode={"model": "prov-gigapath"})
+    assert tile_size_for(gp) == 256
+    note = resampling_note(gp)
+    assert "0.5 µm/px" in note and "76.6%" in note and "central 224 px of each 256 px tile" in note
+    note = resampling_note(gp.with_overrides(tiling={"tile_size": 224}))  # the old default: upsampled
+    assert "0.4375 µm/px" in note and "resampled to 256 px" in note
+    note = resampling_note(gp.with_overrides(tiling={"tile_size": 256}))
+    assert "0.5 µm/px" in note and "resampled" not in note  # not 256 x 0.5 / 224 = 0.5714
+
+    c = cfg.with_overrides(encode={"model": "crop-vit", "registries": (str(card_crop_registry),), "num_workers": 0})
+    for tile_size, mpp in ((None, 0.5), (80, 0.5), (64, 0.5 * 64 / 80), (96, 0.5 * 96 / 80)):
+        run = c.with_overrides(tiling={"tile_size": tile_size})
+        note = resampling_note(run)
+        r = embed_slide(small_slide, tmp_path / f"t{tile_size}", run, progress=False)
+        assert r.status == "ok", r.error
+        st = SlideStore.open(r.store)
+        t, e = st.tiling, st.embedding_attrs("crop-vit")
+        assert t["tile_size"] == (tile_size or 80) and t["model_tile_size"] == 80 and t["model_input_size"] == 64
+        assert t["tile_size_from"] == ("model" if tile_size is None else "user")
+        assert e["seen_mpp"] == pytest.approx(mpp) and _note_mpp(note) == pytest.approx(e["seen_mpp"], rel=1e-3)
+        # the model sees the central 64 of 80 px (after any resize): 64 % of the tile's area
+        assert e["seen_fraction"] == pytest.approx(0.64) and "64.0%" in note
+        assert e["seen_um"] == pytest.approx(64 * mpp)
+        assert e["resampled"] is t["resampled"] is (tile_size not in (None, 80))
+    # the default run's embeddings: cropped on the device, equal to the per-tile PIL preprocess
+    from slide_clip.encoders import load_encoder, resolve_model
+    from slide_clip.pipeline import grid_from_store
+    from slide_clip.tiling import read_tile
+
+    st = SlideStore.open(tmp_path / "tNone" / "small_provenance.zarr")
+    enc = load_encoder(resolve_model("crop-vit", [card_crop_registry]), device="cpu")
+    norm = enc.pixel_norm(80)
+    assert norm is not None and norm.crop == (8, 8, 64, 64)
+    import openslide
+
+    grid = grid_from_store(st)
+    osr = openslide.OpenSlide(str(small_slide))
+    pil = torch.stack([enc.preprocess(read_tile(osr, int(x), int(y), grid)) for x, y in grid.coords])
+    osr.close()
+    assert np.allclose(st.embeddings("crop-vit"), enc.encode_images(pil), rtol=0, atol=1e-6)

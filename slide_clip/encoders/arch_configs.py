@@ -167,3 +167,16 @@ def model_input_size(spec: ModelSpec) -> int:
             f"model {spec.name!r}: its input size is not known offline (architecture config on the hub)",
             hint="Give --tile-size, or 'input_size' (px) in the model's registry entry.")
     return int(size)
+
+
+def model_resize_size(spec: ModelSpec) -> int:
+    """px a tile's side is resized to before the centre crop to the input size: the entry's
+    ``resize_size`` (timm, transformers and conch backends), else the input size (open_clip's
+    eval transform resizes the shorter side to the input size, so a square tile is not cropped)."""
+    size = model_input_size(spec)
+    return int(spec.resize_size or size) if spec.backend != "open_clip" else size
+
+
+def model_tile_size(spec: ModelSpec) -> int:
+    """The tile side cut for this model by default: the entry's ``tile_size``, else its input size."""
+    return int(spec.tile_size or model_input_size(spec))

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from slide_clip.encoders.outputs import JOINT, PRE_PROJECTION, spec_output, text_refusal
 from slide_clip.encoders.spec import ModelSpec
 from slide_clip.errors import ConfigError
 
@@ -42,19 +43,23 @@ def pick_precision(precision: str, dev: torch.device) -> str:
 
 
 def vision_only_error(spec: ModelSpec) -> ConfigError:
-    return ConfigError(
-        f"model {spec.name!r} is vision-only (no text encoder): zero-shot scoring and text search need a "
-        "vision-language model",
-        hint="Use a CLIP-style model (conch, plip, quiltnet-b-32, ...), or few-shot, clusters and image search.",
-    )
+    return text_refusal(spec.name, {"vision_only": True})
+
+
+def text_error(spec: ModelSpec) -> ConfigError:
+    """Why ``spec``'s embeddings cannot be compared with text (vision-only, or pre-projection features)."""
+    return text_refusal(spec.name, {"output": spec_output(spec)})
 
 
 @dataclass
 class Encoder:
     """A loaded image encoder with its preprocessing and provenance (every backend).
 
-    ``encode_images`` gives L2-normalised embeddings; for vision-language models they live
-    in the joint image-text space and ``encode_texts`` gives the text side.
+    ``encode_images`` gives the embeddings of the spec's ``output``
+    (:mod:`slide_clip.encoders.outputs`): for vision-language models the joint image-text
+    space (L2-normalised; ``encode_texts`` gives the text side), for vision-only models their
+    L2-normalised image features, for ``pre-projection`` CONCH's features before the
+    projection, not normalised.
     """
 
     spec: ModelSpec
@@ -69,6 +74,7 @@ class Encoder:
     preprocess_cfg: dict = field(default_factory=dict)
     arch_cfg: dict | None = None
     image_fn: Callable | None = field(default=None, repr=False)  # pixels -> features (before normalising)
+    extra: dict = field(default_factory=dict)  # backend-specific provenance (open_clip: quick_gelu)
     _tokenizer: Any = field(default=None, repr=False)
 
     @property
@@ -80,8 +86,14 @@ class Encoder:
         return self.spec.backend
 
     @property
+    def output(self) -> str:
+        """What :meth:`encode_images` gives: ``joint``, ``pre-projection`` or ``image``."""
+        return spec_output(self.spec)
+
+    @property
     def supports_text(self) -> bool:
-        return not self.spec.vision_only
+        """Whether text embeddings can be compared with this encoder's image embeddings."""
+        return self.output == JOINT
 
     @property
     def logit_scale(self) -> float | None:
@@ -97,6 +109,8 @@ class Encoder:
             "arch": s.arch,
             "backend": s.backend,
             "vision_only": s.vision_only,
+            "output": self.output,
+            "normalised": self.output != PRE_PROJECTION,
             "weights_source": s.weights or "random",
             "weights_kind": s.weights_kind,
             "random_weights": s.random_weights,
@@ -111,6 +125,7 @@ class Encoder:
             "precision": self.precision,
             "logit_scale": self.logit_scale,
             "spec": s.to_dict(),
+            **self.extra,
         }
 
     def _autocast(self):
@@ -148,13 +163,15 @@ class Encoder:
         fn = self.image_fn or self.model.encode_image
         with self._autocast():
             feats = fn(x)
-        feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        feats = feats.float()
+        if self.output != PRE_PROJECTION:
+            feats = torch.nn.functional.normalize(feats, dim=-1)
         return feats.cpu().numpy()
 
     @property
     def tokenizer(self):
         if not self.supports_text:
-            raise vision_only_error(self.spec)
+            raise text_error(self.spec)
         if self._tokenizer is None:
             if self.spec.backend == "conch":
                 from slide_clip.encoders import conch
@@ -167,9 +184,10 @@ class Encoder:
         return self._tokenizer
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """L2-normalised text embeddings (float32, (n, embed_dim)); refused for vision-only models."""
+        """L2-normalised text embeddings (float32, (n, embed_dim)); refused unless the image
+        embeddings are in the joint space (vision-only models, pre-projection features)."""
         if not self.supports_text:
-            raise vision_only_error(self.spec)
+            raise text_error(self.spec)
         with torch.inference_mode():
             tokens = self.tokenizer(texts).to(self.device)
             with self._autocast():

@@ -14,6 +14,21 @@ text
     (``text.cls_emb``, pooled from that last position through ``text.ln_final`` and
     ``text.text_projection``). CONCH tokenises to 128 ids and drops the last before
     appending the class token, so the tower is built for 127 text positions (128 in all).
+    The attention mask is CONCH's own (:func:`conch_text_mask`): causal, with the padding
+    mask in the class token's row only. open_clip's ``TextTransformer`` (any
+    ``correct_cls_mask``) puts the padding mask in every row, which differs from CONCH as
+    soon as a ``<pad>`` id stands before the end of the text (a prompt with the literal text
+    ``<pad>``: cosine down to 0.968), so the tower runs its own ``forward``.
+
+Two outputs of the image tower (the registry's ``output``):
+
+``joint`` (entry ``conch``)
+    the embedding in the joint image-text space, L2-normalised (CONCH's
+    ``encode_image(proj_contrast=True, normalize=True)``): zero-shot, text and image search;
+``pre-projection`` (entry ``conch-features``)
+    the attentional pooler's output after ``ln_contrast``, before the projection, not
+    normalised (CONCH's ``encode_image(proj_contrast=False, normalize=False)``): the 512-d
+    features CONCH's README and TRIDENT use for linear probes and multiple-instance learning.
 
 The captioning parts (the 256-query caption pooler and the multimodal text decoder) do not
 take part in embeddings or zero-shot scoring; their keys are dropped from the checkpoint
@@ -26,9 +41,10 @@ shipped with slide-clip: it is looked for at the registry entry's ``tokenizer`` 
 the weights file, and in an installed ``conch`` package (:func:`find_tokenizer`).
 
 Equality with CONCH's own implementation on random weights is tested
-(``tests/test_conch.py`` against reference outputs made by CONCH's code,
-``tests/assets/make_conch_reference.py``), and for the full-size architecture with the real
-tokenizer by ``benchmarks/verify_conch.py``.
+(``tests/test_conch.py``): at full size against CONCH's code as the ``conch-fork`` package
+ships it (a dev dependency), and on a scaled-down model against recorded reference outputs
+(``tests/assets/make_conch_reference.py``); ``benchmarks/verify_conch.py`` runs the full-size
+comparison on real tiles.
 """
 
 from __future__ import annotations
@@ -41,8 +57,9 @@ import torch
 from torch import nn
 
 from slide_clip.encoders.arch_configs import conch_arch_cfg as _cfg
-from slide_clip.encoders.arch_configs import model_input_size
+from slide_clip.encoders.arch_configs import model_input_size, model_resize_size
 from slide_clip.encoders.base import Encoder
+from slide_clip.encoders.outputs import PRE_PROJECTION
 from slide_clip.encoders.spec import ModelSpec
 from slide_clip.encoders.weights import file_sha256, hub_error, local_weights, on_device, seeded
 from slide_clip.errors import ConfigError
@@ -77,10 +94,53 @@ class ConchVisual(nn.Module):
         self.image_size = (size, size)
         self.output_dim = embed_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-projection features (CONCH's ``forward_no_head``): pooled, normalised by
+        ``ln_contrast``, not projected."""
         tokens = self.trunk.forward_features(x)  # every token after the final norm, class token first
-        pooled = self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])  # the (single) contrastive query
-        return pooled @ self.proj_contrast
+        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])  # the (single) contrastive query
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x) @ self.proj_contrast
+
+
+def conch_text_mask(text: torch.Tensor, pad_id: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """CONCH's additive attention mask for ``(n, L)`` ids followed by the class token:
+    ``(n * heads, L + 1, L + 1)``.
+
+    Causal everywhere; the class token's row (the last) also masks padding, shifted by one
+    position as CONCH's ``build_cls_mask`` does (key 0 is always kept, key ``j + 1`` is
+    masked where id ``j`` is ``<pad>``). Other rows see every earlier position, padding or
+    not.
+    """
+    n, length = text.shape
+    size = length + 1
+    mask = torch.full((size, size), float("-inf"), dtype=dtype, device=text.device).triu_(1)
+    mask = mask.expand(n, size, size).clone()
+    keep = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=text.device), text != pad_id], dim=1)
+    mask[:, -1, :] = torch.zeros(n, size, dtype=dtype, device=text.device).masked_fill_(~keep, float("-inf"))
+    return mask.repeat_interleave(heads, dim=0)
+
+
+def _text_tower(cfg: dict, embed_dim: int, context_length: int):
+    """open_clip's ``TextTransformer`` (CONCH's parameter names and shapes) whose forward pass
+    uses CONCH's attention mask (:func:`conch_text_mask`)."""
+    from open_clip.transformer import TextTransformer
+
+    class ConchText(TextTransformer):
+        def forward(self, text: torch.Tensor) -> torch.Tensor:
+            dtype = self.transformer.get_cast_dtype()
+            n, length = text.shape
+            x = self.token_embedding(text).to(dtype)
+            x = torch.cat([x, self.cls_emb.to(dtype).view(1, 1, -1).expand(n, 1, -1)], dim=1)
+            x = x + self.positional_embedding[:length + 1].to(dtype)
+            x = self.transformer(x, attn_mask=conch_text_mask(text, self.pad_id, self.heads, x.dtype))
+            return self.ln_final(x[:, -1]) @ self.text_projection  # the class token, projected
+
+    return ConchText(
+        context_length=context_length, vocab_size=int(cfg.get("vocab_size", 32007)),
+        width=int(cfg.get("width", 768)), heads=int(cfg.get("heads", 12)), layers=int(cfg.get("layers", 12)),
+        output_dim=embed_dim, embed_cls=True, pad_id=int(cfg.get("pad_id", 0)))
 
 
 class Conch(nn.Module):
@@ -88,8 +148,6 @@ class Conch(nn.Module):
 
     def __init__(self, cfg: dict):
         super().__init__()
-        from open_clip.transformer import TextTransformer
-
         embed_dim = int(cfg["embed_dim"])
         t = cfg["text_cfg"]
         if not t.get("embed_cls", True):
@@ -97,10 +155,7 @@ class Conch(nn.Module):
                               "(text_cfg.embed_cls must be true)")
         self.context_length = int(t.get("context_length", 128))
         self.visual = ConchVisual(embed_dim, cfg["vision_cfg"])
-        self.text = TextTransformer(
-            context_length=self.context_length - 1, vocab_size=int(t.get("vocab_size", 32007)),
-            width=int(t.get("width", 768)), heads=int(t.get("heads", 12)), layers=int(t.get("layers", 12)),
-            output_dim=embed_dim, embed_cls=True, pad_id=int(t.get("pad_id", 0)), correct_cls_mask=False)
+        self.text = _text_tower(t, embed_dim, self.context_length - 1)
         self.logit_scale = nn.Parameter(torch.ones([]) * torch.log(torch.tensor(1 / 0.07)))
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +187,7 @@ def preprocess_cfg(spec: ModelSpec) -> dict:
     if not (spec.image_mean and spec.image_std):
         raise ConfigError(f"model {spec.name!r}: the conch backend needs image_mean and image_std in its entry")
     size = model_input_size(spec)
-    return {"size": size, "resize_size": int(spec.resize_size or size), "mean": list(spec.image_mean),
+    return {"size": size, "resize_size": model_resize_size(spec), "mean": list(spec.image_mean),
             "std": list(spec.image_std), "interpolation": spec.image_interpolation or "bicubic",
             "resize_mode": "shortest"}
 
@@ -158,19 +213,27 @@ def load(spec: ModelSpec, dev: torch.device, precision: str) -> Encoder:
     model, weights_sha = on_device(built[0], dev)
     ckpt_sha = built[1]
     cfg = preprocess_cfg(spec)
+    features = spec.output == PRE_PROJECTION  # CONCH's encode_image(proj_contrast=False, normalize=False)
     return Encoder(
         spec=spec, model=model, preprocess=make_transform(cfg), device=dev, precision=precision,
         weights_sha256=weights_sha, checkpoint_sha256=ckpt_sha, embed_dim=model.visual.output_dim,
         image_size=(cfg["size"], cfg["size"]), preprocess_cfg=cfg, arch_cfg=_cfg(spec),
+        image_fn=model.visual.features if features else None,
     )
 
 
 def find_tokenizer(spec: ModelSpec) -> Path | None:
     """CONCH's tokenizer file: the entry's ``tokenizer``, a file of that name beside the weights,
-    or the one in an installed ``conch`` package (in that order); None if none is found."""
+    or the one in an installed ``conch`` package (in that order); None if none is found.
+
+    A ``tokenizer`` the entry names is the only one taken: if it is missing, that is an error,
+    never another file found elsewhere."""
     candidates: list[Path] = []
     if spec.tokenizer:
-        candidates.append(Path(spec.tokenizer))
+        if not Path(spec.tokenizer).is_file():
+            raise ConfigError(f"model {spec.name!r}: the tokenizer file its entry names is not there",
+                              path=spec.tokenizer, hint=f"Give the path of CONCH's {TOKENIZER_FILE}.")
+        return Path(spec.tokenizer)
     if spec.weights_kind == "file":
         candidates.append(Path(spec.weights).parent / TOKENIZER_FILE)
     try:

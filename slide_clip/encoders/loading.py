@@ -52,6 +52,7 @@ def load_encoder(
         weights_sha256=weights_sha, checkpoint_sha256=ckpt_sha,
         embed_dim=openclip.embed_dim_of(model, size, dev), image_size=size,
         preprocess_cfg=pre_cfg, arch_cfg=arch_cfg,
+        extra={"quick_gelu": openclip.uses_quick_gelu(model)},  # the activation built, read from the model
     )
 
 

@@ -6,6 +6,18 @@ Every local build (random weights, a checkpoint file) starts from an architectur
 is in the local Hugging Face cache, or the copy recorded in a store. A checkpoint file is
 then loaded into that architecture strictly (every key must fit): open_clip itself ignores
 ``pretrained=`` for ``hf-hub:`` architectures, which would load the hub's weights instead.
+
+Which architecture is built (:func:`build`):
+
+- the registry's ``arch`` for random weights, a file, and hub weights of an entry whose
+  ``arch`` is an open_clip architecture (QuiltNet): the hub's weights file is downloaded and
+  loaded like a local file, so the same weights give the same model however they arrive
+  (open_clip's own hub loading would build the hub config's architecture instead, and
+  QuiltNet-B-32's hub config leaves out the QuickGELU its OpenAI starting point needs);
+- the hub's ``open_clip_config.json`` for an ``hf-hub:`` architecture (BiomedCLIP), also for a
+  local file once that config is cached or given as ``arch_config``;
+- open_clip's config of the architecture for a ``pretrained:TAG`` (the registry names the
+  ``-quickgelu`` architecture where the tag's weights were trained with QuickGELU).
 """
 
 from __future__ import annotations
@@ -102,9 +114,10 @@ def build(spec: ModelSpec):
     kind = spec.weights_kind
     checkpoint_sha = None
     hub_file = None
-    if kind == "hf-hub" and spec.weights_format == "transformers":
-        hub_file = _download_transformers_weights(spec)  # then loaded like a local file
-    elif kind in ("hf-hub", "pretrained") and spec.arch_cfg is None:
+    # hub weights of a registry architecture (PLIP's transformers checkpoint, QuiltNet): loaded
+    # like a local file into that architecture, whichever way the weights arrive
+    hub_into_registry_arch = kind == "hf-hub" and (spec.weights_format == "transformers" or not _hub_repo(spec.arch))
+    if kind in ("hf-hub", "pretrained") and spec.arch_cfg is None and not hub_into_registry_arch:
         return _build_from_network(spec, cfg)
     if cfg is None:
         repo = _hub_repo(spec.arch)
@@ -117,6 +130,9 @@ def build(spec: ModelSpec):
         raise ConfigError(
             f"model {spec.name!r}: open_clip has no architecture {spec.arch!r}",
             hint="See open_clip.list_models(), or give an 'arch_config' JSON in the registry.")
+    if hub_into_registry_arch:
+        hub_file = (_download_transformers_weights(spec) if spec.weights_format == "transformers"
+                    else _download_open_clip_weights(spec))
     name = register(spec, cfg["model_cfg"])
     kwargs = _preprocess_kwargs(spec, cfg["preprocess_cfg"])
     state = None
@@ -151,6 +167,17 @@ def _download_transformers_weights(spec: ModelSpec) -> str:
         except Exception as e:  # noqa: BLE001 - try the next name, then report
             last = e
     raise _weights_error(spec, last or RuntimeError("no weights file"))
+
+
+def _download_open_clip_weights(spec: ModelSpec) -> str:
+    """The open_clip weights file of a hub repository (downloaded or cached), as open_clip's own
+    hub loading finds it (``open_clip_model.safetensors``, else ``open_clip_pytorch_model.bin``)."""
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    try:
+        return download_pretrained_from_hf(spec.weights[len("hf-hub:"):])
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing: one line
+        raise _weights_error(spec, e) from None
 
 
 def _build_from_network(spec: ModelSpec, cfg: dict | None):
@@ -223,6 +250,13 @@ def tokenizer_for(spec: ModelSpec, arch_cfg: dict | None):
         name = register(spec, arch_cfg["model_cfg"] if "model_cfg" in arch_cfg else arch_cfg)
         return open_clip.get_tokenizer(name)
     return open_clip.get_tokenizer(spec.arch)
+
+
+def uses_quick_gelu(model) -> bool:
+    """Whether the built model's transformers use QuickGELU (read from the model itself)."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in model.modules())
 
 
 def image_size_of(model) -> tuple[int, int]:

@@ -1,14 +1,15 @@
-"""uint8 tiles to model input on the device: the encoder's ToTensor + Normalize, done there.
+"""uint8 tiles to model input on the device: the encoder's CenterCrop, ToTensor + Normalize, done there.
 
 Loader processes hand over tiles as uint8 (a quarter of float32's bytes through shared
-memory and over PCIe). When the tile is already the model's input size and the encoder's
-preprocess is the standard Resize / CenterCrop / (RGB) / ToTensor / Normalize pipeline,
-Resize and CenterCrop do nothing, and the rest is, on the device and in the same order as
-torchvision: ``x.float() / 255``, then ``- mean``, then ``/ std`` (float32), with the mean
-and std the encoder records in its ``preprocess_cfg``. On a CPU this gives the same
-numbers as ``encoder.preprocess`` tile by tile (tests check it). Anything else (a tile
-size that must be resampled, an unusual preprocess) keeps the per-tile PIL preprocess in
-the loader.
+memory and over PCIe). When the encoder's preprocess is the standard Resize / CenterCrop /
+(RGB) / ToTensor / Normalize pipeline and its Resize leaves the tile as it is (the tile is
+already the resize size: the model's input size, or a card's larger tile, e.g.
+Prov-GigaPath's 256 px before its CenterCrop(224)), the rest is, on the device and in the
+same order as torchvision: the centre crop (an exact slice, at torchvision's offsets), then
+``x.float() / 255``, ``- mean``, ``/ std`` (float32), with the mean and std the encoder
+records in its ``preprocess_cfg``. On a CPU this gives the same numbers as
+``encoder.preprocess`` tile by tile (tests check it). Anything else (a tile size that must be
+resampled, an unusual preprocess) keeps the per-tile PIL preprocess in the loader.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class PixelNorm:
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop: tuple[int, int, int, int] | None = None  # (top, left, height, width) of the centre crop, tile pixels
 
 
 def _size2(v) -> tuple[int, int] | None:
@@ -41,11 +43,11 @@ def _close(a, b) -> bool:
 
 
 def device_normalisation(preprocess, preprocess_cfg: dict, tile_size: int) -> PixelNorm | None:
-    """The normalisation to apply on the device to uint8 ``tile_size`` tiles, or None.
+    """The crop and normalisation to apply on the device to uint8 ``tile_size`` tiles, or None.
 
     None unless ``preprocess`` is a torchvision ``Compose`` of exactly the standard steps
-    (Resize to ``tile_size``, CenterCrop to ``tile_size``, an RGB conversion, ToTensor,
-    Normalize) and its Normalize uses the mean and std in ``preprocess_cfg``.
+    (Resize to ``tile_size``, CenterCrop to at most ``tile_size``, an RGB conversion,
+    ToTensor, Normalize) and its Normalize uses the mean and std in ``preprocess_cfg``.
     """
     from torchvision import transforms as T
 
@@ -54,15 +56,19 @@ def device_normalisation(preprocess, preprocess_cfg: dict, tile_size: int) -> Pi
     if not isinstance(preprocess, T.Compose) or not steps or mean is None or std is None:
         return None
     want = (int(tile_size), int(tile_size))
-    norm = None
+    norm = crop = None
     for step in steps:
         kind = type(step).__name__
         if isinstance(step, T.Resize):
-            if _size2(step.size) != want and not (isinstance(step.size, int) and step.size == tile_size):
+            if crop is not None or (_size2(step.size) != want
+                                    and not (isinstance(step.size, int) and step.size == tile_size)):
                 return None
         elif isinstance(step, T.CenterCrop):
-            if _size2(step.size) != want:
+            size = _size2(step.size)
+            if crop is not None or size is None or size[0] > want[0] or size[1] > want[1]:
                 return None
+            # torchvision's offsets (transforms.functional.center_crop)
+            crop = (int(round((want[0] - size[0]) / 2.0)), int(round((want[1] - size[1]) / 2.0)), *size)
         elif kind in ("MaybeConvertMode", "_ConvertMode"):
             if getattr(step, "mode", "RGB") not in ("RGB", None):
                 return None
@@ -78,7 +84,9 @@ def device_normalisation(preprocess, preprocess_cfg: dict, tile_size: int) -> Pi
             return None
     if norm is None or not (_close(norm.mean, mean) and _close(norm.std, std)):
         return None
-    return PixelNorm(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    if crop is not None and crop[2:] == want:
+        crop = None  # CenterCrop to the tile size: nothing to cut
+    return PixelNorm(tuple(float(v) for v in mean), tuple(float(v) for v in std), crop)
 
 
 def to_model_input(tiles: torch.Tensor, norm: PixelNorm, device: torch.device) -> torch.Tensor:
@@ -94,6 +102,9 @@ def to_model_input(tiles: torch.Tensor, norm: PixelNorm, device: torch.device) -
     if cuda and not tiles.is_pinned():
         tiles = tiles.pin_memory()
     x = tiles.to(device, non_blocking=cuda).permute(0, 3, 1, 2)  # a channels_last view
+    if norm.crop is not None:  # CenterCrop: a slice of the uint8 tiles, on the device
+        top, left, h, w = norm.crop
+        x = x[:, :, top:top + h, left:left + w]
     if not cuda:
         x = x.contiguous()  # NCHW like the per-tile path's batches; reordered as uint8 (1 byte a value)
     mean = torch.as_tensor(norm.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)

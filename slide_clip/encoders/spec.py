@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 
+from slide_clip.encoders.outputs import ENTRY_OUTPUTS, JOINT, output_of, spec_output
 from slide_clip.errors import ConfigError
 from slide_clip.resources import config_file
 from slide_clip.yaml_files import read_yaml
@@ -43,7 +44,7 @@ TEXT_BACKENDS = ("open_clip", "conch")
 _FIELDS = {"arch", "backend", "weights", "checkpoint", "arch_config", "image_mean", "image_std",
            "image_interpolation", "input_size", "resize_size", "training_mpp", "licence", "gated", "pooling",
            "model_kwargs", "hub_id", "weights_format", "tokenizer", "tokenizer_sha256",
-           "description"}
+           "description", "output", "tile_size", "finetuned_from"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,19 @@ class ModelSpec:
         and in an installed ``conch`` package).
     tokenizer_sha256
         conch backend: the sha256 the tokenizer file must have (another file is refused).
+    output
+        conch backend: ``joint`` (the embedding in the joint image-text space, L2-normalised;
+        the default) or ``pre-projection`` (CONCH's features before the projection, not
+        normalised: for survival and multiple-instance learning; no zero-shot or text search).
+        See :mod:`slide_clip.encoders.outputs`.
+    tile_size
+        Tile side in px cut for this model by default (None: its input size), when its card
+        cuts tiles larger than the input and then resizes and crops them (Prov-GigaPath: 256,
+        then Resize(256) + CenterCrop(224)).
+    finetuned_from
+        open_clip backend: ``pretrained:TAG``, the open_clip weights of the same architecture
+        that the entry's weights were fine-tuned from (QuiltNet, PLIP: OpenAI's CLIP). The
+        architecture must have that tag's activation (QuickGELU for ``openai``; tested).
     """
 
     name: str
@@ -101,6 +115,9 @@ class ModelSpec:
     tokenizer: str | None = None
     tokenizer_sha256: str | None = None
     description: str = ""
+    output: str = "joint"
+    tile_size: int | None = None
+    finetuned_from: str | None = None
     seed: int | None = None
 
     @property
@@ -180,6 +197,10 @@ def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
     pooling = str(entry.get("pooling", "cls"))
     if pooling not in ("cls", "cls+mean"):
         raise ConfigError(f"model {name!r}: pooling must be cls or cls+mean", path=p)
+    output = str(entry.get("output", JOINT))
+    if output not in ENTRY_OUTPUTS or (output != JOINT and backend != "conch"):
+        raise ConfigError(f"model {name!r}: output must be joint, or pre-projection for the conch backend "
+                          f"(not {output!r})", path=p)
     kwargs = entry.get("model_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ConfigError(f"model {name!r}: model_kwargs must be a mapping", path=p)
@@ -206,6 +227,9 @@ def _entry_spec(name: str, entry: dict, p: Path) -> ModelSpec:
         tokenizer=_resolve_rel(entry.get("tokenizer"), p.parent),
         tokenizer_sha256=str(entry["tokenizer_sha256"]).lower() if entry.get("tokenizer_sha256") else None,
         description=str(entry.get("description", "")),
+        output=output,
+        tile_size=int(entry["tile_size"]) if entry.get("tile_size") else None,
+        finetuned_from=str(entry["finetuned_from"]) if entry.get("finetuned_from") else None,
     )
 
 
@@ -287,6 +311,26 @@ def spec_from_provenance(attrs: dict) -> ModelSpec | None:
     if not isinstance(d, dict):
         return None
     return ModelSpec.from_dict({**d, "arch_config": None})
+
+
+def made_as(attrs: dict, spec: ModelSpec) -> bool:
+    """Whether a stored embedding group was made the way ``spec`` embeds tiles now (weights are
+    compared by the caller): the same architecture and output, and, for open_clip hub weights
+    of a registry architecture (QuiltNet), built into that architecture. Groups of those
+    written before ``quick_gelu`` was recorded were built by open_clip's hub loading from the
+    hub config's architecture, whatever ``arch`` they name, and are made again."""
+    if attrs.get("arch") != spec.arch or output_of(attrs) != spec_output(spec):
+        return False
+    hub_into_registry_arch = (spec.backend == "open_clip" and spec.weights_kind == "hf-hub"
+                              and spec.weights_format != "transformers" and not spec.arch.startswith("hf-hub:"))
+    return not (hub_into_registry_arch and "quick_gelu" not in attrs)
+
+
+def same_build(attrs: dict, encoder) -> bool:
+    """Whether a loaded encoder embeds as the stored group's model did (weights are compared by
+    the caller): :func:`made_as`, and the same activation where both record it."""
+    recorded, built = attrs.get("quick_gelu"), encoder.extra.get("quick_gelu")
+    return made_as(attrs, encoder.spec) and (recorded is None or built is None or recorded == built)
 
 
 def describe_weights(spec: ModelSpec) -> str:

@@ -55,7 +55,7 @@ def preprocess_cfg(spec: ModelSpec) -> dict:
     size = input_size_or_none(spec) or 224
     return {
         "size": size,
-        "resize_size": int(spec.resize_size or size),
+        "resize_size": int(spec.resize_size or size),  # as arch_configs.model_resize_size
         "mean": list(spec.image_mean or IMAGENET_MEAN),
         "std": list(spec.image_std or IMAGENET_STD),
         "interpolation": spec.image_interpolation or "bicubic",

@@ -134,11 +134,12 @@ class Cohort:
     def iter_blocks(self, rows: int | None = None):
         """Yield ``(slide index, start row, block)`` over every store's embeddings in cohort order.
 
-        ``block`` is float32 ``(k, d)``, rows ``start:start + k`` of that store; memory stays
+        ``block`` is float32 ``(k, d)``, rows ``start:start + k`` of that store, L2-normalised
+        (for cosines; a group of pre-projection features is stored unnormalised); memory stays
         at one block. A damaged block raises :class:`StoreError` naming the store.
         """
         for i, s in enumerate(self.slides):
-            for start, block in s.store.iter_embeddings(self.model, rows):
+            for start, block in s.store.iter_embeddings(self.model, rows, unit=True):
                 yield i, start, block
 
     def rows(self, slide_index: int, rows: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slide_clip.encoders.outputs import text_refusal
 from slide_clip.errors import ConfigError
 from slide_clip.explore.cohort import Cohort
 from slide_clip.prompts import PromptClass, PromptSet, load_prompts
@@ -76,7 +77,8 @@ def _encoder(cohort: Cohort, cfg, pool=None):
         if cfg.encode.checkpoint and cfg.encode.model != cohort.model:
             cfg = cfg.with_overrides(encode={"model": cohort.model})
         pool = EncoderPool(cfg)
-    return pool.get(cohort.model, cohort.weights_sha256, cohort.slides[0].path)
+    first = cohort.slides[0]
+    return pool.get(cohort.model, cohort.weights_sha256, first.path, first.store.embedding_attrs(cohort.model))
 
 
 def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path | None = None,
@@ -99,6 +101,9 @@ def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path |
     """
     if not texts:
         return []
+    refusal = text_refusal(cohort.model, cohort.slides[0].store.embedding_attrs(cohort.model))
+    if refusal is not None:  # vision-only or pre-projection: refused before a model is loaded
+        raise refusal
     ps = load_prompts(prompts or DEFAULT_TEMPLATES)
     qs, kinds = _query_set(texts, ps, raw)
     cache = ClassifierCache(cohort.out / "classifiers")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slide_clip.encoders.outputs import embeddings_line
 from slide_clip.errors import ConfigError, OutputError, SlideClipError, SlideError
 from slide_clip.store import model_key
 from slide_clip.survival.bags import BagDataset, Cohort, open_cohort
@@ -451,7 +452,7 @@ def run_survival(out: str | Path, clinical: str | Path, time: str, event: str, *
     folds = _fold_array(pids, cl.table.loc[pids, "event"].to_numpy(), s.folds, s.seed)
     name = s.name or f"{model_key(cohort.model)}-{s.folds}fold-seed{s.seed}"
     log(f"{len(pids)} patients, {len(cohort.stores)} slides, {int(cl.table.loc[pids, 'event'].sum())} events; "
-        f"embeddings {cohort.model}")
+        + embeddings_line(cohort.model, cohort.open(next(iter(cohort.stores))).embedding_attrs(cohort.model)))
     for d in cohort.dropped:
         log(f"left out (--allow-missing): slide {d['slide']}: {d['reason']}")
     for pid in dropped_patients:
