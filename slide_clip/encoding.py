@@ -38,12 +38,13 @@ class Encoding:
 
 
 def begin_encoding(store: SlideStore, slide_file: str, encoder, cfg: PipelineConfig, *,
-                   pool=None) -> Encoding | None:
+                   pool=None, replace: bool = False) -> Encoding | None:
     """Open ``encoder``'s embeddings group in ``store`` and queue its missing tiles.
 
     Returns None when the group is already complete. ``pool`` (a
     :class:`slide_clip.loader.ReaderPool`) reads the batches; None reads them in this
-    process when they are asked for.
+    process when they are asked for. ``replace`` re-encodes a complete group of the same
+    weights (written beside it, see :meth:`SlideStore.begin_embeddings`).
     """
     from slide_clip.loader import tile_batches
     from slide_clip.pipeline import grid_from_store
@@ -55,7 +56,7 @@ def begin_encoding(store: SlideStore, slide_file: str, encoder, cfg: PipelineCon
     # what this model saw: the tile resampled from tile_size to its input size
     writer = store.begin_embeddings({**encoder.provenance(), "tile_size": size, "resampled": size != seen,
                                      "seen_mpp": float(tiling["target_mpp"]) * size / seen},
-                                    chunk_rows=e.chunk_rows)
+                                    chunk_rows=e.chunk_rows, replace=replace)
     writer.flush_seconds = e.flush_seconds
     if writer.complete:
         return None
