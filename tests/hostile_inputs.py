@@ -121,3 +121,36 @@ def dicom_truncated(dst: Path, cmu_dicom: Path) -> Path:
     data = vol.read_bytes()
     vol.write_bytes(data[: len(data) // 3])
     return dst
+
+
+# ------------------------------------------------------------------------------ damaged stores
+# Damage done to a real store on disk, as a disk, a copy or a hand edit would do it.
+def chunk_files(array_dir: Path) -> list[Path]:
+    """The chunk files of a Zarr v3 array folder, in order."""
+    return sorted(p for p in (Path(array_dir) / "c").rglob("*") if p.is_file())
+
+
+def delete_chunk(array_dir: Path) -> Path:
+    """Delete an array's first chunk file (a file lost from a copy)."""
+    p = chunk_files(array_dir)[0]
+    p.unlink()
+    return p
+
+
+def truncate_chunk(array_dir: Path, keep: float = 0.5) -> Path:
+    """Cut an array's first chunk file short (a partial copy, a full disk): Blosc cannot decode it."""
+    p = chunk_files(array_dir)[0]
+    data = p.read_bytes()
+    p.write_bytes(data[: int(len(data) * keep)])
+    return p
+
+
+def edit_shape(array_dir: Path, rows: int) -> Path:
+    """Edit an array's ``zarr.json`` so that it claims ``rows`` rows (its chunks stay as they are)."""
+    import json
+
+    meta = Path(array_dir) / "zarr.json"
+    m = json.loads(meta.read_text())
+    m["shape"] = [rows, *m["shape"][1:]]
+    meta.write_text(json.dumps(m))
+    return meta

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,3 +301,305 @@ def test_concurrent_writers_on_one_store(fault_inputs, embed_reference, tmp_path
         expect = np.exp(expect - expect.max(axis=1, keepdims=True))
         expect /= expect.sum(axis=1, keepdims=True)
         np.testing.assert_allclose(probs, expect, atol=1e-5)
+
+
+# ============================================================================== downstream of `embed`
+# Scores, summaries, cohort tables, heatmaps, clusters, search, maps and bags read and write
+# the stores embed made: the same faults (kill -9, a full disk, a read-only folder, damaged
+# chunk files) must never leave half a score set, a silently wrong table, or a traceback,
+# and a rerun must end equal to an uninterrupted run, array for array.
+
+#: The shipped `tumour` prompt set edited (same name, other templates): scoring with it
+#: replaces the stores' `tumour` score sets.
+PROMPTS_V2 = """name: tumour
+description: an edited copy of the shipped set, to replace its score sets
+templates: ["a slide of {}.", "histology: {}."]
+classes:
+  - {name: tumour, synonyms: [tumour, invasive carcinoma]}
+  - {name: non-tumour, synonyms: [normal tissue, stroma]}
+"""
+
+
+def _cli(*args):
+    """A `slide-clip` command run in this process (typer's CliRunner, the same command
+    functions): (exit code, stdout, stderr). An exception other than the command's own exit
+    is what a user would see as a traceback: the test fails on it."""
+    import logging
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from slide_clip.cli import app
+
+    level = logging.getLogger().level
+    try:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        logging.getLogger().setLevel(level)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise AssertionError("a traceback: " + "".join(traceback.format_exception(r.exception)))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def _arrays(store: Path) -> dict[str, np.ndarray]:
+    """Every array of a store (temporary groups included: a leftover shows), by path."""
+    import zarr
+
+    g = zarr.open_group(str(store), mode="r", zarr_format=3)
+    return {path: node[...] for path, node in g.members(max_depth=None) if isinstance(node, zarr.Array)}
+
+
+def _assert_same_arrays(ref: Path, out: Path, prefix: str = ""):
+    """The stores of ``out`` hold exactly the arrays of ``ref``'s, bit for bit (NaN where NaN)."""
+    for sid in IDS:
+        a = {k: v for k, v in _arrays(ref / f"{sid}.zarr").items() if k.startswith(prefix)}
+        b = {k: v for k, v in _arrays(out / f"{sid}.zarr").items() if k.startswith(prefix)}
+        assert sorted(a) == sorted(b), (sid, sorted(set(a) ^ set(b)))
+        for k in a:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), (sid, k)
+
+
+def _same_table(ref: Path, out: Path):
+    import pandas as pd
+
+    a = pd.read_parquet(ref / "cohort-tumour-tiny.parquet").set_index("slide_id")
+    b = pd.read_parquet(out / "cohort-tumour-tiny.parquet").set_index("slide_id")
+    assert list(b.index) == IDS and (b["status"] == "ok").all(), b[["status", "error"]]
+    assert list(b["store"]) == [f"{s}.zarr" for s in IDS]  # relative to the folder: survives moving it
+    cols = [c for c in a.columns if c.split(":")[0] in ("mean_prob", "area_fraction", "slide_prob", "topk_logit")]
+    assert cols and np.array_equal(a[cols].to_numpy(), b[cols].to_numpy())
+    assert (a["predicted"] == b["predicted"]).all()
+
+
+def _slide_prob(probs, logits, k):
+    """The top-k slide probability computed here with numpy (never by the code under test)."""
+    top = np.sort(logits.astype(np.float64), axis=0)[-k:].mean(axis=0)
+    e = np.exp(top - top.max())
+    return e / e.sum()
+
+
+@pytest.fixture(scope="session")
+def downstream(fault_inputs, embed_reference, tmp_path_factory):
+    """The embedded stores scored with the shipped `tumour` prompts (``v1``), and a copy
+    re-scored with the edited set (``v2``, uninterrupted, summarized): the reference."""
+    from types import SimpleNamespace
+
+    from slide_clip.config import load_config
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import find_stores, summarize, zeroshot
+
+    _, config = fault_inputs
+    cfg = load_config(config)
+    d = tmp_path_factory.mktemp("downstream")
+    prompts = d / "tumour-v2.yaml"
+    prompts.write_text(PROMPTS_V2)
+    v1, v2 = d / "v1", d / "v2"
+    shutil.copytree(embed_reference, v1)
+    assert {r["status"] for r in zeroshot(find_stores([v1]), load_prompts("tumour"), cfg)} == {"ok"}
+    summarize(v1)
+    shutil.copytree(v1, v2)
+    assert {r["status"] for r in zeroshot(find_stores([v2]), load_prompts(prompts), cfg)} == {"ok"}
+    summarize(v2)
+    hashes = {load_prompts("tumour").hash: "v1", load_prompts(prompts).hash: "v2"}
+    return SimpleNamespace(cfg=cfg, v1=v1, v2=v2, prompts=prompts, hashes=hashes)
+
+
+def _assert_every_set_whole(out: Path, d) -> dict[str, str]:
+    """After a fault: each store holds one whole `tumour` set (all of v1's arrays or all of v2's),
+    no temporary set is listed, the readers (heatmaps, bags) work, and every `ok` row of the
+    cohort table has its store's numbers. Returns which version each store holds."""
+    from slide_clip.scoring import heatmaps, summarize
+    from slide_clip.survival import open_cohort, pooled_tables
+
+    held = {}
+    for sid in IDS:
+        path = out / f"{sid}.zarr"
+        st = SlideStore.open(path)
+        assert st.score_sets() == [("tiny", "tumour")]
+        _, _, attrs = st.scores("tiny", "tumour")
+        held[sid] = d.hashes[attrs["prompt_hash"]]
+        ref = _arrays((d.v1 if held[sid] == "v1" else d.v2) / f"{sid}.zarr")
+        now = _arrays(path)
+        for k in (k for k in ref if k.startswith("scores/tiny/tumour/")):
+            assert np.array_equal(now[k], ref[k], equal_nan=True), (sid, k)
+        assert heatmaps(path, "tumour", d.cfg)  # never KeyError 'classes'
+    assert len(pooled_tables(open_cohort(out))[0]) == len(IDS)
+    df, _, _ = summarize(out)
+    for _, row in df.iterrows():
+        if row["status"] == "ok":
+            probs, logits, _ = SlideStore.open(out / row["store"]).scores("tiny", "tumour")
+            want = _slide_prob(probs, logits, int(row["k"]))
+            got = [row["slide_prob:tumour"], row["slide_prob:non-tumour"]]
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+    return held
+
+
+@pytest.mark.parametrize("point", ["scores-written:1", "scores-swapped:1", "scores-written:2"])
+def test_kill_9_in_zeroshot_never_leaves_half_a_score_set(downstream, tmp_path, point):
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import find_stores, summarize, zeroshot
+
+    d = downstream
+    out = tmp_path / "out"
+    shutil.copytree(d.v1, out)
+    r = subprocess.run([*LIB, "zeroshot", out, "--prompts", d.prompts], capture_output=True, text=True,
+                       env=_env(SLIDE_CLIP_KILL_AT=point), timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    leftovers = list((out / "s1.zarr" / "scores" / "tiny").glob("~*"))
+    assert leftovers if point == "scores-written:1" else True  # the new set was complete beside the old one
+    held = _assert_every_set_whole(out, d)
+    assert held == {"scores-written:1": {"s1": "v1", "s2": "v1"}, "scores-swapped:1": {"s1": "v2", "s2": "v1"},
+                    "scores-written:2": {"s1": "v2", "s2": "v1"}}[point]
+    df, _, _ = summarize(out)
+    row = df.set_index("slide_id").loc["s1"]
+    if point == "scores-swapped:1":  # the set is new, its summary is not: a failed row, never old numbers
+        assert row["status"] == "failed" and "another version of score set 'tumour'" in row["error"]
+    else:
+        assert row["status"] == "ok"
+    again = zeroshot(find_stores([out]), load_prompts(d.prompts), d.cfg)
+    assert {r["status"] for r in again} == {"ok"}
+    summarize(out)
+    _assert_same_arrays(d.v2, out)  # leftovers cleaned, every array equal
+    _same_table(d.v2, out)
+
+
+def test_full_disk_during_zeroshot_keeps_finished_scores(downstream, tmp_path):
+    """A full disk while a set is replaced leaves the old set whole (not an empty group), the
+    error is one line saying what to do (these commands have no --out), and after space is
+    freed the same command ends equal to an uninterrupted run."""
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import find_stores, summarize, zeroshot
+
+    d = downstream
+    need = _du(d.v1)
+    failures = 0
+    with _mounted_tmpfs(tmp_path / "small", f"size={(need * 2 // 4096 + 64) * 4096}") as disk:
+        for left in (0, 24 * 1024, 64 * 1024):  # bytes free when scoring starts
+            out = disk / "out"
+            shutil.copytree(d.v1, out)
+            st = os.statvfs(disk)
+            with open(disk / "filler", "wb") as f:
+                f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - left))
+            if left == 0:  # the command line: a line per store, exit 1, never a traceback
+                code, stdout, _ = _cli("zeroshot", out, "--prompts", d.prompts)
+                assert code == 1 and stdout.count("failed ") == len(IDS), stdout
+                errors = [ln for ln in stdout.splitlines() if ln.startswith("failed ")]
+            else:
+                errors = [r["error"] for r in zeroshot(find_stores([out]), load_prompts(d.prompts), d.cfg)
+                          if r["status"] == "failed"]
+            for e in errors:
+                failures += 1
+                assert "cannot write: no space left on the device" in e and str(disk) in e, e
+                assert "Free space and run the same command again" in e and "--out" not in e, e
+            (disk / "filler").unlink()
+            _assert_every_set_whole(out, d)
+            assert {r["status"] for r in zeroshot(find_stores([out]), load_prompts(d.prompts), d.cfg)} == {"ok"}
+            summarize(out)
+            _assert_same_arrays(d.v2, out)
+            _same_table(d.v2, out)
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+    assert failures >= 3, "the file system never filled up"
+
+
+def test_kill_9_in_summarize_then_rerun_equals_an_uninterrupted_run(downstream, tmp_path):
+    from slide_clip.scoring import summarize
+
+    out = tmp_path / "out"
+    shutil.copytree(downstream.v2, out)
+    for f in out.glob("cohort-*"):
+        f.unlink()
+    r = subprocess.run([*LIB, "summarize", out], capture_output=True, text=True,
+                       env=_env(SLIDE_CLIP_KILL_AT="cohort-csv"), timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    assert not list(out.glob("cohort-*"))  # never half a table: none yet (its files are whole or absent)
+    summarize(out)
+    _same_table(downstream.v2, out)
+
+
+# ------------------------------------------------------------------------------ clusters
+@pytest.fixture(scope="session")
+def clustered(downstream, tmp_path_factory):
+    """The v2 stores clustered (k=2) without interruption: the reference for cluster faults."""
+    from slide_clip.explore.clusters import cluster
+
+    ref = tmp_path_factory.mktemp("clustered") / "out"
+    shutil.copytree(downstream.v2, ref)
+    r = cluster([ref], k=2, maps=False, gallery=False)
+    assert not r["failed"]
+    return ref
+
+
+def test_kill_9_in_cluster_then_rerun_equals_an_uninterrupted_run(clustered, downstream, tmp_path):
+    import pandas as pd
+
+    from slide_clip.explore.clusters import cluster
+
+    out = tmp_path / "out"
+    shutil.copytree(downstream.v2, out)
+    r = subprocess.run([*LIB, "cluster", out, "--k", "2", "--no-maps", "--no-gallery"], capture_output=True,
+                       text=True, env=_env(SLIDE_CLIP_KILL_AT="clusters-stored:1"), timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    # one store has its clusters, whole; the other none; no table yet
+    assert [s.score_sets() for s in (SlideStore.open(out / f"{i}.zarr") for i in IDS)] == [
+        [("tiny", "clusters-k2"), ("tiny", "tumour")], [("tiny", "tumour")]]
+    assert not (out / "tables" / "tiny" / "clusters-k2.parquet").exists()
+    assert not cluster([out], k=2, maps=False, gallery=False)["failed"]
+    _assert_same_arrays(clustered, out)
+    a, b = (pd.read_parquet(p / "tables" / "tiny" / "clusters-k2.parquet") for p in (clustered, out))
+    assert a.equals(b)
+
+
+def test_full_disk_in_summarize_search_cluster_and_map_is_one_line(downstream, clustered, tmp_path):
+    """Each command that writes beside the stores says `no space left` in one line (never a
+    pyarrow, matplotlib or FAISS traceback); after space is freed, cluster ends equal to an
+    uninterrupted run."""
+    from slide_clip.explore.clusters import cluster
+
+    d = downstream
+    with _mounted_tmpfs(tmp_path / "small", f"size={(_du(d.v2) * 2 // 4096 + 64) * 4096}") as disk:
+        out = disk / "out"
+        shutil.copytree(d.v2, out)
+        for f in out.glob("cohort-*"):
+            f.unlink()
+        x, y = SlideStore.open(out / "s1.zarr").coords()[0]
+        st = os.statvfs(disk)
+        with open(disk / "filler", "wb") as f:
+            f.write(b"\0" * (st.f_bavail * st.f_frsize))
+        for args in (["summarize", out], ["search", out, "--tile", f"s1:{x}:{y}", "--top", "3"],
+                     ["search", out, "--tile", f"s1:{x}:{y}", "--build-index", "--no-gallery"],
+                     ["cluster", out, "--k", "2"], ["map", out, "--method", "pca", "--per-slide", "5"],
+                     ["bags", out]):
+            code, stdout, stderr = _cli(*args)
+            lines = [ln for ln in (stdout + stderr).splitlines() if "no space left" in ln]
+            assert code in (1, 2) and lines, (args, stdout, stderr)
+            for ln in lines:
+                assert "Free space and run the same command again" in ln and "--out" not in ln, ln
+        (disk / "filler").unlink()
+        assert not cluster([out], k=2, maps=False, gallery=False)["failed"]
+        _assert_same_arrays(clustered, out)
+
+
+def test_read_only_stores_are_one_line_errors(downstream, clustered, tmp_path):
+    """Every command that writes beside the stores, given a read-only folder: one line per
+    failure saying the folder is read-only and what to do (no --out to give), never a traceback."""
+    d = downstream
+    examples = tmp_path / "examples.csv"
+    s1 = SlideStore.open(d.v2 / "s1.zarr")
+    c1 = s1.coords()
+    examples.write_text("slide,x,y,label\n" + "".join(f"{s1.slide['path']},{x},{y},{lab}\n" for (x, y), lab in
+                                                     zip(c1[:4], "aabb")))
+    with _mounted_tmpfs(tmp_path / "ro", f"size={(_du(clustered) * 2 // 4096 + 64) * 4096}") as disk:
+        out = disk / "out"
+        shutil.copytree(clustered, out)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        x, y = c1[0]
+        for args in (["zeroshot", out, "--prompts", d.prompts], ["fewshot", out, "--examples", examples],
+                     ["heatmap", out, "--set", "tumour"], ["summarize", out],
+                     ["search", out, "--tile", f"s1:{x}:{y}"], ["cluster", out, "--k", "2"],
+                     ["map", out, "--method", "pca", "--per-slide", "5"], ["bags", out]):
+            code, stdout, stderr = _cli(*args)
+            lines = [ln for ln in (stdout + stderr).splitlines() if "read-only" in ln]
+            assert code in (1, 2) and lines, (args, stdout, stderr)
+            for ln in lines:
+                assert "cannot write: the file system is read-only" in ln and "--out" not in ln, ln
+                assert "writes beside the stores" in ln, ln
