@@ -210,6 +210,13 @@ def _mounted_tmpfs(where: Path, options: str):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+def _pixels(png: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(png) as im:
+        return np.asarray(im.convert("RGBA"))
+
+
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -244,6 +251,8 @@ def test_full_disk_gives_a_clear_error_and_a_clean_rerun(fault_inputs, embed_ref
             _assert_same_stores(embed_reference, out)
             for sid in IDS:
                 assert json.loads((out / "status" / f"{sid}.json").read_text())["status"] in ("ok", "skipped")
+                # a QC picture lost to the full disk is drawn again, the same picture
+                assert _pixels(out / f"{sid}_qc.png").tobytes() == _pixels(embed_reference / f"{sid}_qc.png").tobytes()
             subprocess.run(["rm", "-rf", str(out)], check=True)
         # the command line: a one-line error and exit code 1, never a traceback
         out = disk / "cli"
@@ -603,3 +612,96 @@ def test_read_only_stores_are_one_line_errors(downstream, clustered, tmp_path):
             for ln in lines:
                 assert "cannot write: the file system is read-only" in ln and "--out" not in ln, ln
                 assert "writes beside the stores" in ln, ln
+
+
+# ------------------------------------------------------------------------------ every product of `run`
+@pytest.fixture(scope="session")
+def heatmap_run_reference(fault_inputs, tmp_path_factory, prefect_url):
+    """`run` of one slide with heatmaps, uninterrupted (the cohort flow, in this process)."""
+    from slide_clip.config import load_config
+    from slide_clip_flows.process_cohort import process_cohort
+
+    slides, config = fault_inputs
+    ref = tmp_path_factory.mktemp("ref_heatmaps") / "out"
+    r = process_cohort(slides=[str(slides / "s1.tif")], out=str(ref), config=load_config(config), max_concurrency=1)
+    assert r["failed"] == 0
+    return ref
+
+
+def _products(out: Path) -> dict[str, bytes]:
+    """The pictures and GeoJSON of one slide's `run` (pixels for PNGs)."""
+    files = sorted(out.glob("s1_qc.png")) + sorted((out / "heatmaps").rglob("s1*"))
+    return {str(f.relative_to(out)): (_pixels(f).tobytes() if f.suffix == ".png" else f.read_bytes()) for f in files
+            if not f.name.endswith(".heatmaps.json")}
+
+
+def test_kill_9_of_run_between_scores_and_heatmaps_then_rerun_makes_them(fault_inputs, heatmap_run_reference,
+                                                                          tmp_path, prefect_url):
+    """Skip-done checks every product `run` promises: heatmaps never drawn (a kill after scoring),
+    a QC picture or a heatmap lost later, are drawn from the stores on the next run (never
+    re-encoding), and the slide is not reported as skipped."""
+    from slide_clip.config import load_config
+    from slide_clip_flows.process_cohort import process_cohort
+
+    slides, config = fault_inputs
+    ref = heatmap_run_reference
+    out = tmp_path / "out"
+    r = subprocess.run([*FLOWS, "run", slides / "s1.tif", "--config", config, "--out", out, "--concurrency", "1"],
+                       capture_output=True, text=True, env=_env(PREFECT_API_URL=prefect_url, SLIDE_CLIP_KILL_AT="scored"),
+                       timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    assert (out / "summaries" / "tiny" / "tumour" / "s1.json").is_file() and not (out / "heatmaps").exists()
+
+    def rerun():
+        res = process_cohort(slides=[str(slides / "s1.tif")], out=str(out), config=load_config(config),
+                             max_concurrency=1)
+        assert res["failed"] == 0
+        [s] = res["slides"]
+        return s
+
+    s = rerun()
+    assert s["status"] == "ok" and s["encoded"] == 0, s  # drawn now; nothing re-encoded
+    assert s["extra"]["scores"]["tumour"]["rescored"] is False and s["extra"]["scores"]["tumour"]["heatmaps"]
+    assert _products(out) == _products(ref) and len(_products(ref)) == 4  # QC, 2 classes, GeoJSON
+    _assert_same_arrays_of(ref, out, "s1")
+    assert rerun()["status"] == "skipped"  # everything there: nothing to do
+    # pictures lost later (a full disk, a deletion): drawn again, the same
+    (out / "s1_qc.png").unlink()
+    next((out / "heatmaps").rglob("s1_tumour.png")).unlink()
+    s = rerun()
+    assert s["status"] == "ok" and s["encoded"] == 0
+    assert _products(out) == _products(ref)
+    # the set scored again by `zeroshot` (a new version of it): the heatmaps are redrawn from it
+    from slide_clip.prompts import load_prompts
+    from slide_clip.scoring import zeroshot
+
+    zeroshot([out / "s1.zarr"], load_prompts("tumour"), load_config(config))
+    record = next((out / "heatmaps").rglob("s1.heatmaps.json"))
+    before = json.loads(record.read_text())["write_id"]
+    assert rerun()["status"] == "ok"
+    assert json.loads(record.read_text())["write_id"] != before
+    assert json.loads(record.read_text())["write_id"] == SlideStore.open(out / "s1.zarr").score_attrs(
+        "tiny", "tumour")["write_id"]
+
+
+def _assert_same_arrays_of(ref: Path, out: Path, sid: str):
+    a, b = _arrays(ref / f"{sid}.zarr"), _arrays(out / f"{sid}.zarr")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), k
+
+
+def test_embed_redraws_a_lost_qc_picture_without_encoding(fault_inputs, embed_reference, tmp_path):
+    from slide_clip.config import load_config
+    from slide_clip.pipeline import embed_slides
+    from slide_clip.slide import find_slides
+
+    slides, config = fault_inputs
+    out = tmp_path / "out"
+    shutil.copytree(embed_reference, out)
+    (out / "s2_qc.png").unlink()
+    results = {r.name: r for r in embed_slides(find_slides([slides]), out, load_config(config), progress=False)}
+    assert results["s1"].status == "skipped"
+    assert results["s2"].status == "ok" and results["s2"].encoded == 0
+    assert _pixels(out / "s2_qc.png").tobytes() == _pixels(embed_reference / "s2_qc.png").tobytes()
+    _assert_same_arrays(embed_reference, out)
