@@ -102,6 +102,7 @@ def open_scored_store(path: Path, model: str | None) -> tuple[SlideStore, str]:
         a = store.embedding_attrs(name)
         raise StoreError(f"embeddings for {name!r} are partial ({a.get('rows_written', 0)} of {store.n_tiles} tiles)",
                          path=path, hint="Run `slide-clip embed` again to finish them.")
+    store.check_embeddings(name)  # one row per tile, of the recorded dimension
     return store, name
 
 

@@ -396,6 +396,10 @@ class SlideStore:
             raise StoreError(f"is damaged: the array {key} is missing", path=self.path, hint=hint)
         return arr
 
+    def check_embeddings(self, model: str) -> None:
+        """Check a model's features array has the shape its group records (tiles, embed_dim)."""
+        self._features(model)
+
     def _features(self, model: str) -> zarr.Array:
         """The model's features array, checked to be (tiles, embed_dim) as the group records."""
         attrs = self.embedding_attrs(model)

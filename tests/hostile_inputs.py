@@ -154,3 +154,23 @@ def edit_shape(array_dir: Path, rows: int) -> Path:
     m["shape"] = [rows, *m["shape"][1:]]
     meta.write_text(json.dumps(m))
     return meta
+
+
+def drop_metadata(node_dir: Path) -> Path:
+    """Delete a group's or array's ``zarr.json`` (the folder and its chunks stay)."""
+    meta = Path(node_dir) / "zarr.json"
+    meta.unlink()
+    return meta
+
+
+def emptied_score_set(set_dir: Path) -> Path:
+    """What an interrupted score-set write of older versions left: the set's group, without
+    attributes or arrays (they deleted the old set first, then wrote the new one)."""
+    import json
+    import shutil
+
+    set_dir = Path(set_dir)
+    shutil.rmtree(set_dir)
+    set_dir.mkdir()
+    (set_dir / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    return set_dir

@@ -329,27 +329,6 @@ classes:
 """
 
 
-def _cli(*args):
-    """A `slide-clip` command run in this process (typer's CliRunner, the same command
-    functions): (exit code, stdout, stderr). An exception other than the command's own exit
-    is what a user would see as a traceback: the test fails on it."""
-    import logging
-    import traceback
-
-    from typer.testing import CliRunner
-
-    from slide_clip.cli import app
-
-    level = logging.getLogger().level
-    try:
-        r = CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        logging.getLogger().setLevel(level)
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise AssertionError("a traceback: " + "".join(traceback.format_exception(r.exception)))
-    return r.exit_code, r.stdout, r.stderr
-
-
 def _arrays(store: Path) -> dict[str, np.ndarray]:
     """Every array of a store (temporary groups included: a leftover shows), by path."""
     import zarr
@@ -472,7 +451,7 @@ def test_kill_9_in_zeroshot_never_leaves_half_a_score_set(downstream, tmp_path, 
     _same_table(d.v2, out)
 
 
-def test_full_disk_during_zeroshot_keeps_finished_scores(downstream, tmp_path):
+def test_full_disk_during_zeroshot_keeps_finished_scores(downstream, tmp_path, cli):
     """A full disk while a set is replaced leaves the old set whole (not an empty group), the
     error is one line saying what to do (these commands have no --out), and after space is
     freed the same command ends equal to an uninterrupted run."""
@@ -490,7 +469,7 @@ def test_full_disk_during_zeroshot_keeps_finished_scores(downstream, tmp_path):
             with open(disk / "filler", "wb") as f:
                 f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - left))
             if left == 0:  # the command line: a line per store, exit 1, never a traceback
-                code, stdout, _ = _cli("zeroshot", out, "--prompts", d.prompts)
+                code, stdout, _ = cli("zeroshot", out, "--prompts", d.prompts)
                 assert code == 1 and stdout.count("failed ") == len(IDS), stdout
                 errors = [ln for ln in stdout.splitlines() if ln.startswith("failed ")]
             else:
@@ -558,7 +537,7 @@ def test_kill_9_in_cluster_then_rerun_equals_an_uninterrupted_run(clustered, dow
     assert a.equals(b)
 
 
-def test_full_disk_in_summarize_search_cluster_and_map_is_one_line(downstream, clustered, tmp_path):
+def test_full_disk_in_summarize_search_cluster_and_map_is_one_line(downstream, clustered, tmp_path, cli):
     """Each command that writes beside the stores says `no space left` in one line (never a
     pyarrow, matplotlib or FAISS traceback); after space is freed, cluster ends equal to an
     uninterrupted run."""
@@ -578,7 +557,7 @@ def test_full_disk_in_summarize_search_cluster_and_map_is_one_line(downstream, c
                      ["search", out, "--tile", f"s1:{x}:{y}", "--build-index", "--no-gallery"],
                      ["cluster", out, "--k", "2"], ["map", out, "--method", "pca", "--per-slide", "5"],
                      ["bags", out]):
-            code, stdout, stderr = _cli(*args)
+            code, stdout, stderr = cli(*args)
             lines = [ln for ln in (stdout + stderr).splitlines() if "no space left" in ln]
             assert code in (1, 2) and lines, (args, stdout, stderr)
             for ln in lines:
@@ -588,7 +567,7 @@ def test_full_disk_in_summarize_search_cluster_and_map_is_one_line(downstream, c
         _assert_same_arrays(clustered, out)
 
 
-def test_read_only_stores_are_one_line_errors(downstream, clustered, tmp_path):
+def test_read_only_stores_are_one_line_errors(downstream, clustered, tmp_path, cli):
     """Every command that writes beside the stores, given a read-only folder: one line per
     failure saying the folder is read-only and what to do (no --out to give), never a traceback."""
     d = downstream
@@ -606,7 +585,7 @@ def test_read_only_stores_are_one_line_errors(downstream, clustered, tmp_path):
                      ["heatmap", out, "--set", "tumour"], ["summarize", out],
                      ["search", out, "--tile", f"s1:{x}:{y}"], ["cluster", out, "--k", "2"],
                      ["map", out, "--method", "pca", "--per-slide", "5"], ["bags", out]):
-            code, stdout, stderr = _cli(*args)
+            code, stdout, stderr = cli(*args)
             lines = [ln for ln in (stdout + stderr).splitlines() if "read-only" in ln]
             assert code in (1, 2) and lines, (args, stdout, stderr)
             for ln in lines:
@@ -705,3 +684,146 @@ def test_embed_redraws_a_lost_qc_picture_without_encoding(fault_inputs, embed_re
     assert results["s2"].status == "ok" and results["s2"].encoded == 0
     assert _pixels(out / "s2_qc.png").tobytes() == _pixels(embed_reference / "s2_qc.png").tobytes()
     _assert_same_arrays(embed_reference, out)
+
+
+# ------------------------------------------------------------------------------ damaged chunk files
+#: damage to s1's store -> (how, what the one-line error says, commands that read that array)
+DAMAGE = {
+    "truncated embeddings": (lambda s: h.truncate_chunk(s / "embeddings" / "tiny" / "features"),
+                             "a chunk file of embeddings/tiny/features cannot be read",
+                             ("zeroshot", "fewshot", "search", "cluster", "map", "bags", "survival")),
+    "deleted embeddings": (lambda s: h.delete_chunk(s / "embeddings" / "tiny" / "features"),
+                           "embeddings for 'tiny' hold missing values", ("zeroshot", "search", "cluster", "bags")),
+    "shorter embeddings": (lambda s: h.edit_shape(s / "embeddings" / "tiny" / "features",
+                                                  SlideStore.open(s).n_tiles - 10),
+                           "embeddings/tiny/features has shape", ("zeroshot", "search", "cluster", "map", "bags")),
+    "truncated probs": (lambda s: h.truncate_chunk(s / "scores" / "tiny" / "tumour" / "probs"),
+                        "a chunk file of scores/tiny/tumour/probs cannot be read",
+                        ("heatmap", "summarize", "map", "bags")),
+    "truncated grid": (lambda s: h.truncate_chunk(s / "tiles" / "grid"),
+                       "a chunk file of tiles/grid cannot be read", ("zeroshot", "heatmap", "cluster")),
+    "shorter grid": (lambda s: h.edit_shape(s / "tiles" / "grid", SlideStore.open(s).n_tiles - 3),
+                     "tiles/grid has shape", ("zeroshot", "heatmap", "summarize", "search", "cluster", "map")),
+    "score set without zarr.json": (lambda s: h.drop_metadata(s / "scores" / "tiny" / "tumour"),
+                                    "is damaged: the score set tiny/tumour has no readable zarr.json",
+                                    ("heatmap", "summarize", "map")),
+    "emptied score set": (lambda s: h.emptied_score_set(s / "scores" / "tiny" / "tumour"),
+                          "is damaged: the score set tiny/tumour is incomplete", ("heatmap", "summarize", "map",
+                                                                                  "bags")),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_chunk_is_one_line_per_store(downstream, tmp_path, cli, damage):
+    """A chunk file deleted, truncated (Blosc cannot decode it) or an array whose zarr.json
+    was edited: every command that reads it names the store and the array in one line;
+    zero-shot, few-shot and heatmaps go on with the other store; nothing is a result."""
+    how, message, readers = DAMAGE[damage]
+    d = downstream
+    out = tmp_path / "out"
+    shutil.copytree(d.v2, out)
+    s2 = SlideStore.open(out / "s2.zarr")
+    x, y = s2.coords()[0]
+    examples = tmp_path / "examples.csv"
+    examples.write_text("slide,x,y,label\n" + "".join(f"{s2.slide['path']},{a},{b},{lab}\n" for (a, b), lab in
+                                                     zip(s2.coords()[:4], "aabb")))
+    clinical = tmp_path / "clinical.csv"
+    clinical.write_text("patient_id,time,event\ns1,5,1\ns2,9,1\n")
+    how(out / "s1.zarr")
+    store = str(out / "s1.zarr")
+    commands = {
+        "zeroshot": ["zeroshot", out, "--prompts", d.prompts],
+        "fewshot": ["fewshot", out, "--examples", examples],
+        "heatmap": ["heatmap", out, "--set", "tumour"],
+        "summarize": ["summarize", out],
+        "search": ["search", out, "--tile", f"s2:{x}:{y}", "--top", "3", "--no-gallery"],
+        "cluster": ["cluster", out, "--k", "2", "--no-maps", "--no-gallery"],
+        "map": ["map", out, "--method", "pca", "--per-slide", "5", "--colour-by", "tumour"],
+        "bags": ["bags", out],
+        "survival": ["survival", out, "--clinical", clinical, "--time", "time", "--event", "event", "--baseline",
+                     "coxnet", "--folds", "2", "--bootstrap", "5"],
+    }
+    for name in readers:
+        code, stdout, stderr = cli(*commands[name])
+        text = stdout + stderr
+        hit = [ln for ln in text.splitlines() if message in ln]
+        assert hit, (name, text)
+        for ln in hit:  # one line naming the store, the array and what to do
+            assert store in ln and ("Re-embed the slide" in ln or "Score the slide again" in ln), (name, ln)
+        if name in ("zeroshot", "fewshot", "heatmap"):  # per store: the other one goes on
+            assert code == 1 and ("ok       s2" in stdout or "s2_tumour.png" in stdout), (name, text)
+        elif name == "summarize":  # the table says so: a failed row, never the summary's old numbers
+            import pandas as pd
+
+            t = pd.read_parquet(out / "cohort-tumour-tiny.parquet").set_index("slide_id")
+            assert t.loc["s1", "status"] == "failed" and message in t.loc["s1", "error"]
+            assert t.loc["s2", "status"] == "ok" and np.isnan(t.loc["s1", "slide_prob:tumour"])
+        elif name == "search" and "shorter" in damage:  # a store that cannot be read is counted, never skipped
+            assert code == 1 and "1 stores failed" in stdout, text
+        else:
+            assert code in (1, 2), (name, text)
+
+
+
+# ------------------------------------------------------------------------------ summaries and the stores
+def test_summarize_reflects_the_stores_as_they_are(downstream, tmp_path):
+    """The cohort table is made from the stores, not from the summary files: a deleted store, a
+    lost probability chunk or a set replaced since its summary are failed rows with their
+    error; paths are relative to the folder, so a moved folder's table points at its own stores."""
+    import pandas as pd
+
+    from slide_clip.scoring import summarize
+
+    moved = tmp_path / "moved"
+    shutil.copytree(downstream.v2, moved)
+    df, _, _ = summarize(moved)
+    assert list(df["store"]) == ["s1.zarr", "s2.zarr"] and (df["status"] == "ok").all()
+    for sid in IDS:
+        summary = json.loads((moved / "summaries" / "tiny" / "tumour" / f"{sid}.json").read_text())
+        assert summary["store"] == f"{sid}.zarr"
+    # a lost probability chunk; a deleted store
+    h.delete_chunk(moved / "s1.zarr" / "scores" / "tiny" / "tumour" / "probs")
+    shutil.rmtree(moved / "s2.zarr")
+    df, _, _ = summarize(moved)
+    t = df.set_index("slide_id")
+    assert (t["status"] == "failed").all(), t
+    assert "chunk files of scores/tiny/tumour/probs are missing" in t.loc["s1", "error"]
+    assert f"{moved / 's2.zarr'}: is missing" in t.loc["s2", "error"]
+    assert t[[c for c in t.columns if c.startswith("slide_prob:")]].isna().all().all()  # never old numbers
+    assert list(pd.read_csv(moved / "cohort-tumour-tiny.csv")["status"]) == ["failed", "failed"]
+
+
+def test_a_store_without_embeddings_says_to_embed(downstream, tmp_path, cli):
+    out = tmp_path / "out"
+    shutil.copytree(downstream.v2 / "s1.zarr", out / "s1.zarr")
+    shutil.rmtree(out / "s1.zarr" / "embeddings")
+    code, stdout, _ = cli("zeroshot", out, "--prompts", "tumour")
+    assert code == 1 and "has no embeddings (the slide was tiled but never encoded)" in stdout, stdout
+    assert "Run `slide-clip embed`" in stdout and "holds 0 models" not in stdout
+
+
+def test_embeddings_replaced_beside_the_old_group_until_complete(downstream, tmp_path):
+    """Embeddings of other weights (or a forced re-encode) are written beside the old group:
+    until the last row, readers get the old group; an interrupted replacement resumes; once
+    complete it is swapped in, and nothing temporary stays."""
+    out = tmp_path / "out"
+    shutil.copytree(downstream.v2 / "s1.zarr", out / "s1.zarr")
+    st = SlideStore.open(out / "s1.zarr")
+    old = st.embeddings("tiny")
+    prov = {k: v for k, v in st.embedding_attrs("tiny").items()
+            if k not in ("status", "rows_written", "n_tiles", "started", "updated", "finished")}
+    new = np.roll(old, 1, axis=0)  # other weights' embeddings (any unit rows do)
+    prov = {**prov, "weights_sha256": "0" * 64}
+    w = st.begin_embeddings(prov, chunk_rows=8)
+    w.append(new[:20])
+    w.flush()  # then the process dies: 16 rows on disk beside the old group
+    st = SlideStore.open(out / "s1.zarr")
+    assert st.models() == ["tiny"] and np.array_equal(st.embeddings("tiny"), old)
+    assert st.embedding_attrs("tiny")["weights_sha256"] != prov["weights_sha256"]
+    w = st.begin_embeddings(prov, chunk_rows=8)  # a rerun resumes the replacement
+    assert w.next_row == 20
+    w.append(new[20:])
+    w.flush()
+    st = SlideStore.open(out / "s1.zarr")
+    assert np.array_equal(st.embeddings("tiny"), new) and st.embedding_attrs("tiny")["weights_sha256"] == "0" * 64
+    assert sorted(p.name for p in (out / "s1.zarr" / "embeddings").iterdir() if p.is_dir()) == ["tiny"]
