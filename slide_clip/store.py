@@ -396,6 +396,16 @@ class SlideStore:
             raise StoreError(f"is damaged: the array {key} is missing", path=self.path, hint=hint)
         return arr
 
+    def _complete_features(self, model: str) -> zarr.Array:
+        """The features array of a complete group; a partial one is a :class:`StoreError`."""
+        attrs = self.embedding_attrs(model)
+        arr = self._features(model)
+        if attrs.get("status") != STATUS_COMPLETE:
+            raise StoreError(
+                f"embeddings for {model!r} are partial ({attrs.get('rows_written', 0)} of "
+                f"{arr.shape[0]} tiles)", path=self.path, hint="Run `slide-clip embed` again to resume it.")
+        return arr
+
     def check_embeddings(self, model: str) -> None:
         """Check a model's features array has the shape its group records (tiles, embed_dim)."""
         self._features(model)
@@ -424,12 +434,7 @@ class SlideStore:
         non-finite values (a lost chunk file reads as the NaN fill value), raises
         :class:`StoreError` naming the store: a damaged store is never a result.
         """
-        attrs = self.embedding_attrs(model)
-        arr = self._features(model)
-        if attrs.get("status") != STATUS_COMPLETE:
-            raise StoreError(
-                f"embeddings for {model!r} are partial ({attrs.get('rows_written', 0)} of "
-                f"{arr.shape[0]} tiles)", path=self.path, hint="Run `slide-clip embed` again to resume it.")
+        arr = self._complete_features(model)
         step = int(rows or arr.chunks[0])
         key = f"embeddings/{model_key(model)}/features"
         for start in range(0, arr.shape[0], step):
@@ -440,12 +445,7 @@ class SlideStore:
     def embedding_rows(self, model: str, rows) -> np.ndarray:
         """Some rows of a complete model's embeddings, float32 ``(len(rows), d)``, checked like
         :meth:`iter_embeddings` (partial group, lost or unreadable chunks, NaN)."""
-        attrs = self.embedding_attrs(model)
-        arr = self._features(model)
-        if attrs.get("status") != STATUS_COMPLETE:
-            raise StoreError(
-                f"embeddings for {model!r} are partial ({attrs.get('rows_written', 0)} of "
-                f"{arr.shape[0]} tiles)", path=self.path, hint="Run `slide-clip embed` again to resume it.")
+        arr = self._complete_features(model)
         rows = np.asarray(rows, dtype=np.int64)
         if not rows.size:
             return np.zeros((0, arr.shape[1]), np.float32)

@@ -365,8 +365,10 @@ def test_fewshot_examples_outside_the_slide_or_labelled_twice_are_errors(scored_
 def test_scoring_an_empty_folder_is_an_error(tmp_path, cli):
     empty = tmp_path / "empty"
     empty.mkdir()
+    examples = tmp_path / "x.csv"
+    examples.write_text("slide,x,y,label\ns.svs,0,0,a\ns.svs,0,224,b\n")
     for args in (["zeroshot", empty, "--prompts", "tumour"], ["heatmap", empty, "--set", "tumour"],
-                 ["fewshot", empty, "--examples", tmp_path / "x.csv"], ["cluster", empty], ["search", empty, "x"],
+                 ["fewshot", empty, "--examples", examples], ["cluster", empty], ["search", empty, "x"],
                  ["map", empty], ["bags", empty]):
         code, stdout, stderr = cli(*args)
         assert code == 2 and stderr.strip() == (f"error: {empty}: holds no slide stores (<slide>.zarr). Give the --out "
