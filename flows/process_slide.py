@@ -1,7 +1,9 @@
 """The per-slide flow: check, tissue, tile grid, encode, zero-shot, heatmaps.
 
-Skips work already done: a complete store for the same slide fingerprint, model and tiling
-settings is not re-encoded, and scores are only recomputed when the prompt set changed.
+Skips work already done, product by product: a complete store for the same slide fingerprint,
+model and tiling settings is not re-encoded, scores are only recomputed when the prompt set
+changed (or their summary is missing), heatmaps are drawn when they are missing or older than
+the scores, and a lost QC picture is drawn again from the store.
 ``force`` redoes everything. The outcome is written to ``out/status/<slide_id>.json``,
 also when the slide fails (then the flow run fails too).
 """
@@ -17,7 +19,9 @@ from prefect.context import get_run_context
 
 from slide_clip.config import PipelineConfig, load_config
 from slide_clip.errors import SlideClipError
-from slide_clip.pipeline import SlideResult, failed_result, record_status, unexpected_error
+from slide_clip.faults import kill_point
+from slide_clip.pipeline import SlideResult, failed_result, qc_path, record_status, unexpected_error
+from slide_clip.scoring import heatmaps_current
 from slide_clip_flows import quiet_user_errors
 from slide_clip_tasks.encode import encode_task
 from slide_clip_tasks.heatmap import heatmap_task
@@ -65,18 +69,25 @@ def process_slide(
     try:
         check_slide_task(slide, cfg, mpp)
         store = tissue_task(slide, out, cfg, mpp, force, sid)
+        qc_missing = not qc_path(store).is_file()  # drawn (again) by the tile stage
         n_tiles = tiles_task(store, cfg)
         enc = encode_task(store, slide, cfg, force, encoder_limit)
         if enc["encoded"] > 0:  # else record_status keeps the value of the run that encoded
             embed_seconds = {"seconds_embed": round(time.perf_counter() - t0, 3)}
+        drawn = False
         for p in prompts:
             summary = zeroshot_task(store, p, cfg, enc["model"], force)
             scored[summary["score_set"]] = {"predicted": summary["predicted"], "rescored": summary["rescored"],
                                             "slide_prob": summary["slide_prob"], "model": enc["model"]}
-            if heatmaps and summary["rescored"]:
+            kill_point("scored")
+            # every product is checked, not only the scores: heatmaps lost, deleted, or never
+            # drawn (a run stopped after scoring) are drawn now from the stored scores
+            if heatmaps and (summary["rescored"]
+                             or not heatmaps_current(store, summary["score_set"], cfg, model=enc["model"])):
                 scored[summary["score_set"]]["heatmaps"] = heatmap_task(store, summary["score_set"], cfg,
                                                                         enc["model"])
-        did_work = enc["encoded"] > 0 or any(v["rescored"] for v in scored.values())
+                drawn = True
+        did_work = enc["encoded"] > 0 or any(v["rescored"] for v in scored.values()) or drawn or qc_missing
         result = SlideResult(slide=slide, name=sid, status="ok" if did_work else "skipped",
                              store=store, n_tiles=n_tiles, encoded=enc["encoded"],
                              seconds=round(time.perf_counter() - t0, 3),

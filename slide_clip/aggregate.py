@@ -80,12 +80,17 @@ def cohort_table(summaries: list[dict]) -> pd.DataFrame:
 
 
 def write_cohort_table(df: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:
-    """Write ``<stem>.csv`` and ``<stem>.parquet``."""
+    """Write ``<stem>.csv`` and ``<stem>.parquet``, each replaced atomically: both are written
+    under temporary names first, then renamed into place (each file is whole, old or new)."""
+    from slide_clip.atomic import replace_file
+    from slide_clip.faults import kill_point
+
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     csv, parquet = stem.with_suffix(".csv"), stem.with_suffix(".parquet")
-    df.to_csv(csv, index=False)
-    df.to_parquet(parquet, index=False)
+    with replace_file(csv) as tmp_csv, replace_file(parquet) as tmp_parquet:
+        df.to_csv(tmp_csv, index=False)
+        kill_point("cohort-csv")
+        df.to_parquet(tmp_parquet, index=False)
     return csv, parquet
 
 

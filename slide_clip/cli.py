@@ -273,10 +273,11 @@ def fewshot(
     decision: Optional[str] = _DECISION_OPT,
 ):
     """Score every tile against prototypes of a few labelled example tiles per class."""
-    from slide_clip.scoring import find_stores, fewshot as run_fewshot
+    from slide_clip.scoring import find_stores, fewshot as run_fewshot, read_examples
 
     try:
         cfg = _scoring_config(config, registry, checkpoint, device, topk, decision)
+        read_examples(examples)  # a bad examples CSV is said first, before the stores are looked at
         results = run_fewshot(find_stores(stores), examples, cfg, model=model, name=name)
     except SlideClipError as e:
         _fail(str(e))

@@ -38,12 +38,13 @@ class Encoding:
 
 
 def begin_encoding(store: SlideStore, slide_file: str, encoder, cfg: PipelineConfig, *,
-                   pool=None) -> Encoding | None:
+                   pool=None, replace: bool = False) -> Encoding | None:
     """Open ``encoder``'s embeddings group in ``store`` and queue its missing tiles.
 
     Returns None when the group is already complete. ``pool`` (a
     :class:`slide_clip.loader.ReaderPool`) reads the batches; None reads them in this
-    process when they are asked for.
+    process when they are asked for. ``replace`` re-encodes a complete group of the same
+    weights (written beside it, see :meth:`SlideStore.begin_embeddings`).
     """
     from slide_clip.encoders.spec import same_build
     from slide_clip.encoders.tile_view import encoder_view
@@ -55,9 +56,10 @@ def begin_encoding(store: SlideStore, slide_file: str, encoder, cfg: PipelineCon
     size = int(tiling["tile_size"])
     provenance = {**encoder.provenance(), **encoder_view(encoder, size, tiling["target_mpp"]).attrs()}
     made = model_key(encoder.name) in store.models()
-    if made and not same_build(store.embedding_attrs(encoder.name), encoder):
-        store.drop_embeddings(encoder.name)  # made another way (architecture, output, activation): never kept
-    writer = store.begin_embeddings(provenance, chunk_rows=e.chunk_rows)
+    # a group made another way (architecture, output, activation) is never kept: it is made again beside
+    # the old one and swapped in when complete, like a forced re-encode
+    replace = replace or (made and not same_build(store.embedding_attrs(encoder.name), encoder))
+    writer = store.begin_embeddings(provenance, chunk_rows=e.chunk_rows, replace=replace)
     writer.flush_seconds = e.flush_seconds
     if writer.complete:
         return None

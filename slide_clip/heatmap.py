@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from slide_clip.atomic import replace_file, write_text
+
 
 def probability_grid(grid_rc: np.ndarray, values: np.ndarray, grid_shape, overlap: float = 0.0) -> np.ndarray:
     """Per-cell mean of tile values on the grid; NaN where no tile (outside tissue).
@@ -115,9 +117,11 @@ def render_png(image: np.ndarray, path: str | Path, title: str, colormap: str = 
     sm = cm.ScalarMappable(norm=colors.Normalize(vmin, vmax), cmap=colormap)
     fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02, label=label)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with replace_file(path) as tmp:  # a reader never sees half a picture
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -142,10 +146,7 @@ def tiles_geojson(coords: np.ndarray, extent, probs: np.ndarray, class_names: li
                 "measurements": {f"p({c})": float(v) for c, v in zip(class_names, p)},
             },
         })
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"type": "FeatureCollection", "name": name, "features": features}))
-    return path
+    return write_text(path, json.dumps({"type": "FeatureCollection", "name": name, "features": features}))
 
 
 # ----------------------------------------------------------------------------- categories
@@ -204,7 +205,9 @@ def render_categorical_png(image: np.ndarray, path: str | Path, title: str, name
     handles = [Patch(facecolor=np.asarray(c) / 255, label=n) for n, c in zip(names, colours)]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with replace_file(path) as tmp:  # a reader never sees half a picture
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path

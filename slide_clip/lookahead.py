@@ -37,7 +37,7 @@ class Prepared:
     name: str
     path: Path
     store: object
-    done: bool  # embeddings already complete: nothing to encode
+    done: bool  # nothing to do: embeddings complete and the QC picture there
     enc: object | None  # slide_clip.encoding.Encoding
     encoder: object | None  # the encoder ``enc`` was queued for
     hold: contextlib.ExitStack  # the store lock and the disk-error translation
@@ -114,6 +114,7 @@ def prepare_slide(slide, out_dir, cfg: PipelineConfig, encoders, readers: Reader
             store = tile_slide(osr, info, cfg, path, overwrite=overwrite, background=background, checked=checked)
             done = embeddings_done(store, encoders.spec, encoders.encoder)
             enc = encoder = None
+            redrawn = bool(background)  # a lost QC picture drawn again: the slide was not skipped
             if not done:
                 encoder = encoders.get()
                 pool = readers.get(encoder.device) if readers is not None else None
@@ -122,7 +123,7 @@ def prepare_slide(slide, out_dir, cfg: PipelineConfig, encoders, readers: Reader
             hold = stack.pop_all()
     finally:
         osr.close()
-    return Prepared(str(slide), info.name, path, store, done, enc, encoder, hold, t0, background)
+    return Prepared(str(slide), info.name, path, store, done and not redrawn, enc, encoder, hold, t0, background)
 
 
 def finish_slide(p: Prepared, *, progress: bool = True):

@@ -43,43 +43,78 @@ def is_store(folder: str | Path) -> bool:
         return False
 
 
-#: errno -> (what happened, what to do)
+#: errno -> (what happened, what to do when the folder was given as an option ``{opt}``,
+#: what to do when the results go beside the stores, a folder no option names)
 _DISK_ERRORS = {
-    errno.ENOSPC: ("no space left on the device", "Free space (or use another --out) and run the same "
-                   "command again: finished work is kept and interrupted slides resume."),
-    errno.EDQUOT: ("the disk quota is exceeded", "Free space within your quota (or use another --out) and run "
-                   "the same command again: finished work is kept."),
-    errno.EROFS: ("the file system is read-only", "Give a writable --out folder."),
-    errno.EACCES: ("permission denied", "Give an --out folder you can write to, or fix its permissions."),
-    errno.EPERM: ("operation not permitted", "Give an --out folder you can write to, or fix its permissions."),
+    errno.ENOSPC: ("no space left on the device",
+                   "Free space (or use another {opt}) and run the same command again: finished work is kept and "
+                   "interrupted slides resume.",
+                   "Free space and run the same command again: finished work is kept."),
+    errno.EDQUOT: ("the disk quota is exceeded",
+                   "Free space within your quota (or use another {opt}) and run the same command again: finished "
+                   "work is kept.",
+                   "Free space within your quota and run the same command again: finished work is kept."),
+    errno.EROFS: ("the file system is read-only", "Give a writable {opt} folder.",
+                  "This command writes beside the stores: copy the output folder to a writable place (or make "
+                  "it writable) and run it there."),
+    errno.EACCES: ("permission denied", "Give an {opt} folder you can write to, or fix its permissions.",
+                   "This command writes beside the stores: fix the folder's permissions, or copy the output "
+                   "folder to a place you can write to and run it there."),
+    errno.EPERM: ("operation not permitted", "Give an {opt} folder you can write to, or fix its permissions.",
+                  "This command writes beside the stores: fix the folder's permissions, or copy the output "
+                  "folder to a place you can write to and run it there."),
     errno.EFBIG: ("the file is too large for the file system or the process's file-size limit",
-                  "Use another --out on a file system without that limit."),
+                  "Use another {opt} on a file system without that limit.",
+                  "Copy the output folder to a file system without that limit and run it there."),
 }
 
+#: How libraries that hide the errno (pyarrow, FAISS) still say it, in their message.
+_STRERRORS = {os.strerror(code): code for code in _DISK_ERRORS}
 
-def disk_error(exc: BaseException, where: str | Path) -> OutputError | None:
-    """An :class:`OutputError` for ``exc`` (or one in its cause/context chain) if it is a disk failure."""
+#: ``option`` of :func:`output_errors` for commands that write beside the stores (no --out).
+BESIDE_STORES = None
+
+
+def _errno_of(e: BaseException) -> int | None:
+    if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+        return e.errno
+    text = str(e)
+    for strerror, code in _STRERRORS.items():
+        if strerror in text:
+            return code
+    return None
+
+
+def disk_error(exc: BaseException, where: str | Path, option: str | None = "--out") -> OutputError | None:
+    """An :class:`OutputError` for ``exc`` (or one in its cause/context chain) if it is a disk failure.
+
+    ``option`` is the command-line option that named the folder being written (its hint
+    says to give another), or :data:`BESIDE_STORES` for commands that write beside the stores.
+    """
     seen = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
-            what, todo = _DISK_ERRORS[e.errno]
-            path = e.filename or where
-            return OutputError(f"cannot write: {what}", path=path, hint=todo)
+        code = _errno_of(e)
+        if code is not None:
+            what, todo_opt, todo_beside = _DISK_ERRORS[code]
+            path = (e.filename if isinstance(e, OSError) else None) or where
+            return OutputError(f"cannot write: {what}", path=path,
+                               hint=todo_beside if option is BESIDE_STORES else todo_opt.format(opt=option))
         e = e.__cause__ or e.__context__
     return None
 
 
 @contextmanager
-def output_errors(where: str | Path):
-    """Re-raise disk failures inside the block as one-line :class:`OutputError` s about ``where``."""
+def output_errors(where: str | Path, option: str | None = "--out"):
+    """Re-raise disk failures inside the block as one-line :class:`OutputError` s about ``where``
+    (``option``: see :func:`disk_error`)."""
     try:
         yield
     except SlideClipError:
         raise  # already one line about the user's input
     except Exception as exc:  # noqa: BLE001 - only disk errors are translated; others go on
-        err = disk_error(exc, where)
+        err = disk_error(exc, where, option)
         if err is None:
             raise
         raise err from None

@@ -230,14 +230,24 @@ def _read_thumbnail(osr, info: SlideInfo, cfg: PipelineConfig):
             reader.release()
 
 
+def qc_path(store_path: str | Path) -> Path:
+    """``<slide_id>_qc.png`` beside the store."""
+    p = Path(store_path)
+    return p.with_name(p.name[: -len(".zarr")] + "_qc.png")
+
+
 def lay_tiles(store: SlideStore, cfg: PipelineConfig, *, background: list | None = None) -> SlideStore:
     """Stage 2: lay the tile grid over the stored mask, write it and the QC picture.
 
     With ``background`` (a list), the QC picture is drawn and written in a thread, off the
     way to the first encoded batch; the thread is appended to the list as a
     :class:`BackgroundWrite` and the caller joins it (its error, if any, is raised there).
+    A store already tiled keeps its grid; its QC picture, if missing (lost to a full disk,
+    or deleted), is drawn again from the store, exactly as it was.
     """
     if store.status == STATUS_TILED:
+        if not qc_path(store.path).is_file():
+            _write_qc(store, grid_from_store(store), background)
         return store
     s = store.slide
     tissue = store.group["tissue"].attrs
@@ -248,18 +258,8 @@ def lay_tiles(store: SlideStore, cfg: PipelineConfig, *, background: list | None
                      downsample, target_mpp=float(store.tiling["target_mpp"]), tile_size=int(store.tiling["tile_size"]),
                      overlap=t.overlap,
                      min_tissue=t.min_tissue)
-    qc_path = store.path.with_name(store.path.name[: -len(".zarr")] + "_qc.png")
-    boxes, title = thumbnail_boxes(grid, downsample), qc_title(s, grid, len(grid), tissue.get("tissue_area_mm2"))
-
-    def write_qc():
-        # compress_level 1: zlib's default (6) spends over a second on a 2048 px picture for a few % of size
-        qc_image(thumb, mask, boxes, title=title).save(qc_path, compress_level=1)
-
-    if background is None:
-        write_qc()
-    else:
-        background.append(BackgroundWrite(write_qc, qc_path))
-    store.group["tissue"].attrs.update({"qc_image": qc_path.name})
+    path = _write_qc(store, grid, background, mask, thumb)
+    store.group["tissue"].attrs.update({"qc_image": path.name})
     store.write_tiles(grid.coords, grid.grid, grid.tissue_fraction, {
         "tile_extent_level0": list(grid.extent),
         "stride_level0": list(grid.stride),
@@ -268,6 +268,30 @@ def lay_tiles(store: SlideStore, cfg: PipelineConfig, *, background: list | None
         "read_downsample": grid.read_downsample,
     })
     return store
+
+
+def _write_qc(store: SlideStore, grid: TileGrid, background: list | None, mask=None, thumb=None) -> Path:
+    """Draw the QC picture of ``grid`` over the store's thumbnail and write it (atomically)."""
+    from slide_clip.atomic import replace_file
+
+    tissue = store.group["tissue"].attrs
+    downsample = tuple(tissue["downsample"])
+    mask = store.mask() if mask is None else mask
+    thumb = store.thumbnail() if thumb is None else thumb
+    path = qc_path(store.path)
+    boxes = thumbnail_boxes(grid, downsample)
+    title = qc_title(store.slide, grid, len(grid), tissue.get("tissue_area_mm2"))
+
+    def write_qc():
+        # compress_level 1: zlib's default (6) spends over a second on a 2048 px picture for a few % of size
+        with replace_file(path) as tmp:  # a picture is whole or absent: a rerun redraws an absent one
+            qc_image(thumb, mask, boxes, title=title).save(tmp, compress_level=1)
+
+    if background is None:
+        write_qc()
+    else:
+        background.append(BackgroundWrite(write_qc, path))
+    return path
 
 
 def qc_title(slide: dict, grid: TileGrid, n_tiles: int, tissue_mm2: float | None) -> str:
@@ -640,7 +664,8 @@ def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, enco
                  force: bool = False, progress: bool = False, readers=None, turns=None, hold=None) -> dict:
     """Stage 3 for a store: encode its tiles unless complete for this model and weights.
 
-    Returns ``{"model", "encoded", "skipped"}``. ``force`` re-encodes from scratch.
+    Returns ``{"model", "encoded", "skipped"}``. ``force`` re-encodes from scratch, beside the
+    old embeddings (swapped in when complete; a rerun with ``force`` resumes it).
 
     For callers that encode many slides from several threads (the Prefect cohort flow):
     ``readers`` (:class:`slide_clip.lookahead.Readers`) is a reader pool shared across
@@ -662,9 +687,8 @@ def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, enco
         if st.status != STATUS_TILED:
             raise StoreError("is not tiled yet", path=store, hint="Run the tissue and tile stages first.")
         st.check_tissue_algorithm()
-        if force and encoders.spec.name in [st.embedding_attrs(k).get("name") for k in st.models()]:
-            st.drop_embeddings(encoders.spec.name)
-        if embeddings_done(st, encoders.spec, encoders.encoder):
+        # force: a new group is encoded beside the old one and swapped in when complete
+        if not force and embeddings_done(st, encoders.spec, encoders.encoder):
             return {"model": encoders.spec.name, "encoded": 0, "skipped": True}
         encoder = encoders.get()
         if readers is not None:
@@ -674,7 +698,7 @@ def encode_stage(store: str | Path, slide: str | Path, cfg: PipelineConfig, enco
             pool = stack.enter_context(ReaderPool(n)) if n > 0 else None
 
         def queue():
-            return begin_encoding(st, str(resolve_slide_path(slide)), encoder, cfg, pool=pool)
+            return begin_encoding(st, str(resolve_slide_path(slide)), encoder, cfg, pool=pool, replace=force)
 
         if turns is None:
             enc, turn = queue(), contextlib.nullcontext()

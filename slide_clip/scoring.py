@@ -22,16 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from slide_clip.aggregate import cohort_table, slide_scores, write_cohort_table
+from slide_clip.aggregate import slide_scores
 from slide_clip.config import PipelineConfig
 from slide_clip.encoders.outputs import text_refusal
 from slide_clip.encoders.spec import same_build
 from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, StoreError
 from slide_clip.heatmap import (grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid,
                                 tiles_geojson, value_range)
+from slide_clip.atomic import write_text
 from slide_clip.prompts import PromptSet
-from slide_clip.output import output_errors
+from slide_clip.output import BESIDE_STORES, output_errors
 from slide_clip.store import STATUS_TILED, SlideStore, model_key, store_lock
+from slide_clip.summaries import (read_status, score_set_pairs, store_ref, summarize, summarize_all,  # noqa: F401
+                                  summary_path, write_summary)
 from slide_clip.zeroshot import ClassifierCache, prototypes, softmax, text_classifier, tile_logits
 
 
@@ -47,22 +50,32 @@ LOCK_WAIT_SECONDS = 120.0
 def _locked(path: str | Path):
     """Hold an existing store's lock (waiting for another writer); disk errors as one line."""
     SlideStore.open(path)  # not a store: its error, and no lock file is made beside nothing
-    with output_errors(path), store_lock(path, wait=LOCK_WAIT_SECONDS):
+    with output_errors(path, BESIDE_STORES), store_lock(path, wait=LOCK_WAIT_SECONDS):
         yield
 
 
 def find_stores(inputs: list[str | Path]) -> list[Path]:
-    """Stores given directly, or every ``*.zarr`` store in given folders (sorted)."""
+    """Stores given directly, or every ``*.zarr`` store in given folders (sorted).
+
+    A folder without any store (or no input at all) is an error, never an empty cohort.
+    """
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.suffix == ".zarr" or (p / "zarr.json").is_file():
             out.append(p)
         elif p.is_dir():
-            out.extend(sorted(q for q in p.glob("*.zarr") if q.is_dir()))
+            found = sorted(q for q in p.glob("*.zarr") if q.is_dir())
+            if not found:
+                raise StoreError("holds no slide stores (<slide>.zarr)", path=p,
+                                 hint="Give the --out folder of `slide-clip embed` or `run`, or embed the slides "
+                                      "into it first.")
+            out.extend(found)
         else:
             raise StoreError("is neither a slide store nor a folder of stores", path=p,
                              hint="Give an <out> folder of `slide-clip embed` or a <slide>.zarr in it.")
+    if not out:
+        raise StoreError("no slide stores given", hint="Give the --out folder of `slide-clip embed` or `run`.")
     return out
 
 
@@ -72,9 +85,11 @@ def open_scored_store(path: Path, model: str | None) -> tuple[SlideStore, str]:
     if store.status != STATUS_TILED:
         raise StoreError("is partial (tiling did not finish)", path=path, hint="Run `slide-clip embed` again.")
     store.check_tissue_algorithm()  # a cohort never mixes masks of two tissue algorithms
-    for key in ("tiles/coords", "tiles/grid", "tiles/tissue_fraction", "tissue/mask"):
-        store.array(key)  # present, every chunk file there: a damaged store is never scored
+    store.check_tiles()  # present, of the recorded shapes, every chunk file there: never a damaged store
     keys = store.models()
+    if not keys:
+        raise StoreError("has no embeddings (the slide was tiled but never encoded)", path=path,
+                         hint="Run `slide-clip embed` on the slide (with the same --out) to encode it.")
     names = {k: store.embedding_attrs(k).get("name", k) for k in keys}
     if model is None:
         if len(keys) != 1:
@@ -90,6 +105,7 @@ def open_scored_store(path: Path, model: str | None) -> tuple[SlideStore, str]:
         a = store.embedding_attrs(name)
         raise StoreError(f"embeddings for {name!r} are partial ({a.get('rows_written', 0)} of {store.n_tiles} tiles)",
                          path=path, hint="Run `slide-clip embed` again to finish them.")
+    store.check_embeddings(name)  # one row per tile, of the recorded dimension
     return store, name
 
 
@@ -132,10 +148,6 @@ def _out_dir(store: SlideStore) -> Path:
     return store.path.parent
 
 
-def _summary_path(out: Path, model: str, set_name: str, slide: str) -> Path:
-    return out / "summaries" / model_key(model) / model_key(set_name) / f"{slide}.json"
-
-
 def score_store(store: SlideStore, model: str, set_name: str, classifier: np.ndarray, class_names: list[str],
                 attrs: dict, cfg: PipelineConfig, t0: float) -> dict:
     """Score every tile with ``classifier``, write scores, heatmap grid and the slide summary."""
@@ -149,9 +161,9 @@ def score_store(store: SlideStore, model: str, set_name: str, classifier: np.nda
     t = store.tiling
     grid = np.stack([probability_grid(store.grid(), probs[:, i], t["grid_shape"], t["overlap"])
                      for i in range(len(class_names))])
-    store.write_scores(model, set_name, logits, probs, classifier,
-                       {**attrs, "classes": class_names, "logit_scale": logit_scale,
-                        "weights_sha256": emb["weights_sha256"]}, grid=grid)
+    write_id = store.write_scores(model, set_name, logits, probs, classifier,
+                                  {**attrs, "classes": class_names, "logit_scale": logit_scale,
+                                   "weights_sha256": emb["weights_sha256"]}, grid=grid)
     s = cfg.scoring
     agg = slide_scores(probs, logits, store.tissue_fraction(), class_names, topk=s.topk, decision=s.decision)
     summary = {
@@ -159,7 +171,8 @@ def score_store(store: SlideStore, model: str, set_name: str, classifier: np.nda
         "status": "ok",
         "error": None,
         "slide": store.slide["path"],
-        "store": str(store.path),
+        "store": store_ref(store.path),
+        "scores_write_id": write_id,
         "n_tiles": store.n_tiles,
         "tissue_area_mm2": store.group["tissue"].attrs.get("tissue_area_mm2"),
         "model": model,
@@ -171,23 +184,12 @@ def score_store(store: SlideStore, model: str, set_name: str, classifier: np.nda
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_embed": _embed_seconds(store),
     }
-    path = _summary_path(_out_dir(store), model, set_name, summary["slide_id"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1))
+    write_summary(_out_dir(store), summary)
     return summary
 
 
-def _read_status(out: Path, slide: str) -> dict:
-    """``out/status/<slide>.json`` (what embedding or a flow did to the slide), or {}."""
-    try:
-        st = json.loads((out / "status" / f"{slide}.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return st if isinstance(st, dict) else {}
-
-
 def _embed_seconds(store: SlideStore):
-    return (_read_status(_out_dir(store), store.slide["name"]).get("extra") or {}).get("seconds_embed")
+    return (read_status(_out_dir(store), store.slide["name"]).get("extra") or {}).get("seconds_embed")
 
 
 def _failed_summary(path: Path, error: str, model: str | None, set_name: str, kind: str, t0: float,
@@ -195,14 +197,13 @@ def _failed_summary(path: Path, error: str, model: str | None, set_name: str, ki
     from slide_clip.store import STORE_SUFFIX
 
     slide = path.name[: -len(STORE_SUFFIX)] if path.name.endswith(STORE_SUFFIX) else path.name
-    summary = {"slide_id": slide, "status": "failed", "error": error, "store": str(path), "model": model,
+    summary = {"slide_id": slide, "status": "failed", "error": error, "store": store_ref(path), "model": model,
                "score_set": set_name, "kind": kind, "seconds": round(time.perf_counter() - t0, 3)}
     if write and model and path.parent.is_dir():
-        sp = _summary_path(path.parent, model, set_name, slide)
         try:
-            sp.parent.mkdir(parents=True, exist_ok=True)
-            sp.write_text(json.dumps(summary, indent=1))
+            write_summary(path.parent, summary)
         except OSError as e:  # a full or read-only disk: the returned summary still says what failed
+            sp = summary_path(path.parent, model, set_name, slide)
             summary["error"] = f"{error} (and {e.strerror or e} writing {sp})"
     return summary
 
@@ -230,6 +231,10 @@ def _score_many(stores, model, job: _Job, classifier_for, cfg, on_result=None) -
             # a store busy with another writer keeps that writer's summary
             r = _failed_summary(Path(path), str(exc), model, job.set_name, job.kind, t0,
                                 write=not isinstance(exc, StoreBusyError))
+        except Exception as exc:  # noqa: BLE001 - one store's fault never stops the others
+            from slide_clip.pipeline import unexpected_error
+
+            r = _failed_summary(Path(path), unexpected_error(path, exc), model, job.set_name, job.kind, t0)
         results.append(r)
         if on_result:
             on_result(r)
@@ -246,12 +251,15 @@ def current_summary(store_path: str | Path, prompts: PromptSet, model: str | Non
     if attrs.get("prompt_hash") != prompts.hash or attrs.get("weights_sha256") != store.embedding_attrs(name).get(
             "weights_sha256"):
         return None
-    p = _summary_path(_out_dir(store), name, prompts.name, store.slide["name"])
+    p = summary_path(_out_dir(store), name, prompts.name, store.slide["name"])
     try:
         summary = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-    return summary if summary.get("status") == "ok" else None
+    if not isinstance(summary, dict) or summary.get("status") != "ok":
+        return None
+    # the summary of this very set (a run stopped after the set and before its summary: scored again)
+    return summary if summary.get("scores_write_id") == attrs.get("write_id") else None
 
 
 def zeroshot(stores: list[Path], prompts: PromptSet, cfg: PipelineConfig, *, model: str | None = None,
@@ -286,12 +294,14 @@ class Example:
     x: int | None = None
     y: int | None = None
     image: str | None = None
+    line: int | None = None  # in the examples CSV, for errors
 
 
 def read_examples(path: str | Path) -> list[Example]:
     """Labelled example tiles from a CSV: ``slide,x,y,label`` (level-0 top-left) or ``image,label``.
 
-    Relative slide and image paths are relative to the CSV's folder.
+    Relative slide and image paths are relative to the CSV's folder. A tile (or image)
+    listed twice, under the same label or another, is an error naming both lines.
     """
     p = Path(path)
     if not p.is_file():
@@ -302,21 +312,35 @@ def read_examples(path: str | Path) -> list[Example]:
         if "label" not in cols or not ({"slide", "x", "y"} <= cols or "image" in cols):
             raise ConfigError("examples CSV needs columns slide,x,y,label or image,label", path=p)
         out = []
+        seen: dict[tuple, tuple[int, str]] = {}
         for i, row in enumerate(reader, start=2):
             label = (row.get("label") or "").strip()
             if not label:
                 raise ConfigError(f"line {i}: empty label", path=p)
             if row.get("image"):
                 img = Path(row["image"])
-                out.append(Example(label, image=str(img if img.is_absolute() else p.parent / img)))
-                continue
-            try:
-                x, y = int(float(row["x"])), int(float(row["y"]))
-            except (TypeError, ValueError):
-                raise ConfigError(f"line {i}: x and y must be level-0 pixel numbers", path=p) from None
-            s = Path(row["slide"])
-            slide = str(s if s.is_absolute() or not (p.parent / s).exists() else p.parent / s)
-            out.append(Example(label, slide=slide, x=x, y=y))
+                ex = Example(label, image=str(img if img.is_absolute() else p.parent / img), line=i)
+                key: tuple = ("image", str(Path(ex.image).expanduser().resolve()))
+            else:
+                try:
+                    x, y = int(float(row["x"])), int(float(row["y"]))
+                except (TypeError, ValueError, OverflowError):
+                    raise ConfigError(f"line {i}: x and y must be level-0 pixel numbers", path=p) from None
+                if not (row.get("slide") or "").strip():
+                    raise ConfigError(f"line {i}: no slide (or image) given", path=p)
+                s = Path(row["slide"].strip())
+                slide = str(s if s.is_absolute() or not (p.parent / s).exists() else p.parent / s)
+                ex = Example(label, slide=slide, x=x, y=y, line=i)
+                where = Path(slide).expanduser()
+                key = ("tile", str(where.resolve()) if where.exists() else slide, x, y)
+            if key in seen:
+                first, first_label = seen[key]
+                what = f"image {ex.image}" if ex.image else f"tile ({ex.slide}, {ex.x}, {ex.y})"
+                same = "also" if first_label == label else f"there as {first_label!r}, here as"
+                raise ConfigError(f"line {i}: the {what} is labelled on line {first} already ({same} "
+                                  f"{label!r})", path=p, hint="Label each tile once.")
+            seen[key] = (i, label)
+            out.append(ex)
     labels = {e.label for e in out}
     if len(labels) < 2:
         raise ConfigError(f"examples CSV needs at least two classes (has {sorted(labels)})", path=p)
@@ -351,8 +375,9 @@ def example_features(examples: list[Example], stores: dict[str, SlideStore], mod
         coords = store.coords()
         hit = np.flatnonzero((coords[:, 0] == ex.x) & (coords[:, 1] == ex.y))
         if hit.size:
-            feats[i] = store.embeddings(model)[hit[0]]
+            feats[i] = store.embedding_rows(model, hit[:1])[0]
             continue
+        _check_inside(ex, store, where)
         slide_file = ex.slide if Path(ex.slide).exists() else store.slide["path"]
         osr = openslide.OpenSlide(str(slide_file))
         try:
@@ -369,6 +394,17 @@ def example_features(examples: list[Example], stores: dict[str, SlideStore], mod
         for (i, _), f in zip(todo, encoded):
             feats[i] = f
     return np.stack(feats).astype(np.float32)
+
+
+def _check_inside(ex: Example, store: SlideStore, where: Path) -> None:
+    """An example tile that is not a stored tile must lie inside its slide (never a blank tile)."""
+    sl = store.slide
+    w, h = int(sl["width"]), int(sl["height"])
+    ew, eh = (float(v) for v in store.tiling["tile_extent_level0"])
+    if ex.x < 0 or ex.y < 0 or ex.x + ew > w or ex.y + eh > h:
+        raise ConfigError(f"line {ex.line}: the example tile at level-0 ({ex.x}, {ex.y}) lies outside slide "
+                          f"{sl['name']!r} ({w} x {h} level-0 pixels; a tile spans {ew:.0f} x {eh:.0f})",
+                          path=where, hint="Give the level-0 top-left corner of a tile inside the slide.")
 
 
 def fewshot(stores: list[Path], examples_csv: str | Path, cfg: PipelineConfig, *, model: str | None = None,
@@ -451,84 +487,36 @@ def _heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: st
         written.append(render_png(img, out / f"{slide}_{model_key(c)}.png", title, h.colormap, label, vmin, vmax))
     written.append(tiles_geojson(store.coords(), t["tile_extent_level0"], probs, class_names,
                                  out / f"{slide}.geojson", name=f"{slide} {set_name}"))
+    # written last: the pictures above are whole and were drawn from this version of the set
+    write_text(heatmap_record(out, slide), json.dumps({
+        "write_id": attrs.get("write_id"), "classes": list(wanted), "files": [p.name for p in written],
+        "settings": h.model_dump(mode="json")}, indent=1))
     return written
 
 
-# ----------------------------------------------------------------------------- cohort
-def score_set_pairs(out_dir: str | Path, *, set_name: str | None = None,
-                    model: str | None = None) -> list[tuple[str, str]]:
-    """The (model key, score set key) pairs with slide summaries in ``out/summaries/``."""
-    root = Path(out_dir) / "summaries"
-    pairs = sorted({(p.parent.parent.name, p.parent.name) for p in root.glob("*/*/*.json")}) if root.is_dir() else []
-    if model:
-        pairs = [pr for pr in pairs if pr[0] == model_key(model)]
-    if set_name:
-        pairs = [pr for pr in pairs if pr[1] == model_key(set_name)]
-    return pairs
+def heatmap_record(folder: Path, slide: str) -> Path:
+    """``<slide_id>.heatmaps.json`` beside a slide's heatmaps: what they were drawn from."""
+    return Path(folder) / f"{slide}.heatmaps.json"
 
 
-def summarize(out_dir: str | Path, *, set_name: str | None = None, model: str | None = None,
-              metadata: dict[str, dict] | None = None, only: list[str] | None = None):
-    """Gather per-slide summaries (and slides that failed to embed) into one cohort table.
+def heatmaps_current(store_path: str | Path, set_name: str, cfg: PipelineConfig, *, model: str | None = None) -> bool:
+    """Whether a slide's heatmaps of ``set_name`` are all there (every class and the GeoJSON),
+    drawn from the store's current version of the set (its ``write_id``) with ``cfg``'s settings.
 
-    ``metadata`` maps slide ids to extra columns (patient id, ...); ``only`` keeps just
-    these slide ids. Writes ``out/cohort-<set>-<model>.csv`` and ``.parquet``; returns
-    (table, csv, parquet). An output folder with several score sets (or models) needs
-    ``set_name`` (and ``model``); :func:`summarize_all` writes one table for each.
+    A run that stopped after scoring and before the heatmaps, a picture lost or deleted, or
+    a set scored again since: False (draw them again).
     """
-    out = Path(out_dir)
-    pairs = score_set_pairs(out, set_name=set_name, model=model)
-    if not pairs:
-        raise StoreError("has no slide summaries" + (f" for {set_name!r}" if set_name else ""), path=out,
-                         hint="Run `slide-clip zeroshot` or `fewshot` on it first.")
-    if len(pairs) > 1:
-        listed = ", ".join(f"{s} ({m})" for m, s in pairs)
-        raise ConfigError(f"{out} has several score sets: {listed}", hint="Choose with --set and --model.")
-    return _summarize_pair(out, *pairs[0], metadata=metadata, only=only)
-
-
-def summarize_all(out_dir: str | Path, *, set_name: str | None = None, model: str | None = None,
-                  metadata: dict[str, dict] | None = None, only: list[str] | None = None):
-    """One cohort table per score set and model in ``out`` (optionally only those named).
-
-    Returns a list of (model key, set key, table, csv, parquet).
-    """
-    out = Path(out_dir)
-    pairs = score_set_pairs(out, set_name=set_name, model=model)
-    if not pairs:
-        raise StoreError("has no slide summaries" + (f" for {set_name!r}" if set_name else "")
-                         + (f" of model {model!r}" if model else ""), path=out,
-                         hint="Run `slide-clip zeroshot` or `fewshot` on it first.")
-    return [(mk, sk, *_summarize_pair(out, mk, sk, metadata=metadata, only=only)) for mk, sk in pairs]
-
-
-def _summarize_pair(out: Path, mk: str, sk: str, *, metadata=None, only=None):
-    root = out / "summaries"
-    summaries = [json.loads(p.read_text()) for p in sorted((root / mk / sk).glob("*.json"))]
-    have = {s["slide_id"] for s in summaries}
-    for p in sorted((out / "status").glob("*.json")) if (out / "status").is_dir() else []:
-        st = json.loads(p.read_text())
-        if st.get("status") == "failed" and st.get("name") not in have:
-            summaries.append({"slide_id": st["name"], "status": "failed", "error": st.get("error"),
-                              "slide": st.get("slide"), "store": st.get("store"), "n_tiles": st.get("n_tiles"),
-                              "score_set": sk, "model": mk, "seconds": st.get("seconds")})
-    for s in summaries:
-        # the status file is the latest record of the slide: how long its embedding took, and
-        # for a slide that failed at scoring, its store and tile count
-        st = _read_status(out, s["slide_id"])
-        embed = (st.get("extra") or {}).get("seconds_embed")
-        if embed is not None:
-            s["seconds_embed"] = embed
-        for k in ("store", "n_tiles"):
-            if s.get(k) is None and st.get(k) is not None:
-                s[k] = st[k]
-        s.setdefault("seconds_embed", None)
-    if only is not None:
-        keep = set(only)
-        summaries = [s for s in summaries if s["slide_id"] in keep]
-    for s in summaries:
-        s.update((metadata or {}).get(s["slide_id"], {}))
-    df = cohort_table(summaries)
-    with output_errors(out):
-        csv_path, parquet_path = write_cohort_table(df, out / f"cohort-{sk}-{mk}")
-    return df, csv_path, parquet_path
+    try:
+        store, name = open_scored_store(Path(store_path), model)
+        attrs = store.score_attrs(name, set_name)
+    except SlideClipError:
+        return False
+    folder = _out_dir(store) / "heatmaps" / model_key(name) / model_key(set_name)
+    try:
+        rec = json.loads(heatmap_record(folder, store.slide["name"]).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(rec, dict) and attrs.get("write_id") is not None
+            and rec.get("write_id") == attrs.get("write_id") and rec.get("classes") == list(attrs["classes"])
+            and rec.get("settings") == cfg.heatmap.model_dump(mode="json")
+            and all((folder / f).is_file() for f in rec.get("files") or [None]))

@@ -40,7 +40,9 @@ from zarr.codecs import BloscCodec
 
 from slide_clip.config import TISSUE_ALGORITHM
 from slide_clip.encoders.outputs import is_normalised
+from slide_clip.atomic import clean_leftovers, is_temporary, swap_in, temporary_name
 from slide_clip.errors import StoreBusyError, StoreError
+from slide_clip.faults import kill_point
 
 FORMAT_VERSION = 1
 STORE_SUFFIX = ".zarr"
@@ -57,6 +59,13 @@ DEFAULT_CHUNK_ROWS = 2048
 _COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
 
 _DAMAGED = "Re-embed the slide with --overwrite, or restore the store from a copy."
+_DAMAGED_SCORES = "Score the slide again (`slide-clip zeroshot`, `fewshot` or `cluster`), or restore the store from a copy."
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a short phrase for a one-line error."""
+    text = " ".join(str(exc).split())[:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 #: Every chunk is written, even one equal to the fill value, so a missing chunk file always
 #: means damage (see :meth:`SlideStore.array`).
@@ -275,37 +284,83 @@ class SlideStore:
                        chunks=(rows,), compressors=_COMPRESSORS, config=_WRITE_ALL)
         g.attrs.update({"tiling": {**self.tiling, **geometry}, "status": STATUS_TILED, "n_tiles": n})
 
-    def array(self, key: str) -> zarr.Array:
-        """The array at ``key``, checked to be whole: every chunk file present.
+    def array(self, key: str, shape: tuple | None = None, hint: str = _DAMAGED, whole: bool = True) -> zarr.Array:
+        """The array at ``key``, checked to be whole: every chunk file present (unless ``whole``
+        is False: an array still being written), and of ``shape`` (None entries match any
+        length) when given.
 
-        Raises :class:`StoreError` naming the store and the array when it is missing or a
-        chunk file is lost (Zarr would silently read the fill value instead).
+        Raises :class:`StoreError` naming the store and the array when it is missing, its
+        shape is not the one the store records (an edited ``zarr.json``), or a chunk file is
+        lost (Zarr would silently read the fill value instead).
         """
-        arr = self._present(key)
-        if arr.nchunks and arr.nchunks_initialized < arr.nchunks:
-            lost = arr.nchunks - arr.nchunks_initialized
+        arr = self._present(key, hint)
+        if shape is not None and (len(arr.shape) != len(shape)
+                                  or any(w is not None and int(w) != h for w, h in zip(shape, arr.shape))):
+            want = "(" + ", ".join("any" if w is None else str(int(w)) for w in shape) + ")"
+            raise StoreError(f"is damaged: {key} has shape {tuple(arr.shape)}, the store records {want}",
+                             path=self.path, hint=hint)
+        if not whole:
+            return arr
+        try:
+            lost = arr.nchunks - arr.nchunks_initialized if arr.nchunks else 0
+        except Exception as e:  # noqa: BLE001 - an unreadable chunk grid: damage
+            raise StoreError(f"is damaged: the chunks of {key} cannot be listed ({_reason(e)})", path=self.path,
+                             hint=hint) from None
+        if lost:
             raise StoreError(f"is damaged: {lost} of {arr.nchunks} chunk files of {key} are missing",
-                             path=self.path, hint=_DAMAGED)
+                             path=self.path, hint=hint)
         return arr
 
-    def read(self, key: str, finite: bool = True) -> np.ndarray:
+    def get(self, key: str, selection=Ellipsis, hint: str = _DAMAGED, arr: zarr.Array | None = None) -> np.ndarray:
+        """``selection`` of array ``key`` (checked with :meth:`array` unless ``arr`` is given);
+        a chunk that cannot be decoded (a truncated or corrupt file) is a :class:`StoreError`."""
+        arr = self.array(key, hint=hint) if arr is None else arr
+        try:
+            if isinstance(selection, tuple) and any(isinstance(s, np.ndarray) for s in selection):
+                return arr.get_orthogonal_selection(selection)
+            return arr[selection]
+        except Exception as e:  # noqa: BLE001 - Blosc, a wrong chunk size...: the file is damaged
+            raise StoreError(f"is damaged: a chunk file of {key} cannot be read ({_reason(e)}): it is truncated "
+                             "or corrupt", path=self.path, hint=hint) from None
+
+    def read(self, key: str, finite: bool = True, shape: tuple | None = None, hint: str = _DAMAGED) -> np.ndarray:
         """All of array ``key``, checked (see :meth:`array`); ``finite`` also refuses NaN/inf values."""
-        data = self.array(key)[...]
+        data = self.get(key, hint=hint, arr=self.array(key, shape, hint))
         if finite and data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise StoreError(f"is damaged: {key} holds missing (NaN) values", path=self.path, hint=_DAMAGED)
+            raise StoreError(f"is damaged: {key} holds missing (NaN) values", path=self.path, hint=hint)
         return data
+
+    def check_tiles(self) -> int:
+        """Check the tile arrays against the tile count the store records; returns that count.
+
+        Every tile array has one row per tile, the mask is the thumbnail's size: an array
+        whose shape was edited, or whose chunk files are lost, is a :class:`StoreError`.
+        """
+        n = self.group.attrs.get("n_tiles")
+        n = int(n) if n is not None else None
+        self.array("tiles/coords", (n, 2))
+        n = self.n_tiles if n is None else n
+        self.array("tiles/grid", (n, 2))
+        self.array("tiles/tissue_fraction", (n,))
+        thumb = self.array("tissue/thumbnail", (None, None, 3))
+        self.array("tissue/mask", tuple(thumb.shape[:2]))
+        return n
+
+    def _n_recorded(self):
+        n = self.group.attrs.get("n_tiles")
+        return int(n) if n is not None else None
 
     def coords(self) -> np.ndarray:
         """(n, 2) int64 level-0 x, y of each tile's top-left corner (checked)."""
-        return self.read("tiles/coords")
+        return self.read("tiles/coords", shape=(self._n_recorded(), 2))
 
     def grid(self) -> np.ndarray:
         """(n, 2) int32 grid row, col of each tile (checked)."""
-        return self.read("tiles/grid")
+        return self.read("tiles/grid", shape=(self._n_recorded(), 2))
 
     def tissue_fraction(self) -> np.ndarray:
         """(n,) float32 tissue fraction of each tile (checked)."""
-        return self.read("tiles/tissue_fraction")
+        return self.read("tiles/tissue_fraction", shape=(self._n_recorded(),))
 
     def mask(self) -> np.ndarray:
         """(h, w) bool tissue mask, thumbnail pixels (checked)."""
@@ -317,9 +372,10 @@ class SlideStore:
 
     # ----------------------------------------------------------------- embeddings
     def models(self) -> list[str]:
+        """The model keys with an embeddings group (a replacement being written is not one)."""
         if "embeddings" not in self.group:
             return []
-        return sorted(self.group["embeddings"].group_keys())
+        return sorted(k for k in self.group["embeddings"].group_keys() if not is_temporary(k))
 
     def embedding_attrs(self, model: str) -> dict:
         key = f"embeddings/{model_key(model)}"
@@ -349,25 +405,49 @@ class SlideStore:
                     f"{arr.shape[0]} tiles)", path=self.path,
                     hint="Run `slide-clip embed` again to resume it.",
                 )
-            rows = np.asarray(arr[: int(attrs.get("rows_written", 0))], dtype=np.float32)
+            key = f"embeddings/{model_key(model)}/features"
+            rows = np.asarray(self.get(key, slice(0, int(attrs.get("rows_written", 0))), arr=arr), dtype=np.float32)
             self._check_rows(model, 0, rows)
             return _unit_rows(rows) if unit and not is_normalised(attrs) else rows
         if arr.shape[0] == 0:
             return np.zeros(arr.shape, np.float32)
         return np.concatenate([b for _, b in self.iter_embeddings(model, unit=unit)], axis=0)
 
-    def _present(self, key: str) -> zarr.Array:
-        """The array at ``key``; a missing one is a damaged store."""
+    def _present(self, key: str, hint: str = _DAMAGED) -> zarr.Array:
+        """The array at ``key``; a missing one (or one whose zarr.json cannot be read) is a damaged store."""
         try:
             arr = self.group[key]
         except KeyError:
             arr = None
+        except Exception as e:  # noqa: BLE001 - an unreadable zarr.json
+            raise StoreError(f"is damaged: the metadata of {key} (zarr.json) cannot be read ({_reason(e)})",
+                             path=self.path, hint=hint) from None
         if not isinstance(arr, zarr.Array):
-            raise StoreError(f"is damaged: the array {key} is missing", path=self.path, hint=_DAMAGED)
+            raise StoreError(f"is damaged: the array {key} is missing", path=self.path, hint=hint)
         return arr
 
+    def _complete_features(self, model: str) -> zarr.Array:
+        """The features array of a complete group; a partial one is a :class:`StoreError`."""
+        attrs = self.embedding_attrs(model)
+        arr = self._features(model)
+        if attrs.get("status") != STATUS_COMPLETE:
+            raise StoreError(
+                f"embeddings for {model!r} are partial ({attrs.get('rows_written', 0)} of "
+                f"{arr.shape[0]} tiles)", path=self.path, hint="Run `slide-clip embed` again to resume it.")
+        return arr
+
+    def check_embeddings(self, model: str) -> None:
+        """Check a model's features array has the shape its group records (tiles, embed_dim)."""
+        self._features(model)
+
     def _features(self, model: str) -> zarr.Array:
-        return self._present(f"embeddings/{model_key(model)}/features")
+        """The model's features array, checked to be (tiles, embed_dim) as the group records."""
+        attrs = self.embedding_attrs(model)
+        n = attrs.get("n_tiles", self._n_recorded())
+        d = attrs.get("embed_dim")
+        # rows not yet written have no chunk files: lost chunks show as NaN rows (_check_rows)
+        return self.array(f"embeddings/{model_key(model)}/features",
+                          (None if n is None else int(n), None if d is None else int(d)), whole=False)
 
     def _check_rows(self, model: str, start: int, block: np.ndarray) -> None:
         if not np.isfinite(block).all():
@@ -385,18 +465,28 @@ class SlideStore:
         :class:`StoreError` naming the store: a damaged store is never a result. ``unit=True``
         L2-normalises the rows of a group stored unnormalised (``normalised: false``).
         """
-        attrs = self.embedding_attrs(model)
-        arr = self._features(model)
-        if attrs.get("status") != STATUS_COMPLETE:
-            raise StoreError(
-                f"embeddings for {model!r} are partial ({attrs.get('rows_written', 0)} of "
-                f"{arr.shape[0]} tiles)", path=self.path, hint="Run `slide-clip embed` again to resume it.")
+        arr = self._complete_features(model)
         step = int(rows or arr.chunks[0])
         scale = unit and not is_normalised(attrs)
+        key = f"embeddings/{model_key(model)}/features"
         for start in range(0, arr.shape[0], step):
-            block = np.asarray(arr[start:start + step], dtype=np.float32)
+            block = np.asarray(self.get(key, slice(start, start + step), arr=arr), dtype=np.float32)
             self._check_rows(model, start, block)
             yield start, _unit_rows(block) if scale else block
+
+    def embedding_rows(self, model: str, rows) -> np.ndarray:
+        """Some rows of a complete model's embeddings, float32 ``(len(rows), d)``, checked like
+        :meth:`iter_embeddings` (partial group, lost or unreadable chunks, NaN)."""
+        arr = self._complete_features(model)
+        rows = np.asarray(rows, dtype=np.int64)
+        if not rows.size:
+            return np.zeros((0, arr.shape[1]), np.float32)
+        key = f"embeddings/{model_key(model)}/features"
+        out = np.asarray(self.get(key, (rows, slice(None)), arr=arr), np.float32)
+        if not np.isfinite(out).all():
+            raise StoreError(f"is damaged: embeddings for {model!r} hold missing values (a chunk file is lost "
+                             "or unreadable)", path=self.path, hint=_DAMAGED)
+        return out
 
     def drop_embeddings(self, model: str) -> None:
         """Delete a model's embeddings (to re-encode from scratch)."""
@@ -404,52 +494,125 @@ class SlideStore:
         if key in self.group:
             del self.group[key]
 
-    def begin_embeddings(self, provenance: dict, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> "EmbeddingWriter":
+    def begin_embeddings(self, provenance: dict, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                         replace: bool = False) -> "EmbeddingWriter":
         """Start or resume writing a model's embeddings.
 
-        A new group is created if none exists or if the existing one was written by other
-        weights (a different ``weights_sha256``), in which case it is replaced.
+        A model's first embeddings (or a group never finished) are written in place. A
+        complete group of other weights (a different ``weights_sha256``), or any complete
+        group with ``replace`` (a forced re-encode), is replaced by writing the new group
+        beside it under a temporary name (see :mod:`slide_clip.atomic`) and swapping it in
+        when its last row is written: until then readers see the old, complete group, a
+        crash keeps it, and a rerun resumes the replacement where it stopped.
         """
         n = self.n_tiles
-        key = f"embeddings/{model_key(provenance['name'])}"
+        mk = model_key(provenance["name"])
+        key = f"embeddings/{mk}"
         d = int(provenance["embed_dim"])
-        if key in self.group:
-            old = dict(self.group[key].attrs)
-            if old.get("weights_sha256") == provenance["weights_sha256"] and old.get("embed_dim") == d:
-                return EmbeddingWriter(self.group[key], n)
-            del self.group[key]
+
+        def same(a: dict) -> bool:
+            return a.get("weights_sha256") == provenance["weights_sha256"] and a.get("embed_dim") == d
+
+        pending = self._pending("embeddings", mk)
+        old = dict(self.group[key].attrs) if key in self.group else None
+        if old is not None and not replace and same(old):
+            self._drop(pending)  # a replacement left by a crash is not wanted any more
+            return EmbeddingWriter(self.group[key], n)
+        if old is None or old.get("status") != STATUS_COMPLETE:
+            self._drop(pending)
+            if old is not None:
+                del self.group[key]
+            return EmbeddingWriter(self._new_embeddings(key, provenance, n, chunk_rows), n)
+        target = self.path / "embeddings" / mk
+        for name, a in pending:
+            if same(a):  # resume the replacement a killed run began
+                self._drop([p for p in pending if p[0] != name])
+                w = EmbeddingWriter(self.group[f"embeddings/{name}"], n, swap=(self.path / "embeddings" / name, target))
+                if w.complete:  # killed between its last row and the swap
+                    w.swap_in()
+                    return EmbeddingWriter(self.group[key], n)
+                return w
+        self._drop(pending)
+        name = temporary_name(mk)
+        grp = self._new_embeddings(f"embeddings/{name}", provenance, n, chunk_rows)
+        return EmbeddingWriter(grp, n, swap=(self.path / "embeddings" / name, target))
+
+    def _new_embeddings(self, key: str, provenance: dict, n: int, chunk_rows: int) -> zarr.Group:
         grp = self.group.require_group(key)
+        d = int(provenance["embed_dim"])
         rows = max(1, min(n, chunk_rows))
         grp.create_array("features", shape=(n, d), chunks=(rows, d), dtype="float32",
                          fill_value=np.nan, compressors=_COMPRESSORS, config=_WRITE_ALL)
         grp.attrs.update({**provenance, "status": STATUS_PARTIAL, "rows_written": 0, "n_tiles": n,
                           "started": _now()})
-        return EmbeddingWriter(grp, n)
+        return grp
 
+    # ----------------------------------------------------------------- replacing groups
+    def _pending(self, parent: str, target: str) -> list[tuple[str, dict]]:
+        """(name, attributes) of the temporary groups in ``parent`` that would replace ``target``."""
+        from slide_clip.atomic import parse_temporary
+
+        folder = self.path / parent
+        out = []
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                parsed = parse_temporary(p.name)
+                if parsed is not None and parsed[0] == "new" and parsed[1] == target:
+                    try:
+                        out.append((p.name, dict(self.group[f"{parent}/{p.name}"].attrs)))
+                    except Exception:  # noqa: BLE001 - half written: only good for deleting
+                        out.append((p.name, {}))
+        return out
+
+    def _drop(self, pending: list[tuple[str, dict]]) -> None:
+        for name, _ in pending:
+            shutil.rmtree(self.path / "embeddings" / name, ignore_errors=True)
 
     # ----------------------------------------------------------------- scores
     def write_scores(self, model: str, set_name: str, logits, probs, classifier, attrs: dict,
-                     grid=None) -> None:
+                     grid=None) -> str:
         """Write (replacing) a score set: tile logits and probabilities, the classifier used and
-        (optionally) the (classes, rows, cols) probability grid of the heatmaps."""
-        key = f"scores/{model_key(model)}/{model_key(set_name)}"
-        if key in self.group:
-            del self.group[key]
-        grp = self.group.require_group(key)
-        n, c = np.asarray(probs).shape
-        rows = max(1, min(n, 65536))
-        grp.create_array("logits", data=np.asarray(logits, np.float32), chunks=(rows, c), compressors=_COMPRESSORS,
-                         config=_WRITE_ALL)
-        grp.create_array("probs", data=np.asarray(probs, np.float32), chunks=(rows, c), compressors=_COMPRESSORS,
-                         config=_WRITE_ALL)
-        grp.create_array("classifier", data=np.asarray(classifier, np.float32), compressors=_COMPRESSORS,
-                         config=_WRITE_ALL)
-        if grid is not None:
-            grp.create_array("grid", data=np.asarray(grid, np.float32), compressors=_COMPRESSORS, config=_WRITE_ALL)
-        grp.attrs.update({**attrs, "set": set_name, "model": model, "created": _now(), "status": STATUS_COMPLETE})
+        (optionally) the (classes, rows, cols) probability grid of the heatmaps.
+
+        The new set is written beside the old one under a temporary name and swapped in
+        when complete (:func:`slide_clip.atomic.swap_in`): a reader sees the old set or the
+        new one, never a part of one; a crash or a full disk keeps the old set. Leftovers of
+        an earlier crash are removed first. Returns the set's ``write_id`` (a fresh random
+        id, recorded in its attributes, that summaries and heatmaps name). Call it holding
+        the store's lock.
+        """
+        import uuid
+
+        mk, sk = model_key(model), model_key(set_name)
+        parent = self.path / "scores" / mk
+        clean_leftovers(parent)
+        tmp = temporary_name(sk)
+        try:
+            grp = self.group.require_group(f"scores/{mk}/{tmp}")
+            n, c = np.asarray(probs).shape
+            rows = max(1, min(n, 65536))
+            grp.create_array("logits", data=np.asarray(logits, np.float32), chunks=(rows, c),
+                             compressors=_COMPRESSORS, config=_WRITE_ALL)
+            grp.create_array("probs", data=np.asarray(probs, np.float32), chunks=(rows, c),
+                             compressors=_COMPRESSORS, config=_WRITE_ALL)
+            grp.create_array("classifier", data=np.asarray(classifier, np.float32), compressors=_COMPRESSORS,
+                             config=_WRITE_ALL)
+            if grid is not None:
+                grp.create_array("grid", data=np.asarray(grid, np.float32), compressors=_COMPRESSORS,
+                                 config=_WRITE_ALL)
+            write_id = uuid.uuid4().hex
+            # written last: a set without these attributes is never swapped in
+            grp.attrs.update({**attrs, "set": set_name, "model": model, "created": _now(), "write_id": write_id,
+                              "status": STATUS_COMPLETE})
+        except BaseException:
+            shutil.rmtree(parent / tmp, ignore_errors=True)  # a full disk: the old set stays as it was
+            raise
+        kill_point("scores-written")
+        swap_in(parent / tmp, parent / sk, after_swap=lambda: kill_point("scores-swapped"))
+        return write_id
 
     def score_sets(self, model: str | None = None) -> list[tuple[str, str]]:
-        """(model key, set key) of every score set, or of one model's."""
+        """(model key, set key) of every score set, or of one model's (sets being written are not listed)."""
         if "scores" not in self.group:
             return []
         out = []
@@ -457,17 +620,39 @@ class SlideStore:
             if model is not None and mk != model_key(model):
                 continue
             for sk in sorted(self.group[f"scores/{mk}"].group_keys()):
-                out.append((mk, sk))
+                if not is_temporary(sk):
+                    out.append((mk, sk))
         return out
 
-    def scores(self, model: str, set_name: str) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(probs, logits, attrs) of a score set."""
-        key = f"scores/{model_key(model)}/{model_key(set_name)}"
-        if key not in self.group:
+    def score_attrs(self, model: str, set_name: str) -> dict:
+        """A score set's attributes, checked to be a complete set (not its arrays: see :meth:`scores`)."""
+        mk, sk = model_key(model), model_key(set_name)
+        key = f"scores/{mk}/{sk}"
+        try:
+            present = key in self.group
+        except Exception:  # noqa: BLE001 - an unreadable zarr.json on the way
+            present = False
+        if not present:
+            if (self.path / "scores" / mk / sk).exists():
+                raise StoreError(f"is damaged: the score set {mk}/{sk} has no readable zarr.json", path=self.path,
+                                 hint=_DAMAGED_SCORES)
             have = ", ".join(f"{m}/{s}" for m, s in self.score_sets()) or "none"
             raise StoreError(f"has no scores {set_name!r} for model {model!r}", path=self.path,
                              hint=f"Run `slide-clip zeroshot` or `fewshot` first (score sets in it: {have}).")
-        return (self.read(f"{key}/probs"), self.read(f"{key}/logits"), dict(self.group[key].attrs))
+        attrs = dict(self.group[key].attrs)
+        if attrs.get("status") != STATUS_COMPLETE or not isinstance(attrs.get("classes"), list):
+            raise StoreError(f"is damaged: the score set {mk}/{sk} is incomplete (no classes or status recorded; "
+                             "left by an interrupted write of an older version)", path=self.path,
+                             hint=_DAMAGED_SCORES)
+        return attrs
+
+    def scores(self, model: str, set_name: str) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(probs, logits, attrs) of a complete score set, every array checked (shape, chunks, values)."""
+        attrs = self.score_attrs(model, set_name)
+        key = f"scores/{model_key(model)}/{model_key(set_name)}"
+        shape = (self._n_recorded(), len(attrs["classes"]))
+        return (self.read(f"{key}/probs", shape=shape, hint=_DAMAGED_SCORES),
+                self.read(f"{key}/logits", shape=shape, hint=_DAMAGED_SCORES), attrs)
 
 
 class EmbeddingWriter:
@@ -477,8 +662,10 @@ class EmbeddingWriter:
     ``rows_written`` is advanced. The last write marks the group ``complete``.
     """
 
-    def __init__(self, group: zarr.Group, n_tiles: int, flush_seconds: float = 60.0):
+    def __init__(self, group: zarr.Group, n_tiles: int, flush_seconds: float = 60.0,
+                 swap: tuple[Path, Path] | None = None):
         self.group = group
+        self.swap = swap  # (temporary folder, target): a replacement, swapped in when complete
         self.array = group["features"]
         self.n = n_tiles
         self.rows_written = int(group.attrs.get("rows_written", 0))
@@ -519,6 +706,13 @@ class EmbeddingWriter:
         self._last_flush = time.monotonic()
         if self.rows_written == self.n and not self.complete:
             self.group.attrs.update({"status": STATUS_COMPLETE, "finished": _now()})
+            self.swap_in()
+
+    def swap_in(self) -> None:
+        """Put a complete replacement group in place of the old one (nothing for a group written in place)."""
+        if self.swap is not None:
+            swap_in(*self.swap)
+            self.swap = None
 
 
 def _unit_rows(block: np.ndarray) -> np.ndarray:

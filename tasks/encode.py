@@ -139,4 +139,4 @@ def encode_task(store: str, slide: str, config: PipelineConfig, force: bool = Fa
             if cfg.encode.batch_size == 1:
                 raise
             cfg = cfg.with_overrides(encode={"batch_size": max(1, cfg.encode.batch_size // 2)})
-            force = False  # resume the rows already written
+            # force stays: the forced re-encode written beside the old group resumes where it stopped

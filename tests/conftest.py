@@ -185,3 +185,31 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def _cli(*args):
+    """A `slide-clip` command run in this process (typer's CliRunner, the same command
+    functions): (exit code, stdout, stderr). An exception other than the command's own exit
+    is what a user would see as a traceback: the test fails on it."""
+    import logging
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from slide_clip.cli import app
+
+    level = logging.getLogger().level
+    try:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        logging.getLogger().setLevel(level)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise AssertionError("a traceback: " + "".join(traceback.format_exception(r.exception)))
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture
+def cli():
+    """Run a `slide-clip` command in this process: ``cli(*args) -> (exit code, stdout, stderr)``;
+    a traceback fails the test (see :func:`_cli`)."""
+    return _cli

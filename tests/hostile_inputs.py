@@ -148,3 +148,56 @@ def corrupt_jpeg_tile(path: Path, row: int, col: int, level_page: int = 0) -> tu
     data[start:start + 40] = bytes(b ^ 0xFF for b in data[start:start + 40])
     path.write_bytes(bytes(data))
     return origin
+
+
+# ------------------------------------------------------------------------------ damaged stores
+# Damage done to a real store on disk, as a disk, a copy or a hand edit would do it.
+def chunk_files(array_dir: Path) -> list[Path]:
+    """The chunk files of a Zarr v3 array folder, in order."""
+    return sorted(p for p in (Path(array_dir) / "c").rglob("*") if p.is_file())
+
+
+def delete_chunk(array_dir: Path) -> Path:
+    """Delete an array's first chunk file (a file lost from a copy)."""
+    p = chunk_files(array_dir)[0]
+    p.unlink()
+    return p
+
+
+def truncate_chunk(array_dir: Path, keep: float = 0.5) -> Path:
+    """Cut an array's first chunk file short (a partial copy, a full disk): Blosc cannot decode it."""
+    p = chunk_files(array_dir)[0]
+    data = p.read_bytes()
+    p.write_bytes(data[: int(len(data) * keep)])
+    return p
+
+
+def edit_shape(array_dir: Path, rows: int) -> Path:
+    """Edit an array's ``zarr.json`` so that it claims ``rows`` rows (its chunks stay as they are)."""
+    import json
+
+    meta = Path(array_dir) / "zarr.json"
+    m = json.loads(meta.read_text())
+    m["shape"] = [rows, *m["shape"][1:]]
+    meta.write_text(json.dumps(m))
+    return meta
+
+
+def drop_metadata(node_dir: Path) -> Path:
+    """Delete a group's or array's ``zarr.json`` (the folder and its chunks stay)."""
+    meta = Path(node_dir) / "zarr.json"
+    meta.unlink()
+    return meta
+
+
+def emptied_score_set(set_dir: Path) -> Path:
+    """What an interrupted score-set write of older versions left: the set's group, without
+    attributes or arrays (they deleted the old set first, then wrote the new one)."""
+    import json
+    import shutil
+
+    set_dir = Path(set_dir)
+    shutil.rmtree(set_dir)
+    set_dir.mkdir()
+    (set_dir / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    return set_dir

@@ -501,3 +501,48 @@ def test_yaml_errors_name_the_line_and_column(tmp_path, kind, text, where):
         {"config": load_config, "prompts": load_prompts, "registry": load_registry}[kind](p)
     msg = str(e.value)
     assert msg.startswith(f"{p}: ") and "is not valid YAML: " + where in msg and "\n" not in msg, msg
+
+
+# ------------------------------------------------------------------------------ scoring inputs
+def test_fewshot_examples_outside_the_slide_or_labelled_twice_are_errors(scored_copy, cfg, tmp_path):
+    """A tile outside the slide would be encoded as a blank tile (a silent wrong prototype); the
+    same tile labelled twice would count twice, or for two classes: both are errors naming
+    the CSV's line, before any model is loaded."""
+    from slide_clip.scoring import fewshot, read_examples
+
+    out, store = scored_copy
+    st = SlideStore.open(store)
+    slide = st.slide["path"]
+    (x0, y0), (x1, y1) = st.coords()[:2]
+    csv = tmp_path / "ex.csv"
+    csv.write_text(f"slide,x,y,label\n{slide},{x0},{y0},a\n{slide},{x1},{y1},b\n{slide},99999,99999,b\n")
+    with pytest.raises(ConfigError) as e:
+        fewshot([store], csv, cfg)
+    text = str(e.value)
+    assert text.startswith(str(csv)) and "line 4: the example tile at level-0 (99999, 99999) lies outside slide" in text
+    assert "\n" not in text
+    for label, what in (("a", "also 'a'"), ("b", "there as 'a', here as 'b'")):
+        csv.write_text(f"slide,x,y,label\n{slide},{x0},{y0},a\n{slide},{x1},{y1},b\n{slide},{x0},{y0},{label}\n")
+        with pytest.raises(ConfigError, match=f"line 4: the tile .* is labelled on line 2 already \\({what}\\)"):
+            read_examples(csv)
+    img = tmp_path / "t.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    csv.write_text(f"image,label\n{img},a\nt.png,b\n")
+    with pytest.raises(ConfigError, match="line 3: the image .* is labelled on line 2 already"):
+        read_examples(csv)
+
+
+def test_scoring_an_empty_folder_is_an_error(tmp_path, cli):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    examples = tmp_path / "x.csv"
+    examples.write_text("slide,x,y,label\ns.svs,0,0,a\ns.svs,0,224,b\n")
+    for args in (["zeroshot", empty, "--prompts", "tumour"], ["heatmap", empty, "--set", "tumour"],
+                 ["fewshot", empty, "--examples", examples], ["cluster", empty], ["search", empty, "x"],
+                 ["map", empty], ["bags", empty]):
+        code, stdout, stderr = cli(*args)
+        assert code == 2 and stderr.strip() == (f"error: {empty}: holds no slide stores (<slide>.zarr). Give the --out "
+                                                "folder of `slide-clip embed` or `run`, or embed the slides into it "
+                                                "first."), (args, stdout, stderr)

@@ -458,8 +458,9 @@ def test_cohort_flow_runs_the_survival_flow_with_a_clinical_table(surv, tmp_path
 
     out = tmp_path / "out"
     keep = [s for s in surv.slides if s.patient_id in set(surv.pids[:12])]
-    for s in keep:
+    for s in keep:  # every product of embedding (store and QC picture): nothing left to do
         shutil.copytree(surv.out / f"{s.slide_id}.zarr", out / f"{s.slide_id}.zarr")
+        shutil.copy(surv.out / f"{s.slide_id}_qc.png", out / f"{s.slide_id}_qc.png")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("path,patient_id\n" + "".join(f"{s.path},{s.patient_id}\n" for s in keep))
     clinical = tmp_path / "clinical.csv"

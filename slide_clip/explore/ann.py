@@ -63,11 +63,13 @@ def build_index(cohort: Cohort, nlist: int | None = None, train_size: int = 100_
     for i, start, block in cohort.iter_blocks(rows):
         ids = np.arange(offsets[i] + start, offsets[i] + start + len(block), dtype=np.int64)
         index.add_with_ids(np.ascontiguousarray(block), ids)
+    from slide_clip.atomic import replace_file, write_text
+
     d_out = index_dir(cohort)
-    d_out.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(d_out / "ivf.faiss"))
-    (d_out / "manifest.json").write_text(json.dumps({**_manifest(cohort), "nlist": nlist, "seed": seed,
-                                                     "train_size": int(len(train))}, indent=1))
+    with replace_file(d_out / "ivf.faiss") as tmp:  # each file whole; the manifest last
+        faiss.write_index(index, str(tmp))
+    write_text(d_out / "manifest.json", json.dumps({**_manifest(cohort), "nlist": nlist, "seed": seed,
+                                                    "train_size": int(len(train))}, indent=1))
     return d_out / "ivf.faiss"
 
 

@@ -28,9 +28,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slide_clip.atomic import replace_file, write_text
 from slide_clip.errors import ConfigError, SlideClipError
 from slide_clip.explore.cohort import Cohort
 from slide_clip.explore.search import TopN
+from slide_clip.faults import kill_point
+from slide_clip.output import BESIDE_STORES, output_errors
 from slide_clip.store import model_key, store_lock
 
 KIND = "clusters"
@@ -143,20 +146,32 @@ def cluster(stores, *, k: int = 12, model: str | None = None, sample: int = 2000
                      "sample_size": int(min(sample, cohort.n_tiles)), "fit_slides": cohort.slide_ids,
                      "prompt_hash": digest, "centroids_sha256": digest,
                      "weights_sha256": cohort.weights_sha256}
-            with store_lock(s.path):
+            # the set is swapped in whole (see SlideStore.write_scores); a read-only or full disk: this slide only
+            with output_errors(s.path, BESIDE_STORES), store_lock(s.path):
                 s.store.write_scores(cohort.model, set_name, -d2, onehot, centroids, attrs, grid=grid)
+            kill_point("clusters-stored")
         except SlideClipError as e:  # a store locked by a writer, a damaged chunk: this slide only
             labels.pop(i, None)
             cohort.failed.append((str(s.path), str(e)))
+    with output_errors(cohort.out, BESIDE_STORES):
+        return _cluster_files(cohort, set_name, k, seed, sample, digest, centroids, labels, central, maps, gallery,
+                              per_cluster, alpha)
+
+
+def _cluster_files(cohort, set_name, k, seed, sample, digest, centroids, labels, central, maps, gallery, per_cluster,
+                   alpha) -> dict:
+    """The composition table, maps, gallery and parameters of a clustering (each file replaced whole)."""
+    names = cluster_names(k)
     out = cohort.out / "explore" / "clusters" / f"{model_key(set_name)}-{model_key(cohort.model)}"
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "centroids.npy", centroids)
+    with replace_file(out / "centroids.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, centroids)
     table = composition_table(cohort, labels, k, set_name)
     tables = cohort.out / "tables" / model_key(cohort.model)  # beside the pooled survival tables
-    tables.mkdir(parents=True, exist_ok=True)
     stem = tables / model_key(set_name)
-    table.to_parquet(stem.with_suffix(".parquet"), index=False)
-    table.to_csv(stem.with_suffix(".csv"), index=False)
+    with replace_file(stem.with_suffix(".parquet")) as tp, replace_file(stem.with_suffix(".csv")) as tc:
+        table.to_parquet(tp, index=False)
+        table.to_csv(tc, index=False)
     written_maps = [cluster_map(cohort, i, set_name, out / "maps", alpha) for i in labels] if maps else []
     galleries = []
     if gallery:
@@ -171,12 +186,13 @@ def cluster(stores, *, k: int = 12, model: str | None = None, sample: int = 2000
                     rows.append({"cluster": names[c], "slide_id": cohort.slides[int(sl[c, j])].slide_id,
                                  "tile": int(rw[c, j]), "x": int(x), "y": int(y), "score": float(-sc[c, j])})
         reps = pd.DataFrame(rows, columns=["cluster", "slide_id", "tile", "x", "y", "score"])
-        reps.to_csv(out / "representatives.csv", index=False)
+        with replace_file(out / "representatives.csv") as tmp:
+            reps.to_csv(tmp, index=False)
         galleries = table_galleries(cohort, reps, "cluster", out, set_name, "sq. dist", columns=per_cluster)
     info = {"set": set_name, "model": cohort.model, "k": k, "seed": seed, "sample": sample,
             "centroids_sha256": digest, "slides": cohort.slide_ids, "failed": cohort.failed,
             "table": str(stem.with_suffix(".parquet"))}
-    (out / "clusters.json").write_text(json.dumps(info, indent=1))
+    write_text(out / "clusters.json", json.dumps(info, indent=1))
     return {"set": set_name, "table": table, "table_path": stem.with_suffix(".parquet"),
             "csv": stem.with_suffix(".csv"), "maps": written_maps, "galleries": galleries, "dir": out,
             "failed": cohort.failed, "labels": labels, "centroids": centroids}

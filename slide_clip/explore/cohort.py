@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from slide_clip.errors import ConfigError, SlideClipError, StoreError
-from slide_clip.store import SlideStore, model_key
+from slide_clip.store import SlideStore
 
 
 @dataclass
@@ -148,13 +148,7 @@ class Cohort:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= s.n_tiles):
             raise ConfigError(f"rows outside 0..{s.n_tiles - 1}", hint=f"store {s.path}")
-        arr = s.store.group[f"embeddings/{model_key(self.model)}/features"]
-        out = np.asarray(arr.get_orthogonal_selection((rows, slice(None))), np.float32) if rows.size else \
-            np.zeros((0, self.embed_dim), np.float32)
-        if not np.isfinite(out).all():
-            raise StoreError(f"is damaged: embeddings for {self.model!r} hold missing values", path=s.path,
-                             hint="Re-embed the slide with --overwrite, or restore the store from a copy.")
-        return out
+        return s.store.embedding_rows(self.model, rows)
 
     def sample(self, per_slide: int | None = None, total: int | None = None, seed: int = 0):
         """A seeded sample of tiles, stratified by slide; returns ``(slide index, row, features)``.

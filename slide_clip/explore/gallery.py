@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from slide_clip.atomic import replace_file, write_text
 from slide_clip.errors import StoreError
 from slide_clip.explore.cohort import Cohort
 
@@ -96,8 +97,8 @@ def gallery_png(tiles: list[Image.Image], labels: list[str], path: str | Path, t
         canvas.paste(tile.convert("RGB").resize((thumb, thumb), Image.Resampling.BILINEAR), (x0, y0))
         draw.multiline_text((x0, y0 + thumb + 2), label, fill=(0, 0, 0), font=small, spacing=1)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, optimize=True)
+    with replace_file(path) as tmp:
+        canvas.save(tmp, optimize=True)
     return path
 
 
@@ -127,10 +128,7 @@ def gallery_html(sections: list[tuple[str, list[Image.Image], list[str]]], path:
                          f"<figcaption>{html.escape(label)}</figcaption></figure>")
         parts.append("</section>")
     parts.append("</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts))
-    return path
+    return write_text(path, "\n".join(parts))
 
 
 def hit_label(slide_id: str, score: float, x: int | None = None, y: int | None = None, what: str = "cos") -> str:

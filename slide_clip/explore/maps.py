@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slide_clip.atomic import replace_file
 from slide_clip.errors import ConfigError
 from slide_clip.explore.cohort import Cohort
+from slide_clip.output import BESIDE_STORES, output_errors
 from slide_clip.store import model_key
 from slide_clip.zeroshot import normalize
 
@@ -138,9 +140,11 @@ def draw_map(xy: np.ndarray, labels: list[str], path: str | Path, title: str, le
     ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
               markerscale=max(1.0, 20 / size))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with replace_file(path) as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -181,8 +185,8 @@ def draw_mosaic(cohort: Cohort, xy: np.ndarray, slide_idx, rows, path: str | Pat
     for (r, c), tile in zip(keys, tiles):
         canvas.paste(tile.resize((thumb, thumb), Image.Resampling.BILINEAR), (c * thumb, r * thumb))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, optimize=True)
+    with replace_file(path) as tmp:
+        canvas.save(tmp, optimize=True)
     return path
 
 
@@ -222,15 +226,17 @@ def embedding_map(stores, *, model: str | None = None, of: str = "tiles", method
     pts["map_1"], pts["map_2"] = xy[:, 0], xy[:, 1]
     out = cohort.out / "explore" / "maps" / model_key(cohort.model)
     files = []
-    for by in colour_by:
-        labels, legend = point_labels(cohort, slide_idx, rows, by)
-        pts[f"colour:{by}"] = labels
-        title = f"{of} of {len(cohort.slides)} slides, {used.upper()} [{cohort.model}], coloured by {legend}"
-        files.append(draw_map(xy, labels, out / f"{of}-{used}-{model_key(by)}.png", title, legend))
-    if mosaic and rows is not None:
-        files.append(draw_mosaic(cohort, xy, slide_idx, rows, out / f"{of}-{used}-mosaic.png", mosaic_cells_, thumb))
-    csv = out / f"{of}-{used}.csv"
-    out.mkdir(parents=True, exist_ok=True)
-    pts.to_csv(csv, index=False)
-    files.append(csv)
+    labelled = [(by, *point_labels(cohort, slide_idx, rows, by)) for by in colour_by]  # read before writing
+    with output_errors(cohort.out, BESIDE_STORES):
+        for by, labels, legend in labelled:
+            pts[f"colour:{by}"] = labels
+            title = f"{of} of {len(cohort.slides)} slides, {used.upper()} [{cohort.model}], coloured by {legend}"
+            files.append(draw_map(xy, labels, out / f"{of}-{used}-{model_key(by)}.png", title, legend))
+        if mosaic and rows is not None:
+            files.append(draw_mosaic(cohort, xy, slide_idx, rows, out / f"{of}-{used}-mosaic.png", mosaic_cells_,
+                                     thumb))
+        csv = out / f"{of}-{used}.csv"
+        with replace_file(csv) as tmp:
+            pts.to_csv(tmp, index=False)
+        files.append(csv)
     return {"points": pts, "files": files, "method": used, "failed": cohort.failed, "dir": out}

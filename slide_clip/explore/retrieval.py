@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from slide_clip.atomic import replace_file, write_text
 from slide_clip.explore.cohort import Cohort
 from slide_clip.explore.gallery import table_galleries
 from slide_clip.explore.queries import load_queries
 from slide_clip.explore.search import hits_table, search_exact
+from slide_clip.output import BESIDE_STORES, output_errors
 
 
 def _default_name(names: list[str]) -> str:
@@ -62,22 +64,23 @@ def search(stores, cfg, *, texts=(), images=(), tiles=(), prompts=None, raw: boo
         from slide_clip.explore import ann
 
         if build_index:
-            ann.build_index(cohort)
+            with output_errors(cohort.out, BESIDE_STORES):
+                ann.build_index(cohort)
         res = ann.search_index(cohort, ann.load_index(cohort), vecs, top, nprobe)
     else:
         res = search_exact(cohort, vecs, top)
     names = [q.name for q in qs]
     table = hits_table(cohort, names, *res)
     out = cohort.out / "explore" / "search" / (name or _default_name(names))
-    out.mkdir(parents=True, exist_ok=True)
     files = [out / "hits.csv", out / "hits.parquet"]
-    table.to_csv(files[0], index=False)
-    table.to_parquet(files[1], index=False)
-    (out / "queries.json").write_text(json.dumps(
-        [{"name": q.name, "kind": q.kind, **q.detail} for q in qs], indent=1))
-    files.append(out / "queries.json")
-    if gallery:
-        files += table_galleries(cohort, table, "query", out, "search", "cos", columns, thumb, html_page)
+    with output_errors(cohort.out, BESIDE_STORES):
+        with replace_file(files[0]) as tc, replace_file(files[1]) as tp:  # each file whole, old or new
+            table.to_csv(tc, index=False)
+            table.to_parquet(tp, index=False)
+        files.append(write_text(out / "queries.json", json.dumps(
+            [{"name": q.name, "kind": q.kind, **q.detail} for q in qs], indent=1)))
+        if gallery:
+            files += table_galleries(cohort, table, "query", out, "search", "cos", columns, thumb, html_page)
     return {"table": table, "dir": out, "files": files, "failed": cohort.failed, "queries": names,
             "method": "faiss-ivf" if (approximate or build_index) else "exact", "n_tiles": cohort.n_tiles,
             "n_slides": len(cohort.slides)}

@@ -243,9 +243,15 @@ def export_h5(cohort: Cohort, folder: str | Path, level: str = "slide") -> list[
     (pixels at the target resolution), ``patch_level`` 0, ``target_mpp``; patient files also
     have ``slide_index`` (n,) and the attribute ``slide_ids``.
     """
+    from slide_clip.output import output_errors
+
+    with output_errors(folder, "--h5"):
+        return _export_h5(cohort, Path(folder), level)
+
+
+def _export_h5(cohort: Cohort, folder: Path, level: str) -> list[Path]:
     import h5py
 
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ds = BagDataset(cohort, level, as_torch=False)
     written = []

@@ -140,10 +140,13 @@ def pooled_tables(cohort: Cohort, *, with_max: bool = False, topk: int = 50, dec
 def write_pooled_tables(cohort: Cohort, folder: str | Path | None = None, **kwargs) -> tuple[Path, Path]:
     """Write ``slides.parquet`` and ``patients.parquet`` into ``folder``
     (default ``out/tables/<model>/``, beside the cluster compositions); returns their paths."""
+    from slide_clip.atomic import replace_file
+    from slide_clip.output import BESIDE_STORES, output_errors
+
     folder = Path(folder) if folder else cohort.out / "tables" / model_key(cohort.model)
-    folder.mkdir(parents=True, exist_ok=True)
     slides, patients = pooled_tables(cohort, **kwargs)
     sp, pp = folder / "slides.parquet", folder / "patients.parquet"
-    slides.to_parquet(sp, index=False)
-    patients.to_parquet(pp, index=False)
+    with output_errors(folder, BESIDE_STORES), replace_file(sp) as ts, replace_file(pp) as tp:
+        slides.to_parquet(ts, index=False)
+        patients.to_parquet(tp, index=False)
     return sp, pp
