@@ -17,7 +17,7 @@ from slide_clip.errors import OutputError, SlideClipError
 #: What slide-clip writes into an output folder: folder and file name patterns (fnmatch). A
 #: folder scan (:mod:`slide_clip.scan`) never takes any of them as a slide. A new kind of
 #: output gets its pattern here.
-OUTPUT_FOLDERS = ("*.zarr", "status", "summaries", "heatmaps", "classifiers", "explore", "survival", "tables")
+OUTPUT_FOLDERS = ("*.zarr", "status", "summaries", "heatmaps", "classifiers", "explore", "survival", "tables", "labels")
 OUTPUT_FILES = ("*.zarr.lock", "*_qc.png", "cohort-*.csv", "cohort-*.parquet", "patients.csv", "patients.csv.part",
                 "skipped-files.csv", ".slide-clip-write-test-*")
 
