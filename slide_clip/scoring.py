@@ -375,7 +375,7 @@ def example_features(examples: list[Example], stores: dict[str, SlideStore], mod
         coords = store.coords()
         hit = np.flatnonzero((coords[:, 0] == ex.x) & (coords[:, 1] == ex.y))
         if hit.size:
-            feats[i] = store.embedding_rows(model, hit[:1])[0]
+            feats[i] = store.embedding_rows(model, hit[:1], unit=True)[0]  # cosines, also for unnormalised features
             continue
         _check_inside(ex, store, where)
         slide_file = ex.slide if Path(ex.slide).exists() else store.slide["path"]

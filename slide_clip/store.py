@@ -467,16 +467,17 @@ class SlideStore:
         """
         arr = self._complete_features(model)
         step = int(rows or arr.chunks[0])
-        scale = unit and not is_normalised(attrs)
+        scale = unit and not is_normalised(self.embedding_attrs(model))
         key = f"embeddings/{model_key(model)}/features"
         for start in range(0, arr.shape[0], step):
             block = np.asarray(self.get(key, slice(start, start + step), arr=arr), dtype=np.float32)
             self._check_rows(model, start, block)
             yield start, _unit_rows(block) if scale else block
 
-    def embedding_rows(self, model: str, rows) -> np.ndarray:
+    def embedding_rows(self, model: str, rows, *, unit: bool = False) -> np.ndarray:
         """Some rows of a complete model's embeddings, float32 ``(len(rows), d)``, checked like
-        :meth:`iter_embeddings` (partial group, lost or unreadable chunks, NaN)."""
+        :meth:`iter_embeddings` (partial group, lost or unreadable chunks, NaN); ``unit=True``
+        L2-normalises the rows of a group stored unnormalised."""
         arr = self._complete_features(model)
         rows = np.asarray(rows, dtype=np.int64)
         if not rows.size:
@@ -486,7 +487,7 @@ class SlideStore:
         if not np.isfinite(out).all():
             raise StoreError(f"is damaged: embeddings for {model!r} hold missing values (a chunk file is lost "
                              "or unreadable)", path=self.path, hint=_DAMAGED)
-        return out
+        return _unit_rows(out) if unit and not is_normalised(self.embedding_attrs(model)) else out
 
     def drop_embeddings(self, model: str) -> None:
         """Delete a model's embeddings (to re-encode from scratch)."""

@@ -148,7 +148,7 @@ class Cohort:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= s.n_tiles):
             raise ConfigError(f"rows outside 0..{s.n_tiles - 1}", hint=f"store {s.path}")
-        return s.store.embedding_rows(self.model, rows)
+        return s.store.embedding_rows(self.model, rows, unit=True)  # cosines, as iter_blocks
 
     def sample(self, per_slide: int | None = None, total: int | None = None, seed: int = 0):
         """A seeded sample of tiles, stratified by slide; returns ``(slide index, row, features)``.
