@@ -106,6 +106,28 @@ def _check_bucket(p) -> None:
             raise e
 
 
+def _not_storage(exc: BaseException, path) -> None:
+    """Raise the one-line :class:`~slide_clip.errors.StorageError` if ``exc`` is a storage service's
+    failure (a cut connection, throttling, refused credentials): never reported as damage."""
+    if is_url(path):
+        from slide_clip.storage.failures import storage_error
+
+        err = storage_error(exc, str(path))
+        if err is not None:
+            raise err from None
+
+
+def _io(path, action: str = "write"):
+    """Storage failures inside the block as one line about the store (a remote store; nothing locally)."""
+    import contextlib
+
+    if not is_url(path):
+        return contextlib.nullcontext()
+    from slide_clip.storage.failures import remote_errors
+
+    return remote_errors(str(path), action)
+
+
 def _zarr_target(path):
     """What zarr opens for a store at ``path``: its local path, or an ``FsspecStore`` for a URL."""
     if not is_url(path):
@@ -318,6 +340,10 @@ class SlideStore:
     # ----------------------------------------------------------------- tiles
     def write_tissue(self, mask, thumbnail, attrs: dict) -> None:
         """Write the thumbnail and tissue mask (thumbnail pixels), then mark the store ``tissue``."""
+        with _io(self.path):
+            self._write_tissue(mask, thumbnail, attrs)
+
+    def _write_tissue(self, mask, thumbnail, attrs: dict) -> None:
         self._writing()
         g = self.group
         if "tissue" in g:
@@ -332,6 +358,10 @@ class SlideStore:
 
     def write_tiles(self, coords, grid, tissue_fraction, geometry: dict) -> None:
         """Write the tile grid and its geometry (merged into ``tiling``), then mark the store ``tiled``."""
+        with _io(self.path):
+            self._write_tiles(coords, grid, tissue_fraction, geometry)
+
+    def _write_tiles(self, coords, grid, tissue_fraction, geometry: dict) -> None:
         self._writing()
         n = int(coords.shape[0])
         rows = max(1, min(n, 65536))
@@ -366,6 +396,7 @@ class SlideStore:
         try:
             lost = arr.nchunks - arr.nchunks_initialized if arr.nchunks else 0
         except Exception as e:  # noqa: BLE001 - an unreadable chunk grid: damage
+            _not_storage(e, self.path)
             raise StoreError(f"is damaged: the chunks of {key} cannot be listed ({_reason(e)})", path=self.path,
                              hint=hint) from None
         if lost:
@@ -382,6 +413,7 @@ class SlideStore:
                 return arr.get_orthogonal_selection(selection)
             return arr[selection]
         except Exception as e:  # noqa: BLE001 - Blosc, a wrong chunk size...: the file is damaged
+            _not_storage(e, self.path)
             raise StoreError(f"is damaged: a chunk file of {key} cannot be read ({_reason(e)}): it is truncated "
                              "or corrupt", path=self.path, hint=hint) from None
 
@@ -639,6 +671,10 @@ class SlideStore:
         when its last row is written: until then readers see the old, complete group, a
         crash keeps it, and a rerun resumes the replacement where it stopped.
         """
+        with _io(self.path):
+            return self._begin_embeddings(provenance, chunk_rows, replace)
+
+    def _begin_embeddings(self, provenance: dict, chunk_rows: int, replace: bool) -> "EmbeddingWriter":
         self._writing()
         n = self.n_tiles
         mk = model_key(provenance["name"])
@@ -652,12 +688,12 @@ class SlideStore:
         old = dict(self.group[key].attrs) if key in self.group else None
         if old is not None and not replace and same(old):
             self._drop(pending)  # a replacement left by a crash is not wanted any more
-            return EmbeddingWriter(self.group[key], n, guard=self._writing)
+            return EmbeddingWriter(self.group[key], n, guard=self._writing, where=self.path)
         if old is None or old.get("status") != STATUS_COMPLETE:
             self._drop(pending)
             if old is not None:
                 del self.group[key]
-            return EmbeddingWriter(self._new_embeddings(key, provenance, n, chunk_rows), n, guard=self._writing)
+            return EmbeddingWriter(self._new_embeddings(key, provenance, n, chunk_rows), n, guard=self._writing, where=self.path)
 
         def swap(name):
             return lambda: self._swap("embeddings", name, mk)
@@ -665,15 +701,15 @@ class SlideStore:
         for name, a in pending:
             if same(a):  # resume the replacement a killed run began
                 self._drop([p for p in pending if p[0] != name])
-                w = EmbeddingWriter(self.group[f"embeddings/{name}"], n, swap=swap(name), guard=self._writing)
+                w = EmbeddingWriter(self.group[f"embeddings/{name}"], n, swap=swap(name), guard=self._writing, where=self.path)
                 if w.complete:  # killed between its last row and the swap
                     w.swap_in()
-                    return EmbeddingWriter(self.group[self._emb_key(mk)], n, guard=self._writing)
+                    return EmbeddingWriter(self.group[self._emb_key(mk)], n, guard=self._writing, where=self.path)
                 return w
         self._drop(pending)
         name = temporary_name(mk)
         grp = self._new_embeddings(f"embeddings/{name}", provenance, n, chunk_rows)
-        return EmbeddingWriter(grp, n, swap=swap(name), guard=self._writing)
+        return EmbeddingWriter(grp, n, swap=swap(name), guard=self._writing, where=self.path)
 
     def _new_embeddings(self, key: str, provenance: dict, n: int, chunk_rows: int) -> zarr.Group:
         grp = self.group.require_group(key)
@@ -718,6 +754,10 @@ class SlideStore:
         id, recorded in its attributes, that summaries and heatmaps name). Call it holding
         the store's lock.
         """
+        with _io(self.path):
+            return self._write_scores(model, set_name, logits, probs, classifier, attrs, grid)
+
+    def _write_scores(self, model: str, set_name: str, logits, probs, classifier, attrs: dict, grid) -> str:
         import uuid
 
         self._writing()
@@ -799,10 +839,11 @@ class EmbeddingWriter:
     """
 
     def __init__(self, group: zarr.Group, n_tiles: int, flush_seconds: float = 60.0,
-                 swap=None, guard=None):
+                 swap=None, guard=None, where=None):
         self.group = group
         self.swap = swap  # a callable putting a complete replacement in place of the old group
         self.guard = guard  # called before each write (a remote store: its claim must still be held)
+        self.url = str(where) if where is not None else ""  # the store (its storage failures named by it)
         self.array = group["features"]
         self.n = n_tiles
         self.rows_written = int(group.attrs.get("rows_written", 0))
@@ -833,6 +874,10 @@ class EmbeddingWriter:
             self.flush()
 
     def flush(self) -> None:
+        with _io(self.url):
+            self._flush()
+
+    def _flush(self) -> None:
         if self.guard is not None:
             self.guard()
         if self._buffered:

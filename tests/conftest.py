@@ -229,7 +229,7 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture
-def s3(s3_server, monkeypatch):
+def s3(s3_server, monkeypatch, tmp_path):
     """The session's S3 server, with this process's storage options pointing at it (credentials in
     the environment, as the usual chain finds them) and the proxy's faults and counts reset."""
     from slide_clip.config import StorageConfig
@@ -239,7 +239,10 @@ def s3(s3_server, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     before = options._current
-    options.configure(StorageConfig(endpoint_url=s3_server.endpoint))
+    # botocore's own retries off, s3fs's five (backoff 0.1-0.8 s) kept: faults fail in seconds
+    options.configure(StorageConfig(endpoint_url=s3_server.endpoint, cache_dir=str(tmp_path / "slide-cache"),
+                                    options={"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"},
+                                                               "connect_timeout": 5, "read_timeout": 30}}))
     s3_server.proxy.reset()
     yield s3_server
     s3_server.proxy.reset()

@@ -168,8 +168,6 @@ def mirror_tiff(url: str, remote: RemoteFile, folder: str | None = None):
             small = min(tiled, key=lambda p: p.imagewidth * p.imagelength)
             if sum(e - s for s, e in data_ranges(small)) <= QUICKHASH_LIMIT:
                 mirror.ensure(data_ranges(small))
-        # the fallback fingerprint (formats without a quickhash) reads the first and last MiB
-        mirror.ensure([(0, 1 << 20), (max(0, remote.size - (1 << 20)), remote.size)])
         return mirror, tif
     except BaseException:
         if tif is not None:
@@ -196,6 +194,9 @@ def mirrored(url: str, mirror: SparseMirror, tif, osr) -> MirroredSlide:
     if openslide.PROPERTY_NAME_QUICKHASH1 in osr.properties and not all(
             mirror.covered(s, e) for s, e in data_ranges(lowest)):
         raise NotRanged(url)  # never a fingerprint hashed from holes
+    if openslide.PROPERTY_NAME_QUICKHASH1 not in osr.properties:  # the fallback fingerprint: first, last MiB
+        size = mirror.size
+        mirror.ensure([(0, 1 << 20), (max(0, size - (1 << 20)), size)])
     handle = MirroredSlide(url, mirror, tif, osr, pages)
     mirror.owned = True  # closed with the handle from now on
     return handle
