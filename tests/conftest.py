@@ -247,4 +247,4 @@ def s3(s3_server, monkeypatch, tmp_path):
     yield s3_server
     s3_server.proxy.reset()
     options._current = before
-    monkeypatch.delenv(options.ENV, raising=False)
+    os.environ.pop(options.ENV, None)
