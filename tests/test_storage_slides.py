@@ -22,6 +22,12 @@ def _same_info(remote, local):
     assert a == b
 
 
+def _same_level0(remote, local):
+    w, h = local.dimensions
+    assert np.array_equal(np.asarray(remote.read_region((0, 0), 0, (w, h))),
+                          np.asarray(local.read_region((0, 0), 0, (w, h))))
+
+
 def _grid(info, tile_size=224, target_mpp=0.5, level_target=None):
     mask = np.ones((64, 64), bool)
     return make_grid((info.width, info.height), (info.mpp_x, info.mpp_y), info.level_downsamples, mask,
@@ -47,9 +53,7 @@ def test_remote_svs_same_info_pixels_and_tiles(s3, cmu_svs):
         _same_info(info, linfo)
         assert info.path == url and info.name == "CMU-1-Small-Region"
         assert info.fingerprint.startswith("quickhash1:")
-        w, h = local.dimensions
-        assert np.array_equal(np.asarray(remote.read_region((0, 0), 0, (w, h))),
-                              np.asarray(local.read_region((0, 0), 0, (w, h))))
+        _same_level0(remote, local)
     finally:
         remote.close()
         local.close()
@@ -128,9 +132,7 @@ def test_dicom_folder_staged_same_slide_and_cache_hit(s3, cmu_dicom):
     try:
         _same_info(info, linfo)
         assert info.name == cmu_dicom.name and cache.hits == 1
-        w, h = local.dimensions
-        assert np.array_equal(np.asarray(remote.read_region((0, 0), 0, (w, h))),
-                              np.asarray(local.read_region((0, 0), 0, (w, h))))
+        _same_level0(remote, local)
     finally:
         remote.close()
         local.close()
