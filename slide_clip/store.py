@@ -278,7 +278,12 @@ class SlideStore:
 
             check_claimed(str(p))
         if p.exists():
-            remove_tree(p)
+            if is_url(p):
+                remove_tree(p)
+            else:
+                import shutil
+
+                shutil.rmtree(p)  # a failure here (permissions) is the caller's OutputError
         # One write of zarr.json with every attribute (Zarr writes it atomically): a store is
         # either absent or a complete slide-clip store, never "not a slide-clip store".
         g = zarr.open_group(_zarr_target(p), mode="w", zarr_format=3, attributes={
