@@ -27,11 +27,23 @@ _state = {"debug": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of unexpected errors and library logs.")):
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of unexpected errors and library logs."),
+          storage_options: Optional[str] = typer.Option(
+              None, "--storage-options", envvar="SLIDE_CLIP_STORAGE",
+              help="Slides and stores at URLs (s3://...): JSON or key=value,... (endpoint_url, profile, anonymous, "
+                   "region, or any fsspec option), over the config's storage section.")):
     import logging
     import warnings
 
     _state["debug"] = debug
+    if storage_options:
+        from slide_clip.config import load_config
+        from slide_clip.storage.options import configure, merged
+
+        try:
+            configure(merged(load_config(), storage_options))
+        except SlideClipError as e:
+            _fail(str(e))
     if not debug:  # open_clip and the hub client log warnings that our own errors explain better
         root = logging.getLogger()
         root.addHandler(logging.NullHandler())  # so logging.warning() never installs a default handler
