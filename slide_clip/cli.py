@@ -208,7 +208,10 @@ def _scoring_config(config, registry, checkpoint, device, topk=None, decision=No
     )
 
 
-def _report_scores(results) -> None:
+def _report_scores(results, paths) -> None:
+    from slide_clip.summaries import summary_path
+    from slide_clip.text import plural
+
     failed = 0
     for r in results:
         if r["status"] == "failed":
@@ -216,8 +219,17 @@ def _report_scores(results) -> None:
             typer.echo(f"failed   {r['slide_id']}  {r['error']}")
         else:
             probs = ", ".join(f"{c} {v:.3f}" for c, v in r["slide_prob"].items()) if r["n_tiles"] else "no tiles"
-            typer.echo(f"ok       {r['slide_id']}  {r['n_tiles']} tiles  predicted: {r['predicted']}  ({probs})")
-    typer.echo(f"{len(results) - failed} of {len(results)} slides scored, {failed} failed")
+            typer.echo(f"ok       {r['slide_id']}  {plural(r['n_tiles'], 'tile')}  predicted: {r['predicted']}  "
+                       f"({probs})")
+    typer.echo(f"{len(results) - failed} of {plural(len(results), 'slide')} scored, {failed} failed")
+    done = [r for r in results if r["status"] == "ok"]
+    if done:
+        set_name, model = done[0]["score_set"], done[0]["model"]
+        outs = sorted({str(Path(p).parent) for p in paths})
+        summaries = sorted({str(summary_path(Path(p).parent, model, set_name, "x").parent) for p in paths})
+        typer.echo(f"score set {set_name!r} (model {model}) written into the slide stores in {', '.join(outs)}; "
+                   f"slide summaries in {', '.join(summaries)}")
+        typer.echo(f"next: slide-clip heatmap {outs[0]} --set {set_name}   |   slide-clip summarize {outs[0]}")
     raise typer.Exit(1 if failed else 0)
 
 
@@ -253,10 +265,11 @@ def zeroshot(
     try:
         cfg = _scoring_config(config, registry, checkpoint, device, topk, decision)
         ps = load_prompts(prompts)
-        results = run_zeroshot(find_stores(stores), ps, cfg, model=model)
+        paths = find_stores(stores)
+        results = run_zeroshot(paths, ps, cfg, model=model)
     except SlideClipError as e:
         _fail(str(e))
-    _report_scores(results)
+    _report_scores(results, paths)
 
 
 @app.command()
@@ -278,16 +291,19 @@ def fewshot(
     try:
         cfg = _scoring_config(config, registry, checkpoint, device, topk, decision)
         read_examples(examples)  # a bad examples CSV is said first, before the stores are looked at
-        results = run_fewshot(find_stores(stores), examples, cfg, model=model, name=name)
+        paths = find_stores(stores)
+        results = run_fewshot(paths, examples, cfg, model=model, name=name)
     except SlideClipError as e:
         _fail(str(e))
-    _report_scores(results)
+    _report_scores(results, paths)
 
 
 @app.command()
 def heatmap(
     stores: List[Path] = _STORES_ARG,
-    score_set: str = typer.Option(..., "--set", "-s", help="Score set name (the prompt set's name, or fewshot-…)."),
+    score_set: Optional[str] = typer.Option(None, "--set", "-s", help="Score set name, as zeroshot/fewshot print it "
+                                            "(the prompt set's name, or fewshot-…). Default: the stores' only score "
+                                            "set (cluster sets aside)."),
     model: Optional[str] = _MODEL_OPT,
     classes: List[str] = typer.Option([], "--class", help="Only these classes (repeatable; default all)."),
     smooth: Optional[float] = typer.Option(None, help="Gaussian smoothing over neighbouring tiles, sigma in tiles."),
@@ -295,7 +311,11 @@ def heatmap(
                                         "across slides) or auto (stretched to each slide's range, for flat maps)."),
     config: Optional[Path] = _CFG_OPT,
 ):
-    """Draw a probability heatmap PNG per class and a QuPath GeoJSON per slide."""
+    """Draw a probability heatmap PNG per class and a QuPath GeoJSON per slide.
+
+    <slide>_<class>.png on the fixed 0-1 scale (comparable across slides); --scale auto writes
+    <slide>_<class>_auto.png beside them, never over them.
+    """
     from slide_clip.config import load_config
     from slide_clip.scoring import find_stores, heatmaps
 

@@ -657,6 +657,26 @@ class SlideStore:
                     out.append((mk, sk))
         return out
 
+    def _score_sets_hint(self, model: str) -> str:
+        """What to do about a missing score set: the sets it has, named as ``--set`` takes them."""
+        own = [sk for _, sk in self.score_sets(model)]
+        others = {}
+        for mk, sk in self.score_sets():
+            if mk != model_key(model):
+                others.setdefault(mk, []).append(sk)
+        text = (f"Its score sets for this model (give one with --set): {', '.join(own)}." if own
+                else "It has no score sets for this model: run `slide-clip zeroshot` or `fewshot` first.")
+        if others:
+            names = {}
+            for mk in others:
+                try:
+                    names[mk] = self.embedding_attrs(mk).get("name", mk)
+                except StoreError:
+                    names[mk] = mk
+            text += " Other models' sets (choose the model with --model): " + "; ".join(
+                f"{', '.join(sets)} (--model {names[mk]})" for mk, sets in others.items()) + "."
+        return text
+
     def score_attrs(self, model: str, set_name: str) -> dict:
         """A score set's attributes, checked to be a complete set (not its arrays: see :meth:`scores`)."""
         mk, sk = model_key(model), model_key(set_name)
@@ -669,9 +689,8 @@ class SlideStore:
             if (self.path / "scores" / mk / sk).exists():
                 raise StoreError(f"is damaged: the score set {mk}/{sk} has no readable zarr.json", path=self.path,
                                  hint=_DAMAGED_SCORES)
-            have = ", ".join(f"{m}/{s}" for m, s in self.score_sets()) or "none"
-            raise StoreError(f"has no scores {set_name!r} for model {model!r}", path=self.path,
-                             hint=f"Run `slide-clip zeroshot` or `fewshot` first (score sets in it: {have}).")
+            raise StoreError(f"has no score set {set_name!r} for model {model!r}", path=self.path,
+                             hint=self._score_sets_hint(model))
         attrs = dict(self.group[key].attrs)
         if attrs.get("status") != STATUS_COMPLETE or not isinstance(attrs.get("classes"), list):
             raise StoreError(f"is damaged: the score set {mk}/{sk} is incomplete (no classes or status recorded; "

@@ -160,12 +160,33 @@ def test_zeroshot_heatmap_summarize_commands(tmp_path, make_slide, cmu_svs, tiny
     r = run("zeroshot", out, "--prompts", "tumour", *common)
     assert r.returncode == 0, r.stderr
     assert "ok       CMU-1-Small-Region" in r.stdout and "predicted: " in r.stdout
+    # the set's name as --set takes it, and where it went
+    assert "2 of 2 slides scored" in r.stdout
+    assert f"score set 'tumour' (model tiny) written into the slide stores in {out}" in r.stdout
+    assert f"slide summaries in {out / 'summaries' / 'tiny' / 'tumour'}" in r.stdout
+    assert f"slide-clip heatmap {out} --set tumour" in r.stdout
     r = run("heatmap", out, "--set", "tumour", "--class", "tumour", "--smooth", "1")
     assert r.returncode == 0, r.stderr
     files = [Path(line) for line in r.stdout.split()]
     assert {f.name for f in files} == {"CMU-1-Small-Region_tumour.png", "CMU-1-Small-Region.geojson",
                                        "tissue_0.5_tumour.png", "tissue_0.5.geojson"}
     assert all(f.is_file() for f in files)
+    fixed = {f: f.read_bytes() for f in files if f.suffix == ".png"}
+    # one score set: no --set needed; the auto scale never writes over the fixed scale's pictures
+    r = run("heatmap", out, "--class", "tumour", "--smooth", "1", "--scale", "auto")
+    assert r.returncode == 0, r.stderr
+    auto = [Path(line) for line in r.stdout.split()]
+    assert {f.name for f in auto} == {"CMU-1-Small-Region_tumour_auto.png", "CMU-1-Small-Region.geojson",
+                                      "tissue_0.5_tumour_auto.png", "tissue_0.5.geojson"}
+    assert all(f.read_bytes() == b for f, b in fixed.items())
+    folder = files[0].parent
+    assert (folder / "tissue_0.5.heatmaps.json").is_file() and (folder / "tissue_0.5_auto.heatmaps.json").is_file()
+    assert json.loads((folder / "tissue_0.5_auto.heatmaps.json").read_text())["files"] == [
+        "tissue_0.5_tumour_auto.png", "tissue_0.5.geojson"]
+    # an unknown set lists the sets as --set takes them (not model/set)
+    r = run("heatmap", out / "tissue_0.5.zarr", "--set", "tumor")
+    assert r.returncode == 1 and "has no score set 'tumor'" in r.stderr
+    assert "give one with --set): tumour." in r.stderr and "tiny/tumour" not in r.stderr
     r = run("summarize", out)
     assert r.returncode == 0, r.stderr
     assert (out / "cohort-tumour-tiny.csv").is_file() and (out / "cohort-tumour-tiny.parquet").is_file()

@@ -294,6 +294,30 @@ def test_fewshot_from_image_files(two_textures, tmp_path):
     assert probs[inside, 0].mean() > probs[~inside, 0].mean() + 0.2
 
 
+def test_fewshot_command_names_its_set_and_heatmap_needs_set_only_when_several(two_textures, tmp_path,
+                                                                               tiny_registry):
+    import os
+    import subprocess
+    import sys
+
+    out, store, scene, cfg, path = two_textures
+    csv = _examples_csv(store, scene, path, tmp_path)
+    cli = [sys.executable, "-m", "slide_clip.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([*cli, "fewshot", str(out), "--examples", str(csv), "--models", str(tiny_registry)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "1 of 1 slide scored, 0 failed" in r.stdout
+    assert f"score set 'fewshot-examples' (model tiny) written into the slide stores in {out}" in r.stdout
+    assert f"slide-clip heatmap {out} --set fewshot-examples" in r.stdout
+    sets = [sk for _, sk in store.score_sets("tiny")]
+    assert len(sets) >= 2 and "fewshot-examples" in sets
+    r = subprocess.run([*cli, "heatmap", str(out)], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"has {len(sets)} score sets for model 'tiny': {', '.join(sets)}" in r.stderr
+    assert "Choose one with --set" in r.stderr
+
+
 # ----------------------------------------------------------------------------- summaries
 def test_summaries_and_cohort_table(two_textures, scored, tmp_path):
     out, store, scene, cfg, path = scored[0], scored[1], None, scored[2], None
