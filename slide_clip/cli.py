@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 
+from slide_clip import config as _config
 from slide_clip.errors import SlideClipError
 
 app = typer.Typer(
@@ -121,7 +122,7 @@ def embed(
     slides: List[Path] = typer.Argument(..., help="Slide files or folders of slides."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one <slide>.zarr store per slide."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Pipeline config YAML (default: configs/default.yaml)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registry name, or random:ARCH for random weights (testing only)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_config.model_option_help()),
     checkpoint: Optional[Path] = typer.Option(None, help="Local weights file for the model (offline use)."),
     registry: List[Path] = typer.Option([], "--models", help="Extra model registry YAML files."),
     mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
@@ -166,6 +167,11 @@ def embed(
         if not paths:
             line = skipped_line(scan.skipped)
             _fail(f"no slides found in {', '.join(map(str, slides))}" + (f" ({line})" if line else ""))
+        from slide_clip.encoders import resolve_model
+        from slide_clip.encoders.hub import check_hub
+
+        e = cfg.encode  # weights on an unreachable hub: said now, before any slide is read
+        check_hub(resolve_model(e.model, tuple(e.registries), e.checkpoint))
         ensure_out_dir(out)
         line, _ = record_skipped(out, scan.skipped)
         if line:  # a cohort never shrinks without a word
@@ -234,7 +240,9 @@ def _report_scores(results, paths) -> None:
 
 
 _STORES_ARG = typer.Argument(..., help="Slide stores (<slide>.zarr) or output folders of `embed`.")
-_MODEL_OPT = typer.Option(None, "--model", "-m", help="The stored model to use (needed when a store holds several).")
+_MODEL_OPT = typer.Option(None, "--model", "-m", help="The stored model to use. Default: the one model the stores "
+                          "hold (needed when a store holds several; `embed` stores "
+                          f"{_config.default_model()} unless told otherwise).")
 _REG_OPT = typer.Option([], "--models", help="Extra model registry YAML files.")
 _CKPT_OPT = typer.Option(None, help="Local weights file of the stored model (to compute text embeddings offline).")
 _CFG_OPT = typer.Option(None, "--config", "-c", help="Pipeline config YAML (scoring and heatmap sections).")
