@@ -31,6 +31,7 @@ from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, Store
 from slide_clip.heatmap import (grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid,
                                 tiles_geojson, value_range)
 from slide_clip.atomic import write_text
+from slide_clip.pictures import random_weights_title, thumbnail_mm_per_px
 from slide_clip.prompts import PromptSet
 from slide_clip.output import BESIDE_STORES, output_errors
 from slide_clip.store import STATUS_TILED, SlideStore, model_key, store_lock
@@ -42,9 +43,6 @@ from slide_clip.zeroshot import ClassifierCache, prototypes, softmax, text_class
 #: Temperature of few-shot scores for vision-only models (they have no learned logit_scale).
 VISION_ONLY_LOGIT_SCALE = 100.0
 
-
-#: The line every picture made from random weights carries.
-RANDOM_WEIGHTS_NOTE = "random weights: not a trained model"
 
 #: How long scoring and heatmaps wait for another process holding a store's lock, seconds.
 LOCK_WAIT_SECONDS = 120.0
@@ -492,10 +490,9 @@ def _heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: st
         if h.scale == "auto":
             title += "\ncolours stretched to this slide's range: not comparable across slides"
             label = f"P({c}), auto scale {vmin:.3g}-{vmax:.3g}"
-        if store.embedding_attrs(name).get("random_weights"):
-            title += f"\n{RANDOM_WEIGHTS_NOTE}"
+        title = random_weights_title(title, bool(store.embedding_attrs(name).get("random_weights")))
         written.append(render_png(img, out / f"{slide}_{model_key(c)}{_scale_suffix(h.scale)}.png", title,
-                                  h.colormap, label, vmin, vmax))
+                                  h.colormap, label, vmin, vmax, mm_per_px=thumbnail_mm_per_px(store)))
     written.append(tiles_geojson(store.coords(), t["tile_extent_level0"], probs, class_names,
                                  out / f"{slide}.geojson", name=f"{slide} {set_name}"))
     # written last: the pictures above are whole and were drawn from this version of the set

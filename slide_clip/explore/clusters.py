@@ -13,7 +13,7 @@
 
     <out>/tables/<model>/<set>.parquet, .csv          one row per slide: fraction:cluster_i
     <out>/explore/clusters/<set>-<model>/maps/<slide_id>.png
-    <out>/explore/clusters/<set>-<model>/gallery-<i>.png, gallery.html
+    <out>/explore/clusters/<set>-<model>/gallery-cluster_<i>.png, gallery.html
     <out>/explore/clusters/<set>-<model>/centroids.npy, clusters.json
 
 ``<set>`` defaults to ``clusters-k<k>``.
@@ -208,9 +208,16 @@ def stored_labels(store, model: str, set_name: str) -> tuple[np.ndarray, list[st
 
 
 def cluster_map(cohort: Cohort, slide_index: int, set_name: str, out_dir: str | Path, alpha: float = 0.6) -> Path:
-    """Draw one slide's clusters over its thumbnail (categorical colours, legend); returns the PNG."""
-    from slide_clip.heatmap import (categorical_colours, categorical_overlay, grid_to_thumbnail, label_grid,
-                                    render_categorical_png)
+    """Draw one slide's clusters beside its thumbnail; returns the PNG.
+
+    The clusters are drawn opaque, each in its colour of the one table
+    (:func:`slide_clip.pictures.category_colours`, cluster ``i`` colour ``i``, as in the maps,
+    the mosaic and the viewer), so the legend's swatches are the colours on the map; the
+    tissue's edge is outlined. ``alpha`` is kept for callers; the map is not blended.
+    """
+    from slide_clip.heatmap import category_image, grid_to_thumbnail, label_grid, render_category_png
+    from slide_clip.pictures import category_colours, random_weights_title, thumbnail_mm_per_px
+    from slide_clip.text import plural
 
     s = cohort.slides[slide_index]
     lab, names = stored_labels(s.store, cohort.model, set_name)
@@ -219,9 +226,12 @@ def cluster_map(cohort: Cohort, slide_index: int, set_name: str, out_dir: str | 
     tissue = s.store.group["tissue"].attrs
     mask = s.store.mask()
     lmap = grid_to_thumbnail(grid, t["stride_level0"], mask.shape, tissue["downsample"])
-    colours = categorical_colours(len(names))
-    img = categorical_overlay(s.store.thumbnail(), mask, lmap, colours, alpha)
+    colours = category_colours(len(names))
     present = np.bincount(lab, minlength=len(names))
-    legend = [f"{n} ({c})" for n, c in zip(names, present)]
-    return render_categorical_png(img, Path(out_dir) / f"{s.slide_id}.png",
-                                  f"{s.slide_id}: {set_name} [{cohort.model}]", legend, colours)
+    legend = [f"{n} ({plural(int(c), 'tile')})" for n, c in zip(names, present)]
+    random = bool(s.store.embedding_attrs(cohort.model).get("random_weights"))
+    title = random_weights_title(f"{s.slide_id}: {set_name}, {len(names)} clusters of "
+                                 f"{plural(len(lab), 'tile')} [{cohort.model}]", random)
+    return render_category_png(s.store.thumbnail(), category_image(mask, lmap, colours),
+                               Path(out_dir) / f"{s.slide_id}.png", title, legend, colours, "cluster",
+                               thumbnail_mm_per_px(s.store))
