@@ -15,6 +15,7 @@ import typer
 
 from slide_clip import config as _config
 from slide_clip.errors import SlideClipError
+from slide_clip.text import plural
 
 app = typer.Typer(
     name="slide-clip",
@@ -182,7 +183,7 @@ def embed(
             if r.status == "failed":
                 line += f"  {r.error}"
             else:
-                line += f"  {r.n_tiles} tiles, {r.encoded} encoded, {r.seconds:.1f} s"
+                line += f"  {plural(r.n_tiles, 'tile')}, {r.encoded} encoded, {r.seconds:.1f} s"
             typer.echo(line, err=True)
 
         from slide_clip.pipeline import resampling_note
@@ -198,7 +199,7 @@ def embed(
         if r.status == "failed" and _state["debug"] and "traceback" in r.extra:
             typer.echo(r.extra["traceback"], err=True)
     n_failed = sum(r.status == "failed" for r in results)
-    typer.echo(f"{len(results) - n_failed} of {len(results)} slides done, {n_failed} failed; stores in {out}")
+    typer.echo(f"{len(results) - n_failed} of {plural(len(results), 'slide')} done, {n_failed} failed; stores in {out}")
     for r in results:
         typer.echo(f"{r.name}\t{r.status}\t{r.n_tiles if r.n_tiles is not None else '-'}\t{r.error or r.store}")
     raise typer.Exit(1 if n_failed else 0)
@@ -216,7 +217,6 @@ def _scoring_config(config, registry, checkpoint, device, topk=None, decision=No
 
 def _report_scores(results, paths) -> None:
     from slide_clip.summaries import summary_path
-    from slide_clip.text import plural
 
     failed = 0
     for r in results:
@@ -362,7 +362,7 @@ def summarize(
     for i, (mk, sk, df, csv_path, parquet_path) in enumerate(tables):
         if i:
             typer.echo("")
-        typer.echo(f"== {sk} ({mk}): {len(df)} slides")
+        typer.echo(f"== {sk} ({mk}): {plural(len(df), 'slide')}")
         cols = [c for c in ("slide_id", "status", "n_tiles", "predicted", "error") if c in df]
         shown = df[cols].astype(object)
         typer.echo(shown.where(shown.notna(), "").to_string(index=False))
@@ -467,7 +467,7 @@ def bags(
             typer.echo(str(p))
         if h5:
             files = export_h5(cohort, h5, level)
-            typer.echo(f"{len(files)} {level} bags in {h5}")
+            typer.echo(f"{plural(len(files), level + ' bag')} in {h5}")
     except SlideClipError as e:
         _fail(str(e))
 
@@ -523,7 +523,8 @@ def search(
         sub = t[t["query"] == q].head(5)
         typer.echo(f"{q}: " + ", ".join(f"{a}({x},{y}) {s:.3f}" for a, x, y, s in
                                         zip(sub.slide_id, sub.x, sub.y, sub.score)))
-    typer.echo(f"{r['method']} search of {r['n_tiles']} tiles in {r['n_slides']} slides; {failed} stores failed")
+    typer.echo(f"{r['method']} search of {plural(r['n_tiles'], 'tile')} in {plural(r['n_slides'], 'slide')}; "
+               f"{plural(failed, 'store')} failed")
     for f in r["files"]:
         typer.echo(str(f))
     raise typer.Exit(1 if failed else 0)
@@ -551,7 +552,7 @@ def cluster(
     except SlideClipError as e:
         _fail(str(e))
     failed = _explore_failed(r["failed"])
-    cols = ["slide_id", "status", "n_tiles"] + [c for c in r["table"].columns if c.startswith("fraction:")]
+    cols = ["slide_id", "status", "n_tiles"] + [c for c in r["table"].columns if c.startswith("fraction__")]
     typer.echo(r["table"][cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     for f in [r["table_path"], r["csv"], *r["maps"], *r["galleries"]]:
         typer.echo(str(f))
@@ -592,7 +593,7 @@ def map_(
     except SlideClipError as e:
         _fail(str(e))
     failed = _explore_failed(r["failed"])
-    typer.echo(f"{r['method']} map of {len(r['points'])} {of}")
+    typer.echo(f"{r['method']} map of {plural(len(r['points']), of.rstrip('s'))}")
     for f in files:
         typer.echo(str(f))
     raise typer.Exit(1 if failed else 0)

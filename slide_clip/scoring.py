@@ -344,6 +344,9 @@ def read_examples(path: str | Path) -> list[Example]:
             seen[key] = (i, label)
             out.append(ex)
     labels = {e.label for e in out}
+    from slide_clip.aggregate import check_column_keys
+
+    check_column_keys(sorted(labels), "labels", path=p)  # each label gets its own table columns
     if len(labels) < 2:
         raise ConfigError(f"examples CSV needs at least two classes (has {sorted(labels)})", path=p)
     return out

@@ -277,7 +277,7 @@ def test_clusters_match_textures_and_are_stored_as_a_score_set(cohort_out):
         # composition table row = label fractions
         row = r["table"].set_index("slide_id").loc[name]
         assert row["status"] == "ok" and row["n_tiles"] == len(lab)
-        assert np.allclose([row["fraction:cluster_0"], row["fraction:cluster_1"]],
+        assert np.allclose([row["fraction__cluster_0"], row["fraction__cluster_1"]],
                            np.bincount(lab, minlength=2) / len(lab))
     assert set(truth) == {"tissue", "dense"}
     assert adjusted_rand_score(truth, labels) >= 0.8
@@ -360,7 +360,7 @@ def test_one_colour_table_in_numeric_order_for_every_cluster_picture(cohort_out)
         assert np.abs(share - truth).max() < 0.03, (share.round(3), truth.round(3))
     m = embedding_map([out], method="pca", per_slide=10**6, colour_by=["clusters-k12"])
     png = next(f for f in m["files"] if f.name == "tiles-pca-clusters-k12.png")
-    present = sorted(set(m["points"]["colour:clusters-k12"]), key=lambda n: int(n.split("_")[1]))
+    present = sorted(set(m["points"]["colour__clusters_k12"]), key=lambda n: int(n.split("_")[1]))
     assert len(present) >= 11  # cluster_10 is there to sort
     assert legend_swatches(png) == [first[int(n.split("_")[1])] for n in present]
 
@@ -423,8 +423,8 @@ def test_pca_map_points_labels_and_mosaic(cohort_out):
         st = SlideStore.open(out / f"{sid}.zarr")
         for set_name in ("tumour", "clusters-k2"):
             probs, _, attrs = st.scores("tiny", set_name)
-            assert list(sub[f"colour:{set_name}"]) == [attrs["classes"][i] for i in probs[sub["tile"]].argmax(1)]
-        assert (sub["colour:slide"] == sid).all()
+            assert list(sub[f"colour__{set_name.replace('-', '_')}"]) == [attrs["classes"][i] for i in probs[sub["tile"]].argmax(1)]
+        assert (sub["colour__slide"] == sid).all()
     names = {p.name for p in r["files"]}
     assert {"tiles-pca-slide.png", "tiles-pca-tumour.png", "tiles-pca-clusters-k2.png", "tiles-pca-mosaic.png",
             "tiles-pca.csv"} <= names
@@ -491,7 +491,7 @@ def test_explore_commands(cohort_out, tiny_registry, tmp_path):
     assert np.allclose(a["score"], exact["score"], atol=1e-5)
     r = run("cluster", out, "--k", "3", "--per-cluster", "2", "--no-maps")
     assert r.returncode == 0, r.stderr
-    assert (out / "tables" / "tiny" / "clusters-k3.parquet").is_file() and "fraction:cluster_2" in r.stdout
+    assert (out / "tables" / "tiny" / "clusters-k3.parquet").is_file() and "fraction__cluster_2" in r.stdout
     r = run("map", out, "--method", "pca", "--per-slide", "10", "--color-by", "clusters-k3",
             "--h5ad", tmp_path / "m.h5ad")
     assert r.returncode == 0, r.stderr

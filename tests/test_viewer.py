@@ -168,7 +168,7 @@ def test_cohort_lists_every_slide_and_sorts_by_score(browser, cohort):
     assert header == "P(tumour)"
     shown = browser.execute_script(
         "return Array.from(document.querySelectorAll('#cohort-table tbody tr')).map(r => r.dataset.slide)")
-    assert shown == list(table.sort_values("slide_prob:tumour", ascending=False)["slide_id"])
+    assert shown == list(table.sort_values("slide_prob__tumour", ascending=False)["slide_id"])
     predicted = browser.execute_script("""
         return Object.fromEntries(Array.from(document.querySelectorAll('#cohort-table tbody tr'))
             .map(r => [r.dataset.slide, r.children[3].textContent]));""")

@@ -11,7 +11,7 @@
 4. Draw a cluster map per slide (the heatmap renderer, categorical colours and a legend),
    a gallery of each cluster's most central tiles, and the cohort's composition table::
 
-    <out>/tables/<model>/<set>.parquet, .csv          one row per slide: fraction:cluster_i
+    <out>/tables/<model>/<set>.parquet, .csv          one row per slide: fraction__cluster_i
     <out>/explore/clusters/<set>-<model>/maps/<slide_id>.png
     <out>/explore/clusters/<set>-<model>/gallery-cluster_<i>.png, gallery.html
     <out>/explore/clusters/<set>-<model>/centroids.npy, clusters.json
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slide_clip.aggregate import metric_column
 from slide_clip.atomic import replace_file, write_text
 from slide_clip.errors import ConfigError, SlideClipError
 from slide_clip.explore.cohort import Cohort
@@ -35,6 +36,7 @@ from slide_clip.explore.search import TopN
 from slide_clip.faults import kill_point
 from slide_clip.output import BESIDE_STORES, output_errors
 from slide_clip.store import model_key, store_lock
+from slide_clip.text import plural
 
 KIND = "clusters"
 
@@ -48,7 +50,7 @@ def fit_kmeans(features: np.ndarray, k: int, seed: int = 0, n_init: int = 4) -> 
     from sklearn.cluster import KMeans
 
     if len(features) < k:
-        raise ConfigError(f"only {len(features)} tiles to fit {k} clusters", hint="Choose a smaller --k.")
+        raise ConfigError(f"only {plural(len(features), 'tile')} to fit {k} clusters", hint="Choose a smaller --k.")
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(np.asarray(features, np.float64))
     return km.cluster_centers_.astype(np.float32)
 
@@ -62,7 +64,7 @@ def squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def composition_table(cohort: Cohort, labels: dict[int, np.ndarray], k: int, set_name: str) -> pd.DataFrame:
-    """One row per slide: ``slide_id, status, error, model, set, k, n_tiles, fraction:cluster_i``.
+    """One row per slide: ``slide_id, status, error, model, set, k, n_tiles, fraction__cluster_i``.
 
     Stores the cohort could not use appear with ``status`` ``failed`` and their error
     (fractions empty), so no slide goes missing silently.
@@ -77,14 +79,14 @@ def composition_table(cohort: Cohort, labels: dict[int, np.ndarray], k: int, set
         frac = counts / max(1, len(lab))
         rows.append({"slide_id": s.slide_id, "status": "ok", "error": None, "model": cohort.model,
                      "set": set_name, "k": k, "n_tiles": int(len(lab)),
-                     **{f"fraction:{n}": float(f) for n, f in zip(names, frac)}})
+                     **{metric_column("fraction", n): float(f) for n, f in zip(names, frac)}})
     for path, err in cohort.failed:
         from slide_clip.store import STORE_SUFFIX
 
         sid = Path(path).name.removesuffix(STORE_SUFFIX)
         rows.append({"slide_id": sid, "status": "failed", "error": err, "model": cohort.model, "set": set_name,
                      "k": k, "n_tiles": None})
-    cols = ["slide_id", "status", "error", "model", "set", "k", "n_tiles", *[f"fraction:{n}" for n in names]]
+    cols = ["slide_id", "status", "error", "model", "set", "k", "n_tiles", *[metric_column("fraction", n) for n in names]]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
@@ -217,7 +219,6 @@ def cluster_map(cohort: Cohort, slide_index: int, set_name: str, out_dir: str | 
     """
     from slide_clip.heatmap import category_image, grid_to_thumbnail, label_grid, render_category_png
     from slide_clip.pictures import category_colours, random_weights_title, thumbnail_mm_per_px
-    from slide_clip.text import plural
 
     s = cohort.slides[slide_index]
     lab, names = stored_labels(s.store, cohort.model, set_name)

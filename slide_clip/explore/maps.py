@@ -7,7 +7,8 @@ slide, by the top class of a stored score set (zero-shot or few-shot), or by clu
 
     <out>/explore/maps/<model>/<of>-<method>-<colour>.png     scatter with a legend
     <out>/explore/maps/<model>/<of>-<method>-mosaic.png       tile thumbnails placed on the map
-    <out>/explore/maps/<model>/<of>-<method>.csv              the points: slide_id, tile, x, y, map_1, map_2, labels
+    <out>/explore/maps/<model>/<of>-<method>.csv              the points: slide_id, tile, x, y, map_1, map_2,
+                                                               colour__<set> (each point's label)
 
 UMAP needs ``umap-learn``; t-SNE and PCA come from scikit-learn. Coordinates ``x, y`` are
 level-0 pixels of the tile's top-left corner; ``map_1, map_2`` are map units (arbitrary).
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slide_clip.aggregate import metric_column
 from slide_clip.atomic import replace_file
 from slide_clip.errors import ConfigError
 from slide_clip.explore.cohort import Cohort
@@ -308,7 +310,7 @@ def embedding_map(stores, *, model: str | None = None, of: str = "tiles", method
     what = _sampled(cohort, len(pts), of)
     with output_errors(cohort.out, BESIDE_STORES):
         for by, labels, legend, order in labelled:
-            pts[f"colour:{by}"] = labels
+            pts[metric_column("colour", by)] = labels
             title = random_weights_title(f"{_METHOD_NAMES.get(used, used)} of {what} [{cohort.model}], coloured by "
                                          f"{legend}", cohort.random_weights)
             files.append(draw_map(xy, labels, out / f"{of}-{used}-{model_key(by)}.png", title, legend,

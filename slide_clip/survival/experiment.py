@@ -39,6 +39,7 @@ from slide_clip.survival.metrics import harrell_c, km_plot
 from slide_clip.survival.report import console_lines
 from slide_clip.survival.rundir import RunFolder
 from slide_clip.survival.validation import FoldData, cv_concordance, permutation_p, small_cohort
+from slide_clip.text import plural
 
 BASELINES = ("coxnet", "abmil")
 HEATMAPS = ("all", "gallery", "none")
@@ -219,7 +220,7 @@ def cv_abmil(cohort: Cohort, ds: BagDataset, t, e, folds, k: int, seed: int, s, 
         for i in te:
             cv.risk[i] = m.predict_bag(ds[i]["features"])[0]
         if log:
-            log(f"abmil fold {f}: trained on {len(tr)} patients")
+            log(f"abmil fold {f}: trained on {plural(len(tr), 'patient')}")
     return cv
 
 
@@ -456,7 +457,8 @@ def run_survival(out: str | Path, clinical: str | Path, time: str, event: str, *
     _check_tiles(cohort)
     folds = _fold_array(pids, cl.table.loc[pids, "event"].to_numpy(), s.folds, s.seed)
     name = s.name or f"{model_key(cohort.model)}-{s.folds}fold-seed{s.seed}"
-    log(f"{len(pids)} patients, {len(cohort.stores)} slides, {int(cl.table.loc[pids, 'event'].sum())} events; "
+    log(f"{plural(len(pids), 'patient')}, {plural(len(cohort.stores), 'slide')}, "
+        f"{plural(int(cl.table.loc[pids, 'event'].sum()), 'event')}; "
         + embeddings_line(cohort.model, cohort.open(next(iter(cohort.stores))).embedding_attrs(cohort.model)))
     for d in cohort.dropped:
         log(f"left out (--allow-missing): slide {d['slide']}: {d['reason']}")
