@@ -354,7 +354,7 @@ def _same_table(ref: Path, out: Path):
     b = pd.read_parquet(out / "cohort-tumour-tiny.parquet").set_index("slide_id")
     assert list(b.index) == IDS and (b["status"] == "ok").all(), b[["status", "error"]]
     assert list(b["store"]) == [f"{s}.zarr" for s in IDS]  # relative to the folder: survives moving it
-    cols = [c for c in a.columns if c.split(":")[0] in ("mean_prob", "area_fraction", "slide_prob", "topk_logit")]
+    cols = [c for c in a.columns if c.split("__")[0] in ("mean_prob", "area_fraction", "slide_prob", "topk_logit")]
     assert cols and np.array_equal(a[cols].to_numpy(), b[cols].to_numpy())
     assert (a["predicted"] == b["predicted"]).all()
 

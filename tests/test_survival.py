@@ -202,7 +202,8 @@ def test_pooled_tables_match_the_stores_and_the_slide_summaries(surv):
     summary = json.loads((surv.out / "summaries" / "tiny" / "tumour" / "s05_1.json").read_text())
     for metric in ("slide_prob", "mean_prob", "area_fraction"):
         for cls, v in summary[metric].items():
-            assert slides.loc["s05_1", f"tumour:{metric}:{cls}"] == pytest.approx(v, rel=1e-6)
+            col = f"tumour__{metric}__{cls.replace('-', '_')}"  # letters, digits and _ (FORMAT.md)
+            assert slides.loc["s05_1", col] == pytest.approx(v, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- pieces of the models
@@ -706,8 +707,8 @@ def test_coxnet_features_are_exactly_what_the_options_name(surv, tmp_path):
     b = pd.read_csv(sub.out / "survival" / "coxnet" / "b" / "risk.csv")
     pd.testing.assert_frame_equal(a, b)
     named = run("c", score_sets=("tumour", "clusters-k3"))
-    tumour = [f"tumour:{m}:{c}" for m in ("slide_prob", "mean_prob", "area_fraction") for c in ("tumour", "non-tumour")]
-    clusters = [f"clusters-k3:{m}:cluster_{i}" for m in ("slide_prob", "mean_prob", "area_fraction") for i in range(3)]
+    tumour = [f"tumour__{m}__{c}" for m in ("slide_prob", "mean_prob", "area_fraction") for c in ("tumour", "non_tumour")]
+    clusters = [f"clusters_k3__{m}__cluster_{i}" for m in ("slide_prob", "mean_prob", "area_fraction") for i in range(3)]
     assert sorted(named["features"]["columns"]) == sorted(emb + tumour + clusters)
     assert named["features"]["score_sets"] == ["tumour", "clusters-k3"]
     assert named["data"]["data_hash"] != before["data"]["data_hash"]
