@@ -218,3 +218,15 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
     if enc.checkpoint and not Path(enc.checkpoint).is_absolute():
         cfg = cfg.with_overrides(encode={"checkpoint": str((p.parent / enc.checkpoint).resolve())})
     return cfg
+
+
+def default_model() -> str:
+    """The encoder used when none is named: ``encode.model`` of the shipped ``configs/default.yaml``."""
+    return load_config().encode.model
+
+
+def model_option_help() -> str:
+    """The ``--model`` help of the commands that embed, saying the default plainly."""
+    return (f"Encoder: a registry name (`slide-clip models`), or random:NAME for seeded random weights (testing "
+            f"only). Default: {default_model()} (encode.model of the config; weights from the Hugging Face hub "
+            "on first use, or a local file with --checkpoint).")

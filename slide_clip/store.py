@@ -191,46 +191,78 @@ def store_lock(path: str | Path, wait: float = 0.0):
     kernel, so it cannot outlive its process on this machine. The lock file records the
     holder's host, pid and start time, so a conflict says who holds it. ``wait`` seconds
     are spent retrying before a second writer gets a :class:`StoreError` instead of
-    interleaving rows. The lock file itself stays (an empty lock file means nothing).
+    interleaving rows. The holder deletes the lock file when it lets go, so finished stores
+    have none beside them (a file left by a killed writer means nothing: it is locked again).
+    Deleting it races with a waiter that opened the old file: a lock taken on a file that no
+    longer is the one at the path (``fstat`` and ``stat`` name different inodes) is let go
+    and taken again on the file now there.
     """
     lock = Path(f"{path}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _take_flock(fd, lock, path, deadline)
+            if _same_file(fd, lock):
                 break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _lock_holder(lock)
-                    if holder == _UNKNOWN_HOLDER and time.monotonic() < deadline + _NOTE_GRACE_S:
-                        # an empty note: the holder is between taking the lock and writing its
-                        # note, or between clearing it and letting go: look again shortly
-                        time.sleep(0.02)
-                        continue
-                    raise StoreBusyError(
-                        f"is being written by another process ({holder}; lock {lock.name})", path=path,
-                        hint="Wait for it to finish, or write to another --out. If that process is gone "
-                             "(killed on another machine of a shared file system), delete the .lock file "
-                             "and run again.") from None
-                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder deleted the file while we waited on it: take the new one
+    try:
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                       "since": _now()}).encode(), 0)
         except OSError:
             pass  # a full disk: the lock holds all the same, only its note is missing
+        yield
+    finally:
         try:
-            yield
-        finally:
+            lock.unlink()  # while still held: a waiter on this file finds it gone and retries
+        except OSError:
             try:
-                os.ftruncate(fd, 0)
+                os.ftruncate(fd, 0)  # a read-only folder: at least an empty note
             except OSError:
                 pass
-    finally:
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open ``fd`` is the file ``path`` names now (not one deleted or replaced)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _take_flock(fd: int, lock: Path, path, deadline: float) -> None:
+    """``flock`` ``fd`` exclusively, trying until ``deadline``; then :class:`StoreBusyError`."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = _lock_holder(lock)
+                if holder == _UNKNOWN_HOLDER and time.monotonic() < deadline + _NOTE_GRACE_S:
+                    # an empty note: the holder is between taking the lock and writing its
+                    # note, or between deleting it and letting go: look again shortly
+                    time.sleep(0.02)
+                    if not _same_file(fd, lock):
+                        return  # deleted by its holder: the caller opens the new one
+                    continue
+                raise StoreBusyError(
+                    f"is being written by another process ({holder}; lock {lock.name})", path=path,
+                    hint="Wait for it to finish, or write to another --out. If that process is gone "
+                         "(killed on another machine of a shared file system), delete the .lock file "
+                         "and run again.") from None
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            if not _same_file(fd, lock):
+                return  # let go and deleted while we waited: the caller opens the new one
 
 
 class SlideStore:
@@ -805,6 +837,26 @@ class SlideStore:
             out.extend((mk, sk) for sk in self._names(f"scores/{mk}"))
         return out
 
+    def _score_sets_hint(self, model: str) -> str:
+        """What to do about a missing score set: the sets it has, named as ``--set`` takes them."""
+        own = [sk for _, sk in self.score_sets(model)]
+        others = {}
+        for mk, sk in self.score_sets():
+            if mk != model_key(model):
+                others.setdefault(mk, []).append(sk)
+        text = (f"Its score sets for this model (give one with --set): {', '.join(own)}." if own
+                else "It has no score sets for this model: run `slide-clip zeroshot` or `fewshot` first.")
+        if others:
+            names = {}
+            for mk in others:
+                try:
+                    names[mk] = self.embedding_attrs(mk).get("name", mk)
+                except StoreError:
+                    names[mk] = mk
+            text += " Other models' sets (choose the model with --model): " + "; ".join(
+                f"{', '.join(sets)} (--model {names[mk]})" for mk, sets in others.items()) + "."
+        return text
+
     def score_attrs(self, model: str, set_name: str) -> dict:
         """A score set's attributes, checked to be a complete set (not its arrays: see :meth:`scores`)."""
         mk, sk = model_key(model), model_key(set_name)
@@ -817,9 +869,8 @@ class SlideStore:
             if (self.path / key).exists():
                 raise StoreError(f"is damaged: the score set {mk}/{sk} has no readable zarr.json", path=self.path,
                                  hint=_DAMAGED_SCORES)
-            have = ", ".join(f"{m}/{s}" for m, s in self.score_sets()) or "none"
-            raise StoreError(f"has no scores {set_name!r} for model {model!r}", path=self.path,
-                             hint=f"Run `slide-clip zeroshot` or `fewshot` first (score sets in it: {have}).")
+            raise StoreError(f"has no score set {set_name!r} for model {model!r}", path=self.path,
+                             hint=self._score_sets_hint(model))
         attrs = dict(self.group[key].attrs)
         if attrs.get("status") != STATUS_COMPLETE or not isinstance(attrs.get("classes"), list):
             raise StoreError(f"is damaged: the score set {mk}/{sk} is incomplete (no classes or status recorded; "
