@@ -150,14 +150,14 @@ def _report_run(result: dict, out: Path) -> None:
 
     heatmap_dirs = set()
     for r in result["slides"]:
-        tail = r.get("error") if r.get("status") in ("failed", "waiting") else f"{r.get('n_tiles')} tiles"
+        tail = r.get("error") if r.get("status") in ("failed", "waiting") else f"{r.get('n_tiles')} tile{'' if r.get('n_tiles') == 1 else 's'}"
         typer.echo(f"{r.get('status', '?'):8s} {r['slide_id']}  {tail}")
         for name, s in ((r.get("extra") or {}).get("scores") or {}).items():
             d = out / "heatmaps" / model_key(s.get("model") or "") / model_key(name)
             if s.get("model") and d.is_dir():  # drawn now or by an earlier run
                 heatmap_dirs.add(str(d))
     n_failed = result["failed"]
-    typer.echo(f"{len(result['slides']) - n_failed} of {len(result['slides'])} slides done, {n_failed} failed")
+    typer.echo(f"{len(result['slides']) - n_failed} of {len(result['slides'])} slide{'' if len(result['slides']) == 1 else 's'} done, {n_failed} failed")
     if result.get("skipped_files"):
         typer.echo(f"skipped {len(result['skipped_files'])} files or folders that are not slides (listed with "
                    f"the reasons in {result.get('skipped_list')})")

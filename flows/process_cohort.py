@@ -130,7 +130,7 @@ def process_cohort(
     cohort, waiting = split_settled(cohort, settle_seconds)
     for c in waiting:
         log.info(f"{c.path}: changed in the last {settle_seconds:g} s (still being copied?); left for the next run")
-    log.info(f"{len(cohort)} slides, at most {max_concurrency} at a time -> {out}")
+    log.info(f"{len(cohort)} slide{'' if len(cohort) == 1 else 's'}, at most {max_concurrency} at a time -> {out}")
     record_patients(out, cohort)  # out/patients.csv: slides -> patients, for the survival models
     progress = _Progress(len(cohort))
     results = []
@@ -168,7 +168,7 @@ def process_cohort(
         except SlideClipError as exc:  # e.g. no slide finished: the slides' results stand
             result["clusters"] = {"k": clusters, "error": str(exc)}
             log.error(f"clusters (k={clusters}) not made: {exc}")
-    log.info(f"{len(results) - n_failed} of {len(results)} slides done, {n_failed} failed")
+    log.info(f"{len(results) - n_failed} of {len(results)} slide{'' if len(results) == 1 else 's'} done, {n_failed} failed")
     if survival:
         from slide_clip_flows.process_survival import process_survival
 
@@ -197,7 +197,7 @@ def _report(results: list[dict], tables: dict, out: str, skipped: list[dict] = (
     for name, t in tables.items():
         create_table_artifact(t["rows"], key=f"cohort-summary-{name.replace('_', '-').lower()}",
                               description=f"Cohort summary ({name}): one row per slide. {t['csv']}")
-    lines = [f"# Cohort: {len(results)} slides -> `{out}`", "", "| slide | status | tiles | detail |",
+    lines = [f"# Cohort: {len(results)} slide{'' if len(results) == 1 else 's'} -> `{out}`", "", "| slide | status | tiles | detail |",
              "|---|---|---|---|"]
     for r in results:
         extra = r.get("extra") or {}

@@ -110,7 +110,7 @@ def process_slide(
         record_status(out, result)
     except SlideClipError as exc:  # a full disk after the work is done: the stores hold it
         log.warning(str(exc))
-    log.info(f"{result.status}: {result.name} ({result.n_tiles} tiles, {result.encoded} encoded)")
+    log.info(f"{result.status}: {result.name} ({result.n_tiles} tile{'' if result.n_tiles == 1 else 's'}, {result.encoded} encoded)")
     return result.to_dict()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,19 +55,50 @@ def slide_scores(
 
 #: How list values (a score set's ``classes``) are written in a table cell.
 LIST_SEPARATOR = ";"
+#: Between the parts of a table column's name (``mean_prob__normal_epithelium``); never inside a part.
+COLUMN_SEPARATOR = "__"
+
+
+def column_key(name) -> str:
+    """A class, set or metric name as part of a table column: letters and digits, every other
+    run of characters one ``_`` (``normal epithelium`` -> ``normal_epithelium``, ``non-tumour``
+    -> ``non_tumour``), so columns are plain identifiers in pandas, R, SQL and spreadsheets."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(name)).strip("_") or "_"
+
+
+def metric_column(metric: str, cls, *prefix) -> str:
+    """The column of a per-class metric: ``<metric>__<class>`` (``<set>__<metric>__<class>``
+    with a set as ``prefix``), each part a :func:`column_key`."""
+    return COLUMN_SEPARATOR.join(column_key(p) for p in (*prefix, metric, cls))
+
+
+def check_column_keys(names, what: str = "classes", path=None) -> None:
+    """Two names that would share a table column (``a b`` and ``a-b``) are an error naming them."""
+    from slide_clip.errors import ConfigError
+
+    seen: dict[str, str] = {}
+    for n in names:
+        k = column_key(n)
+        if k in seen and seen[k] != n:
+            raise ConfigError(f"{what} {seen[k]!r} and {n!r} would share the table column name {k!r}", path=path,
+                              hint="Rename one of them (table columns keep letters and digits, and join the rest "
+                                   "with _).")
+        seen[k] = n
 
 
 def summary_row(summary: dict) -> dict:
     """Flatten a per-slide summary JSON into one table row.
 
-    Per-class metrics become ``<metric>:<class>`` columns; lists (``classes``) become one
-    string joined by ``;`` (never a Python list repr in a CSV cell).
+    Per-class metrics become ``<metric>__<class>`` columns (:func:`metric_column`); lists
+    (``classes``) become one string joined by ``;`` (never a Python list repr in a CSV cell).
     """
     row = {k: (LIST_SEPARATOR.join(map(str, v)) if isinstance(v, (list, tuple)) else v)
            for k, v in summary.items() if not isinstance(v, dict)}
     for metric in ("mean_prob", "area_fraction", "slide_prob", "topk_logit"):
-        for cls, v in (summary.get(metric) or {}).items():
-            row[f"{metric}:{cls}"] = v
+        values = summary.get(metric) or {}
+        check_column_keys(values)
+        for cls, v in values.items():
+            row[metric_column(metric, cls)] = v
     return row
 
 

@@ -55,8 +55,9 @@ def parse_temporary(name: str) -> tuple[str, str] | None:
     return parts[1], parts[3]
 
 
-def clean_leftovers(folder: str | Path) -> None:
-    """Remove the temporary folders a crashed write left in ``folder``.
+def clean_leftovers(folder: str | Path, keep=()) -> None:
+    """Remove the temporary folders a crashed write left in ``folder``, except those named in ``keep``
+    (versions a pointer makes current, in a store written on object storage: see slide_clip.store).
 
     An ``~old`` folder whose target is missing (a crash between the fallback's two renames)
     is renamed back: it is the last complete version. Call it holding the store's lock.
@@ -66,7 +67,7 @@ def clean_leftovers(folder: str | Path) -> None:
         return
     for p in sorted(folder.iterdir()):
         parsed = parse_temporary(p.name)
-        if parsed is None:
+        if parsed is None or p.name in keep:
             continue
         kind, target = parsed
         if kind == "old" and not (folder / target).exists():

@@ -13,7 +13,9 @@ from typing import List, Optional
 
 import typer
 
+from slide_clip import config as _config
 from slide_clip.errors import SlideClipError
+from slide_clip.text import plural
 
 app = typer.Typer(
     name="slide-clip",
@@ -27,11 +29,23 @@ _state = {"debug": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of unexpected errors and library logs.")):
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of unexpected errors and library logs."),
+          storage_options: Optional[str] = typer.Option(
+              None, "--storage-options", envvar="SLIDE_CLIP_STORAGE",
+              help="Slides and stores at URLs (s3://...): JSON or key=value,... (endpoint_url, profile, anonymous, "
+                   "region, or any fsspec option), over the config's storage section.")):
     import logging
     import warnings
 
     _state["debug"] = debug
+    if storage_options:
+        from slide_clip.config import load_config
+        from slide_clip.storage.options import configure, merged
+
+        try:
+            configure(merged(load_config(), storage_options))
+        except SlideClipError as e:
+            _fail(str(e))
     if not debug:  # open_clip and the hub client log warnings that our own errors explain better
         root = logging.getLogger()
         root.addHandler(logging.NullHandler())  # so logging.warning() never installs a default handler
@@ -121,7 +135,7 @@ def embed(
     slides: List[Path] = typer.Argument(..., help="Slide files or folders of slides."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one <slide>.zarr store per slide."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Pipeline config YAML (default: configs/default.yaml)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registry name, or random:ARCH for random weights (testing only)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_config.model_option_help()),
     checkpoint: Optional[Path] = typer.Option(None, help="Local weights file for the model (offline use)."),
     registry: List[Path] = typer.Option([], "--models", help="Extra model registry YAML files."),
     mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
@@ -166,6 +180,11 @@ def embed(
         if not paths:
             line = skipped_line(scan.skipped)
             _fail(f"no slides found in {', '.join(map(str, slides))}" + (f" ({line})" if line else ""))
+        from slide_clip.encoders import resolve_model
+        from slide_clip.encoders.hub import check_hub
+
+        e = cfg.encode  # weights on an unreachable hub: said now, before any slide is read
+        check_hub(resolve_model(e.model, tuple(e.registries), e.checkpoint))
         ensure_out_dir(out)
         line, _ = record_skipped(out, scan.skipped)
         if line:  # a cohort never shrinks without a word
@@ -176,7 +195,7 @@ def embed(
             if r.status == "failed":
                 line += f"  {r.error}"
             else:
-                line += f"  {r.n_tiles} tiles, {r.encoded} encoded, {r.seconds:.1f} s"
+                line += f"  {plural(r.n_tiles, 'tile')}, {r.encoded} encoded, {r.seconds:.1f} s"
             typer.echo(line, err=True)
 
         from slide_clip.pipeline import resampling_note
@@ -192,7 +211,7 @@ def embed(
         if r.status == "failed" and _state["debug"] and "traceback" in r.extra:
             typer.echo(r.extra["traceback"], err=True)
     n_failed = sum(r.status == "failed" for r in results)
-    typer.echo(f"{len(results) - n_failed} of {len(results)} slides done, {n_failed} failed; stores in {out}")
+    typer.echo(f"{len(results) - n_failed} of {plural(len(results), 'slide')} done, {n_failed} failed; stores in {out}")
     for r in results:
         typer.echo(f"{r.name}\t{r.status}\t{r.n_tiles if r.n_tiles is not None else '-'}\t{r.error or r.store}")
     raise typer.Exit(1 if n_failed else 0)
@@ -208,7 +227,9 @@ def _scoring_config(config, registry, checkpoint, device, topk=None, decision=No
     )
 
 
-def _report_scores(results) -> None:
+def _report_scores(results, paths) -> None:
+    from slide_clip.summaries import summary_path
+
     failed = 0
     for r in results:
         if r["status"] == "failed":
@@ -216,13 +237,24 @@ def _report_scores(results) -> None:
             typer.echo(f"failed   {r['slide_id']}  {r['error']}")
         else:
             probs = ", ".join(f"{c} {v:.3f}" for c, v in r["slide_prob"].items()) if r["n_tiles"] else "no tiles"
-            typer.echo(f"ok       {r['slide_id']}  {r['n_tiles']} tiles  predicted: {r['predicted']}  ({probs})")
-    typer.echo(f"{len(results) - failed} of {len(results)} slides scored, {failed} failed")
+            typer.echo(f"ok       {r['slide_id']}  {plural(r['n_tiles'], 'tile')}  predicted: {r['predicted']}  "
+                       f"({probs})")
+    typer.echo(f"{len(results) - failed} of {plural(len(results), 'slide')} scored, {failed} failed")
+    done = [r for r in results if r["status"] == "ok"]
+    if done:
+        set_name, model = done[0]["score_set"], done[0]["model"]
+        outs = sorted({str(Path(p).parent) for p in paths})
+        summaries = sorted({str(summary_path(Path(p).parent, model, set_name, "x").parent) for p in paths})
+        typer.echo(f"score set {set_name!r} (model {model}) written into the slide stores in {', '.join(outs)}; "
+                   f"slide summaries in {', '.join(summaries)}")
+        typer.echo(f"next: slide-clip heatmap {outs[0]} --set {set_name}   |   slide-clip summarize {outs[0]}")
     raise typer.Exit(1 if failed else 0)
 
 
 _STORES_ARG = typer.Argument(..., help="Slide stores (<slide>.zarr) or output folders of `embed`.")
-_MODEL_OPT = typer.Option(None, "--model", "-m", help="The stored model to use (needed when a store holds several).")
+_MODEL_OPT = typer.Option(None, "--model", "-m", help="The stored model to use. Default: the one model the stores "
+                          "hold (needed when a store holds several; `embed` stores "
+                          f"{_config.default_model()} unless told otherwise).")
 _REG_OPT = typer.Option([], "--models", help="Extra model registry YAML files.")
 _CKPT_OPT = typer.Option(None, help="Local weights file of the stored model (to compute text embeddings offline).")
 _CFG_OPT = typer.Option(None, "--config", "-c", help="Pipeline config YAML (scoring and heatmap sections).")
@@ -253,10 +285,11 @@ def zeroshot(
     try:
         cfg = _scoring_config(config, registry, checkpoint, device, topk, decision)
         ps = load_prompts(prompts)
-        results = run_zeroshot(find_stores(stores), ps, cfg, model=model)
+        paths = find_stores(stores)
+        results = run_zeroshot(paths, ps, cfg, model=model)
     except SlideClipError as e:
         _fail(str(e))
-    _report_scores(results)
+    _report_scores(results, paths)
 
 
 @app.command()
@@ -278,16 +311,19 @@ def fewshot(
     try:
         cfg = _scoring_config(config, registry, checkpoint, device, topk, decision)
         read_examples(examples)  # a bad examples CSV is said first, before the stores are looked at
-        results = run_fewshot(find_stores(stores), examples, cfg, model=model, name=name)
+        paths = find_stores(stores)
+        results = run_fewshot(paths, examples, cfg, model=model, name=name)
     except SlideClipError as e:
         _fail(str(e))
-    _report_scores(results)
+    _report_scores(results, paths)
 
 
 @app.command()
 def heatmap(
     stores: List[Path] = _STORES_ARG,
-    score_set: str = typer.Option(..., "--set", "-s", help="Score set name (the prompt set's name, or fewshot-…)."),
+    score_set: Optional[str] = typer.Option(None, "--set", "-s", help="Score set name, as zeroshot/fewshot print it "
+                                            "(the prompt set's name, or fewshot-…). Default: the stores' only score "
+                                            "set (cluster sets aside)."),
     model: Optional[str] = _MODEL_OPT,
     classes: List[str] = typer.Option([], "--class", help="Only these classes (repeatable; default all)."),
     smooth: Optional[float] = typer.Option(None, help="Gaussian smoothing over neighbouring tiles, sigma in tiles."),
@@ -295,7 +331,11 @@ def heatmap(
                                         "across slides) or auto (stretched to each slide's range, for flat maps)."),
     config: Optional[Path] = _CFG_OPT,
 ):
-    """Draw a probability heatmap PNG per class and a QuPath GeoJSON per slide."""
+    """Draw a probability heatmap PNG per class and a QuPath GeoJSON per slide.
+
+    <slide>_<class>.png on the fixed 0-1 scale (comparable across slides); --scale auto writes
+    <slide>_<class>_auto.png beside them, never over them.
+    """
     from slide_clip.config import load_config
     from slide_clip.scoring import find_stores, heatmaps
 
@@ -334,7 +374,7 @@ def summarize(
     for i, (mk, sk, df, csv_path, parquet_path) in enumerate(tables):
         if i:
             typer.echo("")
-        typer.echo(f"== {sk} ({mk}): {len(df)} slides")
+        typer.echo(f"== {sk} ({mk}): {plural(len(df), 'slide')}")
         cols = [c for c in ("slide_id", "status", "n_tiles", "predicted", "error") if c in df]
         shown = df[cols].astype(object)
         typer.echo(shown.where(shown.notna(), "").to_string(index=False))
@@ -439,7 +479,7 @@ def bags(
             typer.echo(str(p))
         if h5:
             files = export_h5(cohort, h5, level)
-            typer.echo(f"{len(files)} {level} bags in {h5}")
+            typer.echo(f"{plural(len(files), level + ' bag')} in {h5}")
     except SlideClipError as e:
         _fail(str(e))
 
@@ -495,7 +535,8 @@ def search(
         sub = t[t["query"] == q].head(5)
         typer.echo(f"{q}: " + ", ".join(f"{a}({x},{y}) {s:.3f}" for a, x, y, s in
                                         zip(sub.slide_id, sub.x, sub.y, sub.score)))
-    typer.echo(f"{r['method']} search of {r['n_tiles']} tiles in {r['n_slides']} slides; {failed} stores failed")
+    typer.echo(f"{r['method']} search of {plural(r['n_tiles'], 'tile')} in {plural(r['n_slides'], 'slide')}; "
+               f"{plural(failed, 'store')} failed")
     for f in r["files"]:
         typer.echo(str(f))
     raise typer.Exit(1 if failed else 0)
@@ -523,7 +564,7 @@ def cluster(
     except SlideClipError as e:
         _fail(str(e))
     failed = _explore_failed(r["failed"])
-    cols = ["slide_id", "status", "n_tiles"] + [c for c in r["table"].columns if c.startswith("fraction:")]
+    cols = ["slide_id", "status", "n_tiles"] + [c for c in r["table"].columns if c.startswith("fraction__")]
     typer.echo(r["table"][cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     for f in [r["table_path"], r["csv"], *r["maps"], *r["galleries"]]:
         typer.echo(str(f))
@@ -564,7 +605,7 @@ def map_(
     except SlideClipError as e:
         _fail(str(e))
     failed = _explore_failed(r["failed"])
-    typer.echo(f"{r['method']} map of {len(r['points'])} {of}")
+    typer.echo(f"{r['method']} map of {plural(len(r['points']), of.rstrip('s'))}")
     for f in files:
         typer.echo(str(f))
     raise typer.Exit(1 if failed else 0)

@@ -97,12 +97,33 @@ class HeatmapConfig(_Section):
         "stretched to this slide's min-max, for flat maps (labelled as such)")
 
 
+class StorageConfig(_Section):
+    """Slides and stores at URLs (``s3://``, ``gs://``, ``az://``, ``https://``): how to reach them.
+
+    Credentials come from the usual chain of each service (for S3: environment variables,
+    ``~/.aws/credentials``, the profile, the instance's role); nothing secret belongs here.
+    ``--storage-options`` on the command line overrides these (see :mod:`slide_clip.storage`).
+    """
+
+    endpoint_url: str | None = Field(None, description="an S3-compatible server (MinIO, Ceph, a local test server)")
+    profile: str | None = Field(None, description="a named profile of ~/.aws/credentials (S3)")
+    anonymous: bool = Field(False, description="unsigned requests: public buckets")
+    region: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="any other fsspec option of the file system (s3fs, gcsfs, adlfs)")
+    cache_dir: str | None = Field(None, description="local copies of slides only OpenSlide reads (MIRAX, NDPI, "
+                                                    "DICOM...); default ~/.cache/slide-clip/slides")
+    cache_max_gb: float = Field(50.0, gt=0, description="the cache's size limit; least recently used slides go first")
+    claim_ttl_s: float = Field(300.0, ge=10, description="a store's claim expires this long after its last renewal")
+
+
 class PipelineConfig(_Section):
     tissue: TissueConfig = TissueConfig()
     tiling: TilingConfig = TilingConfig()
     encode: EncodeConfig = EncodeConfig()
     scoring: ScoringConfig = ScoringConfig()
     heatmap: HeatmapConfig = HeatmapConfig()
+    storage: StorageConfig = StorageConfig()
 
     def with_overrides(self, **sections: dict[str, Any]) -> "PipelineConfig":
         """A copy with fields replaced, e.g. ``with_overrides(tiling={"tile_size": 256})``.
@@ -188,7 +209,7 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
         raise ConfigError("config file not found", path=p)
     data = read_yaml(p, "config")
     if data is not None and not isinstance(data, dict):
-        raise ConfigError("config must be a mapping of sections (tissue, tiling, encode, scoring, heatmap)", path=p)
+        raise ConfigError("config must be a mapping of sections (tissue, tiling, encode, scoring, heatmap, storage)", path=p)
     cfg = _validate(data, str(p))
     enc = cfg.encode
     if enc.registries:  # registry paths in a config file are relative to that file
@@ -197,3 +218,15 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
     if enc.checkpoint and not Path(enc.checkpoint).is_absolute():
         cfg = cfg.with_overrides(encode={"checkpoint": str((p.parent / enc.checkpoint).resolve())})
     return cfg
+
+
+def default_model() -> str:
+    """The encoder used when none is named: ``encode.model`` of the shipped ``configs/default.yaml``."""
+    return load_config().encode.model
+
+
+def model_option_help() -> str:
+    """The ``--model`` help of the commands that embed, saying the default plainly."""
+    return (f"Encoder: a registry name (`slide-clip models`), or random:NAME for seeded random weights (testing "
+            f"only). Default: {default_model()} (encode.model of the config; weights from the Hugging Face hub "
+            "on first use, or a local file with --checkpoint).")

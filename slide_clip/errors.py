@@ -14,7 +14,11 @@ from pathlib import Path
 def shown_path(path: str | Path) -> str:
     """How a file is named in a message: always its absolute path (``~`` expanded, ``..``
     folded, symbolic links kept as given), so a line means the same file wherever it is read
-    (a log, a status file, a cohort table) and whichever form the path was given in."""
+    (a log, a status file, a cohort table) and whichever form the path was given in. A URL
+    (``s3://bucket/key``, a :class:`upath.UPath` of one) is shown as the URL."""
+    text = str(path) if not isinstance(path, (str, bytes, os.PathLike)) or "://" in str(path) else None
+    if text is not None:
+        return text
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
@@ -63,3 +67,8 @@ class StoreBusyError(StoreError):
 
 class OutputError(SlideClipError):
     """The output folder cannot be written: read-only, no space left, no permission."""
+
+
+class StorageError(SlideClipError):
+    """Object storage (S3, GCS, Azure, HTTP) refused or lost a request: a missing bucket or object,
+    bad credentials, throttling, a cut connection. Names the URL."""

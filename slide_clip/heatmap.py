@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from slide_clip.atomic import replace_file, write_text
+from slide_clip.atomic import write_text
 
 
 def probability_grid(grid_rc: np.ndarray, values: np.ndarray, grid_shape, overlap: float = 0.0) -> np.ndarray:
@@ -98,31 +98,29 @@ def value_range(value_map: np.ndarray, mask: np.ndarray, scale: str = "fixed") -
 
 
 def render_png(image: np.ndarray, path: str | Path, title: str, colormap: str = "viridis",
-               label: str = "probability", vmin: float = 0.0, vmax: float = 1.0) -> Path:
-    """Save an overlay picture with a colour bar spanning ``vmin``-``vmax`` and a title (matplotlib, Agg)."""
+               label: str = "probability", vmin: float = 0.0, vmax: float = 1.0,
+               mm_per_px: float | None = None) -> Path:
+    """Save an overlay picture with a colour bar spanning ``vmin``-``vmax`` and a title (matplotlib,
+    Agg); with ``mm_per_px`` (mm per picture pixel) the axes are the slide's mm."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib import cm, colors
 
+    from slide_clip.pictures import mm_extent, save_figure, slide_axes
+
     h, w = image.shape[:2]
     dpi = 100
     scale = min(1.0, 1600 / max(h, w))  # the picture is at most 1600 px: never slide-sized
-    fig_w, fig_h = w * scale / dpi + 1.4, h * scale / dpi + 0.6
+    fig_w, fig_h = w * scale / dpi + 1.8, h * scale / dpi + 1.0
     fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=dpi)
-    ax.imshow(image, interpolation="antialiased")
-    ax.set_axis_off()
+    ax.imshow(image, interpolation="antialiased", extent=mm_extent(image.shape, mm_per_px))
+    slide_axes(ax, mm_per_px)
     ax.set_title(title, fontsize=11)
     sm = cm.ScalarMappable(norm=colors.Normalize(vmin, vmax), cmap=colormap)
     fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02, label=label)
-    path = Path(path)
-    try:
-        with replace_file(path) as tmp:  # a reader never sees half a picture
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi, title)
 
 
 def tiles_geojson(coords: np.ndarray, extent, probs: np.ndarray, class_names: list[str],
@@ -151,16 +149,10 @@ def tiles_geojson(coords: np.ndarray, extent, probs: np.ndarray, class_names: li
 
 # ----------------------------------------------------------------------------- categories
 def categorical_colours(n: int) -> np.ndarray:
-    """(n, 3) uint8 distinct colours: matplotlib's tab10 / tab20, evenly spaced hues beyond 20."""
-    from matplotlib import colormaps
+    """(n, 3) uint8 colours of categories 0..n-1: the one table of :mod:`slide_clip.pictures`."""
+    from slide_clip.pictures import category_colours
 
-    if n <= 10:
-        rgb = np.asarray(colormaps["tab10"].colors)[:n]
-    elif n <= 20:
-        rgb = np.asarray(colormaps["tab20"].colors)[:n]
-    else:
-        rgb = colormaps["hsv"](np.arange(n) / n)[:, :3]
-    return (np.asarray(rgb) * 255 + 0.5).astype(np.uint8)
+    return category_colours(n)
 
 
 def label_grid(grid_rc: np.ndarray, labels: np.ndarray, n_labels: int, grid_shape, overlap: float = 0.0) -> np.ndarray:
@@ -186,28 +178,45 @@ def categorical_overlay(thumbnail: np.ndarray, mask: np.ndarray, label_map: np.n
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_categorical_png(image: np.ndarray, path: str | Path, title: str, names: list[str],
-                           colours: np.ndarray) -> Path:
-    """Save a categorical overlay with a title and a legend of ``names`` in ``colours`` (matplotlib, Agg)."""
+def category_image(mask: np.ndarray, label_map: np.ndarray, colours: np.ndarray,
+                   background=(255, 255, 255), outline=(60, 60, 60)) -> np.ndarray:
+    """Each tissue pixel with a label in its category's colour, unblended (exactly the legend's);
+    no label: ``background``; the tissue's edge drawn in ``outline`` (uint8 RGB, thumbnail pixels)."""
+    from skimage import morphology
+
+    h, w = mask.shape
+    out = np.empty((h, w, 3), np.uint8)
+    out[:] = np.asarray(background, np.uint8)
+    draw = mask & ~np.isnan(label_map)
+    lab = np.nan_to_num(label_map, nan=0).astype(int)
+    out[draw] = np.asarray(colours, np.uint8)[lab[draw]]
+    edge = mask & ~morphology.erosion(mask, morphology.disk(1))
+    out[edge] = np.asarray(outline, np.uint8)
+    return out
+
+
+def render_category_png(thumbnail: np.ndarray, categories: np.ndarray, path: str | Path, title: str,
+                        names: list[str], colours: np.ndarray, legend_title: str | None = None,
+                        mm_per_px: float | None = None) -> Path:
+    """The slide and its categories side by side (same axes, in mm when known), a title, and a
+    legend of ``names`` in exactly ``colours`` (the colours drawn in the right panel)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
-    h, w = image.shape[:2]
+    from slide_clip.pictures import mm_extent, save_figure, slide_axes, swatch_legend
+
+    h, w = categories.shape[:2]
     dpi = 100
-    scale = min(1.0, 1600 / max(h, w))
-    fig, ax = plt.subplots(figsize=(w * scale / dpi + 2.0, h * scale / dpi + 0.6), dpi=dpi)
-    ax.imshow(image, interpolation="antialiased")
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=11)
-    handles = [Patch(facecolor=np.asarray(c) / 255, label=n) for n, c in zip(names, colours)]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    path = Path(path)
-    try:
-        with replace_file(path) as tmp:  # a reader never sees half a picture
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
+    scale = min(1.0, 900 / max(h, w))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * w * scale / dpi + 2.6, h * scale / dpi + 1.2), dpi=dpi,
+                             sharex=True, sharey=True)
+    extent = mm_extent(categories.shape, mm_per_px)
+    for ax, img, sub in ((axes[0], thumbnail, "slide"), (axes[1], categories, legend_title or "categories")):
+        ax.imshow(img, interpolation="nearest", extent=extent)
+        slide_axes(ax, mm_per_px)
+        ax.set_title(sub, fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    swatch_legend(axes[1], names, colours, title=legend_title)
+    return save_figure(fig, path, dpi, title)

@@ -15,6 +15,10 @@ whose size differs from the TIFF page's, sparse pages (missing tiles), and any r
 origin is not on the level's pixel grid. When a handle is opened, one file tile of each level
 is decoded both ways, and a level whose pixels differ from OpenSlide's stays with OpenSlide
 (a JPEG flavour this decoder would read differently). Without imagecodecs, every read does.
+
+The file's bytes come from a *source*: :class:`LocalSource` (``os.pread`` on the file) or, for a
+slide at a URL, :class:`RemoteSource` (ranged GETs: the file tiles a region needs that are not
+in the cache are fetched together, contiguous tiles in one request; never the whole file).
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ class JpegTiffReader:
     decoded tiles kept (least recently used dropped first), like OpenSlide's tile cache.
     """
 
-    def __init__(self, osr, path: str, levels: dict, tif, cache_bytes: int):
+    def __init__(self, osr, source, levels: dict, tif, cache_bytes: int):
         self.osr = osr
         self._tif = tif
         self._levels = levels
-        self._fd = os.open(path, os.O_RDONLY)
+        self._source = source
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
@@ -64,22 +68,34 @@ class JpegTiffReader:
         pw, ph, tw, th = page.imagewidth, page.imagelength, page.tilewidth, page.tilelength
         cols = -(-pw // tw)
         x0, y0, x1, y1 = max(0, x), max(0, y), min(pw, x + w), min(ph, y + h)
-        for r in range(y0 // th, -(-y1 // th)) if y1 > y0 else ():
-            for c in range(x0 // tw, -(-x1 // tw)) if x1 > x0 else ():
-                tile = self._tile(level, page, r * cols + c)
-                ty, tx = r * th, c * tw
-                a0, a1, b0, b1 = max(y0, ty), min(y1, ty + th), max(x0, tx), min(x1, tx + tw)
-                out[a0 - y:a1 - y, b0 - x:b1 - x] = tile[a0 - ty:a1 - ty, b0 - tx:b1 - tx, :3]
+        cells = [(r, c) for r in (range(y0 // th, -(-y1 // th)) if y1 > y0 else ())
+                 for c in (range(x0 // tw, -(-x1 // tw)) if x1 > x0 else ())]
+        data = self._fetch(level, page, [r * cols + c for r, c in cells])
+        for r, c in cells:
+            tile = self._tile(level, page, r * cols + c, data.get(r * cols + c))
+            ty, tx = r * th, c * tw
+            a0, a1, b0, b1 = max(y0, ty), min(y1, ty + th), max(x0, tx), min(x1, tx + tw)
+            out[a0 - y:a1 - y, b0 - x:b1 - x] = tile[a0 - ty:a1 - ty, b0 - tx:b1 - tx, :3]
         return out
 
-    def _tile(self, level: int, page, k: int) -> np.ndarray:
+    def _fetch(self, level: int, page, ks: list[int]) -> dict:
+        """The file bytes of the tiles ``ks`` not in the cache, read together (one call to the source)."""
+        with self._lock:
+            need = [k for k in ks if (level, k) not in self._cache]
+        if len(need) < 2:
+            return {}
+        ranges = [(int(page.dataoffsets[k]), int(page.dataoffsets[k]) + int(page.databytecounts[k])) for k in need]
+        return dict(zip(need, self._source.pread_many(ranges)))
+
+    def _tile(self, level: int, page, k: int, data: bytes | None = None) -> np.ndarray:
         key = (level, k)
         with self._lock:
             tile = self._cache.get(key)
             if tile is not None:
                 self._cache.move_to_end(key)
                 return tile
-        data = os.pread(self._fd, int(page.databytecounts[k]), int(page.dataoffsets[k]))
+        if data is None:
+            data = self._source.pread(int(page.databytecounts[k]), int(page.dataoffsets[k]))
         try:
             tile = page.decode(data, k, jpegtables=page.jpegtables)[0][0]  # outside the lock: decodes in parallel
         except Exception as e:  # corrupt data: say which file tile (slide.read_region reports it)
@@ -99,7 +115,7 @@ class JpegTiffReader:
     def release(self) -> None:
         """Close this reader's own file handles, leaving the wrapped OpenSlide handle open."""
         try:
-            os.close(self._fd)
+            self._source.close()
         finally:
             self._tif.close()
 
@@ -136,20 +152,69 @@ def jpeg_levels(osr, tif) -> dict:
     return levels
 
 
-def open_jpeg_tiff(osr, path: str, cache_bytes: int):
-    """``osr`` wrapped in a :class:`JpegTiffReader` when some of its levels are tiled JPEG
-    TIFF pages tifffile decodes; else ``osr`` itself."""
-    try:
+class LocalSource:
+    """A local file's bytes: ``os.pread``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def open_tiff(self):
         import tifffile
 
-        tif = tifffile.TiffFile(path)
+        return tifffile.TiffFile(self.path)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def pread_many(self, ranges) -> list[bytes]:
+        return [os.pread(self._fd, e - s, s) for s, e in ranges]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class RemoteSource:
+    """A remote slide's bytes (a :class:`~slide_clip.storage.remote_tiff.MirroredSlide`'s): its
+    header from the sparse mirror, tiles by ranged GET (:class:`~slide_clip.storage.mirror.RemoteFile`)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.remote = handle.remote
+
+    def open_tiff(self):
+        import tifffile
+
+        return tifffile.TiffFile(self._handle.mirror.file(), name=os.path.basename(self._handle.url))
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return self.remote.pread(size, offset)
+
+    def pread_many(self, ranges) -> list[bytes]:
+        return self.remote.pread_many(ranges)
+
+    def close(self) -> None:
+        pass  # the mirror belongs to the OpenSlide handle, closed with it
+
+
+def open_jpeg_tiff(osr, path: str, cache_bytes: int, source=None):
+    """``osr`` wrapped in a :class:`JpegTiffReader` when some of its levels are tiled JPEG
+    TIFF pages tifffile decodes; else ``osr`` itself. ``source``: where the file's bytes come
+    from (default: the local file ``path``)."""
+    try:
+        source = source or LocalSource(path)
+    except OSError:
+        return osr
+    try:
+        tif = source.open_tiff()
     except Exception:  # noqa: BLE001 - not a TIFF, or tifffile cannot parse it: OpenSlide reads it
+        source.close()
         return osr
     try:
         levels = jpeg_levels(osr, tif)
     except Exception:  # noqa: BLE001 - an odd TIFF: OpenSlide reads it
         levels = {}
-    reader = JpegTiffReader(osr, path, levels, tif, cache_bytes) if levels else None
+    reader = JpegTiffReader(osr, source, levels, tif, cache_bytes) if levels else None
     for level in list(levels):
         if not _agrees(reader, level):  # a JPEG flavour decoded differently here: OpenSlide reads it
             del levels[level]
@@ -157,8 +222,7 @@ def open_jpeg_tiff(osr, path: str, cache_bytes: int):
         reader._cache.clear()
         reader._cached = 0
     if not levels:
-        if reader is not None:
-            os.close(reader._fd)
+        source.close()
         tif.close()
         return osr
     return reader

@@ -113,8 +113,12 @@ def output_errors(where: str | Path, option: str | None = "--out"):
         yield
     except SlideClipError:
         raise  # already one line about the user's input
-    except Exception as exc:  # noqa: BLE001 - only disk errors are translated; others go on
+    except Exception as exc:  # noqa: BLE001 - only disk and storage errors are translated; others go on
         err = disk_error(exc, where, option)
+        if err is None:
+            from slide_clip.storage.failures import storage_error
+
+            err = storage_error(exc, where, "write")
         if err is None:
             raise
         raise err from None
@@ -123,8 +127,21 @@ def output_errors(where: str | Path, option: str | None = "--out"):
 def ensure_out_dir(out_dir: str | Path) -> Path:
     """Create ``out_dir`` if needed and check it can be written; returns it as a Path.
 
-    Raises :class:`OutputError` (read-only, no permission, no space) naming the folder.
+    Raises :class:`OutputError` (read-only, no permission, no space) naming the folder. A URL
+    (``s3://bucket/out``) is checked by writing and deleting a probe object: a missing bucket,
+    refused credentials or an unreachable service is one :class:`~slide_clip.errors.StorageError`
+    line; the URL is returned as a :class:`upath.UPath`.
     """
+    from slide_clip.storage.urls import is_url
+
+    if is_url(out_dir):
+        from slide_clip.storage import objects
+        from slide_clip.storage.filesystems import upath
+
+        probe = f"{str(out_dir).rstrip('/')}/.slide-clip-write-test-{os.getpid()}"
+        objects.write_bytes(probe, b"x")
+        objects.remove(probe)
+        return upath(out_dir)
     out = Path(out_dir)
     with output_errors(out):
         if out.exists() and not out.is_dir():

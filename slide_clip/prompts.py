@@ -90,6 +90,14 @@ class PromptSet(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate class {dupes[0]!r}")
+        from slide_clip.aggregate import column_key
+
+        keys: dict[str, str] = {}
+        for n in names:  # each class gets its own table columns (mean_prob__<class>, ...)
+            if column_key(n) in keys:
+                raise ValueError(f"classes {keys[column_key(n)]!r} and {n!r} would share the table column name "
+                                 f"{column_key(n)!r}: rename one")
+            keys[column_key(n)] = n
         return self
 
     @property

@@ -108,10 +108,24 @@ def open_for_reading(path: str, decoder: str = "auto"):
     ``decoder`` ``auto``: levels stored as tiled JPEG TIFF pages are decoded with tifffile +
     imagecodecs (:mod:`slide_clip.jpeg_tiff`: faster, the same pixels), everything else by
     OpenSlide; ``openslide``: OpenSlide only.
+
+    ``path`` may be a URL: a tiled TIFF/SVS is then read by byte range (its tiles by ranged GET,
+    OpenSlide's self-check on a sparse mirror of the bytes it needs), any other format from the
+    local cache (:mod:`slide_clip.storage.remote_slides`).
     """
     import openslide
 
-    osr = openslide.OpenSlide(path)
+    from slide_clip.storage.urls import is_url
+
+    source = None
+    if is_url(path):
+        from slide_clip.jpeg_tiff import RemoteSource
+        from slide_clip.storage.remote_slides import open_remote_handle
+
+        osr = open_remote_handle(str(path))
+        source = RemoteSource(osr) if hasattr(osr, "mirror") else None
+    else:
+        osr = openslide.OpenSlide(path)
     cache_cls = getattr(openslide, "OpenSlideCache", None)
     if cache_cls is not None:  # openslide-python >= 1.3 with OpenSlide >= 4.0
         try:
@@ -122,4 +136,6 @@ def open_for_reading(path: str, decoder: str = "auto"):
         return osr
     from slide_clip.jpeg_tiff import open_jpeg_tiff
 
-    return open_jpeg_tiff(osr, path, SLIDE_CACHE_BYTES)
+    if is_url(path) and source is None:  # a whole local copy: read it as a local file
+        return open_jpeg_tiff(osr, osr._filename, SLIDE_CACHE_BYTES)
+    return open_jpeg_tiff(osr, path, SLIDE_CACHE_BYTES, source)

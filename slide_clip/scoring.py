@@ -5,6 +5,7 @@ files live beside the stores (``out`` is a store's folder)::
 
     out/summaries/<model>/<set>/<slide_id>.json     per-slide summary
     out/heatmaps/<model>/<set>/<slide_id>_<class>.png, <slide_id>.geojson
+    out/heatmaps/<model>/<set>/<slide_id>_<class>_auto.png (--scale auto: never over the fixed scale's)
     out/classifiers/<model>/<set>-<hash>-<weights>.npz   cached text classifiers
     out/status/<slide_id>.json                      what `embed` did to each slide
     out/cohort-<set>-<model>.csv / .parquet         one row per slide
@@ -30,6 +31,7 @@ from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, Store
 from slide_clip.heatmap import (grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid,
                                 tiles_geojson, value_range)
 from slide_clip.atomic import write_text
+from slide_clip.pictures import random_weights_title, thumbnail_mm_per_px
 from slide_clip.prompts import PromptSet
 from slide_clip.output import BESIDE_STORES, output_errors
 from slide_clip.store import STATUS_TILED, SlideStore, model_key, store_lock
@@ -342,6 +344,9 @@ def read_examples(path: str | Path) -> list[Example]:
             seen[key] = (i, label)
             out.append(ex)
     labels = {e.label for e in out}
+    from slide_clip.aggregate import check_column_keys
+
+    check_column_keys(sorted(labels), "labels", path=p)  # each label gets its own table columns
     if len(labels) < 2:
         raise ConfigError(f"examples CSV needs at least two classes (has {sorted(labels)})", path=p)
     return out
@@ -443,12 +448,16 @@ def fewshot(stores: list[Path], examples_csv: str | Path, cfg: PipelineConfig, *
 
 
 # ----------------------------------------------------------------------------- heatmaps
-def heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str | None = None,
+def heatmaps(store_path: Path, set_name: str | None, cfg: PipelineConfig, *, model: str | None = None,
              classes: list[str] | None = None) -> list[Path]:
     """PNG heatmaps (one per class) and a QuPath GeoJSON of one store's score set.
 
-    Holds the store's lock (waiting up to :data:`LOCK_WAIT_SECONDS` for a writer), so the
-    pictures never mix two versions of a score set.
+    ``set_name`` None: the store's only score set of the model (cluster sets aside; they have
+    their own maps), else an error listing them. Pictures on the ``auto`` colour scale are
+    ``<slide>_<class>_auto.png``, so they never replace the fixed scale's (the ones that
+    compare across slides). Holds the store's lock (waiting up to
+    :data:`LOCK_WAIT_SECONDS` for a writer), so the pictures never mix two versions of a
+    score set.
     """
     with _locked(store_path):
         return _heatmaps(Path(store_path), set_name, cfg, model=model, classes=classes)
@@ -457,6 +466,8 @@ def heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str
 def _heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str | None,
               classes: list[str] | None) -> list[Path]:
     store, name = open_scored_store(store_path, model)
+    if set_name is None:
+        set_name = only_score_set(store, name)
     probs, _, attrs = store.scores(name, set_name)
     class_names = list(attrs["classes"])
     wanted = classes or class_names
@@ -482,21 +493,41 @@ def _heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: st
         if h.scale == "auto":
             title += "\ncolours stretched to this slide's range: not comparable across slides"
             label = f"P({c}), auto scale {vmin:.3g}-{vmax:.3g}"
-        if store.embedding_attrs(name).get("random_weights"):
-            title += "  (random weights: not a trained model)"
-        written.append(render_png(img, out / f"{slide}_{model_key(c)}.png", title, h.colormap, label, vmin, vmax))
+        title = random_weights_title(title, bool(store.embedding_attrs(name).get("random_weights")))
+        written.append(render_png(img, out / f"{slide}_{model_key(c)}{_scale_suffix(h.scale)}.png", title,
+                                  h.colormap, label, vmin, vmax, mm_per_px=thumbnail_mm_per_px(store)))
     written.append(tiles_geojson(store.coords(), t["tile_extent_level0"], probs, class_names,
                                  out / f"{slide}.geojson", name=f"{slide} {set_name}"))
     # written last: the pictures above are whole and were drawn from this version of the set
-    write_text(heatmap_record(out, slide), json.dumps({
+    write_text(heatmap_record(out, slide, h.scale), json.dumps({
         "write_id": attrs.get("write_id"), "classes": list(wanted), "files": [p.name for p in written],
         "settings": h.model_dump(mode="json")}, indent=1))
     return written
 
 
-def heatmap_record(folder: Path, slide: str) -> Path:
-    """``<slide_id>.heatmaps.json`` beside a slide's heatmaps: what they were drawn from."""
-    return Path(folder) / f"{slide}.heatmaps.json"
+def _scale_suffix(scale: str) -> str:
+    """What a colour scale adds to heatmap file names: nothing for ``fixed``, ``_auto`` for ``auto``."""
+    return "" if scale == "fixed" else f"_{scale}"
+
+
+def heatmap_record(folder: Path, slide: str, scale: str = "fixed") -> Path:
+    """``<slide_id>.heatmaps.json`` (``<slide_id>_auto.heatmaps.json`` for the auto scale) beside a
+    slide's heatmaps: what they were drawn from."""
+    return Path(folder) / f"{slide}{_scale_suffix(scale)}.heatmaps.json"
+
+
+def only_score_set(store: SlideStore, model: str) -> str:
+    """The name of the store's one score set of ``model`` (cluster sets left aside), else an error
+    naming the sets as ``--set`` takes them."""
+    sets = [sk for _, sk in store.score_sets(model)
+            if store.group[f"scores/{model_key(model)}/{sk}"].attrs.get("kind") != "clusters"]
+    if len(sets) == 1:
+        return sets[0]
+    if not sets:
+        raise StoreError(f"has no score sets for model {model!r}", path=store.path,
+                         hint="Run `slide-clip zeroshot` or `fewshot` first.")
+    raise StoreError(f"has {len(sets)} score sets for model {model!r}: {', '.join(sets)}", path=store.path,
+                     hint="Choose one with --set.")
 
 
 def heatmaps_current(store_path: str | Path, set_name: str, cfg: PipelineConfig, *, model: str | None = None) -> bool:
@@ -513,7 +544,7 @@ def heatmaps_current(store_path: str | Path, set_name: str, cfg: PipelineConfig,
         return False
     folder = _out_dir(store) / "heatmaps" / model_key(name) / model_key(set_name)
     try:
-        rec = json.loads(heatmap_record(folder, store.slide["name"]).read_text())
+        rec = json.loads(heatmap_record(folder, store.slide["name"], cfg.heatmap.scale).read_text())
     except (OSError, ValueError):
         return False
     return (isinstance(rec, dict) and attrs.get("write_id") is not None

@@ -72,8 +72,19 @@ def slide_id(path: str | Path) -> str:
 
     A single DICOM file (one series among others in its folder) is named after the file,
     never after its folder. Ids unique within an output folder are assigned from these by
-    :func:`slide_clip.slide_ids.assign_slide_ids`.
+    :func:`slide_clip.slide_ids.assign_slide_ids`. A URL is named by its last component (a
+    URL ending in ``/`` is a folder: a DICOM series).
     """
+    from slide_clip.storage.urls import is_url, url_name
+
+    if is_url(path):
+        if str(path).endswith("/"):
+            return url_name(path)
+        name = url_name(path)
+        for suffix in (".ome.tiff", ".ome.tif"):
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return Path(name).stem
     p = Path(path)
     if p.is_dir():
         return p.name
@@ -181,8 +192,25 @@ def open_slide(
     -------
     The open OpenSlide handle (the caller closes it) and the slide's :class:`SlideInfo`.
     The mpp is not checked here; :func:`check_mpp` does that against a target.
+
+    A URL (``s3://``, ``gs://``, ``az://``, ``https://``) is opened by
+    :mod:`slide_clip.storage.remote_slides`: tiled TIFF/SVS by byte range, other formats from a
+    local copy; the same checks run, and the :class:`SlideInfo` is the local file's with the
+    URL as its ``path``.
     """
-    file = resolve_slide_path(path)
+    from slide_clip.storage.urls import is_url
+
+    if is_url(path):
+        from slide_clip.storage.remote_slides import open_remote_slide
+
+        return open_remote_slide(str(path), mpp_override)
+    return open_file(resolve_slide_path(path), path, mpp_override)
+
+
+def open_file(file: Path, path, mpp_override: float | None = None, wrap=None):
+    """:func:`open_slide` of the local ``file`` (resolved), named ``path`` in errors and in its
+    :class:`SlideInfo`. ``wrap`` (a callable) turns the OpenSlide handle into the handle returned,
+    before the checks read pixels through it (a remote slide's handle fetches the bytes it reads)."""
     try:
         fmt = openslide.OpenSlide.detect_format(str(file))
     except Exception as e:  # noqa: BLE001 - OpenSlide raises several types
@@ -210,6 +238,8 @@ def open_slide(
             hint="Copy the file again from its source.",
         ) from None
     try:
+        if wrap is not None:
+            osr = wrap(osr)
         _check_last_tile(osr, path)
         info = _describe(osr, file, path, mpp_override)
     except Exception:
@@ -428,8 +458,10 @@ def _describe(osr, file: Path, path, mpp_override) -> SlideInfo:
         fingerprint = _fingerprint(osr, file)
     except OSError as e:
         raise SlideError(f"cannot be read: {e}", path=path) from None
+    from slide_clip.storage.urls import is_url
+
     return SlideInfo(
-        path=str(Path(path).expanduser().resolve()),
+        path=str(path) if is_url(path) else str(Path(path).expanduser().resolve()),
         name=slide_id(path),
         vendor=props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
         width=int(osr.dimensions[0]),

@@ -20,6 +20,12 @@ A store is ``created``, then ``tissue`` once its mask is written, then ``tiled``
 tile arrays are written; an embedding group is ``partial``
 until its last row is written, then ``complete``. ``rows_written`` only grows after the
 rows it counts are on disk, so a rerun resumes exactly there.
+
+A store may live at a URL (``s3://bucket/out/<slide_id>.zarr``): the same layout through zarr's
+``FsspecStore``; :attr:`SlideStore.path` is then a :class:`upath.UPath`. Object stores have no
+rename: a replaced score set or embedding group is written under a temporary name and made
+current by one write of its parent group's ``zarr.json`` naming it (:data:`CURRENT`), and every
+write into a remote store needs the store's claim (:mod:`slide_clip.storage.claims`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -43,6 +48,8 @@ from slide_clip.encoders.outputs import is_normalised
 from slide_clip.atomic import clean_leftovers, is_temporary, swap_in, temporary_name
 from slide_clip.errors import StoreBusyError, StoreError
 from slide_clip.faults import kill_point
+from slide_clip.storage.filesystems import remove_tree, upath
+from slide_clip.storage.urls import is_url
 
 FORMAT_VERSION = 1
 STORE_SUFFIX = ".zarr"
@@ -58,6 +65,11 @@ DEFAULT_CHUNK_ROWS = 2048
 
 _COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
 
+#: Attribute of a parent group (``scores/<model>``, ``embeddings``) mapping a child's name to the
+#: temporary name it is stored under: how a replacement is made current on object storage,
+#: where nothing can be renamed (see docs/FORMAT.md, "Replacing a set atomically").
+CURRENT = "current"
+
 _DAMAGED = "Re-embed the slide with --overwrite, or restore the store from a copy."
 _DAMAGED_SCORES = "Score the slide again (`slide-clip zeroshot`, `fewshot` or `cluster`), or restore the store from a copy."
 
@@ -72,8 +84,61 @@ def _reason(exc: BaseException) -> str:
 _WRITE_ALL = {"write_empty_chunks": True}
 
 
-def store_path(out_dir: str | Path, slide_name: str) -> Path:
-    return Path(out_dir) / f"{slide_name}{STORE_SUFFIX}"
+def store_path(out_dir, slide_name: str):
+    """The store of ``slide_name`` in ``out_dir``: a Path, or a :class:`upath.UPath` for a URL."""
+    return upath(out_dir) / f"{slide_name}{STORE_SUFFIX}"
+
+
+def _check_bucket(p) -> None:
+    """A remote store whose bucket is missing (or refused) as one line: zarr would only see no zarr.json."""
+    from slide_clip.errors import StorageError
+    from slide_clip.storage.failures import remote_errors
+    from slide_clip.storage.filesystems import filesystem
+
+    fs, path = filesystem(str(p))
+    try:
+        fs.info(path.split("/", 1)[0])
+    except FileNotFoundError:
+        raise StorageError("cannot read: the bucket does not exist", path=str(p),
+                           hint="Check the bucket's name and the endpoint (storage.endpoint_url).") from None
+    except Exception as e:  # noqa: BLE001 - credentials, network: one line; anything else as it is
+        with remote_errors(str(p)):
+            raise e
+
+
+def _not_storage(exc: BaseException, path) -> None:
+    """Raise the one-line :class:`~slide_clip.errors.StorageError` if ``exc`` is a storage service's
+    failure (a cut connection, throttling, refused credentials): never reported as damage."""
+    if is_url(path):
+        from slide_clip.storage.failures import storage_error
+
+        err = storage_error(exc, str(path))
+        if err is not None:
+            raise err from None
+
+
+def _io(path, action: str = "write"):
+    """Storage failures inside the block as one line about the store (a remote store; nothing locally)."""
+    import contextlib
+
+    if not is_url(path):
+        return contextlib.nullcontext()
+    from slide_clip.storage.failures import remote_errors
+
+    return remote_errors(str(path), action)
+
+
+def _zarr_target(path):
+    """What zarr opens for a store at ``path``: its local path, or an ``FsspecStore`` for a URL."""
+    if not is_url(path):
+        return str(path)
+    from zarr.storage import FsspecStore
+
+    from slide_clip.storage.filesystems import protocol_of
+    from slide_clip.storage.options import fsspec_options
+
+    url = str(path)
+    return FsspecStore.from_url(url, storage_options=fsspec_options(protocol_of(url)))
 
 
 def model_key(model_name: str) -> str:
@@ -126,65 +191,110 @@ def store_lock(path: str | Path, wait: float = 0.0):
     kernel, so it cannot outlive its process on this machine. The lock file records the
     holder's host, pid and start time, so a conflict says who holds it. ``wait`` seconds
     are spent retrying before a second writer gets a :class:`StoreError` instead of
-    interleaving rows. The lock file itself stays (an empty lock file means nothing).
+    interleaving rows. The holder deletes the lock file when it lets go, so finished stores
+    have none beside them (a file left by a killed writer means nothing: it is locked again).
+    Deleting it races with a waiter that opened the old file: a lock taken on a file that no
+    longer is the one at the path (``fstat`` and ``stat`` name different inodes) is let go
+    and taken again on the file now there.
     """
     lock = Path(f"{path}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _take_flock(fd, lock, path, deadline)
+            if _same_file(fd, lock):
                 break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _lock_holder(lock)
-                    if holder == _UNKNOWN_HOLDER and time.monotonic() < deadline + _NOTE_GRACE_S:
-                        # an empty note: the holder is between taking the lock and writing its
-                        # note, or between clearing it and letting go: look again shortly
-                        time.sleep(0.02)
-                        continue
-                    raise StoreBusyError(
-                        f"is being written by another process ({holder}; lock {lock.name})", path=path,
-                        hint="Wait for it to finish, or write to another --out. If that process is gone "
-                             "(killed on another machine of a shared file system), delete the .lock file "
-                             "and run again.") from None
-                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder deleted the file while we waited on it: take the new one
+    try:
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                       "since": _now()}).encode(), 0)
         except OSError:
             pass  # a full disk: the lock holds all the same, only its note is missing
+        yield
+    finally:
         try:
-            yield
-        finally:
+            lock.unlink()  # while still held: a waiter on this file finds it gone and retries
+        except OSError:
             try:
-                os.ftruncate(fd, 0)
+                os.ftruncate(fd, 0)  # a read-only folder: at least an empty note
             except OSError:
                 pass
-    finally:
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open ``fd`` is the file ``path`` names now (not one deleted or replaced)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _take_flock(fd: int, lock: Path, path, deadline: float) -> None:
+    """``flock`` ``fd`` exclusively, trying until ``deadline``; then :class:`StoreBusyError`."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = _lock_holder(lock)
+                if holder == _UNKNOWN_HOLDER and time.monotonic() < deadline + _NOTE_GRACE_S:
+                    # an empty note: the holder is between taking the lock and writing its
+                    # note, or between deleting it and letting go: look again shortly
+                    time.sleep(0.02)
+                    if not _same_file(fd, lock):
+                        return  # deleted by its holder: the caller opens the new one
+                    continue
+                raise StoreBusyError(
+                    f"is being written by another process ({holder}; lock {lock.name})", path=path,
+                    hint="Wait for it to finish, or write to another --out. If that process is gone "
+                         "(killed on another machine of a shared file system), delete the .lock file "
+                         "and run again.") from None
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            if not _same_file(fd, lock):
+                return  # let go and deleted while we waited: the caller opens the new one
 
 
 class SlideStore:
     """Read and write one slide's store."""
 
-    def __init__(self, path: str | Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, path, group: zarr.Group):
+        self.path = upath(path)
         self.group = group
+        self.remote = is_url(path)
+
+    def _writing(self) -> None:
+        """Before a write into a remote store: this process must hold its live claim."""
+        if self.remote:
+            from slide_clip.storage.claims import check_claimed
+
+            check_claimed(str(self.path))
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | Path) -> "SlideStore":
-        """Open an existing store for reading and appending."""
-        p = Path(path)
-        if not (p / "zarr.json").is_file():
-            raise StoreError("is not a slide-clip store (no zarr.json)", path=p,
-                             hint="Run `slide-clip embed` on the slide first.")
+    def open(cls, path) -> "SlideStore":
+        """Open an existing store for reading and appending (a local path or a URL)."""
+        from slide_clip.storage.failures import remote_errors
+
+        p = upath(path)
+        with remote_errors(str(p)):
+            if not (p / "zarr.json").is_file():
+                if is_url(p):
+                    _check_bucket(p)
+                raise StoreError("is not a slide-clip store (no zarr.json)", path=p,
+                                 hint="Run `slide-clip embed` on the slide first.")
         try:
-            g = zarr.open_group(str(p), mode="r+", zarr_format=3)
+            g = zarr.open_group(_zarr_target(p), mode="r+", zarr_format=3)
         except Exception as e:  # noqa: BLE001
             raise StoreError(f"cannot be opened as Zarr v3 ({e})", path=p) from None
         if "slide_clip" not in g.attrs:
@@ -192,14 +302,23 @@ class SlideStore:
         return cls(p, g)
 
     @classmethod
-    def create(cls, path: str | Path, slide: dict, tiling: dict) -> "SlideStore":
+    def create(cls, path, slide: dict, tiling: dict) -> "SlideStore":
         """Create (replacing anything there) a store with its slide and tiling attributes."""
-        p = Path(path)
+        p = upath(path)
+        if is_url(p):
+            from slide_clip.storage.claims import check_claimed
+
+            check_claimed(str(p))
         if p.exists():
-            shutil.rmtree(p)
+            if is_url(p):
+                remove_tree(p)
+            else:
+                import shutil
+
+                shutil.rmtree(p)  # a failure here (permissions) is the caller's OutputError
         # One write of zarr.json with every attribute (Zarr writes it atomically): a store is
         # either absent or a complete slide-clip store, never "not a slide-clip store".
-        g = zarr.open_group(str(p), mode="w", zarr_format=3, attributes={
+        g = zarr.open_group(_zarr_target(p), mode="w", zarr_format=3, attributes={
             "slide_clip": {"format_version": FORMAT_VERSION, "created": _now()},
             "slide": slide,
             "tiling": tiling,
@@ -258,6 +377,11 @@ class SlideStore:
     # ----------------------------------------------------------------- tiles
     def write_tissue(self, mask, thumbnail, attrs: dict) -> None:
         """Write the thumbnail and tissue mask (thumbnail pixels), then mark the store ``tissue``."""
+        with _io(self.path):
+            self._write_tissue(mask, thumbnail, attrs)
+
+    def _write_tissue(self, mask, thumbnail, attrs: dict) -> None:
+        self._writing()
         g = self.group
         if "tissue" in g:
             del g["tissue"]
@@ -271,6 +395,11 @@ class SlideStore:
 
     def write_tiles(self, coords, grid, tissue_fraction, geometry: dict) -> None:
         """Write the tile grid and its geometry (merged into ``tiling``), then mark the store ``tiled``."""
+        with _io(self.path):
+            self._write_tiles(coords, grid, tissue_fraction, geometry)
+
+    def _write_tiles(self, coords, grid, tissue_fraction, geometry: dict) -> None:
+        self._writing()
         n = int(coords.shape[0])
         rows = max(1, min(n, 65536))
         g = self.group
@@ -304,6 +433,7 @@ class SlideStore:
         try:
             lost = arr.nchunks - arr.nchunks_initialized if arr.nchunks else 0
         except Exception as e:  # noqa: BLE001 - an unreadable chunk grid: damage
+            _not_storage(e, self.path)
             raise StoreError(f"is damaged: the chunks of {key} cannot be listed ({_reason(e)})", path=self.path,
                              hint=hint) from None
         if lost:
@@ -320,6 +450,7 @@ class SlideStore:
                 return arr.get_orthogonal_selection(selection)
             return arr[selection]
         except Exception as e:  # noqa: BLE001 - Blosc, a wrong chunk size...: the file is damaged
+            _not_storage(e, self.path)
             raise StoreError(f"is damaged: a chunk file of {key} cannot be read ({_reason(e)}): it is truncated "
                              "or corrupt", path=self.path, hint=hint) from None
 
@@ -370,22 +501,89 @@ class SlideStore:
         """(h, w, 3) uint8 thumbnail (checked)."""
         return self.read("tissue/thumbnail")
 
+    # ----------------------------------------------------------------- current versions
+    def _current(self, parent: str) -> dict:
+        """name -> stored name, for the children of ``parent`` made current by a pointer (:data:`CURRENT`)."""
+        try:
+            cur = self.group[parent].attrs.get(CURRENT) if parent in self.group else None
+        except KeyError:
+            return {}
+        return {str(k): str(v) for k, v in cur.items()} if isinstance(cur, dict) else {}
+
+    def _key(self, parent: str, name: str) -> str:
+        """The key of ``parent``'s child ``name`` as stored: its pointer's target, else ``name``."""
+        return f"{parent}/{self._current(parent).get(name, name)}"
+
+    def _emb_key(self, model: str) -> str:
+        return self._key("embeddings", model_key(model))
+
+    def _score_key(self, model: str, set_name: str) -> str:
+        return self._key(f"scores/{model_key(model)}", model_key(set_name))
+
+    def _names(self, parent: str) -> list[str]:
+        """The current children of ``parent``: plain names and pointers' names (never a write in progress)."""
+        if parent not in self.group:
+            return []
+        stored = set(self.group[parent].group_keys())
+        names = {k for k in stored if not is_temporary(k)}
+        names |= {n for n, real in self._current(parent).items() if real in stored}
+        return sorted(names)
+
+    def _children(self, parent: str) -> list[str]:
+        """Every name stored in ``parent``'s folder (also those without a readable ``zarr.json``)."""
+        folder = self.path / parent
+        try:
+            return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        except FileNotFoundError:
+            return []
+
+    def _swap(self, parent: str, tmp: str, name: str, after_swap=None) -> None:
+        """Make the complete group ``parent/tmp`` the current ``parent/name``; delete the old version.
+
+        Local: :func:`slide_clip.atomic.swap_in` (a rename). Object storage: one write of
+        ``parent``'s ``zarr.json`` whose :data:`CURRENT` names ``tmp`` (a single PUT: readers see
+        the old pointer or the new one), then the old version is deleted.
+        """
+        cur = self._current(parent)
+        if self.remote:
+            self._writing()
+            old = cur.get(name) or (name if name in self._children(parent) else None)
+            self.group.require_group(parent).attrs.update({CURRENT: {**cur, name: tmp}})
+            if after_swap is not None:
+                after_swap()
+            if old is not None and old != tmp:
+                remove_tree(self.path / parent / old)
+            return
+        swap_in(self.path / parent / tmp, self.path / parent / name, after_swap=after_swap)
+        if name in cur:  # a store copied from object storage: its pointer named the old version
+            old = cur.pop(name)
+            self.group[parent].attrs.update({CURRENT: cur})
+            remove_tree(self.path / parent / old)
+
+    def _clean(self, parent: str) -> None:
+        """Delete what crashed writes left in ``parent`` (never a version a pointer names)."""
+        keep = set(self._current(parent).values())
+        if not self.remote:
+            clean_leftovers(self.path / parent, keep=keep)
+            return
+        for child in self._children(parent):
+            if is_temporary(child) and child not in keep:
+                remove_tree(self.path / parent / child)
+
     # ----------------------------------------------------------------- embeddings
     def models(self) -> list[str]:
         """The model keys with an embeddings group (a replacement being written is not one)."""
-        if "embeddings" not in self.group:
-            return []
-        return sorted(k for k in self.group["embeddings"].group_keys() if not is_temporary(k))
+        return self._names("embeddings")
 
     def embedding_attrs(self, model: str) -> dict:
-        key = f"embeddings/{model_key(model)}"
+        key = self._emb_key(model)
         if key not in self.group:
             raise StoreError(f"has no embeddings for model {model!r}", path=self.path,
                              hint=f"Models in it: {', '.join(self.models()) or 'none'}.")
         return dict(self.group[key].attrs)
 
     def is_complete(self, model: str) -> bool:
-        key = f"embeddings/{model_key(model)}"
+        key = self._emb_key(model)
         return key in self.group and self.group[key].attrs.get("status") == STATUS_COMPLETE
 
     def embeddings(self, model: str, allow_partial: bool = False, *, unit: bool = False) -> np.ndarray:
@@ -405,7 +603,7 @@ class SlideStore:
                     f"{arr.shape[0]} tiles)", path=self.path,
                     hint="Run `slide-clip embed` again to resume it.",
                 )
-            key = f"embeddings/{model_key(model)}/features"
+            key = f"{self._emb_key(model)}/features"
             rows = np.asarray(self.get(key, slice(0, int(attrs.get("rows_written", 0))), arr=arr), dtype=np.float32)
             self._check_rows(model, 0, rows)
             return _unit_rows(rows) if unit and not is_normalised(attrs) else rows
@@ -446,7 +644,7 @@ class SlideStore:
         n = attrs.get("n_tiles", self._n_recorded())
         d = attrs.get("embed_dim")
         # rows not yet written have no chunk files: lost chunks show as NaN rows (_check_rows)
-        return self.array(f"embeddings/{model_key(model)}/features",
+        return self.array(f"{self._emb_key(model)}/features",
                           (None if n is None else int(n), None if d is None else int(d)), whole=False)
 
     def _check_rows(self, model: str, start: int, block: np.ndarray) -> None:
@@ -468,7 +666,7 @@ class SlideStore:
         arr = self._complete_features(model)
         step = int(rows or arr.chunks[0])
         scale = unit and not is_normalised(self.embedding_attrs(model))
-        key = f"embeddings/{model_key(model)}/features"
+        key = f"{self._emb_key(model)}/features"
         for start in range(0, arr.shape[0], step):
             block = np.asarray(self.get(key, slice(start, start + step), arr=arr), dtype=np.float32)
             self._check_rows(model, start, block)
@@ -482,7 +680,7 @@ class SlideStore:
         rows = np.asarray(rows, dtype=np.int64)
         if not rows.size:
             return np.zeros((0, arr.shape[1]), np.float32)
-        key = f"embeddings/{model_key(model)}/features"
+        key = f"{self._emb_key(model)}/features"
         out = np.asarray(self.get(key, (rows, slice(None)), arr=arr), np.float32)
         if not np.isfinite(out).all():
             raise StoreError(f"is damaged: embeddings for {model!r} hold missing values (a chunk file is lost "
@@ -491,9 +689,13 @@ class SlideStore:
 
     def drop_embeddings(self, model: str) -> None:
         """Delete a model's embeddings (to re-encode from scratch)."""
-        key = f"embeddings/{model_key(model)}"
+        self._writing()
+        key = self._emb_key(model)
         if key in self.group:
             del self.group[key]
+        cur = self._current("embeddings")
+        if cur.pop(model_key(model), None) is not None:
+            self.group["embeddings"].attrs.update({CURRENT: cur})
 
     def begin_embeddings(self, provenance: dict, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                          replace: bool = False) -> "EmbeddingWriter":
@@ -506,9 +708,14 @@ class SlideStore:
         when its last row is written: until then readers see the old, complete group, a
         crash keeps it, and a rerun resumes the replacement where it stopped.
         """
+        with _io(self.path):
+            return self._begin_embeddings(provenance, chunk_rows, replace)
+
+    def _begin_embeddings(self, provenance: dict, chunk_rows: int, replace: bool) -> "EmbeddingWriter":
+        self._writing()
         n = self.n_tiles
         mk = model_key(provenance["name"])
-        key = f"embeddings/{mk}"
+        key = self._emb_key(mk)
         d = int(provenance["embed_dim"])
 
         def same(a: dict) -> bool:
@@ -518,25 +725,28 @@ class SlideStore:
         old = dict(self.group[key].attrs) if key in self.group else None
         if old is not None and not replace and same(old):
             self._drop(pending)  # a replacement left by a crash is not wanted any more
-            return EmbeddingWriter(self.group[key], n)
+            return EmbeddingWriter(self.group[key], n, guard=self._writing, where=self.path)
         if old is None or old.get("status") != STATUS_COMPLETE:
             self._drop(pending)
             if old is not None:
                 del self.group[key]
-            return EmbeddingWriter(self._new_embeddings(key, provenance, n, chunk_rows), n)
-        target = self.path / "embeddings" / mk
+            return EmbeddingWriter(self._new_embeddings(key, provenance, n, chunk_rows), n, guard=self._writing, where=self.path)
+
+        def swap(name):
+            return lambda: self._swap("embeddings", name, mk)
+
         for name, a in pending:
             if same(a):  # resume the replacement a killed run began
                 self._drop([p for p in pending if p[0] != name])
-                w = EmbeddingWriter(self.group[f"embeddings/{name}"], n, swap=(self.path / "embeddings" / name, target))
+                w = EmbeddingWriter(self.group[f"embeddings/{name}"], n, swap=swap(name), guard=self._writing, where=self.path)
                 if w.complete:  # killed between its last row and the swap
                     w.swap_in()
-                    return EmbeddingWriter(self.group[key], n)
+                    return EmbeddingWriter(self.group[self._emb_key(mk)], n, guard=self._writing, where=self.path)
                 return w
         self._drop(pending)
         name = temporary_name(mk)
         grp = self._new_embeddings(f"embeddings/{name}", provenance, n, chunk_rows)
-        return EmbeddingWriter(grp, n, swap=(self.path / "embeddings" / name, target))
+        return EmbeddingWriter(grp, n, swap=swap(name), guard=self._writing, where=self.path)
 
     def _new_embeddings(self, key: str, provenance: dict, n: int, chunk_rows: int) -> zarr.Group:
         grp = self.group.require_group(key)
@@ -553,21 +763,20 @@ class SlideStore:
         """(name, attributes) of the temporary groups in ``parent`` that would replace ``target``."""
         from slide_clip.atomic import parse_temporary
 
-        folder = self.path / parent
+        live = set(self._current(parent).values())
         out = []
-        if folder.is_dir():
-            for p in sorted(folder.iterdir()):
-                parsed = parse_temporary(p.name)
-                if parsed is not None and parsed[0] == "new" and parsed[1] == target:
-                    try:
-                        out.append((p.name, dict(self.group[f"{parent}/{p.name}"].attrs)))
-                    except Exception:  # noqa: BLE001 - half written: only good for deleting
-                        out.append((p.name, {}))
+        for name in self._children(parent):
+            parsed = parse_temporary(name)
+            if parsed is not None and parsed[0] == "new" and parsed[1] == target and name not in live:
+                try:
+                    out.append((name, dict(self.group[f"{parent}/{name}"].attrs)))
+                except Exception:  # noqa: BLE001 - half written: only good for deleting
+                    out.append((name, {}))
         return out
 
     def _drop(self, pending: list[tuple[str, dict]]) -> None:
         for name, _ in pending:
-            shutil.rmtree(self.path / "embeddings" / name, ignore_errors=True)
+            remove_tree(self.path / "embeddings" / name)
 
     # ----------------------------------------------------------------- scores
     def write_scores(self, model: str, set_name: str, logits, probs, classifier, attrs: dict,
@@ -582,11 +791,16 @@ class SlideStore:
         id, recorded in its attributes, that summaries and heatmaps name). Call it holding
         the store's lock.
         """
+        with _io(self.path):
+            return self._write_scores(model, set_name, logits, probs, classifier, attrs, grid)
+
+    def _write_scores(self, model: str, set_name: str, logits, probs, classifier, attrs: dict, grid) -> str:
         import uuid
 
+        self._writing()
         mk, sk = model_key(model), model_key(set_name)
-        parent = self.path / "scores" / mk
-        clean_leftovers(parent)
+        parent = f"scores/{mk}"
+        self._clean(parent)
         tmp = temporary_name(sk)
         try:
             grp = self.group.require_group(f"scores/{mk}/{tmp}")
@@ -606,10 +820,10 @@ class SlideStore:
             grp.attrs.update({**attrs, "set": set_name, "model": model, "created": _now(), "write_id": write_id,
                               "status": STATUS_COMPLETE})
         except BaseException:
-            shutil.rmtree(parent / tmp, ignore_errors=True)  # a full disk: the old set stays as it was
+            remove_tree(self.path / parent / tmp)  # a full disk: the old set stays as it was
             raise
         kill_point("scores-written")
-        swap_in(parent / tmp, parent / sk, after_swap=lambda: kill_point("scores-swapped"))
+        self._swap(parent, tmp, sk, after_swap=lambda: kill_point("scores-swapped"))
         return write_id
 
     def score_sets(self, model: str | None = None) -> list[tuple[str, str]]:
@@ -620,26 +834,43 @@ class SlideStore:
         for mk in sorted(self.group["scores"].group_keys()):
             if model is not None and mk != model_key(model):
                 continue
-            for sk in sorted(self.group[f"scores/{mk}"].group_keys()):
-                if not is_temporary(sk):
-                    out.append((mk, sk))
+            out.extend((mk, sk) for sk in self._names(f"scores/{mk}"))
         return out
+
+    def _score_sets_hint(self, model: str) -> str:
+        """What to do about a missing score set: the sets it has, named as ``--set`` takes them."""
+        own = [sk for _, sk in self.score_sets(model)]
+        others = {}
+        for mk, sk in self.score_sets():
+            if mk != model_key(model):
+                others.setdefault(mk, []).append(sk)
+        text = (f"Its score sets for this model (give one with --set): {', '.join(own)}." if own
+                else "It has no score sets for this model: run `slide-clip zeroshot` or `fewshot` first.")
+        if others:
+            names = {}
+            for mk in others:
+                try:
+                    names[mk] = self.embedding_attrs(mk).get("name", mk)
+                except StoreError:
+                    names[mk] = mk
+            text += " Other models' sets (choose the model with --model): " + "; ".join(
+                f"{', '.join(sets)} (--model {names[mk]})" for mk, sets in others.items()) + "."
+        return text
 
     def score_attrs(self, model: str, set_name: str) -> dict:
         """A score set's attributes, checked to be a complete set (not its arrays: see :meth:`scores`)."""
         mk, sk = model_key(model), model_key(set_name)
-        key = f"scores/{mk}/{sk}"
         try:
+            key = self._score_key(model, set_name)
             present = key in self.group
         except Exception:  # noqa: BLE001 - an unreadable zarr.json on the way
-            present = False
+            key, present = f"scores/{mk}/{sk}", False
         if not present:
-            if (self.path / "scores" / mk / sk).exists():
+            if (self.path / key).exists():
                 raise StoreError(f"is damaged: the score set {mk}/{sk} has no readable zarr.json", path=self.path,
                                  hint=_DAMAGED_SCORES)
-            have = ", ".join(f"{m}/{s}" for m, s in self.score_sets()) or "none"
-            raise StoreError(f"has no scores {set_name!r} for model {model!r}", path=self.path,
-                             hint=f"Run `slide-clip zeroshot` or `fewshot` first (score sets in it: {have}).")
+            raise StoreError(f"has no score set {set_name!r} for model {model!r}", path=self.path,
+                             hint=self._score_sets_hint(model))
         attrs = dict(self.group[key].attrs)
         if attrs.get("status") != STATUS_COMPLETE or not isinstance(attrs.get("classes"), list):
             raise StoreError(f"is damaged: the score set {mk}/{sk} is incomplete (no classes or status recorded; "
@@ -650,7 +881,7 @@ class SlideStore:
     def scores(self, model: str, set_name: str) -> tuple[np.ndarray, np.ndarray, dict]:
         """(probs, logits, attrs) of a complete score set, every array checked (shape, chunks, values)."""
         attrs = self.score_attrs(model, set_name)
-        key = f"scores/{model_key(model)}/{model_key(set_name)}"
+        key = self._score_key(model, set_name)
         shape = (self._n_recorded(), len(attrs["classes"]))
         return (self.read(f"{key}/probs", shape=shape, hint=_DAMAGED_SCORES),
                 self.read(f"{key}/logits", shape=shape, hint=_DAMAGED_SCORES), attrs)
@@ -664,9 +895,11 @@ class EmbeddingWriter:
     """
 
     def __init__(self, group: zarr.Group, n_tiles: int, flush_seconds: float = 60.0,
-                 swap: tuple[Path, Path] | None = None):
+                 swap=None, guard=None, where=None):
         self.group = group
-        self.swap = swap  # (temporary folder, target): a replacement, swapped in when complete
+        self.swap = swap  # a callable putting a complete replacement in place of the old group
+        self.guard = guard  # called before each write (a remote store: its claim must still be held)
+        self.url = str(where) if where is not None else ""  # the store (its storage failures named by it)
         self.array = group["features"]
         self.n = n_tiles
         self.rows_written = int(group.attrs.get("rows_written", 0))
@@ -697,6 +930,12 @@ class EmbeddingWriter:
             self.flush()
 
     def flush(self) -> None:
+        with _io(self.url):
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.guard is not None:
+            self.guard()
         if self._buffered:
             data = np.concatenate(self._buf, axis=0)
             start = self.rows_written
@@ -712,7 +951,7 @@ class EmbeddingWriter:
     def swap_in(self) -> None:
         """Put a complete replacement group in place of the old one (nothing for a group written in place)."""
         if self.swap is not None:
-            swap_in(*self.swap)
+            self.swap()
             self.swap = None
 
 

@@ -289,23 +289,46 @@ def qc_image(
     ``tile_boxes`` is an (n, 4) array of x0, y0, x1, y1 in thumbnail pixels. ``title``, if
     given, is written in a white band above the thumbnail (the picture grows by the band's
     height; thumbnail pixel (0, 0) is then at (0, band height)).
+
+    The picture is a palette image (mode ``P``; its PNG is 3-6 times smaller than an RGB one,
+    docs/BENCHMARKS.md): the thumbnail in :data:`QC_THUMBNAIL_COLOURS` colours (Pillow's fast
+    octree, no dithering), the outlines in their exact colours, the title in grey levels.
+    ``.convert("RGB")`` gives the pixels.
     """
-    img = Image.fromarray(rgb).convert("RGB")
-    draw = ImageDraw.Draw(img)
+    h, w = mask.shape
+    lines = Image.new("L", (w, h), 0)  # where the tile outlines are
     if tile_boxes is not None and len(tile_boxes):
         boxes = np.asarray(tile_boxes, dtype=float)
         # 2 px lines where tiles are big enough on the thumbnail to keep their inside visible
         width = 2 if np.median(boxes[:, 2] - boxes[:, 0]) >= 12 else 1
+        draw = ImageDraw.Draw(lines)
         for x0, y0, x1, y1 in boxes:
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=QC_TILE_COLOUR, width=width)
-    out = np.asarray(img).copy()
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=255, width=width)
     edge = mask & ~morphology.erosion(mask, morphology.disk(1))
     edge = morphology.dilation(edge, morphology.disk(1)) if max(mask.shape) > 600 else edge
-    out[edge] = QC_TISSUE_COLOUR
-    picture = Image.fromarray(out)
-    if not title:
-        return picture
-    return _with_title(picture, title)
+    thumb = Image.fromarray(np.ascontiguousarray(rgb[..., :3])).convert("RGB")
+    quant = thumb.quantize(colors=QC_THUMBNAIL_COLOURS, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    index = np.asarray(quant, np.uint8).copy()
+    index[np.asarray(lines) > 0] = _QC_TILE_INDEX
+    index[edge] = _QC_TISSUE_INDEX
+    palette = np.zeros((256, 3), np.uint8)
+    used = np.asarray(quant.getpalette()[: 3 * QC_THUMBNAIL_COLOURS], np.uint8).reshape(-1, 3)
+    palette[: len(used)] = used
+    palette[_QC_TILE_INDEX] = QC_TILE_COLOUR
+    palette[_QC_TISSUE_INDEX] = QC_TISSUE_COLOUR
+    palette[_QC_GREY0:] = np.linspace(0, 255, 256 - _QC_GREY0).round().astype(np.uint8)[:, None]
+    if title:
+        band = _title_band(w, title)
+        grey = _QC_GREY0 + np.rint(np.asarray(band, np.float32) / 255 * (255 - _QC_GREY0)).astype(np.uint8)
+        index = np.concatenate([grey, index])
+    picture = Image.fromarray(index, mode="P")
+    picture.putpalette(palette.ravel().tolist())
+    return picture
+
+
+#: Colours of the QC picture's thumbnail (the rest of its palette: the outlines, 14 greys for the title).
+QC_THUMBNAIL_COLOURS = 128
+_QC_TILE_INDEX, _QC_TISSUE_INDEX, _QC_GREY0 = 240, 241, 242
 
 
 def _title_font(size: int):
@@ -323,16 +346,14 @@ def _title_font(size: int):
             return ImageFont.load_default()
 
 
-def _with_title(picture: Image.Image, title: str) -> Image.Image:
-    """``picture`` below a white band holding ``title`` in black (font scaled to the width)."""
-    w, h = picture.size
+def _title_band(w: int, title: str) -> Image.Image:
+    """A white band ``w`` px wide holding ``title`` in black (font scaled to the width), mode ``L``."""
     size = int(np.clip(w / 60, 10, 28))
     font = _title_font(size)
-    while size > 8 and ImageDraw.Draw(picture).textlength(title, font=font) > w - 8:
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    while size > 8 and probe.textlength(title, font=font) > w - 8:
         size -= 1
         font = _title_font(size)
-    band = int(size * 1.8)
-    canvas = Image.new("RGB", (w, h + band), (255, 255, 255))
-    canvas.paste(picture, (0, band))
-    ImageDraw.Draw(canvas).text((4, (band - size) // 2), title, fill=(0, 0, 0), font=font)
-    return canvas
+    band = Image.new("L", (w, int(size * 1.8)), 255)
+    ImageDraw.Draw(band).text((4, (band.height - size) // 2), title, fill=0, font=font)
+    return band

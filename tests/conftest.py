@@ -213,3 +213,38 @@ def cli():
     """Run a `slide-clip` command in this process: ``cli(*args) -> (exit code, stdout, stderr)``;
     a traceback fails the test (see :func:`_cli`)."""
     return _cli
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (moto's standalone server, a process on loopback) behind a counting,
+    fault-injecting proxy (tests/s3_server.py); killed at the end of the session."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+    from s3_server import S3
+
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # never probe an instance-metadata address
+    server = S3(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+    """The session's S3 server, with this process's storage options pointing at it (credentials in
+    the environment, as the usual chain finds them) and the proxy's faults and counts reset."""
+    from slide_clip.config import StorageConfig
+    from slide_clip.storage import options
+
+    for k, v in s3_server.credentials().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    before = options._current
+    # botocore's own retries off, s3fs's five (backoff 0.1-0.8 s) kept: faults fail in seconds
+    options.configure(StorageConfig(endpoint_url=s3_server.endpoint, cache_dir=str(tmp_path / "slide-cache"),
+                                    options={"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"},
+                                                               "connect_timeout": 5, "read_timeout": 30}}))
+    s3_server.proxy.reset()
+    yield s3_server
+    s3_server.proxy.reset()
+    options._current = before
+    os.environ.pop(options.ENV, None)

@@ -33,6 +33,86 @@ def test_help_reads_well():
         assert opt in r.stdout
 
 
+def _help_text(*cmd) -> str:
+    """A command's --help with typer's box drawing and line wrapping taken out."""
+    r = subprocess.run([*CLI, *cmd, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    return " ".join(w for w in r.stdout.replace("│", " ").split())
+
+
+def test_help_says_the_default_model():
+    from slide_clip.config import load_config
+
+    default = load_config().encode.model
+    assert default == "quiltnet-b-32"  # the shipped config's
+    assert f"Default: {default} (encode.model of the config" in _help_text("embed")
+    for cmd in ("zeroshot", "fewshot", "heatmap", "search", "cluster", "map", "summarize", "view"):
+        assert f"Default: the one model the stores hold" in _help_text(cmd), cmd
+
+
+def _hub_unreachable_env(tmp_path) -> dict:
+    """This process's environment without HF_HUB_OFFLINE, with an empty hub cache. The test
+    machines have no network; on one that has, the hub endpoint is a closed local port."""
+    import socket
+
+    from slide_clip.encoders.hub import hub_reachable
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HUB_CACHE"] = str(tmp_path / "hf-cache")
+    if hub_reachable()[0]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            env["HF_ENDPOINT"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return env
+
+
+def test_unreachable_hub_fails_at_once_with_the_checkpoint_line(tmp_path, make_slide):
+    """No network and no HF_HUB_OFFLINE: a real attempt, one line naming --checkpoint, no
+    minute of hub retries (the seconds are in docs/BENCHMARKS.md); HF_HUB_OFFLINE=1 the same."""
+    slide, _ = make_slide("tissue_0.5", mpp=0.5)
+    env = _hub_unreachable_env(tmp_path)
+    for extra in ({}, {"HF_HUB_OFFLINE": "1"}):
+        r = subprocess.run([*CLI, "embed", str(slide), "--out", str(tmp_path / "o"), "--model", "quiltnet-b-32"],
+                           capture_output=True, text=True, timeout=120, env={**env, **extra})
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr and "Retrying" not in r.stderr, r.stderr
+        assert lines[0].startswith("error: model 'quiltnet-b-32': its weights are on the Hugging Face hub "
+                                   "(wisdomik/QuiltNet-B-32), which cannot be reached from here")
+        assert "give the file with --checkpoint FILE" in lines[0]
+        assert ("HF_HUB_OFFLINE is set" in lines[0]) == bool(extra)
+        assert not (tmp_path / "o").exists()  # said before any slide was read or any folder made
+
+
+def test_unreachable_hub_is_found_before_loading_and_cached_weights_still_load(tmp_path, monkeypatch):
+    """The library path (a Prefect task, the scoring commands) fails the same way, and a hub
+    repository already in the local cache is not refused offline."""
+    from huggingface_hub import constants
+
+    from slide_clip.encoders import hub, load_encoder, resolve_model
+    from slide_clip.errors import WeightsError
+
+    env = _hub_unreachable_env(tmp_path)
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    for k in ("HF_HUB_CACHE", "HF_ENDPOINT"):
+        if k in env:
+            monkeypatch.setenv(k, env[k])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)  # restored after
+    monkeypatch.setattr(hub, "_last", None)
+    spec = resolve_model("quiltnet-b-32")
+    with pytest.raises(WeightsError, match="give the file with --checkpoint FILE") as e:
+        load_encoder(spec, "cpu")
+    assert "cannot be reached from here" in str(e.value)
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE  # the hub client will not retry
+    snap = Path(env["HF_HUB_CACHE"]) / "models--wisdomik--QuiltNet-B-32" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "open_clip_config.json").write_text("{}")
+    hub.check_hub(spec)  # in the cache: left to the loader, which reads it without a request
+    assert hub.hub_repos(resolve_model("random:quiltnet-b-32")) == []
+
+
 def test_info_prints_metadata_table(cmu_svs, cmu_dicom):
     r = run("info", cmu_svs, cmu_dicom)
     assert r.returncode == 0, r.stderr
@@ -160,12 +240,33 @@ def test_zeroshot_heatmap_summarize_commands(tmp_path, make_slide, cmu_svs, tiny
     r = run("zeroshot", out, "--prompts", "tumour", *common)
     assert r.returncode == 0, r.stderr
     assert "ok       CMU-1-Small-Region" in r.stdout and "predicted: " in r.stdout
+    # the set's name as --set takes it, and where it went
+    assert "2 of 2 slides scored" in r.stdout
+    assert f"score set 'tumour' (model tiny) written into the slide stores in {out}" in r.stdout
+    assert f"slide summaries in {out / 'summaries' / 'tiny' / 'tumour'}" in r.stdout
+    assert f"slide-clip heatmap {out} --set tumour" in r.stdout
     r = run("heatmap", out, "--set", "tumour", "--class", "tumour", "--smooth", "1")
     assert r.returncode == 0, r.stderr
     files = [Path(line) for line in r.stdout.split()]
     assert {f.name for f in files} == {"CMU-1-Small-Region_tumour.png", "CMU-1-Small-Region.geojson",
                                        "tissue_0.5_tumour.png", "tissue_0.5.geojson"}
     assert all(f.is_file() for f in files)
+    fixed = {f: f.read_bytes() for f in files if f.suffix == ".png"}
+    # one score set: no --set needed; the auto scale never writes over the fixed scale's pictures
+    r = run("heatmap", out, "--class", "tumour", "--smooth", "1", "--scale", "auto")
+    assert r.returncode == 0, r.stderr
+    auto = [Path(line) for line in r.stdout.split()]
+    assert {f.name for f in auto} == {"CMU-1-Small-Region_tumour_auto.png", "CMU-1-Small-Region.geojson",
+                                      "tissue_0.5_tumour_auto.png", "tissue_0.5.geojson"}
+    assert all(f.read_bytes() == b for f, b in fixed.items())
+    folder = files[0].parent
+    assert (folder / "tissue_0.5.heatmaps.json").is_file() and (folder / "tissue_0.5_auto.heatmaps.json").is_file()
+    assert json.loads((folder / "tissue_0.5_auto.heatmaps.json").read_text())["files"] == [
+        "tissue_0.5_tumour_auto.png", "tissue_0.5.geojson"]
+    # an unknown set lists the sets as --set takes them (not model/set)
+    r = run("heatmap", out / "tissue_0.5.zarr", "--set", "tumor")
+    assert r.returncode == 1 and "has no score set 'tumor'" in r.stderr
+    assert "give one with --set): tumour." in r.stderr and "tiny/tumour" not in r.stderr
     r = run("summarize", out)
     assert r.returncode == 0, r.stderr
     assert (out / "cohort-tumour-tiny.csv").is_file() and (out / "cohort-tumour-tiny.parquet").is_file()

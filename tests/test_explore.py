@@ -144,8 +144,15 @@ def test_stored_tile_query_ranks_itself_first_across_blocks(cohort_out):
     assert cohort.slide_ids[slide[0, 0]] == "two_tex_b" and row[0, 0] == rows[j]
     assert abs(scores[0, 0] - 1.0) < 1e-5
     want, s = _numpy_ranking(feats, ids, rows, feats[j], 25)
-    assert [(cohort.slide_ids[a], int(b)) for a, b in zip(slide[0], row[0])] == want
-    assert np.allclose(scores[0], s, atol=1e-5)
+    got = [(cohort.slide_ids[a], int(b)) for a, b in zip(slide[0], row[0])]
+    # the same ranking as float64 numpy, up to the order of tiles whose cosines tie within
+    # float32 precision (the synthetic textures repeat: several tiles are near-identical)
+    exact = {(ids[k], int(rows[k])): float(v) for k, v in
+             enumerate(feats.astype(np.float64) @ (feats[j] / np.linalg.norm(feats[j])).astype(np.float64))}
+    assert len(set(got)) == 25 and np.allclose(scores[0], [exact[g] for g in got], atol=1e-5)
+    assert np.all(np.diff(scores[0]) <= 1e-6) and np.allclose(scores[0], s, atol=1e-5)
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert g == w or abs(exact[g] - exact[w]) < 1e-5, (k, g, w)
     with pytest.raises(ConfigError, match="no stored tile"):
         tile_queries(cohort, [("two_tex_b", 1, 1)])  # glass: no tile there
 
@@ -176,7 +183,8 @@ def test_image_file_query_and_galleries_show_the_table(cohort_out, tiny_encoder,
     assert t["score"].iloc[0] > 0.999
 
     # gallery PNG: 3 columns x 2 rows of 64 px tiles; each cell shows the tile of its table row
-    png = Image.open(r["dir"] / "gallery-0.png").convert("RGB")
+    query = t["query"].iloc[0]
+    png = Image.open(r["dir"] / f"gallery-{query.replace('.', '_')}.png").convert("RGB")  # named after its query
     assert png.size == (3 * (64 + PAD) + PAD, TITLE_HEIGHT + 2 * (64 + LABEL_HEIGHT + PAD) + PAD)
     pix = np.asarray(png).astype(int)
     for k, row in enumerate(t.itertuples()):
@@ -276,7 +284,7 @@ def test_clusters_match_textures_and_are_stored_as_a_score_set(cohort_out):
         # composition table row = label fractions
         row = r["table"].set_index("slide_id").loc[name]
         assert row["status"] == "ok" and row["n_tiles"] == len(lab)
-        assert np.allclose([row["fraction:cluster_0"], row["fraction:cluster_1"]],
+        assert np.allclose([row["fraction__cluster_0"], row["fraction__cluster_1"]],
                            np.bincount(lab, minlength=2) / len(lab))
     assert set(truth) == {"tissue", "dense"}
     assert adjusted_rand_score(truth, labels) >= 0.8
@@ -314,6 +322,88 @@ def test_cluster_map_colours_each_cell_by_its_cluster():
     assert tuple(img[1, 1]) == (200, 200, 200)  # outside the tissue mask
 
 
+def legend_swatches(png) -> list[tuple[int, int, int]]:
+    """The colours of a picture's legend, top to bottom, read from its pixels: the legend's
+    swatches are solid rectangles about 22 x 8 px, stacked in one column."""
+    from scipy import ndimage
+
+    img = np.asarray(Image.open(png).convert("RGB"))
+    same = np.all(img[:-2, :-2] == img[1:-1, 1:-1], -1) & np.all(img[2:, 2:] == img[1:-1, 1:-1], -1) \
+        & np.all(img[:-2, 1:-1] == img[1:-1, 1:-1], -1) & np.all(img[1:-1, 2:] == img[1:-1, 1:-1], -1)
+    colours, counts = np.unique(img[1:-1, 1:-1][same], axis=0, return_counts=True)  # solid areas' colours
+    found = []
+    for c in colours[(counts >= 40) & (np.ptp(colours.astype(int), axis=1) > 20)]:
+        lab, _ = ndimage.label(np.all(img == c, axis=-1))
+        for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+            h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+            if 14 <= w <= 40 and 4 <= h <= 14 and w > 1.8 * h and (lab[sl] == k).sum() >= 0.8 * w * h:
+                found.append((sl[1].start, sl[0].start, tuple(int(v) for v in c)))
+    xs, n = np.unique([f[0] for f in found], return_counts=True)
+    column = xs[np.argmax(n)]
+    return [c for x, _, c in sorted((f for f in found if abs(f[0] - column) <= 1), key=lambda f: f[1])]
+
+
+def test_one_colour_table_in_numeric_order_for_every_cluster_picture(cohort_out):
+    """Cluster i has one colour in every picture: the cluster maps draw it unblended, exactly as
+    their legend's swatch, over the share of the slide its tiles cover; the map of tiles lists
+    clusters in numeric order (cluster_2 before cluster_10) in the same colours."""
+    from slide_clip.explore.clusters import cluster
+    from slide_clip.explore.maps import embedding_map
+
+    out, _ = cohort_out
+    r = cluster([out], k=12, seed=0, name="clusters-k12", gallery=False)
+    maps = {p.stem: p for p in r["maps"]}
+    legends = {sid: legend_swatches(p) for sid, p in maps.items()}
+    first = next(iter(legends.values()))
+    assert len(first) == 12 and len(set(first)) == 12  # every cluster, each its own colour
+    assert all(v == first for v in legends.values())   # the same table on every slide's map
+    for sid, png in maps.items():
+        labels = SlideStore.open(out / f"{sid}.zarr").scores("tiny", "clusters-k12")[0].argmax(1)
+        img = np.asarray(Image.open(png).convert("RGB"))
+        drawn = np.array([np.all(img == c, axis=-1).sum() for c in first], float)
+        drawn -= drawn.min()  # less the swatch's own pixels (a cluster absent here shows only its swatch)
+        share = drawn / drawn.sum()
+        truth = np.bincount(labels, minlength=12) / len(labels)
+        assert np.abs(share - truth).max() < 0.03, (share.round(3), truth.round(3))
+    m = embedding_map([out], method="pca", per_slide=10**6, colour_by=["clusters-k12"])
+    png = next(f for f in m["files"] if f.name == "tiles-pca-clusters-k12.png")
+    present = sorted(set(m["points"]["colour__clusters_k12"]), key=lambda n: int(n.split("_")[1]))
+    assert len(present) >= 11  # cluster_10 is there to sort
+    assert legend_swatches(png) == [first[int(n.split("_")[1])] for n in present]
+
+
+def test_the_colour_table_keeps_near_neighbours_apart():
+    """Every pair of the first 12 category colours differs by CIEDE2000 >= 17, of the first 20 by
+    >= 14 (matplotlib's tab20: 12), and none is near white (glass, the page)."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    from slide_clip.heatmap import categorical_colours
+    from slide_clip.pictures import category_colours
+
+    assert np.array_equal(category_colours(20)[:5], category_colours(5))  # one table, whatever n
+    assert np.array_equal(categorical_colours(12), category_colours(12))   # the viewer's and the maps'
+    for k, least in ((12, 17.0), (20, 14.0)):
+        lab = rgb2lab(category_colours(k)[None].astype(float) / 255)[0]
+        d = deltaE_ciede2000(lab[:, None, :], lab[None, :, :])
+        np.fill_diagonal(d, np.inf)
+        assert d.min() >= least, (k, d.min())
+        white = deltaE_ciede2000(lab, np.broadcast_to(rgb2lab(np.ones((1, 1, 3)))[0, 0], lab.shape))
+        assert white.min() >= 20
+
+
+def test_gallery_names_are_safe_unique_and_name_the_query():
+    from slide_clip.explore.gallery import gallery_names
+
+    keys = ["necrosis", "mitotic figures", "two_tex_a:448:448", "a/b", "a b", "../x", "", "Necrosis"]
+    names = gallery_names(keys)
+    assert names["necrosis"] == "gallery-necrosis.png" and names["mitotic figures"] == "gallery-mitotic_figures.png"
+    assert names["two_tex_a:448:448"] == "gallery-two_tex_a_448_448.png"
+    assert names["a/b"] == "gallery-a_b.png" and names["a b"] == "gallery-a_b-2.png"  # unique
+    assert names["Necrosis"] == "gallery-Necrosis-2.png"  # unique on case-insensitive file systems too
+    assert all(re.fullmatch(r"gallery-[A-Za-z0-9_-]+\.png", n) for n in names.values())
+    assert len({n.lower() for n in names.values()}) == len(keys)
+
+
 # ----------------------------------------------------------------------------- maps, AnnData
 def test_pca_map_points_labels_and_mosaic(cohort_out):
     from slide_clip.explore.clusters import cluster
@@ -323,7 +413,7 @@ def test_pca_map_points_labels_and_mosaic(cohort_out):
     if not (out / "tables" / "tiny" / "clusters-k2.parquet").is_file():
         cluster([out], k=2, seed=0, maps=False, gallery=False)
     r = embedding_map([out], method="pca", per_slide=30, seed=4, colour_by=["slide", "tumour", "clusters-k2"],
-                      mosaic=True, mosaic_cells_=6, thumb=32)
+                      mosaic=True)
     pts = r["points"]
     assert r["method"] == "pca" and (pts.groupby("slide_id").size() == 30).all()
     ids, rows, coords, feats = _all_embeddings(out)
@@ -340,12 +430,14 @@ def test_pca_map_points_labels_and_mosaic(cohort_out):
         st = SlideStore.open(out / f"{sid}.zarr")
         for set_name in ("tumour", "clusters-k2"):
             probs, _, attrs = st.scores("tiny", set_name)
-            assert list(sub[f"colour:{set_name}"]) == [attrs["classes"][i] for i in probs[sub["tile"]].argmax(1)]
-        assert (sub["colour:slide"] == sid).all()
+            assert list(sub[f"colour__{set_name.replace('-', '_')}"]) == [attrs["classes"][i] for i in probs[sub["tile"]].argmax(1)]
+        assert (sub["colour__slide"] == sid).all()
     names = {p.name for p in r["files"]}
     assert {"tiles-pca-slide.png", "tiles-pca-tumour.png", "tiles-pca-clusters-k2.png", "tiles-pca-mosaic.png",
             "tiles-pca.csv"} <= names
-    assert Image.open(r["dir"] / "tiles-pca-mosaic.png").size == (6 * 32, 6 * 32)
+    # the mosaic: thumbnails cover most of the picture (titled, with axes and a legend beside)
+    mosaic = np.asarray(Image.open(r["dir"] / "tiles-pca-mosaic.png").convert("RGB")).astype(int)
+    assert (mosaic.min(axis=2) > 245).mean() < 0.5, "the mosaic is mostly white"
 
 
 def test_umap_map_of_tiles_and_slides(cohort_out):
@@ -394,6 +486,9 @@ def test_explore_commands(cohort_out, tiny_registry, tmp_path):
     t = pd.read_csv(out / "explore" / "search" / "cli" / "hits.csv")
     assert list(t["query"].unique()) == ["tumour", "two_tex_a:448:448"] and len(t) == 8
     assert (out / "explore" / "search" / "cli" / "gallery.html").is_file()
+    # galleries named after their queries
+    assert {p.name for p in (out / "explore" / "search" / "cli").glob("gallery-*.png")} == {
+        "gallery-tumour.png", "gallery-two_tex_a_448_448.png"}
     r = run("search", out, "--tile", "two_tex_a:448:448", "--top", "4", "--build-index", "--nprobe", "1000",
             "--name", "ann", "--no-gallery")
     assert r.returncode == 0, r.stderr
@@ -403,7 +498,7 @@ def test_explore_commands(cohort_out, tiny_registry, tmp_path):
     assert np.allclose(a["score"], exact["score"], atol=1e-5)
     r = run("cluster", out, "--k", "3", "--per-cluster", "2", "--no-maps")
     assert r.returncode == 0, r.stderr
-    assert (out / "tables" / "tiny" / "clusters-k3.parquet").is_file() and "fraction:cluster_2" in r.stdout
+    assert (out / "tables" / "tiny" / "clusters-k3.parquet").is_file() and "fraction__cluster_2" in r.stdout
     r = run("map", out, "--method", "pca", "--per-slide", "10", "--color-by", "clusters-k3",
             "--h5ad", tmp_path / "m.h5ad")
     assert r.returncode == 0, r.stderr

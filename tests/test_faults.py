@@ -354,7 +354,7 @@ def _same_table(ref: Path, out: Path):
     b = pd.read_parquet(out / "cohort-tumour-tiny.parquet").set_index("slide_id")
     assert list(b.index) == IDS and (b["status"] == "ok").all(), b[["status", "error"]]
     assert list(b["store"]) == [f"{s}.zarr" for s in IDS]  # relative to the folder: survives moving it
-    cols = [c for c in a.columns if c.split(":")[0] in ("mean_prob", "area_fraction", "slide_prob", "topk_logit")]
+    cols = [c for c in a.columns if c.split("__")[0] in ("mean_prob", "area_fraction", "slide_prob", "topk_logit")]
     assert cols and np.array_equal(a[cols].to_numpy(), b[cols].to_numpy())
     assert (a["predicted"] == b["predicted"]).all()
 
@@ -417,7 +417,7 @@ def _assert_every_set_whole(out: Path, d) -> dict[str, str]:
         if row["status"] == "ok":
             probs, logits, _ = SlideStore.open(out / row["store"]).scores("tiny", "tumour")
             want = _slide_prob(probs, logits, int(row["k"]))
-            got = [row["slide_prob:tumour"], row["slide_prob:non-tumour"]]
+            got = [row["slide_prob__tumour"], row["slide_prob__non_tumour"]]
             np.testing.assert_allclose(got, want, rtol=1e-6)
     return held
 
@@ -757,7 +757,7 @@ def test_a_damaged_chunk_is_one_line_per_store(downstream, tmp_path, cli, damage
 
             t = pd.read_parquet(out / "cohort-tumour-tiny.parquet").set_index("slide_id")
             assert t.loc["s1", "status"] == "failed" and message in t.loc["s1", "error"]
-            assert t.loc["s2", "status"] == "ok" and np.isnan(t.loc["s1", "slide_prob:tumour"])
+            assert t.loc["s2", "status"] == "ok" and np.isnan(t.loc["s1", "slide_prob__tumour"])
         elif name == "search" and "shorter" in damage:  # a store that cannot be read is counted, never skipped
             assert code == 1 and "1 stores failed" in stdout, text
         else:
@@ -789,7 +789,7 @@ def test_summarize_reflects_the_stores_as_they_are(downstream, tmp_path):
     assert (t["status"] == "failed").all(), t
     assert "chunk files of scores/tiny/tumour/probs are missing" in t.loc["s1", "error"]
     assert f"{moved / 's2.zarr'}: is missing" in t.loc["s2", "error"]
-    assert t[[c for c in t.columns if c.startswith("slide_prob:")]].isna().all().all()  # never old numbers
+    assert t[[c for c in t.columns if c.startswith("slide_prob__")]].isna().all().all()  # never old numbers
     assert list(pd.read_csv(moved / "cohort-tumour-tiny.csv")["status"]) == ["failed", "failed"]
 
 

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -251,6 +252,37 @@ def test_a_held_lock_names_its_holder_and_how_to_clear_it(scored_copy, cfg, tmp_
     [r] = zeroshot([store], load_prompts("tumour"), cfg)
     t.join()
     assert r["status"] == "ok"
+
+
+def test_a_released_lock_leaves_no_file_and_still_excludes(tmp_path):
+    """The holder deletes its lock file on release; writers racing the deletion never overlap."""
+    store = tmp_path / "s.zarr"
+    lock = tmp_path / "s.zarr.lock"
+    with store_lock(store):
+        assert lock.is_file()
+    assert not lock.exists()
+    inside, most, count = [0], [0], [0]
+    guard = threading.Lock()
+
+    def writer():
+        for _ in range(40):
+            with store_lock(store, wait=30):
+                with guard:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                n = count[0]
+                time.sleep(0.0005)
+                count[0] = n + 1
+                with guard:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=writer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and count[0] == 240
+    assert not lock.exists() and list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ empty inputs, prompts

@@ -202,7 +202,8 @@ def test_pooled_tables_match_the_stores_and_the_slide_summaries(surv):
     summary = json.loads((surv.out / "summaries" / "tiny" / "tumour" / "s05_1.json").read_text())
     for metric in ("slide_prob", "mean_prob", "area_fraction"):
         for cls, v in summary[metric].items():
-            assert slides.loc["s05_1", f"tumour:{metric}:{cls}"] == pytest.approx(v, rel=1e-6)
+            col = f"tumour__{metric}__{cls.replace('-', '_')}"  # letters, digits and _ (FORMAT.md)
+            assert slides.loc["s05_1", col] == pytest.approx(v, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- pieces of the models
@@ -706,8 +707,8 @@ def test_coxnet_features_are_exactly_what_the_options_name(surv, tmp_path):
     b = pd.read_csv(sub.out / "survival" / "coxnet" / "b" / "risk.csv")
     pd.testing.assert_frame_equal(a, b)
     named = run("c", score_sets=("tumour", "clusters-k3"))
-    tumour = [f"tumour:{m}:{c}" for m in ("slide_prob", "mean_prob", "area_fraction") for c in ("tumour", "non-tumour")]
-    clusters = [f"clusters-k3:{m}:cluster_{i}" for m in ("slide_prob", "mean_prob", "area_fraction") for i in range(3)]
+    tumour = [f"tumour__{m}__{c}" for m in ("slide_prob", "mean_prob", "area_fraction") for c in ("tumour", "non_tumour")]
+    clusters = [f"clusters_k3__{m}__cluster_{i}" for m in ("slide_prob", "mean_prob", "area_fraction") for i in range(3)]
     assert sorted(named["features"]["columns"]) == sorted(emb + tumour + clusters)
     assert named["features"]["score_sets"] == ["tumour", "clusters-k3"]
     assert named["data"]["data_hash"] != before["data"]["data_hash"]
@@ -866,3 +867,28 @@ def test_read_only_out_and_damaged_stores_are_one_line_errors(surv, tmp_path):
     r = _cli(*_survival_args(sub))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {victim}"), r.stderr
+
+
+def test_km_plot_has_a_numbers_at_risk_table_and_the_random_weights_note(tmp_path):
+    """The KM picture carries the patients at risk of each group at its time ticks (counted here
+    independently), and says so when the embeddings came from random weights."""
+    from PIL import Image
+
+    from slide_clip.pictures import RANDOM_WEIGHTS_NOTE, png_title
+    from slide_clip.survival.metrics import km_plot
+
+    rng = np.random.default_rng(3)
+    t = rng.uniform(1, 60, 40).round(1)
+    e = rng.random(40) < 0.6
+    high = np.arange(40) % 2 == 0
+    r = km_plot(t, e, high, tmp_path / "km.png", "test", "os_months", random_weights=True)
+    at = r["at_risk"]
+    assert at["times"][0] == 0 and at["times"] == sorted(at["times"]) and max(at["times"]) <= t.max()
+    for name, mask in (("high risk", high), ("low risk", ~high)):
+        assert at[name] == [int(((t >= x) & mask).sum()) for x in at["times"]]
+    assert at["high risk"][0] == 20 and at["low risk"][0] == 20
+    assert RANDOM_WEIGHTS_NOTE in png_title(tmp_path / "km.png")
+    w, h = Image.open(tmp_path / "km.png").size
+    assert h > 500  # the table is under the curves
+    r = km_plot(t, e, high, tmp_path / "km2.png", "test", "os_months")
+    assert RANDOM_WEIGHTS_NOTE not in png_title(tmp_path / "km2.png")

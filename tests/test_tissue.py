@@ -83,7 +83,7 @@ def test_qc_image_draws_outline_and_tiles(make_slide):
     path, scene = make_slide("tissue_0.5", mpp=0.5)
     thumb, mask = _mask(path, 0.5)
     boxes = np.array([[10, 10, 60, 60]], dtype=float)
-    img = np.asarray(qc_image(thumb.image, mask, boxes))
+    img = np.asarray(qc_image(thumb.image, mask, boxes).convert("RGB"))
     assert img.shape == thumb.image.shape
     green = (img[..., 1] == 200) & (img[..., 0] == 0)
     assert green.sum() > 100  # outline drawn
@@ -166,7 +166,7 @@ def test_qc_outline_goes_round_pale_tissue(make_slide):
     phi = 0.45
     path, scene = make_slide(f"pale_dense_{phi}", scene=_pale_dense(phi))
     mask, _, thumb, _, _ = _mask_and_tiles(path, scene, 2048, 0.5)
-    img = np.asarray(qc_image(thumb.image, mask))
+    img = np.asarray(qc_image(thumb.image, mask).convert("RGB"))
     green = np.all(img == QC_TISSUE_COLOUR, axis=-1)
     rows = slice(300, 1500)  # thumbnail px = level-0 px here (1792 px slide, 2048 px thumbnail)
     right_edge = green[rows, _SIDE - _MARGIN - 12:_SIDE - _MARGIN + 12].any(axis=1)

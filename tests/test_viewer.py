@@ -168,7 +168,7 @@ def test_cohort_lists_every_slide_and_sorts_by_score(browser, cohort):
     assert header == "P(tumour)"
     shown = browser.execute_script(
         "return Array.from(document.querySelectorAll('#cohort-table tbody tr')).map(r => r.dataset.slide)")
-    assert shown == list(table.sort_values("slide_prob:tumour", ascending=False)["slide_id"])
+    assert shown == list(table.sort_values("slide_prob__tumour", ascending=False)["slide_id"])
     predicted = browser.execute_script("""
         return Object.fromEntries(Array.from(document.querySelectorAll('#cohort-table tbody tr'))
             .map(r => [r.dataset.slide, r.children[3].textContent]));""")
@@ -237,12 +237,12 @@ def test_heatmap_toggles_and_draws_the_tile_probability(browser, cohort):
 
 
 def test_cluster_overlay_in_the_cluster_map_colours(browser, cohort):
-    from matplotlib import colormaps
+    from slide_clip.pictures import category_colours
 
     out, _ = cohort
     g = store(out, "slide_a")
     coords, onehot = g["tiles/coords"][:], g["scores/tiny/clusters-k3/probs"][:]
-    tab10 = (np.asarray(colormaps["tab10"].colors) * 255).round().astype(int)
+    table = category_colours(3).astype(int)  # the one table: the cluster maps' and the map legends' colours
     select_overlay(browser, "clusters-k3")
     set_opacity(browser, 1)
     settle(browser)
@@ -256,7 +256,7 @@ def test_cluster_overlay_in_the_cluster_map_colours(browser, cohort):
             from PIL import Image
 
             shot = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")).astype(int)
-        assert np.abs(shot[xy[1], xy[0]] - tab10[int(np.argmax(onehot[r]))]).max() <= 3
+        assert np.abs(shot[xy[1], xy[0]] - table[int(np.argmax(onehot[r]))]).max() <= 3
 
 
 def test_tile_grid_and_tile_details(browser, cohort):

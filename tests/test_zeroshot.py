@@ -1,6 +1,7 @@
 """Zero-shot and few-shot scoring of real stores, slide aggregation, heatmaps and summaries."""
 
 import json
+import re
 
 import numpy as np
 import open_clip
@@ -294,6 +295,30 @@ def test_fewshot_from_image_files(two_textures, tmp_path):
     assert probs[inside, 0].mean() > probs[~inside, 0].mean() + 0.2
 
 
+def test_fewshot_command_names_its_set_and_heatmap_needs_set_only_when_several(two_textures, tmp_path,
+                                                                               tiny_registry):
+    import os
+    import subprocess
+    import sys
+
+    out, store, scene, cfg, path = two_textures
+    csv = _examples_csv(store, scene, path, tmp_path)
+    cli = [sys.executable, "-m", "slide_clip.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([*cli, "fewshot", str(out), "--examples", str(csv), "--models", str(tiny_registry)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "1 of 1 slide scored, 0 failed" in r.stdout
+    assert f"score set 'fewshot-examples' (model tiny) written into the slide stores in {out}" in r.stdout
+    assert f"slide-clip heatmap {out} --set fewshot-examples" in r.stdout
+    sets = [sk for _, sk in store.score_sets("tiny")]
+    assert len(sets) >= 2 and "fewshot-examples" in sets
+    r = subprocess.run([*cli, "heatmap", str(out)], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"has {len(sets)} score sets for model 'tiny': {', '.join(sets)}" in r.stderr
+    assert "Choose one with --set" in r.stderr
+
+
 # ----------------------------------------------------------------------------- summaries
 def test_summaries_and_cohort_table(two_textures, scored, tmp_path):
     out, store, scene, cfg, path = scored[0], scored[1], None, scored[2], None
@@ -311,9 +336,35 @@ def test_summaries_and_cohort_table(two_textures, scored, tmp_path):
     df, csv_path, pq_path = summarize(out, set_name="tumour")
     assert list(df["slide_id"]) == ["CMU-1-Small-Region", "broken"]
     assert list(df["status"]) == ["ok", "failed"] and df["error"].iloc[1] == "/x/broken.svs: is corrupt"
-    assert "slide_prob:tumour" in df.columns and "mean_prob:non-tumour" in df.columns
+    assert "slide_prob__tumour" in df.columns and "mean_prob__non_tumour" in df.columns
     back = pd.read_parquet(pq_path)
     assert list(back["slide_id"]) == list(df["slide_id"])
     assert pd.read_csv(csv_path).shape[0] == 2
     with pytest.raises(StoreError, match="no slide summaries"):
         summarize(tmp_path)
+
+
+def test_table_columns_are_safe_names_and_never_shared(tmp_path):
+    """Cohort table columns hold no spaces or colons: ``<metric>__<class>``; two classes that
+    would share a column are refused where they are named (prompt set, examples CSV)."""
+    from slide_clip.aggregate import summary_row
+    from slide_clip.errors import ConfigError
+    from slide_clip.scoring import read_examples
+
+    row = summary_row({"slide_id": "s", "classes": ["normal epithelium", "non-tumour"],
+                       "mean_prob": {"normal epithelium": 0.25, "non-tumour": 0.75},
+                       "slide_prob": {"normal epithelium": 0.1, "non-tumour": 0.9}})
+    assert row["mean_prob__normal_epithelium"] == 0.25 and row["slide_prob__non_tumour"] == 0.9
+    assert row["classes"] == "normal epithelium;non-tumour"
+    assert all(re.fullmatch(r"[A-Za-z0-9_]+", c) for c in row)
+    ps = load_prompts("tissue_types")
+    assert any(" " in c for c in ps.class_names)  # the shipped set has such names, and loads
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\ntemplates: ['{}']\nclasses:\n  - {name: a b, synonyms: [a]}\n"
+                 "  - {name: a-b, synonyms: [b]}\n")
+    with pytest.raises(ConfigError, match="would share the table column name 'a_b'"):
+        load_prompts(p)
+    csv = tmp_path / "ex.csv"
+    csv.write_text("image,label\nx.png,a b\ny.png,a/b\n")
+    with pytest.raises(ConfigError, match="labels 'a b' and 'a/b' would share the table column name 'a_b'"):
+        read_examples(csv)

@@ -9,6 +9,7 @@ import torch
 
 from slide_clip.encoders.arch_configs import model_input_size  # noqa: F401 - re-exported
 from slide_clip.encoders.base import Encoder, pick_device, pick_precision
+from slide_clip.encoders.hub import check_hub
 from slide_clip.encoders.spec import ModelSpec, resolve_model, spec_from_provenance
 from slide_clip.encoders.weights import on_device
 from slide_clip.errors import ConfigError, WeightsError
@@ -26,6 +27,7 @@ def load_encoder(
     Random weights (``spec.weights is None``) are drawn with ``spec.seed`` on the CPU,
     without touching the caller's random state.
     """
+    check_hub(spec)  # offline: at once, never after the hub client's minute of retries
     dev = device if isinstance(device, torch.device) else pick_device(device)
     precision = pick_precision(precision, dev)
     if spec.backend == "timm":

@@ -11,9 +11,9 @@
 4. Draw a cluster map per slide (the heatmap renderer, categorical colours and a legend),
    a gallery of each cluster's most central tiles, and the cohort's composition table::
 
-    <out>/tables/<model>/<set>.parquet, .csv          one row per slide: fraction:cluster_i
+    <out>/tables/<model>/<set>.parquet, .csv          one row per slide: fraction__cluster_i
     <out>/explore/clusters/<set>-<model>/maps/<slide_id>.png
-    <out>/explore/clusters/<set>-<model>/gallery-<i>.png, gallery.html
+    <out>/explore/clusters/<set>-<model>/gallery-cluster_<i>.png, gallery.html
     <out>/explore/clusters/<set>-<model>/centroids.npy, clusters.json
 
 ``<set>`` defaults to ``clusters-k<k>``.
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slide_clip.aggregate import metric_column
 from slide_clip.atomic import replace_file, write_text
 from slide_clip.errors import ConfigError, SlideClipError
 from slide_clip.explore.cohort import Cohort
@@ -35,6 +36,7 @@ from slide_clip.explore.search import TopN
 from slide_clip.faults import kill_point
 from slide_clip.output import BESIDE_STORES, output_errors
 from slide_clip.store import model_key, store_lock
+from slide_clip.text import plural
 
 KIND = "clusters"
 
@@ -48,7 +50,7 @@ def fit_kmeans(features: np.ndarray, k: int, seed: int = 0, n_init: int = 4) -> 
     from sklearn.cluster import KMeans
 
     if len(features) < k:
-        raise ConfigError(f"only {len(features)} tiles to fit {k} clusters", hint="Choose a smaller --k.")
+        raise ConfigError(f"only {plural(len(features), 'tile')} to fit {k} clusters", hint="Choose a smaller --k.")
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(np.asarray(features, np.float64))
     return km.cluster_centers_.astype(np.float32)
 
@@ -62,7 +64,7 @@ def squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def composition_table(cohort: Cohort, labels: dict[int, np.ndarray], k: int, set_name: str) -> pd.DataFrame:
-    """One row per slide: ``slide_id, status, error, model, set, k, n_tiles, fraction:cluster_i``.
+    """One row per slide: ``slide_id, status, error, model, set, k, n_tiles, fraction__cluster_i``.
 
     Stores the cohort could not use appear with ``status`` ``failed`` and their error
     (fractions empty), so no slide goes missing silently.
@@ -77,14 +79,14 @@ def composition_table(cohort: Cohort, labels: dict[int, np.ndarray], k: int, set
         frac = counts / max(1, len(lab))
         rows.append({"slide_id": s.slide_id, "status": "ok", "error": None, "model": cohort.model,
                      "set": set_name, "k": k, "n_tiles": int(len(lab)),
-                     **{f"fraction:{n}": float(f) for n, f in zip(names, frac)}})
+                     **{metric_column("fraction", n): float(f) for n, f in zip(names, frac)}})
     for path, err in cohort.failed:
         from slide_clip.store import STORE_SUFFIX
 
         sid = Path(path).name.removesuffix(STORE_SUFFIX)
         rows.append({"slide_id": sid, "status": "failed", "error": err, "model": cohort.model, "set": set_name,
                      "k": k, "n_tiles": None})
-    cols = ["slide_id", "status", "error", "model", "set", "k", "n_tiles", *[f"fraction:{n}" for n in names]]
+    cols = ["slide_id", "status", "error", "model", "set", "k", "n_tiles", *[metric_column("fraction", n) for n in names]]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
@@ -208,9 +210,15 @@ def stored_labels(store, model: str, set_name: str) -> tuple[np.ndarray, list[st
 
 
 def cluster_map(cohort: Cohort, slide_index: int, set_name: str, out_dir: str | Path, alpha: float = 0.6) -> Path:
-    """Draw one slide's clusters over its thumbnail (categorical colours, legend); returns the PNG."""
-    from slide_clip.heatmap import (categorical_colours, categorical_overlay, grid_to_thumbnail, label_grid,
-                                    render_categorical_png)
+    """Draw one slide's clusters beside its thumbnail; returns the PNG.
+
+    The clusters are drawn opaque, each in its colour of the one table
+    (:func:`slide_clip.pictures.category_colours`, cluster ``i`` colour ``i``, as in the maps,
+    the mosaic and the viewer), so the legend's swatches are the colours on the map; the
+    tissue's edge is outlined. ``alpha`` is kept for callers; the map is not blended.
+    """
+    from slide_clip.heatmap import category_image, grid_to_thumbnail, label_grid, render_category_png
+    from slide_clip.pictures import category_colours, random_weights_title, thumbnail_mm_per_px
 
     s = cohort.slides[slide_index]
     lab, names = stored_labels(s.store, cohort.model, set_name)
@@ -219,9 +227,12 @@ def cluster_map(cohort: Cohort, slide_index: int, set_name: str, out_dir: str | 
     tissue = s.store.group["tissue"].attrs
     mask = s.store.mask()
     lmap = grid_to_thumbnail(grid, t["stride_level0"], mask.shape, tissue["downsample"])
-    colours = categorical_colours(len(names))
-    img = categorical_overlay(s.store.thumbnail(), mask, lmap, colours, alpha)
+    colours = category_colours(len(names))
     present = np.bincount(lab, minlength=len(names))
-    legend = [f"{n} ({c})" for n, c in zip(names, present)]
-    return render_categorical_png(img, Path(out_dir) / f"{s.slide_id}.png",
-                                  f"{s.slide_id}: {set_name} [{cohort.model}]", legend, colours)
+    legend = [f"{n} ({plural(int(c), 'tile')})" for n, c in zip(names, present)]
+    random = bool(s.store.embedding_attrs(cohort.model).get("random_weights"))
+    title = random_weights_title(f"{s.slide_id}: {set_name}, {len(names)} clusters of "
+                                 f"{plural(len(lab), 'tile')} [{cohort.model}]", random)
+    return render_category_png(s.store.thumbnail(), category_image(mask, lmap, colours),
+                               Path(out_dir) / f"{s.slide_id}.png", title, legend, colours, "cluster",
+                               thumbnail_mm_per_px(s.store))

@@ -101,6 +101,11 @@ class Cohort:
         o = Path(out) if out is not None else Path(paths[0]).parent
         return cls(slides, name, sha, dim, o, failed)
 
+    @property
+    def random_weights(self) -> bool:
+        """Whether the embeddings come from random weights (every store holds the same weights)."""
+        return any(bool(s.store.embedding_attrs(self.model).get("random_weights")) for s in self.slides[:1])
+
     # ------------------------------------------------------------------ sizes
     @property
     def n_tiles(self) -> int:

@@ -26,7 +26,7 @@ from slide_clip.explore.cohort import Cohort
 
 PAD = 4
 LABEL_HEIGHT = 30
-TITLE_HEIGHT = 24
+TITLE_HEIGHT = 44  # two lines: what the gallery shows; tile size, score and the random-weights note
 
 
 def read_tiles(cohort: Cohort, slide_ids, xs, ys) -> list[Image.Image]:
@@ -90,15 +90,22 @@ def gallery_png(tiles: list[Image.Image], labels: list[str], path: str | Path, t
     h = TITLE_HEIGHT + rows * (thumb + LABEL_HEIGHT + PAD) + PAD
     canvas = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((PAD, 4), title, fill=(0, 0, 0), font=_font(14))
+    head, _, sub = title.partition("\n")
+    draw.text((PAD, 4), head, fill=(0, 0, 0), font=_font(14))
+    if sub:
+        draw.text((PAD, 24), sub.replace("\n", "; "), fill=(60, 60, 60), font=_font(11))
     small = _font(11)
     for k, (tile, label) in enumerate(zip(tiles, labels)):
         x0, y0 = cell_origin(k, cols, thumb)
         canvas.paste(tile.convert("RGB").resize((thumb, thumb), Image.Resampling.BILINEAR), (x0, y0))
         draw.multiline_text((x0, y0 + thumb + 2), label, fill=(0, 0, 0), font=small, spacing=1)
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt("Title", title)
     path = Path(path)
     with replace_file(path) as tmp:
-        canvas.save(tmp, optimize=True)
+        canvas.save(tmp, format="PNG", optimize=True, pnginfo=info)
     return path
 
 
@@ -143,18 +150,46 @@ def table_galleries(cohort: Cohort, table: pd.DataFrame, group: str, out_dir: st
     """One gallery PNG per value of ``table[group]`` (in table order) and one HTML page of all.
 
     ``table`` needs ``slide_id, x, y, score`` and ``group`` columns; tiles appear in table
-    order. PNGs are ``<out_dir>/gallery-<n>.png`` (n = position of the group), the page
-    ``<out_dir>/gallery.html``.
+    order. PNGs are ``<out_dir>/gallery-<group>.png``, named after the group (a query, a
+    cluster: :func:`gallery_names`), the page ``<out_dir>/gallery.html``. Each PNG's title says
+    what it shows, the tiles' size, the score, and that the weights are random when they are.
     """
+    from slide_clip.pictures import random_weights_title
+
     out_dir = Path(out_dir)
     tiles = read_tiles(cohort, table["slide_id"], table["x"], table["y"]) if len(table) else []
     written, sections = [], []
-    for n, (key, sub) in enumerate(table.groupby(group, sort=False)):
+    keys = list(dict.fromkeys(table[group])) if len(table) else []
+    names = gallery_names(keys)
+    t = cohort.slides[0].store.tiling if cohort.slides else None
+    size = (f"tiles of {int(t['tile_size'])} px at {float(t['target_mpp']):g} µm/px "
+            f"({int(t['tile_size']) * float(t['target_mpp']):g} µm wide)" if t else "")
+    for key, sub in table.groupby(group, sort=False):
         idx = np.flatnonzero((table[group] == key).to_numpy())
         ims = [tiles[i] for i in idx]
         labels = [hit_label(r.slide_id, r.score, r.x, r.y, score_label) for r in sub.itertuples()]
-        written.append(gallery_png(ims, labels, out_dir / f"gallery-{n}.png", f"{title}: {key}", columns, thumb))
+        head = random_weights_title(f"{title}: {key} [{cohort.model}]\n{size}; under each: slide (level-0 x,y), "
+                                    f"{score_label}", cohort.random_weights)
+        written.append(gallery_png(ims, labels, out_dir / names[key], head, columns, thumb))
         sections.append((str(key), ims, labels))
     if html_page and sections:
         written.append(gallery_html(sections, out_dir / "gallery.html", title))
     return written
+
+
+def gallery_names(keys) -> dict:
+    """A file name per group: ``gallery-<key>.png``, the key made safe for any file system
+    (letters, digits, ``-`` and ``_``; at most 60 characters) and unique (``-2``, ``-3``... for
+    keys that become the same name)."""
+    import re
+
+    out, used = {}, set()
+    for key in keys:
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", str(key)).strip("_")[:60] or "query"
+        name, n = base, 1
+        while name.lower() in used:
+            n += 1
+            name = f"{base}-{n}"
+        used.add(name.lower())
+        out[key] = f"gallery-{name}.png"
+    return out

@@ -3,7 +3,7 @@
 Outputs (``<out>`` is the stores' folder)::
 
     <out>/explore/search/<name>/hits.csv, hits.parquet   query, rank, slide_id, tile, x, y, score
-    <out>/explore/search/<name>/gallery-<n>.png           the top tiles of query n, labelled
+    <out>/explore/search/<name>/gallery-<query>.png       the top tiles of each query, labelled (named after it)
     <out>/explore/search/<name>/gallery.html              every query's tiles on one page
     <out>/explore/search/<name>/queries.json              what each query was (texts, tile, image)
 """

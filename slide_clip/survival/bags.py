@@ -58,6 +58,12 @@ class Cohort:
     def open(self, slide_id: str) -> SlideStore:
         return SlideStore.open(self.stores[slide_id])
 
+    @property
+    def random_weights(self) -> bool:
+        """Whether the embeddings come from random weights (every store holds the same weights)."""
+        first = next(iter(self.stores), None)
+        return first is not None and bool(self.open(first).embedding_attrs(self.model).get("random_weights"))
+
     def patient_of(self, slide_id: str) -> str:
         for pid, sids in self.patients.items():
             if slide_id in sids:

@@ -30,15 +30,17 @@ MODEL_FORMAT = "slide-clip-coxnet/1"
 def feature_columns(table: pd.DataFrame, *, score_sets: list[str] | tuple[str, ...] = (), with_max: bool = False,
                     covariates: list[str] | None = None) -> list[str]:
     """The model's inputs, exactly as named: the mean embedding, the max embedding if
-    ``with_max``, the columns of each named score set (``<set>:<metric>:<class>``; a set
+    ``with_max``, the columns of each named score set (``<set>__<metric>__<class>``; a set
     missing from the table is an error) and the clinical covariates."""
+    from slide_clip.aggregate import COLUMN_SEPARATOR, column_key
     from slide_clip.store import model_key
 
     cols = [c for c in table.columns if c.startswith("emb_mean_")]
     if with_max:
         cols += [c for c in table.columns if c.startswith("emb_max_")]
     for s in score_sets:
-        mine = [c for c in table.columns if c.count(":") == 2 and c.split(":")[0] == model_key(s)]
+        key = column_key(model_key(s))
+        mine = [c for c in table.columns if c.count(COLUMN_SEPARATOR) == 2 and c.split(COLUMN_SEPARATOR)[0] == key]
         if not mine:
             raise KeyError(f"the pooled table has no columns of score set {s!r}")
         cols += mine

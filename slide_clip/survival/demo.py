@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from slide_clip.synthetic import Region, Scene, write_slide
+from slide_clip.text import plural
 
 MPP = 1.0
 TILE = 64
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=11)
     a = ap.parse_args(argv)
     r = write_demo_cohort(a.folder, a.patients, a.two_slides, a.seed)
-    print(f"{len(r['slides'])} slides of {a.patients} patients in {a.folder / 'slides'}")
+    print(f"{plural(len(r['slides']), 'slide')} of {plural(a.patients, 'patient')} in {a.folder / 'slides'}")
     for k in ("manifest", "clinical", "config", "models"):
         print(f"{k}: {r[k]}")
 

@@ -39,6 +39,7 @@ from slide_clip.survival.metrics import harrell_c, km_plot
 from slide_clip.survival.report import console_lines
 from slide_clip.survival.rundir import RunFolder
 from slide_clip.survival.validation import FoldData, cv_concordance, permutation_p, small_cohort
+from slide_clip.text import plural
 
 BASELINES = ("coxnet", "abmil")
 HEATMAPS = ("all", "gallery", "none")
@@ -219,7 +220,7 @@ def cv_abmil(cohort: Cohort, ds: BagDataset, t, e, folds, k: int, seed: int, s, 
         for i in te:
             cv.risk[i] = m.predict_bag(ds[i]["features"])[0]
         if log:
-            log(f"abmil fold {f}: trained on {len(tr)} patients")
+            log(f"abmil fold {f}: trained on {plural(len(tr), 'patient')}")
     return cv
 
 
@@ -265,7 +266,8 @@ def _finish(run_dir: Path, baseline: str, pids: list[str], folds: np.ndarray, cv
     oof.to_csv(run_dir / "risk.csv", index=False)
     metrics = cv_concordance(fd, n_boot=settings.n_boot, seed=settings.seed)
     km = km_plot(oof["time"], oof["event"], oof["group"] == "high", run_dir / "km.png",
-                 f"{baseline}, out-of-fold risk groups ({k} folds)", clinical.time_column)
+                 f"{baseline}, out-of-fold risk groups ({k} folds, split at each fold's training median)",
+                 clinical.time_column, random_weights=cohort.random_weights)
     km["png"] = "km.png"
     events_per_fold = [f["events"] for f in metrics["folds"]]
     report = {
@@ -367,8 +369,10 @@ def run_abmil(cohort: Cohort, clinical: Clinical, folds: np.ndarray, settings: S
 def _abmil_pictures(cohort, ds, models, folds, risk, t, e, settings, run_dir) -> dict:
     """Heatmaps of every slide and the gallery, each from the fold model that did not see the patient
     (file paths relative to the run folder)."""
+    from slide_clip.pictures import RANDOM_WEIGHTS_NOTE, random_weights_title
     from slide_clip.survival.pictures import gallery, read_tiles, slide_heatmaps
 
+    random = cohort.random_weights
     out = {"heatmaps": [], "gallery": None}
     order = np.argsort(-risk)
     k = settings.gallery_patients
@@ -385,7 +389,7 @@ def _abmil_pictures(cohort, ds, models, folds, risk, t, e, settings, run_dir) ->
             if draw:
                 out["heatmaps"] += [str(p.relative_to(run_dir)) for p in slide_heatmaps(
                     cohort.open(sid), a[sel], tile_risk[sel], run_dir / "heatmaps", pid, r,
-                    note=f"fold {int(folds[i])}")]
+                    note=f"fold {int(folds[i])}" + (f"\n{RANDOM_WEIGHTS_NOTE}" if random else ""))]
         if i in chosen:
             top = np.argsort(-a)[: settings.gallery_tiles]
             rows[i] = [(bag["slide_ids"][int(bag["slide_index"][j])], int(j - np.flatnonzero(
@@ -400,8 +404,10 @@ def _abmil_pictures(cohort, ds, models, folds, risk, t, e, settings, run_dir) ->
                 tag = "highest" if i in order[:k] else "lowest"
                 lines.append({"label": f"{tag} risk: {ds.ids[i]} (risk {risk[i]:.2f}, time {t[i]:g}, "
                                        f"{'event' if e[i] else 'censored'})", "tiles": tiles})
-            gallery(lines, run_dir / "top_tiles.png",
-                    "ABMIL: most-attended tiles of the highest- and lowest-risk patients (out-of-fold)")
+            t0 = cohort.open(next(iter(cohort.stores))).tiling
+            gallery(lines, run_dir / "top_tiles.png", random_weights_title(
+                "ABMIL: most-attended tiles of the highest- and lowest-risk patients (out-of-fold; tiles of "
+                f"{int(t0['tile_size'])} px at {float(t0['target_mpp']):g} µm/px)", random))
             out["gallery"] = "top_tiles.png"
         except SlideError as exc:  # the slide files moved: the gallery needs them, nothing else does
             out["gallery_error"] = str(exc)
@@ -451,7 +457,8 @@ def run_survival(out: str | Path, clinical: str | Path, time: str, event: str, *
     _check_tiles(cohort)
     folds = _fold_array(pids, cl.table.loc[pids, "event"].to_numpy(), s.folds, s.seed)
     name = s.name or f"{model_key(cohort.model)}-{s.folds}fold-seed{s.seed}"
-    log(f"{len(pids)} patients, {len(cohort.stores)} slides, {int(cl.table.loc[pids, 'event'].sum())} events; "
+    log(f"{plural(len(pids), 'patient')}, {plural(len(cohort.stores), 'slide')}, "
+        f"{plural(int(cl.table.loc[pids, 'event'].sum()), 'event')}; "
         + embeddings_line(cohort.model, cohort.open(next(iter(cohort.stores))).embedding_attrs(cohort.model)))
     for d in cohort.dropped:
         log(f"left out (--allow-missing): slide {d['slide']}: {d['reason']}")

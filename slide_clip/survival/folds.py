@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 
 from slide_clip.errors import ConfigError
+from slide_clip.text import plural
 
 
 def patient_folds(patients: list[str], events, k: int = 5, seed: int = 0) -> dict[str, int]:
@@ -36,7 +37,8 @@ def patient_folds(patients: list[str], events, k: int = 5, seed: int = 0) -> dic
     if k < 2 or k > len(ids):
         raise ConfigError(f"cannot make {k} folds of {len(ids)} patients", hint="Choose 2 <= --folds <= patients.")
     if int(ev.sum()) < k:
-        raise ConfigError(f"only {int(ev.sum())} patients have an event: fewer than the {k} folds",
+        raise ConfigError(f"only {plural(int(ev.sum()), 'patient')} {'has' if int(ev.sum()) == 1 else 'have'} an event: "
+                          f"fewer than the {k} folds",
                           hint="Use fewer --folds.")
     order = np.argsort(ids, kind="stable")  # independent of the order patients were given in
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from slide_clip.heatmap import grid_to_thumbnail, overlay, probability_grid, render_png
+from slide_clip.pictures import save_figure, thumbnail_mm_per_px
 from slide_clip.store import SlideStore, model_key
 
 
@@ -25,7 +26,8 @@ def tile_heatmap(store: SlideStore, values: np.ndarray, path: str | Path, title:
     mask = store.mask()
     grid = probability_grid(store.grid(), np.clip(values, 0, 1), t["grid_shape"], t["overlap"])
     vmap = grid_to_thumbnail(grid, t["stride_level0"], mask.shape, tissue["downsample"])
-    return render_png(overlay(store.thumbnail(), mask, vmap, colormap, alpha), path, title, colormap, label)
+    return render_png(overlay(store.thumbnail(), mask, vmap, colormap, alpha), path, title, colormap, label,
+                      mm_per_px=thumbnail_mm_per_px(store))
 
 
 def _relative(v: np.ndarray) -> np.ndarray:
@@ -90,6 +92,4 @@ def gallery(rows: list[dict], path: str | Path, title: str) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 100, title)

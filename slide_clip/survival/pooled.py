@@ -4,7 +4,8 @@ Columns: ``slide_id`` or ``patient_id`` (and ``slide_ids`` of a patient), ``n_ti
 ``tissue_area_mm2`` (sum over a patient's slides), ``emb_mean_<j>`` (mean tile embedding,
 j = 0..d-1; a patient's over all its tiles), optionally ``emb_max_<j>`` (element-wise
 max), and for every score set asked for (default: every set stored in all slides), per class:
-``<set>:slide_prob:<class>``, ``<set>:mean_prob:<class>`` and ``<set>:area_fraction:<class>``
+``<set>__slide_prob__<class>``, ``<set>__mean_prob__<class>`` and ``<set>__area_fraction__<class>``
+(:func:`slide_clip.aggregate.metric_column`: letters, digits and ``_`` only)
 (:func:`slide_clip.aggregate.slide_scores`, a patient's computed over all its tiles).
 Embeddings are read one store chunk at a time.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slide_clip.aggregate import slide_scores
+from slide_clip.aggregate import metric_column, slide_scores
 from slide_clip.errors import StoreError
 from slide_clip.store import SlideStore, model_key
 from slide_clip.survival.bags import Cohort
@@ -83,7 +84,7 @@ def _row(acc: _Accumulator, d: int, with_max: bool, topk: int, decision: str) ->
                           decision=decision)
         for metric in SCORE_METRICS:
             for c in classes:
-                row[f"{s}:{metric}:{c}"] = sc[metric][c]
+                row[metric_column(metric, c, s)] = sc[metric][c]
     return row
 
 

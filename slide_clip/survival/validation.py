@@ -32,6 +32,7 @@ import math
 import numpy as np
 
 from slide_clip.survival.metrics import harrell_c, uno_c
+from slide_clip.text import plural
 
 #: Below these, the report and the console say the cohort is too small (docs/SURVIVAL.md).
 MIN_EVENTS = 100
@@ -156,8 +157,9 @@ def small_cohort(n_patients: int, events_per_fold: list[int]) -> dict:
     (fewer than :data:`MIN_EVENTS` in all, or fewer than :data:`MIN_EVENTS_PER_FOLD` in a
     test fold); ``warning`` is None otherwise."""
     events = int(sum(events_per_fold))
-    few = [f"{events} events in {n_patients} patients (fewer than {MIN_EVENTS})" if events < MIN_EVENTS else None,
-           f"{min(events_per_fold)} events in the smallest test fold (fewer than {MIN_EVENTS_PER_FOLD})"
+    few = [f"{plural(events, 'event')} in {plural(n_patients, 'patient')} (fewer than {MIN_EVENTS})"
+           if events < MIN_EVENTS else None,
+           f"{plural(min(events_per_fold), 'event')} in the smallest test fold (fewer than {MIN_EVENTS_PER_FOLD})"
            if min(events_per_fold) < MIN_EVENTS_PER_FOLD else None]
     few = [x for x in few if x]
     warning = None

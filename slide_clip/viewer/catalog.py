@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slide_clip.aggregate import metric_column
 from slide_clip.errors import ConfigError, SlideClipError, StoreError
 from slide_clip.store import SlideStore
 
@@ -90,8 +91,9 @@ class Catalog:
     def tables(self) -> list[dict]:
         """Every cohort table `summarize` wrote: ``{key, set, model, classes, rows}``.
 
-        ``rows`` maps slide ids to ``status``, ``error``, ``n_tiles``, ``predicted`` and the
-        ``slide_prob:<class>`` (and mean/area) columns; a score set whose table was not
+        ``rows`` maps slide ids to ``status``, ``error``, ``n_tiles``, ``predicted`` and
+        ``slide_prob:<class>`` (and mean/area) values, read from the table's
+        ``slide_prob__<class>`` columns; a score set whose table was not
         written yet is listed with ``missing: true``.
         """
         import pandas as pd
@@ -115,18 +117,16 @@ class Catalog:
                 entry.update(missing=True, error=f"{stem}.parquet cannot be read ({type(e).__name__})")
                 out.append(entry)
                 continue
-            cols = [c for c in df.columns if c.split(":", 1)[0] in ("slide_prob", "mean_prob", "area_fraction")
-                    and ":" in c]
-            classes = []
-            for c in cols:
-                name = c.split(":", 1)[1]
-                if name not in classes:
-                    classes.append(name)
+            classes = _table_classes(df)
+            # the page's keys name the class as it is (`slide_prob:<class>`); the table's columns are
+            # the safe `slide_prob__<class_key>` (slide_clip.aggregate.metric_column)
+            cols = {f"{m}:{c}": metric_column(m, c) for c in classes
+                    for m in ("slide_prob", "mean_prob", "area_fraction")}
             entry["classes"] = classes
             for rec in df.to_dict("records"):
                 sid = str(rec.get("slide_id"))
                 row = {k: _clean(rec.get(k)) for k in ("status", "error", "n_tiles", "predicted")}
-                row.update({c: _clean(rec.get(c)) for c in cols})
+                row.update({k: _clean(rec.get(c)) for k, c in cols.items()})
                 entry["rows"][sid] = row
             out.append(entry)
         return out
@@ -230,3 +230,14 @@ def tile_details(store: SlideStore, row: int) -> dict:
         "um": None if not (mx and my) else {"x": x * mx, "y": y * my, "width": ex * mx, "height": ey * my},
         "scores": scores,
     }
+
+
+def _table_classes(df) -> list[str]:
+    """A cohort table's classes in their order: its ``classes`` column (``;``-joined, as
+    :func:`slide_clip.aggregate.summary_row` writes it) of the first row that has one."""
+    from slide_clip.aggregate import LIST_SEPARATOR
+
+    for v in df.get("classes", []):
+        if isinstance(v, str) and v:
+            return v.split(LIST_SEPARATOR)
+    return []
