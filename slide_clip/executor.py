@@ -224,7 +224,7 @@ class SlideRun:
         result and the others go on. A problem with the model or the configuration (it
         would fail every slide) is raised at once. ``on_result(result)`` is called as each
         slide is done, in the caller's thread."""
-        ahead = _LookAhead(len(items), lambda i, turn: self.prepare(items[i], turn), self.depth, self.threads)
+        ahead = LookAhead(len(items), lambda i, turn: self.prepare(items[i], turn), self.depth, self.threads)
         results: list[SlideResult] = []
         try:
             for i, item in enumerate(items):
@@ -247,7 +247,7 @@ class SlideRun:
 
 
 # ----------------------------------------------------------------------------- look-ahead
-class _Turns:
+class Turns:
     """Numbered turns taken in order: turn i starts once every earlier turn is given back
     (used, failed, or never needed), whatever order they are given back in."""
 
@@ -271,7 +271,7 @@ class _Turns:
             self._cv.notify_all()
 
 
-class _LookAhead:
+class LookAhead:
     """Prepare slides in order in ``threads`` background threads, at most ``depth`` ahead of
     the consumer; each queues its tiles in slide order (:meth:`turn`).
 
@@ -286,7 +286,7 @@ class _LookAhead:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="slide-lookahead")
         self._futures: collections.OrderedDict[int, Future] = collections.OrderedDict()
         self._next = 0
-        self._turns = _Turns()  # turn i: slide i may queue its tiles
+        self._turns = Turns()  # turn i: slide i may queue its tiles
 
     @contextlib.contextmanager
     def turn(self, i: int):

@@ -60,9 +60,10 @@ def status_path(out_dir, slide_id: str) -> Path:
 def read_status(out_dir, slide_id: str) -> dict | None:
     """The slide's last status record, or None (none yet, or unreadable)."""
     try:
-        return json.loads(status_path(out_dir, slide_id).read_text())
+        st = json.loads(status_path(out_dir, slide_id).read_text())
     except (OSError, ValueError):
         return None
+    return st if isinstance(st, dict) else None
 
 
 def record_status(out_dir, r: SlideResult) -> None:

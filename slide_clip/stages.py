@@ -361,7 +361,7 @@ def embeddings_done(store: SlideStore, spec, encoder=None) -> bool:
     return a.get("weights_source") == spec.weights
 
 
-def _finished(path: Path, spec) -> bool:
+def finished(path: Path, spec) -> bool:
     """Whether the store at ``path`` already holds complete embeddings of ``spec`` (cheap check)."""
     if not (path / "zarr.json").is_file():
         return False
@@ -369,3 +369,40 @@ def _finished(path: Path, spec) -> bool:
         return embeddings_done(SlideStore.open(path), spec)
     except SlideClipError:
         return False
+
+
+def tissue_stage(slide: str | Path, out_dir: str | Path, cfg: PipelineConfig, *, mpp: float | None = None,
+                 overwrite: bool = False, slide_id: str | None = None) -> str:
+    """Stage 1 alone, for a slide file: the store with its tissue mask (reused if already made).
+
+    ``slide_id`` names the store (default: assigned for this one slide within ``out_dir``).
+    """
+    from dataclasses import replace
+
+    from slide_clip.output import ensure_out_dir, output_errors
+    from slide_clip.slide import open_slide
+    from slide_clip.slide_ids import assign_slide_ids
+    from slide_clip.store import store_lock, store_path
+
+    ensure_out_dir(out_dir)
+    sid = slide_id or assign_slide_ids([slide], out_dir)[str(slide)]
+    osr, info = open_slide(slide, mpp)
+    info = replace(info, name=sid)
+    try:
+        path = store_path(out_dir, info.name)
+        with output_errors(path), store_lock(path):
+            detect_tissue(osr, info, cfg, path, overwrite=overwrite)
+    finally:
+        osr.close()
+    return str(path)
+
+
+def tiles_stage(store: str | Path, cfg: PipelineConfig) -> int:
+    """Stage 2 alone, for a store: lay the tile grid; returns the number of tiles."""
+    from slide_clip.output import output_errors
+    from slide_clip.store import store_lock
+
+    with output_errors(store), store_lock(store):
+        st = SlideStore.open(store)
+        st.check_tissue_algorithm()
+        return lay_tiles(st, cfg).n_tiles
