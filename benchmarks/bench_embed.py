@@ -354,7 +354,7 @@ def encoder_alone(store: Path, slide: Path, *, model: str, batch_size: int, warm
     import torch
 
     from slide_clip.encoders import load_encoder, resolve_model
-    from slide_clip.pipeline import grid_from_store
+    from slide_clip.stages import grid_from_store
     from slide_clip.store import SlideStore
     from slide_clip.tiling import read_tile
 

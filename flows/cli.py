@@ -5,6 +5,7 @@ Kept outside ``slide_clip`` so the library never imports Prefect or the flows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -12,13 +13,8 @@ from typing import List, Optional
 import typer
 
 from slide_clip.cli import _fail, app
-from slide_clip.errors import SlideClipError
+from slide_clip.errors import ConfigError, SlideClipError
 from slide_clip_tasks import ENCODER_LIMIT
-
-#: This package's folder (``flows/`` in the repo, ``slide_clip_flows/`` when installed) and its
-#: parent: a deployment loads the per-slide flow from there by file path.
-FLOWS_DIR = Path(__file__).resolve().parent
-
 
 def _flow_config(config, model, registry, checkpoint, device, workers, batch_size, tiling=None, precision=None):
     from slide_clip.config import load_config
@@ -73,13 +69,25 @@ def run(
     min_tissue: Optional[float] = typer.Option(None, help="Drop tiles with a smaller tissue fraction (default 0.25)."),
     no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip the heatmap pictures."),
     force: bool = typer.Option(False, help="Redo every stage, even for finished slides."),
-    concurrency: int = typer.Option(2, help="Slides processed at the same time."),
+    concurrency: int = typer.Option(2, help="Shard runs at the same time on a --deployment's work pool."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
+    devices: Optional[str] = typer.Option(None, help="Every device of this machine, one executor each over a "
+                                          "shared queue of shards: cuda:0,cuda:1 or all (cpu,cpu tries it on "
+                                          "a CPU)."),
+    shard_slides: Optional[int] = typer.Option(None, help="Slides per shard (a shard is one flow run: one model "
+                                               "load, its slides pipelined; default: the whole cohort here, "
+                                               "16 with --deployment or --devices)."),
+    shard_tiles: Optional[int] = typer.Option(None, help="Or: about this many tiles per shard (estimated from "
+                                              "the slides' sizes, or their grids once tiled)."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16 or bf16 (default auto)."),
-    workers: Optional[str] = typer.Option(None, help="Tile-reader processes (one pool per process and device, shared by its slides): a number, or auto."),
+    workers: Optional[str] = typer.Option(None, help="Tile-reader processes (one pool per executor, shared by "
+                                          "its slides): a number, or auto."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per batch."),
-    deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment (scale-out)."),
-    encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit held while encoding."),
+    deployment: Optional[str] = typer.Option(None, help="Hand the shards to this shard deployment "
+                                             "(process-shard/NAME from `slide-clip deploy`): its work pool's "
+                                             "workers run them (scale-out)."),
+    encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit a shard holds "
+                                                "while it runs ({host}: the machine's name)."),
     clinical: Optional[Path] = typer.Option(None, help="Clinical table (patient_id, time, event): then also run the "
                                             "survival baselines (see `slide-clip survival`)."),
     time: Optional[str] = typer.Option(None, "--time", help="Follow-up time column of --clinical."),
@@ -97,6 +105,15 @@ def run(
 
     if clinical is not None and not (time and event):
         _fail("--clinical needs --time and --event (the follow-up time and event columns)")
+    if devices and deployment:
+        _fail("give --devices (this machine's devices) or --deployment (a work pool's workers), not both")
+    if devices and device:
+        _fail("give --devices (one executor per device) or --device (one executor), not both")
+    for flag, v in (("--shard-slides", shard_slides), ("--shard-tiles", shard_tiles)):
+        if v is not None and v < 1:
+            _fail(f"{flag} {v}: give 1 or more")
+    if shard_slides is not None and shard_tiles is not None:
+        _fail("give --shard-slides or --shard-tiles, not both")
     survival = {"clinical": str(clinical.resolve()), "time": time, "event": event} if clinical else None
     try:
         tiling = {"target_mpp": target_mpp, "tile_size": tile_size, "overlap": overlap, "min_tissue": min_tissue}
@@ -106,7 +123,7 @@ def run(
         check_mpp_value(mpp)
         from slide_clip.manifest import cohort_scan
         from slide_clip.output import ensure_out_dir
-        from slide_clip.pipeline import resampling_note
+        from slide_clip.stages import resampling_note
         from slide_clip.scan import SKIPPED_FILE, skipped_line
 
         # no slide at all, an --mpp-csv row naming no slide: one line now, before a server starts
@@ -117,6 +134,11 @@ def run(
         skipped_text = skipped_line(skipped, out / SKIPPED_FILE)
 
         note = resampling_note(cfg)  # the same check `embed` makes, said once
+        device_list = None
+        if devices:
+            from slide_clip_flows.devices import parse_devices
+
+            device_list = parse_devices(devices)
     except SlideClipError as e:
         _fail(str(e))
     if note:
@@ -126,12 +148,19 @@ def run(
     from slide_clip_flows.temporary_server import temporary_server
 
     try:
-        with temporary_server(echo=lambda line: typer.echo(line, err=True)):
+        with temporary_server(echo=lambda line: typer.echo(line, err=True)), contextlib.ExitStack() as stack:
             from slide_clip_flows.process_cohort import process_cohort
 
+            if device_list:  # one worker per device, each its own executor, over the pool's queue
+                from slide_clip_flows.devices import device_workers
+
+                deployment = stack.enter_context(device_workers(
+                    device_list, echo=lambda line: typer.echo(line, err=True)))
+                concurrency = len(device_list)
             state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,
                                    prompts=list(prompts), heatmaps=not no_heatmaps, force=force,
                                    max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
+                                   shard_slides=shard_slides, shard_tiles=shard_tiles,
                                    mpp=mpp, mpp_csv=str(mpp_csv.resolve()) if mpp_csv else None,
                                    survival=survival, clusters=clusters,
                                    return_state=True)
@@ -191,20 +220,23 @@ def serve(
     registry: List[Path] = _REG,
     checkpoint: Optional[Path] = _CKPT,
     prompts: List[str] = _PROMPTS,
-    concurrency: int = typer.Option(2, help="Slides processed at the same time."),
+    concurrency: int = typer.Option(2, help="Shard runs at the same time on a --deployment's work pool."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
-    workers: Optional[str] = typer.Option(None, help="Tile-reader processes (one pool per process and device, shared by its slides): a number, or auto."),
-    deployment: Optional[str] = typer.Option(None, help="Hand each slide to this per-slide deployment "
-                                             "(process-slide/NAME from `slide-clip deploy`) instead of "
-                                             "processing it here."),
+    workers: Optional[str] = typer.Option(None, help="Tile-reader processes (one pool per executor, shared by "
+                                          "its slides): a number, or auto."),
+    shard_slides: Optional[int] = typer.Option(None, help="Slides per shard (default: every new slide in one "
+                                               "shard here, 16 with --deployment)."),
+    deployment: Optional[str] = typer.Option(None, help="Hand the shards to this shard deployment "
+                                             "(process-shard/NAME from `slide-clip deploy`) instead of "
+                                             "processing them here."),
     settle: float = typer.Option(60.0, help="Seconds a slide's files must be unchanged before it is processed "
                                  "(a slide still being copied in waits for the next run)."),
 ):
     """Serve the cohort flow on a schedule against a Prefect server (PREFECT_API_URL).
 
     Each run processes the watched folder; finished slides are skipped, so a run only does
-    the slides added since the last one. With --deployment, the slides go to the workers
-    of that deployment's work pool. Runs until stopped (Ctrl-C).
+    the slides added since the last one. With --deployment, the new slides go, in shards, to
+    the workers of that deployment's work pool. Runs until stopped (Ctrl-C).
     """
     if (cron is None) == (interval is None):
         _fail("give exactly one of --cron or --interval")
@@ -217,7 +249,8 @@ def serve(
 
     params = {"slides": [str(watch.resolve())], "out": str(out.resolve()), "pattern": pattern,
               "config": cfg.model_dump(mode="json"), "prompts": list(prompts), "max_concurrency": concurrency,
-              "deployment": deployment, "settle_seconds": settle, "allow_empty": True}
+              "deployment": deployment, "shard_slides": shard_slides, "settle_seconds": settle,
+              "allow_empty": True}
     kwargs = {"cron": cron} if cron else {"interval": interval}
     # limit=1: a run still going when the next is due makes that one wait, so two runs never
     # race for the same new slide.
@@ -226,35 +259,35 @@ def serve(
 
 @app.command()
 def deploy(
-    pool: str = typer.Option(..., help="Work pool (type process) whose workers run the per-slide flow."),
-    name: str = typer.Option("process-slide", help="Deployment name."),
-    encoder_limit: str = typer.Option(ENCODER_LIMIT, help="Global concurrency limit held while encoding, "
+    pool: str = typer.Option(..., help="Work pool whose workers run the shard flow (created if missing)."),
+    name: str = typer.Option("process-shard", help="Deployment name (flow process-shard)."),
+    pool_type: str = typer.Option("process", help="Type of a pool created here: process (workers on GPU "
+                                  "machines), kubernetes (a GPU job per shard run) or docker (a GPU container)."),
+    gpus: int = typer.Option(1, help="GPUs a kubernetes or docker shard run asks for (nvidia.com/gpu)."),
+    image: Optional[str] = typer.Option(None, help="Container image with slide-clip installed (kubernetes, docker)."),
+    encoder_limit: str = typer.Option(ENCODER_LIMIT, help="Global concurrency limit a shard run holds, "
                                       "created with 1 slot on first use ({host}: the worker's machine; {gpu}: "
                                       "its CUDA_VISIBLE_DEVICES, for one worker per GPU)."),
 ):
-    """Register the per-slide flow as a deployment of a work pool, for workers on several machines.
+    """Register the shard flow as a deployment of a work pool, for workers on several machines.
 
-    Start workers with `prefect worker start --pool POOL` (one per GPU machine, each with the
-    project installed at the same path), then hand a cohort to them with
-    `slide-clip run ... --deployment process-slide/NAME`.
+    A process pool: start one worker per GPU machine (`prefect worker start --pool POOL`, with
+    slide-clip installed), then hand a cohort to them with
+    `slide-clip run ... --deployment process-shard/NAME`: each worker runs whole shards, the
+    model loaded once per shard. A kubernetes or docker pool (pip install 'slide-clip[kubernetes]'
+    or '[docker]') starts a GPU job or container per shard run from --image.
     """
     _require_server("deploy")
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    try:
+        from slide_clip_flows.deployments import POOL_TYPES, ensure_pool, register_shard_deployment
 
-    from slide_clip_flows.process_slide import process_slide
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(pool)
-        except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-    flow = process_slide.from_source(source=str(FLOWS_DIR.parent),
-                                      entrypoint=f"{FLOWS_DIR.name}/process_slide.py:process_slide")
-    dep_id = flow.deploy(name=name, work_pool_name=pool, parameters={"encoder_limit": encoder_limit},
-                         build=False, push=False, print_next_steps=False)
-    typer.echo(f"deployment process-slide/{name} ({dep_id}) on work pool {pool}")
+        if pool_type not in POOL_TYPES:
+            raise ConfigError(f"--pool-type {pool_type!r}: choose from {', '.join(POOL_TYPES)}")
+        created = ensure_pool(pool, pool_type, gpus=gpus, image=image)
+        dep = register_shard_deployment(pool, name=name, encoder_limit=encoder_limit, image=image)
+    except SlideClipError as e:
+        _fail(str(e))
+    typer.echo(f"deployment {dep} on {'new ' if created else ''}{pool_type} work pool {pool}")
 
 
 def _prefect_check():

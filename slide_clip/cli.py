@@ -198,7 +198,7 @@ def embed(
                 line += f"  {plural(r.n_tiles, 'tile')}, {r.encoded} encoded, {r.seconds:.1f} s"
             typer.echo(line, err=True)
 
-        from slide_clip.pipeline import resampling_note
+        from slide_clip.stages import resampling_note
 
         note = resampling_note(cfg)
         if note:

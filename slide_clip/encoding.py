@@ -1,7 +1,7 @@
 """Stage 3: a tiled store's tiles through the encoder into its embeddings, in row order.
 
 Split in two so a run over many slides can queue the next slide's tiles while this one
-encodes (:mod:`slide_clip.lookahead`): :func:`begin_encoding` opens the embeddings group
+encodes (:class:`slide_clip.executor.SlideRun`): :func:`begin_encoding` opens the embeddings group
 (resuming at the first row not on disk) and queues the tile batches; :func:`run_encoding`
 encodes them as they arrive. :func:`encode_store` does both.
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from slide_clip.config import PipelineConfig
 from slide_clip.errors import SlideClipError, SlideError
+from slide_clip.stages import grid_from_store
 from slide_clip.store import SlideStore, model_key
 
 
@@ -49,7 +50,6 @@ def begin_encoding(store: SlideStore, slide_file: str, encoder, cfg: PipelineCon
     from slide_clip.encoders.spec import same_build
     from slide_clip.encoders.tile_view import encoder_view
     from slide_clip.loader import tile_batches
-    from slide_clip.pipeline import grid_from_store
 
     e = cfg.encode
     tiling = store.tiling

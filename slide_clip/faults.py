@@ -8,6 +8,7 @@ time (default the first) it reaches ``<point>``. Nothing else reads it; without 
 point costs one dictionary look-up. The points (see docs/RELIABILITY.md):
 
 =====================  ==================================================================
+``rows-written``       a chunk of embedding rows is on disk and counted (``rows_written``)
 ``scores-written``     a new score set is complete beside the old one, not yet swapped in
 ``scores-swapped``     the new set is in place, the old one not yet deleted, the slide's
                        summary not yet written

@@ -1,6 +1,6 @@
 """Scoring stores: zero-shot and few-shot tile labels, slide summaries, heatmaps, cohort tables.
 
-Works on stores made by :mod:`slide_clip.pipeline`; never re-encodes a stored tile. Output
+Works on stores made by the executor (:mod:`slide_clip.executor`); never re-encodes a stored tile. Output
 files live beside the stores (``out`` is a store's folder)::
 
     out/summaries/<model>/<set>/<slide_id>.json     per-slide summary
@@ -25,8 +25,8 @@ import numpy as np
 
 from slide_clip.aggregate import slide_scores
 from slide_clip.config import PipelineConfig
+from slide_clip.encoders.cache import EncoderCache
 from slide_clip.encoders.outputs import text_refusal
-from slide_clip.encoders.spec import same_build
 from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, StoreError
 from slide_clip.heatmap import (grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid,
                                 tiles_geojson, value_range)
@@ -109,41 +109,6 @@ def open_scored_store(path: Path, model: str | None) -> tuple[SlideStore, str]:
                          path=path, hint="Run `slide-clip embed` again to finish them.")
     store.check_embeddings(name)  # one row per tile, of the recorded dimension
     return store, name
-
-
-class EncoderPool:
-    """Loads each model at most once per run, and only when a classifier must be computed."""
-
-    def __init__(self, cfg: PipelineConfig):
-        self.cfg = cfg
-        self._loaded: dict[str, object] = {}
-
-    def get(self, name: str, expected_sha256: str, where: Path, attrs: dict | None = None):
-        """The encoder of stored model ``name`` (``attrs``: its store's embedding attributes).
-
-        With ``attrs``, the model is rebuilt from what the store recorded (no ``--models``
-        registry needed); without, it is looked up by name.
-        """
-        from slide_clip.encoders import load_encoder, resolve_model, resolve_stored_model
-
-        if name not in self._loaded:
-            e = self.cfg.encode
-            ckpt = e.checkpoint if e.model == name or attrs is not None and e.checkpoint else None
-            spec = (resolve_stored_model(name, attrs, e.registries, ckpt, where) if attrs is not None
-                    else resolve_model(name, e.registries, ckpt))
-            self._loaded[name] = load_encoder(spec, e.device, e.precision)
-        enc = self._loaded[name]
-        if enc.weights_sha256 != expected_sha256:
-            raise StoreError(
-                f"embeddings were made by other weights than model {name!r} loads now "
-                f"(stored {expected_sha256[:12]}…, loaded {enc.weights_sha256[:12]}…)", path=where,
-                hint="Give the weights the store was made with (--checkpoint), or re-embed the slide.")
-        if attrs is not None and not same_build(attrs, enc):
-            raise StoreError(
-                f"embeddings of {name!r} were made by another build of the model than the one it loads now "
-                f"(an older slide-clip built open_clip's hub config for these weights)", path=where,
-                hint=f"Re-embed the slides with --model {name} (the stored group is replaced).")
-        return enc
 
 
 def _out_dir(store: SlideStore) -> Path:
@@ -234,7 +199,7 @@ def _score_many(stores, model, job: _Job, classifier_for, cfg, on_result=None) -
             r = _failed_summary(Path(path), str(exc), model, job.set_name, job.kind, t0,
                                 write=not isinstance(exc, StoreBusyError))
         except Exception as exc:  # noqa: BLE001 - one store's fault never stops the others
-            from slide_clip.pipeline import unexpected_error
+            from slide_clip.results import unexpected_error
 
             r = _failed_summary(Path(path), unexpected_error(path, exc), model, job.set_name, job.kind, t0)
         results.append(r)
@@ -265,9 +230,12 @@ def current_summary(store_path: str | Path, prompts: PromptSet, model: str | Non
 
 
 def zeroshot(stores: list[Path], prompts: PromptSet, cfg: PipelineConfig, *, model: str | None = None,
-             on_result=None) -> list[dict]:
-    """Zero-shot score every store's tiles with a prompt set (text classifiers cached on disk)."""
-    pool = EncoderPool(cfg)
+             on_result=None, encoders: EncoderCache | None = None) -> list[dict]:
+    """Zero-shot score every store's tiles with a prompt set (text classifiers cached on disk).
+
+    A model is built only for a classifier not cached yet, through ``encoders`` (a shard's
+    cache lends it the model that embedded the slides)."""
+    encoders = encoders or EncoderCache(cfg)
 
     def classifier_for(store: SlideStore, name: str) -> np.ndarray:
         refusal = text_refusal(name, store.embedding_attrs(name))  # before any model is loaded
@@ -277,7 +245,7 @@ def zeroshot(stores: list[Path], prompts: PromptSet, cfg: PipelineConfig, *, mod
         cache = ClassifierCache(_out_dir(store) / "classifiers")
         clf = cache.get(name, sha, prompts)
         if clf is None:
-            clf = text_classifier(pool.get(name, sha, store.path, store.embedding_attrs(name)), prompts)
+            clf = text_classifier(encoders.for_store(name, sha, store.path, store.embedding_attrs(name)), prompts)
             cache.put(name, sha, prompts, clf)
         return clf
 
@@ -353,12 +321,12 @@ def read_examples(path: str | Path) -> list[Example]:
 
 
 def example_features(examples: list[Example], stores: dict[str, SlideStore], model: str, weights_sha256: str,
-                     pool: EncoderPool, where: Path) -> np.ndarray:
+                     encoders: EncoderCache, where: Path) -> np.ndarray:
     """Embeddings of the example tiles: the stored row where the tile is in a store, else encoded."""
     import openslide
     from PIL import Image
 
-    from slide_clip.pipeline import grid_from_store
+    from slide_clip.stages import grid_from_store
     from slide_clip.slide import slide_id
     from slide_clip.tiling import read_tile
 
@@ -393,7 +361,7 @@ def example_features(examples: list[Example], stores: dict[str, SlideStore], mod
         import torch
 
         first = next(iter(stores.values()), None)
-        enc = pool.get(model, weights_sha256, where, first.embedding_attrs(model) if first is not None else None)
+        enc = encoders.for_store(model, weights_sha256, where, first.embedding_attrs(model) if first is not None else None)
         batch = torch.stack([enc.preprocess(img) for _, img in todo])
         encoded = enc.encode_images(batch)
         for (i, _), f in zip(todo, encoded):
@@ -413,7 +381,7 @@ def _check_inside(ex: Example, store: SlideStore, where: Path) -> None:
 
 
 def fewshot(stores: list[Path], examples_csv: str | Path, cfg: PipelineConfig, *, model: str | None = None,
-            name: str | None = None, on_result=None) -> list[dict]:
+            name: str | None = None, on_result=None, encoders: EncoderCache | None = None) -> list[dict]:
     """Score stores with prototypes built from labelled example tiles (one prototype per label)."""
     examples = read_examples(examples_csv)
     class_names = sorted({e.label for e in examples})
@@ -429,8 +397,7 @@ def fewshot(stores: list[Path], examples_csv: str | Path, cfg: PipelineConfig, *
     first = next(iter(opened.values()))
     mname = model or next(iter(first.embedding_attrs(k)["name"] for k in first.models()))
     sha = first.embedding_attrs(mname)["weights_sha256"]
-    pool = EncoderPool(cfg)
-    feats = example_features(examples, opened, mname, sha, pool, Path(examples_csv))
+    feats = example_features(examples, opened, mname, sha, encoders or EncoderCache(cfg), Path(examples_csv))
     protos = prototypes(feats, [e.label for e in examples], class_names)
     set_name = name or f"fewshot-{Path(examples_csv).stem}"
     digest = hashlib.sha256(protos.tobytes()).hexdigest()

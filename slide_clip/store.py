@@ -943,6 +943,7 @@ class EmbeddingWriter:
             self.rows_written = start + data.shape[0]
             self._buf, self._buffered = [], 0
             self.group.attrs.update({"rows_written": self.rows_written, "updated": _now()})
+            kill_point("rows-written")
         self._last_flush = time.monotonic()
         if self.rows_written == self.n and not self.complete:
             self.group.attrs.update({"status": STATUS_COMPLETE, "finished": _now()})

@@ -24,6 +24,7 @@ from slide_clip.atomic import write_text
 from slide_clip.errors import ConfigError, SlideClipError, StoreError
 from slide_clip.output import BESIDE_STORES, output_errors
 from slide_clip.store import STORE_SUFFIX, SlideStore, model_key
+from slide_clip.results import read_status as read_slide_status
 
 #: The per-class numbers of a summary, recomputed from the store by ``summarize``.
 METRICS = ("mean_prob", "area_fraction", "topk_logit", "slide_prob")
@@ -46,11 +47,7 @@ def write_summary(out: Path, summary: dict) -> Path:
 
 def read_status(out: Path, slide: str) -> dict:
     """``out/status/<slide>.json`` (what embedding or a flow did to the slide), or {}."""
-    try:
-        st = json.loads((Path(out) / "status" / f"{slide}.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return st if isinstance(st, dict) else {}
+    return read_slide_status(out, slide) or {}
 
 
 def _same(a, b) -> bool:

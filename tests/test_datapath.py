@@ -390,7 +390,7 @@ def test_lookahead_queues_slides_in_order_whatever_order_they_are_prepared_in():
     import threading
     import time as _time
 
-    from slide_clip.lookahead import LookAhead
+    from slide_clip.executor import LookAhead
 
     queued = []
     lock = threading.Lock()
@@ -475,34 +475,28 @@ def test_a_lock_caught_between_taking_and_noting_is_tried_again(tmp_path):
     t.join()
 
 
-def test_device_turns_follow_queue_order_and_a_turn_given_back_never_blocks():
+def test_turns_start_in_order_whatever_order_they_are_given_back_in():
     import threading
-    import time as _time
 
-    from slide_clip.lookahead import DeviceTurns
+    from slide_clip.executor import Turns
 
-    turns = DeviceTurns()
-    queued, encoded = [], []
-    tickets = {}
-    for name in ("a", "b", "skipped", "c"):
-        tickets[name] = turns.queue(lambda n=name: queued.append(n))[1]
-    turns.skip(tickets["skipped"])  # a slide with nothing to encode
+    turns = Turns()
+    started = []
 
-    def encode(name, delay):
-        _time.sleep(delay)  # reach the device in the reverse of the queue order
-        with turns.turn(tickets[name]):
-            encoded.append(name)
-            _time.sleep(0.05)
+    def take(i):
+        turns.wait(i)
+        started.append(i)
 
-    threads = [threading.Thread(target=encode, args=(n, dl)) for n, dl in (("c", 0.0), ("b", 0.1), ("a", 0.2))]
+    turns.give_back(2)  # a later slide that needed no encoding: given back before its turn
+    threads = [threading.Thread(target=take, args=(i,)) for i in (3, 1)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=10)
-    assert queued == ["a", "b", "skipped", "c"] and encoded == ["a", "b", "c"]
-
-    with pytest.raises(RuntimeError):  # a turn ended by an error is given back too
-        with turns.turn(turns.queue(lambda: None)[1]):
-            raise RuntimeError("encoding failed")
-    with turns.turn(turns.queue(lambda: None)[1]):
-        pass
+    turns.wait(0)
+    assert started == []  # 1 and 3 wait for 0
+    turns.give_back(0)
+    threads[1].join(timeout=10)
+    assert started == [1]  # 3 still waits: 1 has not been given back
+    turns.give_back(1)
+    turns.give_back(1)  # idempotent
+    threads[0].join(timeout=10)
+    assert started == [1, 3]

@@ -72,7 +72,7 @@ def test_random_vit_b_32_embed_then_zeroshot_and_run_in_separate_processes(small
     assert r.returncode == 0, r.stderr
     r = _cli("zeroshot", out, "--prompts", "tumour", "--device", "cpu")  # a second process
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "1 of 1 slides scored" in r.stdout
+    assert "1 of 1 slide scored" in r.stdout
     store = SlideStore.open(out / "small_provenance.zarr")
     e = store.embedding_attrs("random:ViT-B-32")
     assert e["random_weights"] is True and e["seed"] == 0 and e["arch"] == "ViT-B-32"

@@ -193,6 +193,35 @@ def test_kill_9_during_run_then_rerun_equals_an_uninterrupted_run(fault_inputs, 
     assert (a.loc[IDS, "predicted"] == b.loc[IDS, "predicted"]).all()
 
 
+def test_two_device_executors_killed_mid_shard_then_rerun_equals_an_uninterrupted_run(fault_inputs, run_reference,
+                                                                                      tmp_path, prefect_url):
+    """`run --devices cpu,cpu`: one worker (executor) per device over the pool's queue of shards.
+    Each shard's flow-run process is killed (-9) mid-encoding; the cohort reports the slides as
+    not processed, and the next run of the cohort picks them up, resumes the partial stores and
+    ends bit-identical to an uninterrupted single-process run. The two shards ran in two
+    executor processes under two workers."""
+    slides, config = fault_inputs
+    out = tmp_path / "out"
+    cmd = [*FLOWS, "run", str(slides), "--config", str(config), "--out", str(out), "--no-heatmaps",
+           "--devices", "cpu,cpu", "--shard-slides", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                       env=_env(PREFECT_API_URL=prefect_url, SLIDE_CLIP_KILL_AT="rows-written:2"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "2 executors, one per device (cpu, cpu)" in r.stderr, r.stderr
+    for sid in IDS:  # each shard run died after its second chunk of 8 rows
+        assert _store_state(out, sid) == ("tiled", 16), _store_state(out, sid)
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith("failed") and f" {sid} " in ln)
+        assert "run the cohort again" in line, r.stdout
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(PREFECT_API_URL=prefect_url))
+    assert r.returncode == 0, r.stdout + r.stderr
+    _assert_same_stores(run_reference, out, scores=True)
+    statuses = {sid: json.loads((out / "status" / f"{sid}.json").read_text()) for sid in IDS}
+    assert all(st["status"] == "ok" and 0 < st["encoded"] < st["n_tiles"] for st in statuses.values()), statuses
+    # two shard runs, each in its own flow-run process, started by two different workers
+    assert len({st["extra"]["flow_run_id"] for st in statuses.values()}) == 2
+    assert len({st["extra"]["parent_pid"] for st in statuses.values()}) == 2, statuses
+
+
 # ------------------------------------------------------------------------------ disk faults
 @contextlib.contextmanager
 def _mounted_tmpfs(where: Path, options: str):

@@ -1,6 +1,7 @@
 """The Prefect flows under one test harness: a cohort with a broken slide, skip-done reruns."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -83,37 +84,54 @@ def test_cohort_flow_with_a_broken_slide_then_a_skipping_rerun(cohort, cfg, tmp_
     assert again["broken"]["status"] == "failed"
 
 
+def _shard(*slides):
+    return [{"path": str(p), "name": Path(p).stem} for p in slides]
+
+
 def test_changed_prompts_only_rescore_and_force_redoes(make_slide, cfg, tmp_path):
-    from slide_clip_flows.process_slide import process_slide
+    from slide_clip_flows.process_shard import process_shard
 
     slide, _ = make_slide("tissue_0.5", mpp=0.5)
     out = tmp_path / "out"
-    first = process_slide(str(slide), str(out), config=cfg, prompts=["tumour"])
+    [first] = process_shard(_shard(slide), str(out), config=cfg, prompts=["tumour"])
     assert first["status"] == "ok" and first["encoded"] > 0
     store = SlideStore.open(first["store"])
     feats = store.embeddings("tiny").copy()
     finished = store.embedding_attrs("tiny")["finished"]
-    second = process_slide(str(slide), str(out), config=cfg, prompts=["tumour", "tissue_types"])
+    [second] = process_shard(_shard(slide), str(out), config=cfg, prompts=["tumour", "tissue_types"])
     assert second["encoded"] == 0 and second["status"] == "ok"
     assert second["extra"]["scores"]["tissue_types"]["rescored"] is True
     assert second["extra"]["scores"]["tumour"]["rescored"] is False
     assert SlideStore.open(first["store"]).embedding_attrs("tiny")["finished"] == finished
-    forced = process_slide(str(slide), str(out), config=cfg, prompts=["tumour"], force=True)
+    [forced] = process_shard(_shard(slide), str(out), config=cfg, prompts=["tumour"], force=True)
     assert forced["encoded"] == store.n_tiles
     assert np.array_equal(SlideStore.open(first["store"]).embeddings("tiny"), feats)
 
 
-def test_bad_slide_fails_the_slide_flow_with_its_one_line_error(tmp_path, cfg):
-    from slide_clip_flows.process_slide import process_slide
-
-    bad = tmp_path / "plain.png"
+def test_a_bad_slide_fails_alone_in_its_shard_with_its_one_line_error(make_slide, tmp_path, cfg):
     from PIL import Image
 
+    from slide_clip.results import read_status
+    from slide_clip_flows.process_shard import process_shard
+
+    good, _ = make_slide("tissue_0.5", mpp=0.5)
+    bad = tmp_path / "plain.png"
     Image.new("RGB", (100, 100), "white").save(bad)
-    state = process_slide(str(bad), str(tmp_path / "out"), config=cfg, return_state=True)
-    assert state.is_failed()
-    status = json.loads((tmp_path / "out" / "status" / "plain.json").read_text())
-    assert status["status"] == "failed" and status["error"].startswith(f"{bad}: is a plain image")
+    out = tmp_path / "out"
+    state = process_shard(_shard(bad, good), str(out), config=cfg, heatmaps=False, shard="shard-1",
+                          return_state=True)
+    assert state.is_completed()  # one slide's failure never fails its shard
+    got = {r["name"]: r for r in state.result()}
+    assert got["plain"]["status"] == "failed" and got["plain"]["error"].startswith(f"{bad}: is a plain image")
+    assert got["tissue_0.5"]["status"] == "ok" and got["tissue_0.5"]["encoded"] > 0
+    for sid in ("plain", "tissue_0.5"):  # each slide's status file, written by this shard run
+        assert read_status(out, sid)["status"] == got[sid]["status"]
+        assert read_status(out, sid)["extra"]["flow_run_id"] == got[sid]["extra"]["flow_run_id"]
+    [table] = _read_artifact("shard-1-slides")
+    assert {row["slide"]: row["status"] for row in json.loads(table.data)} == {"plain": "failed",
+                                                                                "tissue_0.5": "ok"}
+    [prog] = _read_artifact("shard-1-progress")
+    assert float(prog.data) == 100.0
 
 
 def test_cohort_leaves_slides_still_being_copied_for_the_next_run(make_slide, cfg, tmp_path):
@@ -146,20 +164,10 @@ def _corrupt_middle_tile(path):
         f.write(b"\xff" * size)
 
 
-def _started(pid: int) -> float:
-    """A process's start time (epoch seconds), from /proc."""
-    import os
-
-    ticks = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19])
-    boot = next(float(ln.split()[1]) for ln in open("/proc/stat") if ln.startswith("btime"))
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
-
-
 def test_cohort_flow_shares_reader_processes_and_a_slide_failing_mid_read_fails_alone(make_slide, cfg, tmp_path):
     import shutil
 
     from slide_clip_flows.process_cohort import process_cohort
-    from slide_clip_tasks.encode import readers_for
 
     src, _ = make_slide("tissue_0.5", mpp=0.5)
     d = tmp_path / "slides"
@@ -178,10 +186,8 @@ def test_cohort_flow_shares_reader_processes_and_a_slide_failing_mid_read_fails_
     ref = SlideStore.open(out / "s0.zarr").embeddings("tiny")
     for sid in ("s2", "s3"):
         assert np.array_equal(SlideStore.open(out / f"{sid}.zarr").embeddings("tiny"), ref)
-    # one encoder at a time, and one pool of reader processes for the flow's slides: started
-    # before the first slide finished encoding, still alive after the last
-    windows = sorted(status[s]["extra"]["encode_window"] for s in ("s0", "s2", "s3"))
+    # one shard, one executor: one flow run, one encoder at a time, slides in order
+    assert r["shards"] == 1
+    assert len({status[s]["extra"]["flow_run_id"] for s in status}) == 1
+    windows = [status[s]["extra"]["encode_window"] for s in ("s0", "s2", "s3")]
     assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:])), windows
-    pool = readers_for(c).pool
-    assert pool is not None and pool._workers and all(p.is_alive() for p in pool._workers)
-    assert max(_started(p.pid) for p in pool._workers) < windows[0][1]

@@ -449,13 +449,14 @@ def test_run_lists_the_files_its_scan_skipped(mixed_folder, cfg, tmp_path):
 def test_a_refused_slide_never_starts_the_model_build(hostile_dir, tmp_path, cfg, monkeypatch):
     """The model is built in the background only once a slide has passed its checks, and then
     before its thumbnail is read (the start-up overlap of a good slide is kept)."""
-    import slide_clip.pipeline as pipeline
-    from slide_clip.pipeline import EncoderCache, embed_slides
+    import slide_clip.stages as stages
+    from slide_clip.encoders.cache import EncoderCache
+    from slide_clip.pipeline import embed_slides
 
     events = []
-    preload, thumbnail = EncoderCache.preload, pipeline.read_thumbnail
-    monkeypatch.setattr(EncoderCache, "preload", lambda self: (events.append("preload"), preload(self))[1])
-    monkeypatch.setattr(pipeline, "read_thumbnail", lambda *a, **k: (events.append("thumbnail"), thumbnail(*a, **k))[1])
+    preload, thumbnail = EncoderCache.preload, stages.read_thumbnail
+    monkeypatch.setattr(EncoderCache, "preload", lambda self, spec=None: (events.append("preload"), preload(self, spec))[1])
+    monkeypatch.setattr(stages, "read_thumbnail", lambda *a, **k: (events.append("thumbnail"), thumbnail(*a, **k))[1])
     c = cfg.with_overrides(tiling={"target_mpp": 0.5}, encode={"num_workers": 0})
     [r] = embed_slides([hostile_dir / "coarse.tif"], tmp_path / "out", c, progress=False)
     assert r.status == "failed" and "coarser than the target" in r.error

@@ -97,7 +97,7 @@ def test_thumbnail_identical_to_openslide_and_leaves_the_handle_open(cmu_svs, jp
     from types import SimpleNamespace
 
     from slide_clip.config import load_config
-    from slide_clip.pipeline import _read_thumbnail
+    from slide_clip.stages import _read_thumbnail
     from slide_clip.tissue import read_thumbnail
 
     class Counting:  # the caller's OpenSlide handle, counting the reads that reach OpenSlide

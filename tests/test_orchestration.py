@@ -199,7 +199,7 @@ def test_run_options_closing_lines_and_cohort_tables(tmp_path, make_slide, tiny_
     tail = r.stdout.strip().splitlines()[-7:]
     assert tail == [
         f"ok       tissue_0.5  {store.n_tiles} tiles",
-        "1 of 1 slides done, 0 failed",
+        "1 of 1 slide done, 0 failed",
         "stores: out/<slide>.zarr (QC pictures out/<slide>_qc.png)",
         "heatmaps: out/heatmaps/tiny/tissue_types",
         "heatmaps: out/heatmaps/tiny/tumour",
@@ -221,7 +221,7 @@ def test_run_options_closing_lines_and_cohort_tables(tmp_path, make_slide, tiny_
         f.unlink()
     r = subprocess.run([CLI, "summarize", "out"], cwd=work, capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "== tissue_types (tiny): 1 slides" in r.stdout and "== tumour (tiny): 1 slides" in r.stdout
+    assert "== tissue_types (tiny): 1 slide" in r.stdout and "== tumour (tiny): 1 slide" in r.stdout
     assert sorted(f.name for f in out.glob("cohort-*")) == [
         "cohort-tissue_types-tiny.csv", "cohort-tissue_types-tiny.parquet",
         "cohort-tumour-tiny.csv", "cohort-tumour-tiny.parquet"]

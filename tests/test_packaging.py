@@ -53,7 +53,7 @@ def test_wheel_holds_every_module_and_config_under_installed_names(wheel):
         entry_points = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt"))).decode()
     want = _expected_files()
     # sanity: the repo walk itself found what we know is there
-    assert {"slide_clip/cli.py", "slide_clip_flows/cli.py", "slide_clip_tasks/encode.py",
+    assert {"slide_clip/cli.py", "slide_clip_flows/cli.py", "slide_clip_tasks/products.py",
             "slide_clip_configs/default.yaml", "slide_clip_configs/models.yaml",
             "slide_clip_configs/prompts/tumour.yaml"} <= want
     missing = sorted(want - set(names))
@@ -82,7 +82,7 @@ def test_stray_tasks_py_does_not_break_the_python_api(tmp_path, make_slide):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
     code = ("import sys; assert sys.path[0] in ('', '.'), sys.path[0]; "
-            "import slide_clip_flows.process_cohort, slide_clip_tasks.encode, slide_clip as sc; "
+            "import slide_clip_flows.process_cohort, slide_clip_tasks.products, slide_clip as sc; "
             "from slide_clip.config import load_config; "
             f"print(sc.slide_info({str(slide)!r}).name, load_config().tiling.min_tissue)")
     r = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, env=env, timeout=300)

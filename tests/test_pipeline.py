@@ -93,13 +93,13 @@ def test_dicom_series_folder(cmu_store, cmu_dicom, tmp_path):
 
 
 def test_rerun_skips_a_complete_store(cmu_store, cmu_svs):
-    from slide_clip.pipeline import EncoderCache
+    from slide_clip.encoders.cache import EncoderCache
 
     result, store, cfg = cmu_store
     encoders = EncoderCache(cfg)
     again = embed_slide(cmu_svs, store.path.parent, cfg, encoders=encoders, progress=False)
     assert again.status == "skipped" and again.encoded == 0
-    assert encoders.encoder is None and encoders._thread is None  # no model built, not even in the background
+    assert encoders._builds == {} and encoders._threads == []  # no model built, not even in the background
 
 
 def test_second_model_in_the_same_store(cmu_store, cmu_svs):

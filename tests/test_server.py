@@ -127,11 +127,11 @@ def test_scheduled_watch_processes_a_new_slide_once(server, tmp_path, make_slide
         log.close()
 
 
-def test_two_workers_share_a_cohort_each_slide_once(server, tmp_path, make_slide, tiny_registry):
+def test_two_workers_share_a_cohort_in_shards_each_slide_once(server, tmp_path, make_slide, tiny_registry):
     r = subprocess.run([PY, "-m", "slide_clip_flows.cli", "deploy", "--pool", "test-pool"], env=server,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr + r.stdout
-    assert "process-slide/process-slide" in r.stdout
+    assert "process-shard/process-shard" in r.stdout
     workers, logs = [], []
     for i in range(2):
         logs.append(open(tmp_path / f"worker{i}.log", "w"))
@@ -148,7 +148,8 @@ def test_two_workers_share_a_cohort_each_slide_once(server, tmp_path, make_slide
             slides.append(str(p))
         out = tmp_path / "out"
         r = subprocess.run([PY, "-m", "slide_clip_flows.cli", "run", *slides, "--out", str(out), "--deployment",
-                            "process-slide/process-slide", "--concurrency", "4", "--models", str(tiny_registry),
+                            "process-shard/process-shard", "--shard-slides", "2", "--concurrency", "2",
+                            "--models", str(tiny_registry),
                             "--model", "tiny", "--workers", "0", "--device", "cpu", "--no-heatmaps"],
                            env=server, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -156,23 +157,63 @@ def test_two_workers_share_a_cohort_each_slide_once(server, tmp_path, make_slide
         assert all(s["status"] == "ok" for s in statuses), statuses
         for i in range(4):
             assert SlideStore.open(out / f"slide{i}.zarr").is_complete("tiny")
-        # both workers took slides: each flow run process is a child of the worker that ran it
+        # both workers took a shard: each shard run's process is a child of the worker that ran it
         assert {s["extra"]["parent_pid"] for s in statuses} == {w.pid for w in workers}
-        # one encoder at a time on this machine: the per-host limit was created with one slot
-        # and the slides' encode windows never overlap, although two workers ran at once
+        # one encoder at a time on this machine: the per-host limit (held by a shard run) was
+        # created with one slot and the slides' encode windows never overlap, although two
+        # workers ran at once
         host = statuses[0]["extra"]["host"]
         limits = _api(server, "/v2/concurrency_limits/filter", {})
         assert {(lim["name"], lim["limit"]) for lim in limits} >= {(f"slide-clip-encoder-{host}", 1)}
         windows = sorted(s["extra"]["encode_window"] for s in statuses)
         assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:])), windows
-        # every slide was processed exactly once
-        runs = _api(server, "/flow_runs/filter", {"deployments": {"name": {"any_": ["process-slide"]}}})
+        # two shard runs of two slides, every slide processed exactly once
+        runs = _api(server, "/flow_runs/filter", {"deployments": {"name": {"any_": ["process-shard"]}}})
+        assert len(runs) == 2 and len({s["extra"]["flow_run_id"] for s in statuses}) == 2
         per_slide = {}
         for fr in runs:
-            per_slide.setdefault(Path(fr["parameters"]["slide"]).stem, []).append(fr["state_type"])
+            for item in fr["parameters"]["slides"]:
+                per_slide.setdefault(Path(item["path"]).stem, []).append(fr["state_type"])
         assert per_slide == {f"slide{i}": ["COMPLETED"] for i in range(4)}
     finally:
         for w in workers:
             _stop(w)
         for f in logs:
             f.close()
+
+
+def _get(env, path):
+    with urllib.request.urlopen(env["PREFECT_API_URL"] + path, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.parametrize("pool_type", ["kubernetes", "docker"])
+def test_deploy_makes_a_gpu_work_pool_and_registers_the_shard_flow_on_it(server, pool_type):
+    """`deploy --pool-type kubernetes|docker`: the pool is created with the worker type's own
+    job template asking for GPUs, and the shard flow is registered on it by module path."""
+    pool = f"gpu-{pool_type}"
+    r = subprocess.run([PY, "-m", "slide_clip_flows.cli", "deploy", "--pool", pool, "--pool-type", pool_type,
+                        "--gpus", "2", "--image", "registry.example/slide-clip:1", "--name", f"shards-{pool_type}"],
+                       env=server, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert f"deployment process-shard/shards-{pool_type} on new {pool_type} work pool {pool}" in r.stdout
+    wp = _get(server, f"/work_pools/{pool}")
+    assert wp["type"] == pool_type
+    props = wp["base_job_template"]["variables"]["properties"]
+    assert props["image"]["default"] == "registry.example/slide-clip:1"
+    assert props["env"]["default"]["SLIDE_CLIP_DEVICE"] == "cuda"
+    if pool_type == "kubernetes":
+        assert props["gpus"]["default"] == 2
+        [container] = wp["base_job_template"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"][
+            "containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    else:
+        [req] = props["container_create_kwargs"]["default"]["device_requests"]
+        assert req["count"] == 2 and req["capabilities"] == [["gpu"]]
+    [dep] = _api(server, "/deployments/filter", {"deployments": {"name": {"any_": [f"shards-{pool_type}"]}}})
+    assert dep["work_pool_name"] == pool and dep["entrypoint"] == "slide_clip_flows.process_shard.process_shard"
+    # a second deploy to the pool with another type is refused in one line
+    r = subprocess.run([PY, "-m", "slide_clip_flows.cli", "deploy", "--pool", pool, "--pool-type", "process"],
+                       env=server, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"work pool '{pool}' exists with type '{pool_type}'" in r.stderr
+    assert "Traceback" not in r.stderr

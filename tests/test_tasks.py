@@ -18,7 +18,7 @@ def test_retry_policy_is_for_transient_failures_only():
 def test_encoder_limit_names(monkeypatch):
     import socket
 
-    from slide_clip_tasks.encode import limit_name
+    from slide_clip_tasks.limits import limit_name
 
     host = socket.gethostname()
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

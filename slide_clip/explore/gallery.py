@@ -36,7 +36,7 @@ def read_tiles(cohort: Cohort, slide_ids, xs, ys) -> list[Image.Image]:
     """
     import openslide
 
-    from slide_clip.pipeline import grid_from_store
+    from slide_clip.stages import grid_from_store
     from slide_clip.slide import resolve_slide_path
     from slide_clip.tiling import read_tile
 

@@ -5,7 +5,7 @@
   is that class (its synonyms × the set's templates); any other text is a class of its own
   with the set's templates. ``raw=True`` embeds the text verbatim. Text embeddings are
   cached with :class:`~slide_clip.zeroshot.ClassifierCache` and the text encoder is loaded
-  only on a cache miss, through :class:`~slide_clip.scoring.EncoderPool`, which refuses
+  only on a cache miss, through :class:`~slide_clip.encoders.cache.EncoderCache`, which refuses
   weights other than the stores' (``weights_sha256``).
 - **Stored tile** ``(slide, x, y)``: the tile's own stored embedding (never re-encoded); x, y
   are level-0 pixels, the tile's top-left corner or any point inside it.
@@ -63,26 +63,27 @@ def _query_set(texts: list[str], prompts: PromptSet, raw: bool) -> tuple[PromptS
     return qs, kinds
 
 
-def _encoder(cohort: Cohort, cfg, pool=None):
+def _encoder(cohort: Cohort, cfg, encoders=None):
     """The cohort's model for text or image files, its weights hash checked against the stores.
 
     A ``checkpoint`` in ``cfg`` is the stored model's weights file (as ``--checkpoint`` of
     `zeroshot`): it applies to the cohort's model whatever ``cfg.encode.model`` names.
-    ``pool`` (an :class:`~slide_clip.scoring.EncoderPool`) keeps the model loaded between
-    calls, as a long-running caller (the viewer) wants; by default a fresh one loads it.
+    ``encoders`` (an :class:`~slide_clip.encoders.cache.EncoderCache`) keeps the model loaded
+    between calls, as a long-running caller (the viewer) wants; by default a fresh one loads it.
     """
-    from slide_clip.scoring import EncoderPool
+    from slide_clip.encoders.cache import EncoderCache
 
-    if pool is None:
+    if encoders is None:
         if cfg.encode.checkpoint and cfg.encode.model != cohort.model:
             cfg = cfg.with_overrides(encode={"model": cohort.model})
-        pool = EncoderPool(cfg)
+        encoders = EncoderCache(cfg)
     first = cohort.slides[0]
-    return pool.get(cohort.model, cohort.weights_sha256, first.path, first.store.embedding_attrs(cohort.model))
+    return encoders.for_store(cohort.model, cohort.weights_sha256, first.path,
+                              first.store.embedding_attrs(cohort.model))
 
 
 def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path | None = None,
-                 raw: bool = False, pool=None) -> list[Query]:
+                 raw: bool = False, encoders=None) -> list[Query]:
     """Embed text queries with the cohort's model (cached in ``<out>/classifiers``).
 
     Parameters
@@ -96,7 +97,7 @@ def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path |
         Prompt set YAML or shipped name (default :data:`DEFAULT_TEMPLATES`).
     raw : bool
         Embed each text verbatim (no templates, no synonyms).
-    pool : EncoderPool, optional
+    encoders : EncoderCache, optional
         Keeps the text encoder loaded between calls (see :func:`_encoder`).
     """
     if not texts:
@@ -109,7 +110,7 @@ def text_queries(cohort: Cohort, texts: list[str], cfg, *, prompts: str | Path |
     cache = ClassifierCache(cohort.out / "classifiers")
     clf = cache.get(cohort.model, cohort.weights_sha256, qs)
     if clf is None:
-        clf = text_classifier(_encoder(cohort, cfg, pool), qs)
+        clf = text_classifier(_encoder(cohort, cfg, encoders), qs)
         cache.put(cohort.model, cohort.weights_sha256, qs, clf)
     return [Query(c.name, k, clf[i], {"texts": qs.texts(c), "prompt_set": ps.name})
             for i, (c, k) in enumerate(zip(qs.classes, kinds))]

@@ -56,7 +56,7 @@ def slide_heatmaps(store: SlideStore, attention: np.ndarray, tile_risk: np.ndarr
 def read_tiles(store: SlideStore, rows: list[int]) -> list:
     """RGB tiles (PIL images) of the given store rows, read from the slide file at the stored
     target resolution; raises :class:`~slide_clip.errors.SlideError` if the file cannot be opened."""
-    from slide_clip.pipeline import grid_from_store
+    from slide_clip.stages import grid_from_store
     from slide_clip.slide import open_slide
     from slide_clip.tiling import read_tile
 

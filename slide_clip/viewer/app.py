@@ -151,7 +151,7 @@ def create_app(out: str | Path, cfg, *, model: str | None = None, allowed_hosts:
         """The tile as the encoder saw it: read_tile with the store's own grid."""
         import io
 
-        from slide_clip.pipeline import grid_from_store
+        from slide_clip.stages import grid_from_store
         from slide_clip.tiling import read_tile
 
         st = catalog.store(slide)
@@ -247,7 +247,7 @@ def _warm_imports() -> None:
     clicks do not wait for imports."""
     import slide_clip.explore.queries  # noqa: F401
     import slide_clip.explore.search  # noqa: F401
-    import slide_clip.pipeline  # noqa: F401
+    import slide_clip.stages  # noqa: F401
     from matplotlib import colormaps  # noqa: F401
 
 

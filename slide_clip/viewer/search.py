@@ -4,7 +4,7 @@ The explore search, unchanged: queries from :mod:`slide_clip.explore.queries` (t
 the zero-shot prompt machinery; a stored tile's own embedding, never re-encoded), ranked by
 :func:`slide_clip.explore.search.search_exact`, tabled by
 :func:`slide_clip.explore.search.hits_table`. The text encoder stays loaded between queries
-(one :class:`~slide_clip.scoring.EncoderPool`), and text embeddings are cached in a folder of
+(one :class:`~slide_clip.encoders.cache.EncoderCache`), and text embeddings are cached in a folder of
 this process, not in the output folder (the viewer writes nothing there but labels and score
 sets).
 """
@@ -39,26 +39,26 @@ class Searcher:
             self._cohort = None
 
     def _encoders(self, cohort: Cohort):
-        from slide_clip.scoring import EncoderPool
+        from slide_clip.encoders.cache import EncoderCache
 
         with self._lock:
             if self._pool is None:
                 cfg = self.cfg
                 if cfg.encode.checkpoint and cfg.encode.model != cohort.model:
                     cfg = cfg.with_overrides(encode={"model": cohort.model})
-                self._pool = EncoderPool(cfg)
+                self._pool = EncoderCache(cfg)
                 # load the model as the stores recorded it (architecture, weights file, seed), as
                 # zeroshot does: no --models or --checkpoint needed while the weights stay put
                 first = cohort.slides[0]
-                self._pool.get(cohort.model, cohort.weights_sha256, first.path,
-                               first.store.embedding_attrs(cohort.model))
+                self._pool.for_store(cohort.model, cohort.weights_sha256, first.path,
+                                     first.store.embedding_attrs(cohort.model))
             return self._pool
 
     def text(self, text: str, top: int) -> list[dict]:
         from slide_clip.explore.queries import text_queries
 
         c = self.cohort()
-        [q] = text_queries(c, [text], self.cfg, pool=self._encoders(c))
+        [q] = text_queries(c, [text], self.cfg, encoders=self._encoders(c))
         return self._ranked(c, q, top)
 
     def tile(self, slide_id: str, x: int, y: int, top: int) -> list[dict]:
