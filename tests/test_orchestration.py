@@ -191,6 +191,12 @@ def test_run_options_closing_lines_and_cohort_tables(tmp_path, make_slide, tiny_
     assert "Error logging to API" not in r.stderr
     out = work / "out"
     store = SlideStore.open(out / "tissue_0.5.zarr")
+    # progress on stderr from the first second: what is read, the cohort, the server, the slide
+    # done; Prefect's own INFO lines only with --verbose
+    err = r.stderr.splitlines()
+    assert err[0] == f"run: reading {slide} -> out" and "1 slide, model tiny on cpu" in err, err
+    assert f"[1/1] ok      tissue_0.5  {store.n_tiles} tiles, {store.n_tiles} encoded" in err, err
+    assert not any("| INFO" in ln for ln in err), err
     t = store.tiling
     assert (t["target_mpp"], t["tile_size"], t["overlap"], t["min_tissue"]) == (1.0, 112, 0.5, 0.5)
     assert store.slide["mpp_x"] == 0.45 and store.slide["mpp_source"] == "override"
@@ -200,7 +206,7 @@ def test_run_options_closing_lines_and_cohort_tables(tmp_path, make_slide, tiny_
     assert tail == [
         f"ok       tissue_0.5  {store.n_tiles} tiles",
         "1 of 1 slide done, 0 failed",
-        "stores: out/<slide>.zarr (QC pictures out/<slide>_qc.png)",
+        "store: out/tissue_0.5.zarr (QC picture out/tissue_0.5_qc.png)",
         "heatmaps: out/heatmaps/tiny/tissue_types",
         "heatmaps: out/heatmaps/tiny/tumour",
         "cohort table: out/cohort-tissue_types-tiny.csv (and .parquet)",
