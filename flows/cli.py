@@ -106,7 +106,6 @@ def run(
     from slide_clip_flows.progress import quiet_prefect_console
 
     quiet_prefect_console(verbose)  # before Prefect is imported: it reads its logging settings once
-    typer.echo(f"run: reading {', '.join(map(str, slides))} -> {out}", err=True)
     from slide_clip.mpp_overrides import check_mpp_value, read_mpp_csv
     from slide_clip.prompts import load_prompts
 
