@@ -74,7 +74,7 @@ def make_jpeg_slide(workdir: Path, width: int, height: int, tiles_x: int, tiles_
 
     scene = be.bench_scene(width, height, tiles_x, tiles_y)
     path = workdir / "slides" / f"{name}.tif"
-    meta = path.with_suffix(".json")
+    meta = workdir / "slides-meta" / f"{name}.json"  # beside the slides' folder: a scan never meets it
     key = {"scene": repr(scene), "compression": "jpeg"}
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:
         return path
@@ -82,6 +82,7 @@ def make_jpeg_slide(workdir: Path, width: int, height: int, tiles_x: int, tiles_
     tmp = path.with_name(path.stem + ".partial.tif")
     write_slide(tmp, scene, 0.5, levels=3, compression="jpeg")
     tmp.replace(path)
+    meta.parent.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps(key))
     return path
 

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         res[mode]["load_after"] = os.getloadavg()
         print(mode, json.dumps(res[mode], indent=1), flush=True)
     if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+        a.json.write_text(json.dumps(res, indent=1, default=str))
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from slide_clip.cli import _fail, app
+from slide_clip.config import model_option_help
 from slide_clip.errors import ConfigError, SlideClipError
 from slide_clip_tasks import ENCODER_LIMIT
 
@@ -41,7 +42,7 @@ def _require_server(command: str) -> None:
 _SLIDES = typer.Argument(..., help="Slide files, folders of slides, or CSV manifests (path, mpp, patient_id, ...).")
 _OUT = typer.Option(..., "--out", "-o", help="Output folder: stores, heatmaps, summaries, cohort tables.")
 _CFG = typer.Option(None, "--config", "-c", help="Pipeline config YAML (default: the shipped default.yaml).")
-_MODEL = typer.Option(None, "--model", "-m", help="Registry name of the encoder, or random:ARCH (testing only).")
+_MODEL = typer.Option(None, "--model", "-m", help=model_option_help())
 _REG = typer.Option([], "--models", help="Extra model registry YAML files.")
 _CKPT = typer.Option(None, help="Local weights file for the model.")
 _PROMPTS = typer.Option(["tumour"], "--prompts", "-p", help="Prompt sets to score (repeatable).")
@@ -68,7 +69,9 @@ def run(
     overlap: Optional[float] = typer.Option(None, help="Fraction of a tile shared with its neighbour (default 0)."),
     min_tissue: Optional[float] = typer.Option(None, help="Drop tiles with a smaller tissue fraction (default 0.25)."),
     no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip the heatmap pictures."),
-    force: bool = typer.Option(False, help="Redo every stage, even for finished slides."),
+    force: bool = typer.Option(False, "--force", "--overwrite", help="Redo every stage, even for finished slides."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own log lines (they are "
+                                 "always in the Prefect UI)."),
     concurrency: int = typer.Option(2, help="Shard runs at the same time on a --deployment's work pool."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
     devices: Optional[str] = typer.Option(None, help="Every device of this machine, one executor each over a "
@@ -100,6 +103,9 @@ def run(
     Finished slides are skipped; changed prompts only re-score. Exit code 1 if any slide failed.
     The last lines say where the stores, heatmaps and cohort tables are.
     """
+    from slide_clip_flows.progress import quiet_prefect_console
+
+    quiet_prefect_console(verbose)  # before Prefect is imported: it reads its logging settings once
     from slide_clip.mpp_overrides import check_mpp_value, read_mpp_csv
     from slide_clip.prompts import load_prompts
 
@@ -134,6 +140,11 @@ def run(
         skipped_text = skipped_line(skipped, out / SKIPPED_FILE)
 
         note = resampling_note(cfg)  # the same check `embed` makes, said once
+        from slide_clip.encoders import resolve_model
+        from slide_clip.encoders.hub import check_hub
+
+        e = cfg.encode  # weights on an unreachable hub: said now, before a server starts
+        check_hub(resolve_model(e.model, tuple(e.registries), e.checkpoint))
         device_list = None
         if devices:
             from slide_clip_flows.devices import parse_devices
@@ -145,7 +156,13 @@ def run(
         typer.echo(note, err=True)
     if skipped_text:  # a cohort never shrinks without a word (the flow writes the full list)
         typer.echo(skipped_text, err=True)
+    from slide_clip.text import plural
+    from slide_clip_flows.progress import RunProgress
     from slide_clip_flows.temporary_server import temporary_server
+
+    where = f"on {', '.join(device_list)}" if device_list else f"on {deployment}" if deployment else \
+        f"on {cfg.encode.device}"
+    typer.echo(f"{plural(len(cohort), 'slide')}, model {cfg.encode.model} {where}", err=True)
 
     try:
         with temporary_server(echo=lambda line: typer.echo(line, err=True)), contextlib.ExitStack() as stack:
@@ -157,6 +174,8 @@ def run(
                 deployment = stack.enter_context(device_workers(
                     device_list, echo=lambda line: typer.echo(line, err=True)))
                 concurrency = len(device_list)
+            stack.enter_context(RunProgress(out, [c.slide_id for c in cohort], cfg.encode.model,
+                                            echo=lambda line: typer.echo(line, err=True)))
             state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,
                                    prompts=list(prompts), heatmaps=not no_heatmaps, force=force,
                                    max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
@@ -190,7 +209,13 @@ def _report_run(result: dict, out: Path) -> None:
     if result.get("skipped_files"):
         typer.echo(f"skipped {len(result['skipped_files'])} files or folders that are not slides (listed with "
                    f"the reasons in {result.get('skipped_list')})")
-    typer.echo(f"stores: {out}/<slide>.zarr (QC pictures {out}/<slide>_qc.png)")
+    stores = [r for r in result["slides"] if r.get("store")]
+    if len(stores) <= 3:
+        for r in stores:
+            typer.echo(f"store: {out / Path(r['store']).name} (QC picture {out / (r['slide_id'] + '_qc.png')})")
+    else:
+        typer.echo(f"stores: {len(stores)} in {out}/, e.g. {out / Path(stores[0]['store']).name} (QC pictures "
+                   f"beside them, e.g. {out / (stores[0]['slide_id'] + '_qc.png')})")
     for d in sorted(heatmap_dirs):
         typer.echo(f"heatmaps: {d}")
     for t in result["tables"].values():

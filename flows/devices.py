@@ -62,7 +62,9 @@ def device_workers(devices: list[str], *, echo=print, log_dir: str | Path | None
     procs: list[subprocess.Popen] = []
     logs = []
     try:
-        name = register_shard_deployment(pool, name=pool)
+        # no encoder limit: each worker is one device and takes one shard at a time (--limit 1);
+        # the per-host limit would let one device work at a time
+        name = register_shard_deployment(pool, name=pool, encoder_limit=None)
         prefect = str(Path(sys.executable).with_name("prefect"))
         for i, dev in enumerate(devices):
             env = {**os.environ, DEVICE_ENV: dev, "PREFECT_WORKER_QUERY_SECONDS": "1",

@@ -158,9 +158,12 @@ def temporary_server(echo=None):
     if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
         yield None
         return
+    if echo:
+        echo("Prefect: starting a temporary server (tens of seconds; set PREFECT_API_URL to use your own)")
+    t0 = time.monotonic()
     proc, url, log = start()
     if echo:
-        echo(f"Prefect: temporary server at {url} (ends with this run; set PREFECT_API_URL to use your own)")
+        echo(f"Prefect: temporary server at {url} after {time.monotonic() - t0:.0f} s (ends with this run)")
     os.environ["PREFECT_API_URL"] = url
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):

@@ -7,6 +7,7 @@ A user's bad input ends in one line naming the file and what to do, never a trac
 from __future__ import annotations
 
 import json
+import inspect
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -153,7 +154,7 @@ def embed(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps (default auto)."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16 or bf16 (default auto)."),
     pattern: Optional[str] = typer.Option(None, help="Glob for slides inside folders (default: known slide extensions)."),
-    overwrite: bool = typer.Option(False, help="Replace stores made with other settings, from another file, or by another tissue algorithm."),
+    overwrite: bool = typer.Option(False, "--overwrite", "--force", help="Replace stores made with other settings, from another file, or by another tissue algorithm."),
     progress: bool = typer.Option(True, help="Show a progress bar (tiles/s)."),
 ):
     """Find tissue, tile at an exact resolution and write CLIP embeddings to one Zarr store per slide.
@@ -643,7 +644,25 @@ def view(
         pass
 
 
+def _plain_metavars(application: typer.Typer) -> None:
+    """``--help`` names repeatable values ``PATH`` or ``TEXT`` (typer would show ``<list[Path]>``)."""
+    import typing
+
+    from typer.models import ArgumentInfo, OptionInfo
+
+    for cmd in application.registered_commands:
+        hints = typing.get_type_hints(cmd.callback)
+        for name, p in inspect.signature(cmd.callback).parameters.items():
+            info = p.default
+            if isinstance(info, (OptionInfo, ArgumentInfo)) and info.metavar is None and \
+                    typing.get_origin(hints.get(name)) is list:
+                (inner,) = typing.get_args(hints[name])
+                info.metavar = f"{name.upper()}..." if isinstance(info, ArgumentInfo) else \
+                    "PATH" if inner is Path else "TEXT"
+
+
 def main():  # console-script entry point
+    _plain_metavars(app)
     try:
         app()
     except SlideClipError as e:  # pragma: no cover - commands catch their own

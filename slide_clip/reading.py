@@ -139,3 +139,32 @@ def open_for_reading(path: str, decoder: str = "auto"):
     if is_url(path) and source is None:  # a whole local copy: read it as a local file
         return open_jpeg_tiff(osr, osr._filename, SLIDE_CACHE_BYTES)
     return open_jpeg_tiff(osr, path, SLIDE_CACHE_BYTES, source)
+
+
+def store_tiles(store, coords) -> list[Image.Image]:
+    """RGB tiles of a store's grid at level-0 ``coords`` (any rows, any order), read from its
+    slide file as embedding read them (with the store's recorded mpp override).
+
+    The one reader of a store's tiles outside the encoder's loader: galleries, maps and the
+    survival pictures use it. A slide file that is gone or cannot be opened is a
+    :class:`~slide_clip.errors.StoreError` naming the store.
+    """
+    from slide_clip.errors import SlideClipError, StoreError
+    from slide_clip.slide import open_slide
+    from slide_clip.stages import grid_from_store
+
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    if not len(coords):
+        return []
+    path = store.slide["path"]
+    mpp = store.slide.get("mpp_x") if store.slide.get("mpp_source") == "override" else None
+    try:
+        osr, _ = open_slide(path, mpp)
+    except SlideClipError as e:
+        raise StoreError(f"its slide file cannot be read ({e})", path=store.path,
+                         hint=f"Tiles are read from the slide file: put it back at {path}.") from None
+    try:
+        tiles = read_tiles(osr, coords, grid_from_store(store), path=path)
+    finally:
+        osr.close()
+    return [Image.fromarray(t) for t in tiles]

@@ -20,6 +20,7 @@ from slide_clip.config import TISSUE_ALGORITHM, PipelineConfig
 from slide_clip.errors import SlideClipError, SlideError, StoreError
 from slide_clip.slide import SlideInfo, check_mpp
 from slide_clip.store import STATUS_CREATED, STATUS_TILED, SlideStore
+from slide_clip.text import plural
 from slide_clip.tiling import TileGrid, make_grid, thumbnail_boxes
 from slide_clip.tissue import qc_image, read_thumbnail, tissue_mask
 
@@ -280,7 +281,7 @@ def qc_title(slide: dict, grid: TileGrid, n_tiles: int, tissue_mm2: float | None
     source = slide.get("mpp_source")
     parts = [str(slide.get("name")),
              f"slide {mpp:.4g} µm/px" + (f" ({source})" if source else "") if mpp else "slide mpp unknown",
-             f"{n_tiles} tiles of {grid.tile_size} px at {grid.target_mpp:g} µm/px",
+             f"{plural(n_tiles, 'tile')} of {grid.tile_size} px at {grid.target_mpp:g} µm/px",
              f"tissue {tissue_mm2:.2f} mm²" if tissue_mm2 is not None else "tissue area unknown"]
     return "  |  ".join(parts)
 

@@ -8,6 +8,9 @@ from slide_clip.errors import ConfigError
 
 _ensured: set[str] = set()
 
+#: Seconds a held slot outlives its holder (Prefect renews the lease while the holder lives).
+LEASE_SECONDS = 60
+
 
 def limit_name(template: str) -> str:
     """The concurrency limit's name here: ``{host}`` is the machine's name, ``{gpu}`` the
@@ -56,7 +59,9 @@ def hold_limit(template: str | None):
 
     name = limit_name(template)
     ensure_limit(name)
-    with concurrency(name, occupy=1):
+    # a short lease, renewed while the shard runs: a shard run killed while holding the slot
+    # (kill -9, a lost worker) frees it within a minute instead of Prefect's default five
+    with concurrency(name, occupy=1, lease_duration=LEASE_SECONDS):
         window.append(time.time())
         try:
             yield window

@@ -490,7 +490,7 @@ def test_full_disk_during_zeroshot_keeps_finished_scores(downstream, tmp_path, c
     d = downstream
     need = _du(d.v1)
     failures = 0
-    with _mounted_tmpfs(tmp_path / "small", f"size={(need * 2 // 4096 + 64) * 4096}") as disk:
+    with _mounted_tmpfs(tmp_path / "small", f"size={(need * 4 // 4096 + 64) * 4096}") as disk:
         for left in (0, 24 * 1024, 64 * 1024):  # bytes free when scoring starts
             out = disk / "out"
             shutil.copytree(d.v1, out)
@@ -788,7 +788,7 @@ def test_a_damaged_chunk_is_one_line_per_store(downstream, tmp_path, cli, damage
             assert t.loc["s1", "status"] == "failed" and message in t.loc["s1", "error"]
             assert t.loc["s2", "status"] == "ok" and np.isnan(t.loc["s1", "slide_prob__tumour"])
         elif name == "search" and "shorter" in damage:  # a store that cannot be read is counted, never skipped
-            assert code == 1 and "1 stores failed" in stdout, text
+            assert code == 1 and "1 store failed" in stdout, text
         else:
             assert code in (1, 2), (name, text)
 

@@ -215,5 +215,5 @@ def test_deploy_makes_a_gpu_work_pool_and_registers_the_shard_flow_on_it(server,
     # a second deploy to the pool with another type is refused in one line
     r = subprocess.run([PY, "-m", "slide_clip_flows.cli", "deploy", "--pool", pool, "--pool-type", "process"],
                        env=server, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and f"work pool '{pool}' exists with type '{pool_type}'" in r.stderr
+    assert r.returncode == 2 and f"work pool '{pool}' exists with type '{pool_type}'" in r.stderr
     assert "Traceback" not in r.stderr

@@ -47,8 +47,9 @@ def test_bad_shard_sizes_are_one_line_errors(kwargs, message):
 def test_tiles_are_estimated_from_the_slide_then_counted_from_its_grid(make_slide, cfg, tmp_path):
     from slide_clip.pipeline import embed_slide
 
-    path, _ = make_slide("tissue_0.5", mpp=0.5, width_um=2240, height_um=1120)
-    c = CohortSlide(str(path), name="tissue_0.5")
+    # a name of its own: the fixture writes <name>.tif, and other tests hold "tissue_0.5" at its own size
+    path, _ = make_slide("shards_0.5", mpp=0.5, width_um=2240, height_um=1120)
+    c = CohortSlide(str(path), name="shards_0.5")
     out = tmp_path / "out"
     # untiled: the full grid of 224 px tiles at 0.5 µm/px (20 x 10) times the tissue guess
     assert estimated_tiles(c, out, 224, 0.5) == int(20 * 10 * TISSUE_GUESS)

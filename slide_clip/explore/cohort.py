@@ -21,7 +21,7 @@ from slide_clip.store import SlideStore
 
 
 @dataclass
-class CohortSlide:
+class CohortStore:
     """One opened store of a cohort."""
 
     slide_id: str
@@ -36,7 +36,7 @@ class Cohort:
 
     Attributes
     ----------
-    slides : list of CohortSlide
+    slides : list of CohortStore
         The usable stores, in the order found (sorted by path within a folder).
     model : str
         The model's registry name (as recorded in the stores).
@@ -50,7 +50,7 @@ class Cohort:
         Stores that could not be used (partial, damaged, other weights); reported, never read.
     """
 
-    slides: list[CohortSlide]
+    slides: list[CohortStore]
     model: str
     weights_sha256: str
     embed_dim: int
@@ -92,7 +92,7 @@ class Cohort:
                     raise StoreError(f"has slide id {sid!r} like {seen[sid]}", path=p,
                                      hint="Give each slide's store once.")
                 seen[sid] = Path(p)
-                slides.append(CohortSlide(sid, Path(p), store, store.n_tiles))
+                slides.append(CohortStore(sid, Path(p), store, store.n_tiles))
             except SlideClipError as e:
                 failed.append((str(p), str(e)))
         if not slides:

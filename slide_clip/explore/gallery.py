@@ -21,7 +21,6 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from slide_clip.atomic import replace_file, write_text
-from slide_clip.errors import StoreError
 from slide_clip.explore.cohort import Cohort
 
 PAD = 4
@@ -30,33 +29,20 @@ TITLE_HEIGHT = 44  # two lines: what the gallery shows; tile size, score and the
 
 
 def read_tiles(cohort: Cohort, slide_ids, xs, ys) -> list[Image.Image]:
-    """RGB tiles at level-0 top-left (x, y) of the given slides, at the stores' tiling.
+    """RGB tiles at level-0 top-left (x, y) of the given slides, at the stores' tiling
+    (:func:`slide_clip.reading.store_tiles`, one slide file open at a time).
 
-    Raises :class:`StoreError` naming the store when its slide file is gone.
+    Raises :class:`~slide_clip.errors.StoreError` naming the store when its slide file is gone.
     """
-    import openslide
-
-    from slide_clip.stages import grid_from_store
-    from slide_clip.slide import resolve_slide_path
-    from slide_clip.tiling import read_tile
+    from slide_clip.reading import store_tiles
 
     slide_ids, xs, ys = list(slide_ids), list(xs), list(ys)
     out: list[Image.Image | None] = [None] * len(slide_ids)
     for sid in dict.fromkeys(slide_ids):
-        s = cohort.slides[cohort.index_of(sid)]
-        path = s.store.slide["path"]
-        try:
-            osr = openslide.OpenSlide(str(resolve_slide_path(path)))
-        except Exception as e:  # noqa: BLE001 - OpenSlide's errors vary by version
-            raise StoreError(f"its slide file {path} cannot be opened ({type(e).__name__})", path=s.path,
-                             hint="Tiles are read from the slide for galleries: put it back at that path.") from None
-        try:
-            grid = grid_from_store(s.store)
-            for j, (t, x, y) in enumerate(zip(slide_ids, xs, ys)):
-                if t == sid:
-                    out[j] = read_tile(osr, int(x), int(y), grid)
-        finally:
-            osr.close()
+        where = [j for j, t in enumerate(slide_ids) if t == sid]
+        tiles = store_tiles(cohort.slides[cohort.index_of(sid)].store, [(xs[j], ys[j]) for j in where])
+        for j, tile in zip(where, tiles):
+            out[j] = tile
     return out  # type: ignore[return-value]
 
 

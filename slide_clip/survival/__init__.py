@@ -22,7 +22,7 @@ Modules, each one concept:
 Heavy imports (torch, scikit-survival, h5py) happen inside the functions that need them.
 """
 
-from slide_clip.survival.bags import BagDataset, Cohort, export_h5, open_cohort, read_slide_bag
+from slide_clip.survival.bags import BagDataset, PatientCohort, export_h5, open_cohort, read_slide_bag
 from slide_clip.survival.clinical import Clinical, join_cohort, read_clinical
 from slide_clip.survival.experiment import BASELINES, SurvivalSettings, run_survival
 from slide_clip.survival.folds import patient_folds
@@ -31,7 +31,7 @@ from slide_clip.survival.pooled import pooled_tables, write_pooled_tables
 from slide_clip.survival.report import metrics_markdown
 
 __all__ = [
-    "BASELINES", "BagDataset", "Clinical", "Cohort", "SurvivalSettings", "export_h5", "join_cohort",
+    "BASELINES", "BagDataset", "Clinical", "PatientCohort", "SurvivalSettings", "export_h5", "join_cohort",
     "list_slides", "metrics_markdown", "open_cohort", "patient_folds", "pooled_tables", "read_clinical",
     "read_slide_bag", "run_survival", "write_pooled_tables",
 ]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slide_clip.survival.bags import BagDataset, Cohort
+from slide_clip.survival.bags import BagDataset, PatientCohort
 
 MODEL_FORMAT = "slide-clip-abmil/1"
 
@@ -183,7 +183,7 @@ def _padded(feats: list[np.ndarray], mean, scale, device):
     return torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
 
 
-def fit_abmil(cohort: Cohort, patients: list[str], time, event, settings: ABMILSettings | None = None,
+def fit_abmil(cohort: PatientCohort, patients: list[str], time, event, settings: ABMILSettings | None = None,
               seed: int = 0, log=None, bags: BagDataset | None = None) -> ABMILModel:
     """Train on these patients' bags with the Cox partial likelihood over mini-batches of patients.
 
@@ -248,7 +248,7 @@ def _train(cohort, patients, time, event, s: ABMILSettings, device: str, seed: i
     return model
 
 
-def predict_patients(model: ABMILModel, cohort: Cohort, patients: list[str]) -> np.ndarray:
+def predict_patients(model: ABMILModel, cohort: PatientCohort, patients: list[str]) -> np.ndarray:
     """Risk per patient (all tiles of all its slides)."""
     ds = BagDataset(cohort, "patient", ids=list(patients), as_torch=False)
     return np.array([model.predict_bag(ds[i]["features"])[0] for i in range(len(ds))])

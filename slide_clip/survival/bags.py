@@ -26,7 +26,7 @@ from slide_clip.store import STATUS_TILED, SlideStore, model_key
 
 
 @dataclass(frozen=True)
-class Cohort:
+class PatientCohort:
     """The complete stores of one embedding model, grouped by patient.
 
     Attributes
@@ -70,10 +70,10 @@ class Cohort:
                 return pid
         raise KeyError(slide_id)
 
-    def restrict(self, patients: dict[str, list[str]]) -> "Cohort":
+    def restrict(self, patients: dict[str, list[str]]) -> "PatientCohort":
         """The stores of these patients (e.g. checked against a clinical table)."""
         keep = {s for sids in patients.values() for s in sids}
-        return Cohort(self.out, self.model, self.weights_sha256, {k: v for k, v in self.stores.items() if k in keep},
+        return PatientCohort(self.out, self.model, self.weights_sha256, {k: v for k, v in self.stores.items() if k in keep},
                       patients, self.embed_dim, self.dropped)
 
 
@@ -97,7 +97,7 @@ def _incomplete(path: Path, model: str | None) -> str | None:
 
 
 def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Path | None = None,
-                stores: list[str | Path] | None = None, allow_missing: bool = False) -> Cohort:
+                stores: list[str | Path] | None = None, allow_missing: bool = False) -> PatientCohort:
     """Open every store in ``out`` (or the ``stores`` given) for one embedding model.
 
     Every store must be tiled and hold complete embeddings of ``model`` (or of its one
@@ -106,7 +106,7 @@ def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Pa
     Slides and patients come from :func:`slide_clip.survival.patients.list_slides`: a slide
     the manifest (or ``out/patients.csv``) lists without a complete store is a
     :class:`~slide_clip.errors.ConfigError` naming it, unless ``allow_missing``; then it is
-    left out and recorded in :attr:`Cohort.dropped`.
+    left out and recorded in :attr:`PatientCohort.dropped`.
     """
     from slide_clip.survival.patients import list_slides, missing_error
 
@@ -149,7 +149,7 @@ def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Pa
     patients: dict[str, list[str]] = {}
     for sid in found:
         patients.setdefault(listing.patients[sid], []).append(sid)
-    return Cohort(out, name, sha, found, dict(sorted(patients.items())), dim, tuple(dropped))
+    return PatientCohort(out, name, sha, found, dict(sorted(patients.items())), dim, tuple(dropped))
 
 
 def read_slide_bag(store: SlideStore, model: str) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +174,7 @@ class BagDataset:
 
     Parameters
     ----------
-    cohort : Cohort
+    cohort : PatientCohort
     level : {"patient", "slide"}
         A bag per patient (all its slides' tiles, slide by slide) or per slide.
     ids : list of str, optional
@@ -189,7 +189,7 @@ class BagDataset:
     Use it with ``torch.utils.data.DataLoader(ds, batch_size=None)`` (bags differ in size).
     """
 
-    def __init__(self, cohort: Cohort, level: str = "patient", ids: list[str] | None = None,
+    def __init__(self, cohort: PatientCohort, level: str = "patient", ids: list[str] | None = None,
                  as_torch: bool = True, cache_mb: float = 0.0):
         if level not in ("patient", "slide"):
             raise ValueError("level must be 'patient' or 'slide'")
@@ -239,7 +239,7 @@ class BagDataset:
         return item
 
 
-def export_h5(cohort: Cohort, folder: str | Path, level: str = "slide") -> list[Path]:
+def export_h5(cohort: PatientCohort, folder: str | Path, level: str = "slide") -> list[Path]:
     """Write one HDF5 file per bag, in the layout CLAM/TRIDENT-style MIL trainers read.
 
     ``<folder>/<id>.h5`` holds ``features`` (n, d) float32 and ``coords`` (n, 2) int64
@@ -255,7 +255,7 @@ def export_h5(cohort: Cohort, folder: str | Path, level: str = "slide") -> list[
         return _export_h5(cohort, Path(folder), level)
 
 
-def _export_h5(cohort: Cohort, folder: Path, level: str) -> list[Path]:
+def _export_h5(cohort: PatientCohort, folder: Path, level: str) -> list[Path]:
     import h5py
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ import pandas as pd
 from slide_clip.encoders.outputs import embeddings_line
 from slide_clip.errors import ConfigError, OutputError, SlideClipError, SlideError
 from slide_clip.store import model_key
-from slide_clip.survival.bags import BagDataset, Cohort, open_cohort
+from slide_clip.survival.bags import BagDataset, PatientCohort, open_cohort
 from slide_clip.survival.clinical import Clinical, check_outcomes, join_cohort, read_clinical
 from slide_clip.survival.folds import patient_folds
 from slide_clip.survival.metrics import harrell_c, km_plot
@@ -91,7 +91,7 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def data_hash(clinical: Clinical, cohort: Cohort, features: dict, inputs: pd.DataFrame | None = None) -> str:
+def data_hash(clinical: Clinical, cohort: PatientCohort, features: dict, inputs: pd.DataFrame | None = None) -> str:
     """sha256 over the outcome rows, every slide's identity (fingerprint, weights, tiles,
     patient), the model's feature list and, for a table model, its input values."""
     h = hashlib.sha256()
@@ -206,7 +206,7 @@ def cv_coxnet(table: pd.DataFrame, cols: list[str], t, e, folds, k: int, seed: i
     return cv
 
 
-def cv_abmil(cohort: Cohort, ds: BagDataset, t, e, folds, k: int, seed: int, s, log=None) -> CrossValidation:
+def cv_abmil(cohort: PatientCohort, ds: BagDataset, t, e, folds, k: int, seed: int, s, log=None) -> CrossValidation:
     """Train ABMIL on every fold's training patients; risks of its test patients (all tiles)."""
     from slide_clip.survival.abmil import fit_abmil
 
@@ -252,7 +252,7 @@ def _permutation_null(run_cv, pids: list[str], t, e, settings: SurvivalSettings,
 
 # ----------------------------------------------------------------------------- one run, written
 def _finish(run_dir: Path, baseline: str, pids: list[str], folds: np.ndarray, cv: CrossValidation, t, e,
-            settings: SurvivalSettings, clinical: Clinical, cohort: Cohort, features: dict, inputs, extra: dict,
+            settings: SurvivalSettings, clinical: Clinical, cohort: PatientCohort, features: dict, inputs, extra: dict,
             t0: float, null: list[float] | None, dropped_patients: list[str]) -> dict:
     k = settings.folds
     fd = [FoldData(f, t[folds == f], e[folds == f], cv.risk[folds == f], t[cv.train_idx[f]], e[cv.train_idx[f]],
@@ -296,7 +296,7 @@ def _finish(run_dir: Path, baseline: str, pids: list[str], folds: np.ndarray, cv
     return report
 
 
-def run_coxnet(cohort: Cohort, clinical: Clinical, folds: np.ndarray, settings: SurvivalSettings, run_dir: Path,
+def run_coxnet(cohort: PatientCohort, clinical: Clinical, folds: np.ndarray, settings: SurvivalSettings, run_dir: Path,
                log=print, dropped_patients=()) -> dict:
     """Cross-validate the elastic-net Cox baseline on the pooled patient table."""
     from slide_clip.survival.coxnet import feature_columns
@@ -340,7 +340,7 @@ def run_coxnet(cohort: Cohort, clinical: Clinical, folds: np.ndarray, settings: 
                    null, list(dropped_patients))
 
 
-def run_abmil(cohort: Cohort, clinical: Clinical, folds: np.ndarray, settings: SurvivalSettings, run_dir: Path,
+def run_abmil(cohort: PatientCohort, clinical: Clinical, folds: np.ndarray, settings: SurvivalSettings, run_dir: Path,
               log=print, dropped_patients=()) -> dict:
     """Cross-validate gated-attention MIL over patient bags; heatmaps and a top-tile gallery."""
     from slide_clip.survival.abmil import ABMILSettings, pick_device
@@ -424,7 +424,7 @@ def _check_settings(s: SurvivalSettings) -> None:
         raise ConfigError("--permutations and --bootstrap must be 0 or more")
 
 
-def _check_tiles(cohort: Cohort) -> None:
+def _check_tiles(cohort: PatientCohort) -> None:
     """A patient whose slides have no tile (no tissue found) has nothing to model."""
     for pid, sids in cohort.patients.items():
         if sum(cohort.open(s).n_tiles for s in sids) == 0:

@@ -54,20 +54,10 @@ def slide_heatmaps(store: SlideStore, attention: np.ndarray, tile_risk: np.ndarr
 
 
 def read_tiles(store: SlideStore, rows: list[int]) -> list:
-    """RGB tiles (PIL images) of the given store rows, read from the slide file at the stored
-    target resolution; raises :class:`~slide_clip.errors.SlideError` if the file cannot be opened."""
-    from slide_clip.stages import grid_from_store
-    from slide_clip.slide import open_slide
-    from slide_clip.tiling import read_tile
+    """RGB tiles (PIL images) of the given store rows (:func:`slide_clip.reading.store_tiles`)."""
+    from slide_clip.reading import store_tiles
 
-    mpp = store.slide.get("mpp_x") if store.slide.get("mpp_source") == "override" else None
-    osr, _ = open_slide(store.slide["path"], mpp)
-    try:
-        grid = grid_from_store(store)
-        coords = store.coords()
-        return [read_tile(osr, int(coords[r, 0]), int(coords[r, 1]), grid) for r in rows]
-    finally:
-        osr.close()
+    return store_tiles(store, store.coords()[np.asarray(rows, dtype=np.int64)])
 
 
 def gallery(rows: list[dict], path: str | Path, title: str) -> Path:

@@ -20,12 +20,12 @@ import pandas as pd
 from slide_clip.aggregate import metric_column, slide_scores
 from slide_clip.errors import StoreError
 from slide_clip.store import SlideStore, model_key
-from slide_clip.survival.bags import Cohort
+from slide_clip.survival.bags import PatientCohort
 
 SCORE_METRICS = ("slide_prob", "mean_prob", "area_fraction")
 
 
-def _shared_score_sets(cohort: Cohort) -> list[str]:
+def _shared_score_sets(cohort: PatientCohort) -> list[str]:
     sets = None
     for sid in cohort.stores:
         have = {s for m, s in cohort.open(sid).score_sets(cohort.model)}
@@ -88,7 +88,7 @@ def _row(acc: _Accumulator, d: int, with_max: bool, topk: int, decision: str) ->
     return row
 
 
-def _named_score_sets(cohort: Cohort, names) -> list[str]:
+def _named_score_sets(cohort: PatientCohort, names) -> list[str]:
     """The keys of the named score sets; a slide without one of them is an error naming it."""
     keys = [model_key(n) for n in names]
     for sid in cohort.stores:
@@ -103,7 +103,7 @@ def _named_score_sets(cohort: Cohort, names) -> list[str]:
     return keys
 
 
-def pooled_tables(cohort: Cohort, *, with_max: bool = False, topk: int = 50, decision: str = "topk",
+def pooled_tables(cohort: PatientCohort, *, with_max: bool = False, topk: int = 50, decision: str = "topk",
                   score_sets: list[str] | tuple[str, ...] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(slides, patients) tables of the cohort (see the module docstring for the columns).
 
@@ -138,7 +138,7 @@ def pooled_tables(cohort: Cohort, *, with_max: bool = False, topk: int = 50, dec
     return pd.DataFrame(slide_rows), pd.DataFrame(patient_rows)
 
 
-def write_pooled_tables(cohort: Cohort, folder: str | Path | None = None, **kwargs) -> tuple[Path, Path]:
+def write_pooled_tables(cohort: PatientCohort, folder: str | Path | None = None, **kwargs) -> tuple[Path, Path]:
     """Write ``slides.parquet`` and ``patients.parquet`` into ``folder``
     (default ``out/tables/<model>/``, beside the cluster compositions); returns their paths."""
     from slide_clip.atomic import replace_file

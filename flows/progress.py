@@ -1,0 +1,152 @@
+"""What `slide-clip run` shows while it works: a line per finished slide and, while a slide
+encodes, its tiles every few seconds, with the cohort's count of slides done, failed and left,
+tiles per second and an estimate of the time left.
+
+It reads what the run writes anyway, never Prefect's state: each slide's status file
+(``out/status/<slide_id>.json``, written when the slide is finished, by whichever process
+or machine ran it) and the ``rows_written`` of the embeddings group being filled
+(``out/<slide_id>.zarr/embeddings/<model>/zarr.json``). So it shows the same progress for
+shards run in this process, on ``--devices`` workers or on a work pool's machines. A
+display only: nothing it reads or fails to read changes a result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from slide_clip.store import model_key
+from slide_clip.text import plural
+
+#: Seconds between looks at the output folder, and between two "encoding" lines of one slide.
+POLL_SECONDS = 1.0
+ENCODING_EVERY = 10.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class RunProgress:
+    """Watch ``out`` for the slides ``slide_ids`` (embedded with ``model``) from now on, and
+    call ``echo(line)`` as they progress. A context manager: started on enter, stopped (after
+    a last look) on exit."""
+
+    def __init__(self, out: str | Path, slide_ids: list[str], model: str, echo, *,
+                 poll: float = POLL_SECONDS, every: float = ENCODING_EVERY):
+        self.out = Path(out)
+        self.ids = list(slide_ids)
+        self.model = model_key(model)
+        self.echo = echo
+        self.poll, self.every = poll, every
+        self.t0 = time.time()
+        self.done: dict[str, str] = {}  # slide id -> status, for slides finished in this run
+        self.tiles = 0  # tiles encoded by this run, in finished slides
+        self._rows: dict[str, tuple[float, int]] = {}  # slide id -> (when, rows) first seen encoding
+        self._said: dict[str, float] = {}  # slide id -> when its last encoding line was shown
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="run-progress", daemon=True)
+
+    # ---------------------------------------------------------------- reading the folder
+    def _status(self, sid: str) -> dict | None:
+        p = self.out / "status" / f"{sid}.json"
+        try:
+            if p.stat().st_mtime < self.t0 - 1:
+                return None  # from an earlier run
+            st = json.loads(p.read_text())
+        except (OSError, ValueError):
+            return None
+        return st if isinstance(st, dict) else None
+
+    def _rows_written(self, sid: str) -> tuple[int, int] | None:
+        try:
+            attrs = json.loads((self.out / f"{sid}.zarr" / "embeddings" / self.model / "zarr.json").read_text())
+            a = attrs.get("attributes") or {}
+            if a.get("status") == "complete":
+                return None
+            return int(a.get("rows_written", 0)), int(a["n_tiles"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    # ---------------------------------------------------------------- lines
+    def _counts(self, extra_tiles: int = 0) -> str:
+        failed = sum(s == "failed" for s in self.done.values())
+        left = len(self.ids) - len(self.done)
+        elapsed = time.time() - self.t0
+        parts = [f"{len(self.done) - failed} of {plural(len(self.ids), 'slide')} done", f"{failed} failed",
+                 f"{left} left"]
+        tiles = self.tiles + extra_tiles
+        if tiles and elapsed > 0:
+            parts.append(f"{tiles / elapsed:.1f} tiles/s")
+        if self.done and left:
+            parts.append(f"about {_duration(elapsed / len(self.done) * left)} left")
+        return ", ".join(parts)
+
+    def look(self) -> None:
+        """One look at the folder: a line for each newly finished slide, and for a slide
+        encoding (at most every ``every`` seconds)."""
+        now = time.time()
+        encoding_tiles = 0
+        for sid in self.ids:
+            if sid in self.done:
+                continue
+            st = self._status(sid)
+            if st is not None and st.get("status") in ("ok", "skipped", "failed"):
+                self.done[sid] = st["status"]
+                self.tiles += int(st.get("encoded") or 0)
+                self._rows.pop(sid, None)
+                tail = (st.get("error") or "") if st["status"] == "failed" else \
+                    f"{plural(int(st.get('n_tiles') or 0), 'tile')}, {int(st.get('encoded') or 0)} encoded"
+                self.echo(f"[{len(self.done)}/{len(self.ids)}] {st['status']:7s} {sid}  {tail}")
+                continue
+            rows = self._rows_written(sid)
+            if rows is None:
+                continue
+            written, total = rows
+            if sid not in self._rows:
+                self.echo(f"encoding {sid}: {plural(total, 'tile')}" + (f", {written} already written" if written else ""))
+                self._said[sid] = now
+            first = self._rows.setdefault(sid, (now, written))
+            encoding_tiles += written - first[1]
+            if now - self._said.get(sid, self.t0) >= self.every and written > first[1]:
+                self._said[sid] = now
+                rate = (written - first[1]) / max(1e-6, now - first[0])
+                left = f", this slide about {_duration((total - written) / rate)} left" if rate > 0 else ""
+                self.echo(f"encoding {sid}: {written} of {plural(total, 'tile')} ({rate:.1f} tiles/s{left})")
+        if encoding_tiles and now - max(self._said.values(), default=0) < self.poll:
+            self.echo("  " + self._counts(encoding_tiles))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll):
+            try:
+                self.look()
+            except Exception:  # noqa: BLE001 - a display never stops the run
+                pass
+
+    def __enter__(self) -> "RunProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.look()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def quiet_prefect_console(verbose: bool) -> None:
+    """Without ``--verbose``, Prefect's own log lines stay in its UI and API, off the console
+    (its console handler's level, set before Prefect configures logging; a user's own
+    setting wins)."""
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
