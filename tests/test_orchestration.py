@@ -195,7 +195,9 @@ def test_run_options_closing_lines_and_cohort_tables(tmp_path, make_slide, tiny_
     store = SlideStore.open(out / "tissue_0.5.zarr")
     # progress on stderr from the first seconds: the cohort, the server, the slide done; Prefect's own INFO lines only with --verbose
     err = r.stderr.splitlines()
-    assert err[0] == "1 slide, model tiny on cpu", err  # once the options and the inputs are checked
+    # after the resampling note, once the options and the inputs are checked, before the server
+    first = err.index("1 slide, model tiny on cpu")
+    assert first <= 1 and err[first + 1].startswith("Prefect: starting a temporary server"), err
     assert f"[1/1] ok      tissue_0.5  {store.n_tiles} tiles, {store.n_tiles} encoded" in err, err
     assert not any("| INFO" in ln for ln in err), err
     t = store.tiling
