@@ -24,6 +24,9 @@ from slide_clip.text import plural
 #: Seconds between looks at the output folder, and between two "encoding" lines of one slide.
 POLL_SECONDS = 1.0
 ENCODING_EVERY = 10.0
+#: Unfinished slides with a store whose embeddings are looked at in one look (in cohort order:
+#: the slides being encoded are among the first unfinished ones of their shards).
+MAX_ENCODING_PROBES = 32
 
 
 def _duration(seconds: float) -> str:
@@ -95,10 +98,17 @@ class RunProgress:
         encoding (at most every ``every`` seconds)."""
         now = time.time()
         encoding_tiles = 0
+        try:  # one listing a look, not a file probe per slide of the cohort
+            fresh = {e.name[:-5] for e in os.scandir(self.out / "status")
+                     if e.name.endswith(".json") and e.stat().st_mtime >= self.t0 - 1}
+            stores = {n[:-5] for n in os.listdir(self.out) if n.endswith(".zarr")}
+        except OSError:
+            return
+        probed = 0
         for sid in self.ids:
-            if sid in self.done:
+            if sid in self.done or (sid not in fresh and sid not in stores):
                 continue
-            st = self._status(sid)
+            st = self._status(sid) if sid in fresh else None
             if st is not None and st.get("status") in ("ok", "skipped", "failed"):
                 self.done[sid] = st["status"]
                 self.tiles += int(st.get("encoded") or 0)
@@ -107,6 +117,9 @@ class RunProgress:
                     f"{plural(int(st.get('n_tiles') or 0), 'tile')}, {int(st.get('encoded') or 0)} encoded"
                 self.echo(f"[{len(self.done)}/{len(self.ids)}] {st['status']:7s} {sid}  {tail}")
                 continue
+            if probed >= MAX_ENCODING_PROBES:
+                continue
+            probed += 1
             rows = self._rows_written(sid)
             if rows is None:
                 continue
