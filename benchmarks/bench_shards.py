@@ -58,27 +58,39 @@ def _env(home: Path, api: str | None = None) -> dict:
     return env
 
 
-def windows(out: Path) -> list[tuple[float, float, str]]:
-    """(start, end, slide) of every slide's device window, from the status files."""
+def windows(out: Path) -> list[tuple[float, float, str, float]]:
+    """(start, end, slide, ready_at) of every slide's device window, from the status files
+    (``ready_at``: when the slide's preparation ended; the window's start if not recorded)."""
     got = []
     for p in sorted((out / "status").glob("*.json")):
         d = json.loads(p.read_text())
-        w = (d.get("extra") or {}).get("encode_window")
+        extra = d.get("extra") or {}
+        w = extra.get("encode_window")
         if w:
-            got.append((float(w[0]), float(w[1]), d.get("name")))
+            got.append((float(w[0]), float(w[1]), d.get("name"), float(extra.get("ready_at") or w[0])))
     return sorted(got)
+
+
+def _stats(name: str, xs: list[float]) -> dict:
+    return {f"{name}_median_s": round(statistics.median(xs), 3) if xs else None,
+            f"{name}_mean_s": round(statistics.fmean(xs), 3) if xs else None,
+            f"{name}_max_s": round(max(xs), 3) if xs else None}
 
 
 def summarise(out: Path, wall: float, n: int) -> dict:
     ws = windows(out)
     gaps = [b[0] - a[1] for a, b in zip(ws, ws[1:])]
-    busy = sum(e - s for s, e, _ in ws)
+    # the gap split: waiting for the next slide's preparation (tissue, grid, store), then the
+    # executor's own hand-off from one slide to the next, which was ready
+    waiting = [max(0.0, b[3] - a[1]) for a, b in zip(ws, ws[1:])]
+    handoff = [g - w for g, w in zip(gaps, waiting)]
+    busy = sum(w[1] - w[0] for w in ws)
     span = (ws[-1][1] - ws[0][0]) if ws else float("nan")
     return {"slides": n, "windows": len(ws), "wall_s": round(wall, 2),
             "encoder_span_s": round(span, 2), "encoder_busy_s": round(busy, 2),
-            "idle_between_slides_median_s": round(statistics.median(gaps), 3) if gaps else None,
-            "idle_between_slides_mean_s": round(statistics.fmean(gaps), 3) if gaps else None,
-            "idle_between_slides_max_s": round(max(gaps), 3) if gaps else None,
+            **_stats("idle_between_slides", gaps), **_stats("waiting_for_preparation", waiting),
+            **_stats("handoff", handoff),
+            "next_slide_ready_share": round(sum(w == 0 for w in waiting) / len(waiting), 3) if waiting else None,
             "overhead_per_slide_s": round((wall - busy) / n, 3),
             "encoding_per_slide_s": round(busy / max(1, len(ws)), 3)}
 

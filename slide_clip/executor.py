@@ -58,6 +58,7 @@ class Prepared:
     hold: contextlib.ExitStack  # the store lock and the disk-error translation
     t0: float
     background: list  # files still being written in threads (the QC picture)
+    ready_at: float = 0.0  # epoch seconds when preparation ended (tiles queued)
 
     def join_background(self) -> None:
         for b in self.background:
@@ -165,7 +166,7 @@ class SlideRun:
                 hold = stack.pop_all()
         finally:
             osr.close()
-        return Prepared(item, path, store, done and not redrawn, enc, encoder, hold, t0, background)
+        return Prepared(item, path, store, done and not redrawn, enc, encoder, hold, t0, background, time.time())
 
     def _queue(self, store: SlideStore, item: CohortSlide, encoder) -> Encoding | None:
         cfg = self.cfg if self.batch_size == self.cfg.encode.batch_size else \
@@ -177,7 +178,8 @@ class SlideRun:
         """Encode what :meth:`prepare` queued, release the store; the slide's result.
 
         ``extra.encode_window`` is the wall-clock [start, end] (epoch seconds) in which the
-        slide held the device. A CUDA out-of-memory error halves the batch size (for this and
+        slide held the device, ``extra.ready_at`` when its preparation had ended (a gap before
+        a window that starts long after ``ready_at`` is the executor's own hand-off time). A CUDA out-of-memory error halves the batch size (for this and
         the following slides) and resumes the rows already written.
         """
         window = None
@@ -196,7 +198,8 @@ class SlideRun:
                 p.enc.cancel()
             raise
         seconds = round(time.perf_counter() - p.t0, 3)
-        extra = {"seconds_embed": seconds, "encode_window": window, "batch_size": self.batch_size} if encoded else {}
+        extra = {"seconds_embed": seconds, "encode_window": window, "ready_at": p.ready_at,
+                 "batch_size": self.batch_size} if encoded else {}
         return SlideResult(slide=p.item.path, name=p.item.slide_id, status="skipped" if p.done else "ok",
                            store=str(p.path), n_tiles=p.store.n_tiles, encoded=encoded, seconds=seconds, extra=extra)
 

@@ -18,6 +18,8 @@ Names a user can give (``--model``):
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -238,15 +240,26 @@ def load_registry(*paths: str | Path) -> dict[str, ModelSpec]:
     specs: dict[str, ModelSpec] = {}
     for path in (DEFAULT_REGISTRY, *paths):
         p = Path(path)
-        if not p.is_file():
+        try:
+            st = p.stat() if p.is_file() else None
+        except OSError:
+            st = None
+        if st is None:
             raise ConfigError("model registry not found", path=p)
-        data = read_yaml(p, "model registry") or {}
+        data = copy.deepcopy(_parsed_registry(str(p.resolve()), st.st_mtime_ns, st.st_size))
         models = data.get("models") if isinstance(data, dict) else None
         if not isinstance(models, dict):
             raise ConfigError("model registry needs a top-level 'models:' mapping", path=p)
         for name, entry in models.items():
             specs[str(name)] = _entry_spec(str(name), entry, p)
     return specs
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_registry(path: str, mtime_ns: int, size: int):
+    """A registry file's YAML, parsed once per version of the file (the executor resolves the
+    model for every slide; parsing the shipped registry is most of that)."""
+    return read_yaml(Path(path), "model registry") or {}
 
 
 def parse_random(name: str) -> tuple[str, int]:
