@@ -232,6 +232,23 @@ def test_a_damaged_store_is_reported_never_searched(cohort_out, tmp_path):
     cohort = Cohort.open([copy])
     assert cohort.slide_ids == ["two_tex_b"]
     assert len(cohort.failed) == 1 and "two_tex_a.zarr" in cohort.failed[0][1] and "partial" in cohort.failed[0][1]
+    # opened strictly (survival's cohorts: a smaller cohort would be another study) it is an error
+    with pytest.raises(StoreError, match="two_tex_a.zarr.*partial"):
+        Cohort.open([copy], strict=True)
+    # survival's cohort is this cohort, opened strictly, grouped by patient; a store whose
+    # folder name is not its slide's (patients are matched by folder name) is refused
+    from slide_clip.survival import open_cohort
+
+    with pytest.raises(StoreError, match="two_tex_a.zarr.*partial"):
+        open_cohort(copy)
+    g.attrs.update({"status": "complete", "rows_written": 50})
+    pc = open_cohort(copy)
+    assert isinstance(pc.cohort, Cohort) and list(pc.stores) == ["two_tex_a", "two_tex_b"]
+    assert pc.open("two_tex_b") is pc.cohort.slides[pc.cohort.index_of("two_tex_b")].store
+    (copy / "two_tex_b.zarr").rename(copy / "renamed.zarr")
+    with pytest.raises(StoreError, match="renamed.zarr.*holds slide 'two_tex_b'"):
+        open_cohort(copy)
+    (copy / "renamed.zarr").rename(copy / "two_tex_b.zarr")
     # a lost chunk file in a complete store: the search fails loudly, naming the store
     g.attrs.update({"status": "complete", "rows_written": 50})
     shutil.rmtree(copy / "two_tex_b.zarr" / "embeddings" / "tiny" / "features" / "c")

@@ -59,13 +59,15 @@ class Cohort:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, inputs, model: str | None = None, out: str | Path | None = None) -> "Cohort":
+    def open(cls, inputs, model: str | None = None, out: str | Path | None = None, *,
+             strict: bool = False) -> "Cohort":
         """Open every store in ``inputs`` (stores or folders of stores).
 
         A store that cannot be used is recorded in :attr:`failed` with its one-line error
         and the others go on; stores whose embeddings come from other weights than the
         first usable store's are refused the same way. Raises :class:`StoreError` when no
-        store is usable.
+        store is usable. ``strict`` (survival's cohorts, where a smaller cohort would be a
+        different study) raises the first store's error instead of going on without it.
         """
         from slide_clip.scoring import find_stores, open_scored_store
 
@@ -86,7 +88,8 @@ class Cohort:
                 elif a["weights_sha256"] != sha or int(a["embed_dim"]) != dim or n != name:
                     raise StoreError(f"holds embeddings of other weights ({n}, {a['weights_sha256'][:12]}…) "
                                      f"than the cohort's first store ({name}, {sha[:12]}…)", path=p,
-                                     hint="Search one model's stores at a time (--model), or re-embed.")
+                                     hint="Use one model's stores at a time (--model), or re-embed the slides "
+                                     "with one model.")
                 sid = store.slide["name"]
                 if sid in seen:
                     raise StoreError(f"has slide id {sid!r} like {seen[sid]}", path=p,
@@ -94,6 +97,8 @@ class Cohort:
                 seen[sid] = Path(p)
                 slides.append(CohortStore(sid, Path(p), store, store.n_tiles))
             except SlideClipError as e:
+                if strict:
+                    raise
                 failed.append((str(p), str(e)))
         if not slides:
             raise StoreError("no usable store: " + "; ".join(m for _, m in failed[:3]),

@@ -15,54 +15,71 @@ chunk by chunk when asked for, never all at once::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from slide_clip.errors import StoreError
-from slide_clip.scoring import find_stores, open_scored_store
+from slide_clip.explore.cohort import Cohort
+from slide_clip.scoring import find_stores
 from slide_clip.store import STATUS_TILED, SlideStore, model_key
 
 
 @dataclass(frozen=True)
 class PatientCohort:
-    """The complete stores of one embedding model, grouped by patient.
+    """The complete stores of one embedding model, grouped by patient: an explore
+    :class:`~slide_clip.explore.cohort.Cohort` opened strictly (any unusable store is an
+    error), with each slide's patient.
 
     Attributes
     ----------
-    out : Path
-        The output folder the stores are in.
-    model : str
-        The embedding model's registry name.
-    weights_sha256 : str
-        The weights every store's embeddings came from (checked equal).
-    stores : dict[str, Path]
-        Slide id -> store path, sorted by slide id.
+    cohort : Cohort
+        The stores (one model, one set of weights), as explore reads them.
     patients : dict[str, list[str]]
         Patient id -> its slide ids, sorted.
-    embed_dim : int
     dropped : tuple of dict
         Listed slides left out (only with ``allow_missing``): ``{"slide", "slide_id", "source",
         "reason"}`` each (see :mod:`slide_clip.survival.patients`).
+
+    ``out``, ``model``, ``weights_sha256`` and ``embed_dim`` are the cohort's; ``stores`` maps
+    slide id -> store path, sorted by slide id.
     """
 
-    out: Path
-    model: str
-    weights_sha256: str
-    stores: dict[str, Path]
+    cohort: Cohort
     patients: dict[str, list[str]]
-    embed_dim: int
     dropped: tuple = ()
 
+    @property
+    def out(self) -> Path:
+        return self.cohort.out
+
+    @property
+    def model(self) -> str:
+        return self.cohort.model
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.cohort.weights_sha256
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cohort.embed_dim
+
+    @property
+    def stores(self) -> dict[str, Path]:
+        return dict(sorted((s.slide_id, s.path) for s in self.cohort.slides))
+
     def open(self, slide_id: str) -> SlideStore:
-        return SlideStore.open(self.stores[slide_id])
+        for s in self.cohort.slides:
+            if s.slide_id == slide_id:
+                return s.store
+        raise KeyError(slide_id)
 
     @property
     def random_weights(self) -> bool:
         """Whether the embeddings come from random weights (every store holds the same weights)."""
-        first = next(iter(self.stores), None)
-        return first is not None and bool(self.open(first).embedding_attrs(self.model).get("random_weights"))
+        return self.cohort.random_weights
 
     def patient_of(self, slide_id: str) -> str:
         for pid, sids in self.patients.items():
@@ -73,8 +90,8 @@ class PatientCohort:
     def restrict(self, patients: dict[str, list[str]]) -> "PatientCohort":
         """The stores of these patients (e.g. checked against a clinical table)."""
         keep = {s for sids in patients.values() for s in sids}
-        return PatientCohort(self.out, self.model, self.weights_sha256, {k: v for k, v in self.stores.items() if k in keep},
-                      patients, self.embed_dim, self.dropped)
+        cohort = replace(self.cohort, slides=[s for s in self.cohort.slides if s.slide_id in keep])
+        return PatientCohort(cohort, patients, self.dropped)
 
 
 def _incomplete(path: Path, model: str | None) -> str | None:
@@ -116,7 +133,7 @@ def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Pa
         raise StoreError("holds no slide stores", path=out, hint="Run `slide-clip embed` or `slide-clip run` first.")
     by_id: dict[str, Path] = {}
     for p in paths:
-        sid = Path(p).name[: -len(".zarr")] if Path(p).name.endswith(".zarr") else Path(p).name
+        sid = _folder_id(p)
         if sid in by_id:
             raise StoreError(f"holds slide {sid!r}, as does {by_id[sid]}", path=p)
         by_id[sid] = Path(p)
@@ -125,9 +142,7 @@ def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Pa
     if dropped and not allow_missing:
         raise missing_error(dropped)
     listed = {r.slide_id for r in listing.listed}
-    found: dict[str, Path] = {}
-    name = sha = None
-    dim = 0
+    keep: list[Path] = []
     for sid, p in sorted(by_id.items()):
         if allow_missing and sid in listed:
             why = _incomplete(p, model)
@@ -135,21 +150,23 @@ def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Pa
                 dropped += [{"slide": r.given, "slide_id": sid, "source": r.source, "reason": why}
                             for r in listing.listed if r.slide_id == sid]
                 continue
-        st, mname = open_scored_store(p, model)
-        a = st.embedding_attrs(mname)
-        if name is None:
-            name, sha, dim = mname, a["weights_sha256"], int(a["embed_dim"])
-        elif mname != name or a["weights_sha256"] != sha:
-            raise StoreError(f"holds embeddings of {mname!r} (weights {a['weights_sha256'][:12]}…), other stores of "
-                             f"{name!r} (weights {sha[:12]}…)", path=p, hint="Choose the model with --model, or "
-                             "re-embed the slides with one model.")
-        found[sid] = p
-    if not found:
+        keep.append(p)
+    if not keep:
         raise StoreError("holds no complete slide store", path=out, hint="Run `slide-clip embed` first.")
+    cohort = Cohort.open(keep, model, out, strict=True)
+    for s in cohort.slides:
+        if s.slide_id != _folder_id(s.path):  # patients were matched to slides by the stores' folder names
+            raise StoreError(f"holds slide {s.slide_id!r}, not {_folder_id(s.path)!r} as its name says",
+                             path=s.path, hint="Give each store its slide's name (as `slide-clip embed` does).")
     patients: dict[str, list[str]] = {}
-    for sid in found:
-        patients.setdefault(listing.patients[sid], []).append(sid)
-    return PatientCohort(out, name, sha, found, dict(sorted(patients.items())), dim, tuple(dropped))
+    for s in sorted(cohort.slides, key=lambda s: s.slide_id):
+        patients.setdefault(listing.patients[s.slide_id], []).append(s.slide_id)
+    return PatientCohort(cohort, dict(sorted(patients.items())), tuple(dropped))
+
+
+def _folder_id(path: Path) -> str:
+    name = Path(path).name
+    return name[: -len(".zarr")] if name.endswith(".zarr") else name
 
 
 def read_slide_bag(store: SlideStore, model: str) -> tuple[np.ndarray, np.ndarray]:
