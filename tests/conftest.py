@@ -120,7 +120,12 @@ def make_slide(tmp_path_factory):
         key = (name, mpp, width_um, height_um, scene, write_mpp, levels)
         if key not in cache:
             sc = scene or tissue_scene(width_um, height_um, mpp)
-            path = write_slide(base / f"{name}.tif", sc, mpp if write_mpp == "same" else write_mpp,
+            # the file is <name>.tif (its slide id is the name); a name asked for again with other
+            # arguments gets a folder of its own, never overwriting the slide another test holds
+            used = sum(k[0] == name for k in cache)
+            folder = base / f"variant{used}" if used else base
+            folder.mkdir(exist_ok=True)
+            path = write_slide(folder / f"{name}.tif", sc, mpp if write_mpp == "same" else write_mpp,
                                levels=levels)
             cache[key] = (path, sc)
         return cache[key]

@@ -148,3 +148,14 @@ def test_find_slides(tmp_path, cmu_dicom):
     found = find_slides([tmp_path, cmu_dicom])
     assert [f.name for f in found] == ["a.svs", "b.tif", cmu_dicom.name]
     assert [f.name for f in find_slides([tmp_path], "*.tif")] == ["b.tif"]
+
+
+def test_the_slide_fixture_never_overwrites_a_slide_of_the_same_name(make_slide):
+    """Two tests asking one name at two sizes each get their own file (slide id = the name)."""
+    import openslide
+
+    a, _ = make_slide("same_name", width_um=1000, height_um=800)
+    b, _ = make_slide("same_name", width_um=1200, height_um=900)
+    assert a != b and a.name == b.name == "same_name.tif"
+    with openslide.OpenSlide(str(a)) as sa, openslide.OpenSlide(str(b)) as sb:
+        assert sa.dimensions != sb.dimensions
