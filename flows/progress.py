@@ -99,9 +99,12 @@ class RunProgress:
         now = time.time()
         encoding_tiles = 0
         try:  # one listing a look, not a file probe per slide of the cohort
-            fresh = {e.name[:-5] for e in os.scandir(self.out / "status")
-                     if e.name.endswith(".json") and e.stat().st_mtime >= self.t0 - 1}
             stores = {n[:-5] for n in os.listdir(self.out) if n.endswith(".zarr")}
+            try:
+                fresh = {e.name[:-5] for e in os.scandir(self.out / "status")
+                         if e.name.endswith(".json") and e.stat().st_mtime >= self.t0 - 1}
+            except FileNotFoundError:  # status/ is made with the first finished slide
+                fresh = set()
         except OSError:
             return
         probed = 0
