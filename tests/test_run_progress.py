@@ -37,4 +37,32 @@ def test_a_slide_encoding_is_shown_before_any_slide_has_finished(tmp_path):
     w.append(feats[64:128])
     w.flush()
     progress.look()
-    assert lines[1].startswith("encoding s1: 128 of 300 tiles (") and "tiles/s" in lines[1], lines
+    assert lines[1] == "encoding s1: 128 of 300 tiles", lines  # its rate is timed from here
+
+
+def test_a_slide_begun_early_gets_its_rate_from_its_first_rows(tmp_path, monkeypatch):
+    """A slide's store is begun while the slide before it encodes: its tiles/s and time left
+    are timed from its first rows written, not from when its empty store was first seen
+    (which made a 2-minute slide "about 15 min left")."""
+    import slide_clip_flows.progress as progress_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress_module.time, "time", lambda: clock[0])
+    out = tmp_path / "out"
+    out.mkdir()
+    feats = np.random.default_rng(1).standard_normal((N, D)).astype(np.float32)
+    w = _store_being_encoded(out, "s2")
+    lines = []
+    progress = RunProgress(out, ["s2"], "tiny", lines.append, every=0.0)
+    progress.look()  # seen, nothing written yet (the slide before it is encoding)
+    clock[0] += 600
+    w.append(feats[:64])
+    w.flush()
+    progress.look()  # its first rows: timing starts
+    clock[0] += 60
+    w.append(feats[64:128])
+    w.flush()
+    progress.look()  # 64 rows in 60 s
+    said = [line for line in lines if line.startswith("encoding")]
+    assert said == ["encoding s2: 300 tiles", "encoding s2: 64 of 300 tiles",
+                    "encoding s2: 128 of 300 tiles (1.1 tiles/s, this slide about 3 min left)"], said
