@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from slide_clip.cli import _fail, app
-from slide_clip.config import model_option_help
+from slide_clip import cli_options as o
 from slide_clip.errors import ConfigError, SlideClipError
 from slide_clip_tasks import ENCODER_LIMIT
 
@@ -39,41 +39,29 @@ def _require_server(command: str) -> None:
               "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
 
-_SLIDES = typer.Argument(..., help="Slide files, folders of slides, or CSV manifests (path, mpp, patient_id, ...).")
-_OUT = typer.Option(..., "--out", "-o", help="Output folder: stores, heatmaps, summaries, cohort tables.")
-_CFG = typer.Option(None, "--config", "-c", help="Pipeline config YAML (default: the shipped default.yaml).")
-_MODEL = typer.Option(None, "--model", "-m", help=model_option_help())
-_REG = typer.Option([], "--models", help="Extra model registry YAML files.")
-_CKPT = typer.Option(None, help="Local weights file for the model.")
-_PROMPTS = typer.Option(["tumour"], "--prompts", "-p", help="Prompt sets to score (repeatable).")
-
-
 @app.command()
 def run(
-    slides: List[str] = _SLIDES,
-    out: Path = _OUT,
-    pattern: Optional[str] = typer.Option(None, help="Glob for slides inside folders."),
-    config: Optional[Path] = _CFG,
-    model: Optional[str] = _MODEL,
-    registry: List[Path] = _REG,
-    checkpoint: Optional[Path] = _CKPT,
-    prompts: List[str] = _PROMPTS,
-    mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
-    mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides "
-                                           "(slide: a path, file name, name or id; each row must name one slide; "
-                                           "over a manifest's mpp column; --mpp wins over both)."),
-    target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default: the µm/px the model was "
-                                      "trained at, else 0.5)."),
-    tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default: the "
-                                    "model's input size; another size is resampled to it, and recorded)."),
-    overlap: Optional[float] = typer.Option(None, help="Fraction of a tile shared with its neighbour (default 0)."),
-    min_tissue: Optional[float] = typer.Option(None, help="Drop tiles with a smaller tissue fraction (default 0.25)."),
+    slides: o.Cohort,
+    out: o.CohortOut,
+    pattern: o.Pattern = None,
+    config: o.Config = None,
+    model: o.Model = None,
+    registry: o.Registry = [],
+    checkpoint: o.Checkpoint = None,
+    prompts: o.Prompts = ["tumour"],
+    mpp: o.Mpp = None,
+    mpp_csv: o.MppCsv = None,
+    target_mpp: o.TargetMpp = None,
+    tile_size: o.TileSize = None,
+    overlap: o.Overlap = None,
+    min_tissue: o.MinTissue = None,
     no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip the heatmap pictures."),
-    force: bool = typer.Option(False, "--force", "--overwrite", help="Redo every stage, even for finished slides."),
+    overwrite: o.Redo = False,
+    force: o.ForceAlias = False,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own log lines (they are "
                                  "always in the Prefect UI)."),
-    concurrency: int = typer.Option(2, help="Shard runs at the same time on a --deployment's work pool."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
+    concurrency: o.Concurrency = 2,
+    device: o.Device = None,
     devices: Optional[str] = typer.Option(None, help="Every device of this machine, one executor each over a "
                                           "shared queue of shards: cuda:0,cuda:1 or all (cpu,cpu tries it on "
                                           "a CPU)."),
@@ -82,19 +70,17 @@ def run(
                                                "16 with --deployment or --devices)."),
     shard_tiles: Optional[int] = typer.Option(None, help="Or: about this many tiles per shard (estimated from "
                                               "the slides' sizes, or their grids once tiled)."),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16 or bf16 (default auto)."),
-    workers: Optional[str] = typer.Option(None, help="Tile-reader processes (one pool per executor, shared by "
-                                          "its slides): a number, or auto."),
-    batch_size: Optional[int] = typer.Option(None, help="Tiles per batch."),
-    deployment: Optional[str] = typer.Option(None, help="Hand the shards to this shard deployment "
-                                             "(process-shard/NAME from `slide-clip deploy`): its work pool's "
-                                             "workers run them (scale-out)."),
+    precision: o.Precision = None,
+    workers: o.Workers = None,
+    batch_size: o.BatchSize = None,
+    deployment: o.Deployment = None,
     encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit a shard holds "
                                                 "while it runs ({host}: the machine's name)."),
-    clinical: Optional[Path] = typer.Option(None, help="Clinical table (patient_id, time, event): then also run the "
-                                            "survival baselines (see `slide-clip survival`)."),
-    time: Optional[str] = typer.Option(None, "--time", help="Follow-up time column of --clinical."),
-    event: Optional[str] = typer.Option(None, "--event", help="Event column of --clinical."),
+    clinical: Annotated[Optional[Path], typer.Option(
+        "--clinical", help="Clinical table (patient_id, time, event): then also run the survival baselines "
+                           "(see `slide-clip survival`).")] = None,
+    time: o.TimeColumn = None,
+    event: o.EventColumn = None,
     clusters: Optional[int] = typer.Option(None, "--clusters", help="Then cluster the cohort's tiles into K "
                                            "clusters (as `slide-clip cluster --k K`)."),
 ):
@@ -177,7 +163,7 @@ def run(
             stack.enter_context(RunProgress(out, [c.slide_id for c in cohort], cfg.encode.model,
                                             echo=lambda line: typer.echo(line, err=True)))
             state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,
-                                   prompts=list(prompts), heatmaps=not no_heatmaps, force=force,
+                                   prompts=list(prompts), heatmaps=not no_heatmaps, force=overwrite,
                                    max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
                                    shard_slides=shard_slides, shard_tiles=shard_tiles,
                                    mpp=mpp, mpp_csv=str(mpp_csv.resolve()) if mpp_csv else None,
@@ -234,26 +220,24 @@ def _report_run(result: dict, out: Path) -> None:
 
 @app.command()
 def serve(
-    watch: Path = typer.Option(..., help="Folder to watch: each scheduled run processes slides added to it."),
-    out: Path = _OUT,
+    watch: Annotated[o.SlidePath, typer.Option(
+        "--watch", help="Folder to watch: each scheduled run processes slides added to it.")],
+    out: o.CohortOut,
     cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 2 * * *" for 02:00 nightly.'),
     interval: Optional[float] = typer.Option(None, help="Or: seconds between runs."),
     name: str = typer.Option("watch", help="Deployment name (flow process-cohort)."),
-    pattern: Optional[str] = typer.Option(None, help="Glob for slides inside the folder."),
-    config: Optional[Path] = _CFG,
-    model: Optional[str] = _MODEL,
-    registry: List[Path] = _REG,
-    checkpoint: Optional[Path] = _CKPT,
-    prompts: List[str] = _PROMPTS,
-    concurrency: int = typer.Option(2, help="Shard runs at the same time on a --deployment's work pool."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
-    workers: Optional[str] = typer.Option(None, help="Tile-reader processes (one pool per executor, shared by "
-                                          "its slides): a number, or auto."),
+    pattern: o.Pattern = None,
+    config: o.Config = None,
+    model: o.Model = None,
+    registry: o.Registry = [],
+    checkpoint: o.Checkpoint = None,
+    prompts: o.Prompts = ["tumour"],
+    concurrency: o.Concurrency = 2,
+    device: o.Device = None,
+    workers: o.Workers = None,
     shard_slides: Optional[int] = typer.Option(None, help="Slides per shard (default: every new slide in one "
                                                "shard here, 16 with --deployment)."),
-    deployment: Optional[str] = typer.Option(None, help="Hand the shards to this shard deployment "
-                                             "(process-shard/NAME from `slide-clip deploy`) instead of "
-                                             "processing them here."),
+    deployment: o.Deployment = None,
     settle: float = typer.Option(60.0, help="Seconds a slide's files must be unchanged before it is processed "
                                  "(a slide still being copied in waits for the next run)."),
 ):
@@ -338,9 +322,9 @@ def _prefect_check():
 
 @app.command()
 def doctor(
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder to check for writing."),
-    device: str = typer.Option("auto", help="Device to check: auto, cpu, cuda, cuda:N or mps."),
-    registry: List[Path] = _REG,
+    out: Annotated[Optional[o.OutPath], typer.Option("--out", "-o", help="Output folder to check for writing.")] = None,
+    device: Annotated[str, typer.Option("--device", help="Device to check: auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    registry: o.Registry = [],
 ):
     """Check the installation: OpenSlide, the device, model weights, Zarr, Prefect.
 

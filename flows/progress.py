@@ -53,7 +53,9 @@ class RunProgress:
         self.t0 = time.time()
         self.done: dict[str, str] = {}  # slide id -> status, for slides finished in this run
         self.tiles = 0  # tiles encoded by this run, in finished slides
-        self._rows: dict[str, tuple[float, int]] = {}  # slide id -> (when, rows) first seen encoding
+        self._seen: dict[str, int] = {}  # slide id -> rows written when first seen encoding
+        self._rows: dict[str, tuple[float, int]] = {}  # slide id -> (when, rows) its rate is timed from
+        self._timed: set[str] = set()  # slides whose rate is timed from their first rows seen written
         self._said: dict[str, float] = {}  # slide id -> when its last encoding line was shown
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="run-progress", daemon=True)
@@ -99,9 +101,12 @@ class RunProgress:
         now = time.time()
         encoding_tiles = 0
         try:  # one listing a look, not a file probe per slide of the cohort
-            fresh = {e.name[:-5] for e in os.scandir(self.out / "status")
-                     if e.name.endswith(".json") and e.stat().st_mtime >= self.t0 - 1}
             stores = {n[:-5] for n in os.listdir(self.out) if n.endswith(".zarr")}
+            try:
+                fresh = {e.name[:-5] for e in os.scandir(self.out / "status")
+                         if e.name.endswith(".json") and e.stat().st_mtime >= self.t0 - 1}
+            except FileNotFoundError:  # status/ is made with the first finished slide
+                fresh = set()
         except OSError:
             return
         probed = 0
@@ -127,13 +132,20 @@ class RunProgress:
             if sid not in self._rows:
                 self.echo(f"encoding {sid}: {plural(total, 'tile')}" + (f", {written} already written" if written else ""))
                 self._said[sid] = now
+            seen = self._seen.setdefault(sid, written)
             first = self._rows.setdefault(sid, (now, written))
-            encoding_tiles += written - first[1]
-            if now - self._said.get(sid, self.t0) >= self.every and written > first[1]:
+            if sid not in self._timed and written > first[1]:
+                # its first rows since it was seen: a slide's store is begun while the slide
+                # before it encodes, so its rate is timed from here, not from when it was seen
+                self._timed.add(sid)
+                self._rows[sid] = first = (now, written)
+            encoding_tiles += written - seen
+            if now - self._said.get(sid, self.t0) >= self.every and written > seen:
                 self._said[sid] = now
                 rate = (written - first[1]) / max(1e-6, now - first[0])
-                left = f", this slide about {_duration((total - written) / rate)} left" if rate > 0 else ""
-                self.echo(f"encoding {sid}: {written} of {plural(total, 'tile')} ({rate:.1f} tiles/s{left})")
+                tail = f" ({rate:.1f} tiles/s, this slide about {_duration((total - written) / rate)} left)" \
+                    if rate > 0 else ""
+                self.echo(f"encoding {sid}: {written} of {plural(total, 'tile')}{tail}")
         if encoding_tiles and now - max(self._said.values(), default=0) < self.poll:
             self.echo("  " + self._counts(encoding_tiles))
 

@@ -10,11 +10,11 @@ import json
 import inspect
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
-from slide_clip import config as _config
+from slide_clip import cli_options as o
 from slide_clip.errors import SlideClipError
 from slide_clip.text import plural
 
@@ -61,8 +61,8 @@ def _fail(message: str, code: int = 2):
 
 @app.command()
 def info(
-    slides: List[Path] = typer.Argument(..., help="Slide files or folders (a DICOM series folder counts as one slide)."),
-    mpp: Optional[float] = typer.Option(None, help="Override the resolution, µm per level-0 pixel."),
+    slides: o.Slides,
+    mpp: o.Mpp = None,
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ):
     """Print each slide's metadata: size, levels, resolution, vendor."""
@@ -106,7 +106,7 @@ def _table(header, rows):
 
 @app.command()
 def models(
-    registry: List[Path] = typer.Option([], "--models", help="Extra model registry YAML files."),
+    registry: o.Registry = [],
 ):
     """List the model registry: kind, backend, input size, training µm/px, licence, gated, weights."""
     from slide_clip.encoders import load_registry
@@ -133,28 +133,25 @@ def models(
 
 @app.command()
 def embed(
-    slides: List[Path] = typer.Argument(..., help="Slide files or folders of slides."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one <slide>.zarr store per slide."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Pipeline config YAML (default: configs/default.yaml)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=_config.model_option_help()),
-    checkpoint: Optional[Path] = typer.Option(None, help="Local weights file for the model (offline use)."),
-    registry: List[Path] = typer.Option([], "--models", help="Extra model registry YAML files."),
-    mpp: Optional[float] = typer.Option(None, help="Override every slide's resolution, µm per level-0 pixel."),
-    mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide,mpp: per-slide resolution overrides "
-                                           "(slide: a path, file name, name or id; each row must name one slide)."),
-    target_mpp: Optional[float] = typer.Option(None, help="Tile resolution, µm/px (default: the µm/px the model was trained at, "
-                                      "else 0.5)."),
-    tile_size: Optional[int] = typer.Option(None, help="Tile side in pixels at the target resolution (default: the model's input "
-                                    "size; another size is resampled to it, and recorded)."),
-    overlap: Optional[float] = typer.Option(None, help="Fraction of a tile shared with its neighbour (default 0)."),
-    min_tissue: Optional[float] = typer.Option(None, help="Drop tiles with a smaller tissue fraction (default 0.25)."),
-    batch_size: Optional[int] = typer.Option(None, help="Tiles per batch (default 64)."),
-    workers: Optional[str] = typer.Option(None, help="DataLoader worker processes reading tiles: a number, or auto "
-                                          "(default: none on a CPU, min(8, cores - 1) on a GPU)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps (default auto)."),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16 or bf16 (default auto)."),
-    pattern: Optional[str] = typer.Option(None, help="Glob for slides inside folders (default: known slide extensions)."),
-    overwrite: bool = typer.Option(False, "--overwrite", "--force", help="Replace stores made with other settings, from another file, or by another tissue algorithm."),
+    slides: o.Slides,
+    out: o.Out,
+    config: o.Config = None,
+    model: o.Model = None,
+    checkpoint: o.Checkpoint = None,
+    registry: o.Registry = [],
+    mpp: o.Mpp = None,
+    mpp_csv: o.MppCsv = None,
+    target_mpp: o.TargetMpp = None,
+    tile_size: o.TileSize = None,
+    overlap: o.Overlap = None,
+    min_tissue: o.MinTissue = None,
+    batch_size: o.BatchSize = None,
+    workers: o.Workers = None,
+    device: o.Device = None,
+    precision: o.Precision = None,
+    pattern: o.Pattern = None,
+    overwrite: o.Overwrite = False,
+    force: o.ForceAlias = False,
     progress: bool = typer.Option(True, help="Show a progress bar (tiles/s)."),
 ):
     """Find tissue, tile at an exact resolution and write CLIP embeddings to one Zarr store per slide.
@@ -252,29 +249,17 @@ def _report_scores(results, paths) -> None:
     raise typer.Exit(1 if failed else 0)
 
 
-_STORES_ARG = typer.Argument(..., help="Slide stores (<slide>.zarr) or output folders of `embed`.")
-_MODEL_OPT = typer.Option(None, "--model", "-m", help="The stored model to use. Default: the one model the stores "
-                          "hold (needed when a store holds several; `embed` stores "
-                          f"{_config.default_model()} unless told otherwise).")
-_REG_OPT = typer.Option([], "--models", help="Extra model registry YAML files.")
-_CKPT_OPT = typer.Option(None, help="Local weights file of the stored model (to compute text embeddings offline).")
-_CFG_OPT = typer.Option(None, "--config", "-c", help="Pipeline config YAML (scoring and heatmap sections).")
-_DEV_OPT = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps.")
-_TOPK_OPT = typer.Option(None, help="k of the top-k pooled slide score (default 50).")
-_DECISION_OPT = typer.Option(None, help="Slide label from: topk, mean or area (default topk).")
-
-
 @app.command()
 def zeroshot(
-    stores: List[Path] = _STORES_ARG,
+    stores: o.Stores,
     prompts: str = typer.Option(..., "--prompts", "-p", help="Prompt set YAML, or a shipped name (tumour, tissue_types)."),
-    model: Optional[str] = _MODEL_OPT,
-    registry: List[Path] = _REG_OPT,
-    checkpoint: Optional[Path] = _CKPT_OPT,
-    config: Optional[Path] = _CFG_OPT,
-    device: Optional[str] = _DEV_OPT,
-    topk: Optional[int] = _TOPK_OPT,
-    decision: Optional[str] = _DECISION_OPT,
+    model: o.StoredModel = None,
+    registry: o.Registry = [],
+    checkpoint: o.StoredCheckpoint = None,
+    config: o.Config = None,
+    device: o.Device = None,
+    topk: o.TopK = None,
+    decision: o.Decision = None,
 ):
     """Score every tile against text prompts (no re-encoding) and write slide summaries.
 
@@ -295,16 +280,16 @@ def zeroshot(
 
 @app.command()
 def fewshot(
-    stores: List[Path] = _STORES_ARG,
+    stores: o.Stores,
     examples: Path = typer.Option(..., "--examples", "-e", help="CSV of labelled tiles: slide,x,y,label (level-0 top-left) or image,label."),
     name: Optional[str] = typer.Option(None, help="Name of the score set (default fewshot-<csv name>)."),
-    model: Optional[str] = _MODEL_OPT,
-    registry: List[Path] = _REG_OPT,
-    checkpoint: Optional[Path] = _CKPT_OPT,
-    config: Optional[Path] = _CFG_OPT,
-    device: Optional[str] = _DEV_OPT,
-    topk: Optional[int] = _TOPK_OPT,
-    decision: Optional[str] = _DECISION_OPT,
+    model: o.StoredModel = None,
+    registry: o.Registry = [],
+    checkpoint: o.StoredCheckpoint = None,
+    config: o.Config = None,
+    device: o.Device = None,
+    topk: o.TopK = None,
+    decision: o.Decision = None,
 ):
     """Score every tile against prototypes of a few labelled example tiles per class."""
     from slide_clip.scoring import find_stores, fewshot as run_fewshot, read_examples
@@ -321,16 +306,14 @@ def fewshot(
 
 @app.command()
 def heatmap(
-    stores: List[Path] = _STORES_ARG,
-    score_set: Optional[str] = typer.Option(None, "--set", "-s", help="Score set name, as zeroshot/fewshot print it "
-                                            "(the prompt set's name, or fewshot-…). Default: the stores' only score "
-                                            "set (cluster sets aside)."),
-    model: Optional[str] = _MODEL_OPT,
+    stores: o.Stores,
+    score_set: o.ScoreSet = None,
+    model: o.StoredModel = None,
     classes: List[str] = typer.Option([], "--class", help="Only these classes (repeatable; default all)."),
     smooth: Optional[float] = typer.Option(None, help="Gaussian smoothing over neighbouring tiles, sigma in tiles."),
     scale: Optional[str] = typer.Option(None, help="Colour scale: fixed (probability 0-1, the default; comparable "
                                         "across slides) or auto (stretched to each slide's range, for flat maps)."),
-    config: Optional[Path] = _CFG_OPT,
+    config: o.Config = None,
 ):
     """Draw a probability heatmap PNG per class and a QuPath GeoJSON per slide.
 
@@ -358,9 +341,10 @@ def heatmap(
 
 @app.command()
 def summarize(
-    out: Path = typer.Argument(..., help="An output folder of `embed` and `zeroshot`/`fewshot`."),
-    score_set: Optional[str] = typer.Option(None, "--set", "-s", help="Score set (needed when there are several)."),
-    model: Optional[str] = _MODEL_OPT,
+    out: o.OutFolder,
+    score_set: Annotated[Optional[str], typer.Option("--set", "-s", help="Score set (default: every score set "
+                                                     "found in OUT).")] = None,
+    model: o.StoredModel = None,
 ):
     """Write cohort tables (CSV and Parquet): one row per slide, failed slides with their error.
 
@@ -406,30 +390,27 @@ def _say_embeddings(inputs, model: str | None) -> None:
 # ----------------------------------------------------------------------------- survival
 @app.command()
 def survival(
-    out: Path = typer.Argument(..., help="An output folder of `embed`/`run` (the slide stores)."),
-    clinical: Path = typer.Option(..., "--clinical", help="Clinical table (CSV or Parquet): patient_id, time, event, ..."),
-    time: str = typer.Option(..., "--time", help="Column of follow-up times."),
-    event: str = typer.Option(..., "--event", help="Column of event indicators (1/true = event, 0/false = censored)."),
-    model: Optional[str] = _MODEL_OPT,
+    out: o.OutFolder,
+    clinical: o.Clinical,
+    time: o.TimeColumn,
+    event: o.EventColumn,
+    model: o.StoredModel = None,
     baseline: List[str] = typer.Option(["coxnet", "abmil"], "--baseline", "-b",
                                        help="Baselines to run (repeatable): coxnet, abmil."),
     folds: int = typer.Option(5, help="Patient-level cross-validation folds (stratified by event)."),
     seed: int = typer.Option(0, help="Seed of the folds, the bootstrap and the training."),
     name: Optional[str] = typer.Option(None, help="Run name (default <model>-<folds>fold-seed<seed>)."),
-    manifest: Optional[Path] = typer.Option(None, help="Cohort CSV (path, patient_id) giving slides their patients "
-                                            "(default: out/patients.csv from `slide-clip run`; else one patient per slide)."),
+    manifest: o.Manifest = None,
     scores: List[str] = typer.Option([], "--scores", help="Score set whose per-class summaries (slide_prob, mean_prob, "
                                      "area_fraction) join the Cox model's inputs (repeatable; default none: the mean "
                                      "embedding only). Every slide must have it."),
     covariate: List[str] = typer.Option([], "--covariate", help="Numeric clinical column added to the Cox model (repeatable)."),
     epochs: Optional[int] = typer.Option(None, help="ABMIL training epochs (default 40)."),
-    device: Optional[str] = _DEV_OPT,
+    device: o.Device = None,
     bootstrap: int = typer.Option(500, help="Bootstrap resamples of the c-index intervals (patients resampled within folds)."),
     permutations: int = typer.Option(0, help="Permutation test of the headline c-index: the whole cross-validation is "
                                      "refitted on N permutations of the outcomes (costs N runs; default 0: off)."),
-    allow_missing: bool = typer.Option(False, "--allow-missing", help="Leave out listed slides that have no complete "
-                                       "store (and patients left without a slide); the report and the console list "
-                                       "them. Default: such a slide stops the run."),
+    allow_missing: o.AllowMissing = False,
     heatmaps: str = typer.Option("all", help="ABMIL heatmaps of all slides, of the gallery patients' slides "
                                  "(gallery), or none."),
 ):
@@ -457,14 +438,13 @@ def survival(
 
 @app.command()
 def bags(
-    out: Path = typer.Argument(..., help="An output folder of `embed`/`run` (the slide stores)."),
+    out: o.OutFolder,
     h5: Optional[Path] = typer.Option(None, "--h5", help="Write one HDF5 bag per slide or patient into this folder."),
     level: str = typer.Option("slide", help="slide or patient bags (HDF5)."),
-    model: Optional[str] = _MODEL_OPT,
-    manifest: Optional[Path] = typer.Option(None, help="Cohort CSV (path, patient_id); default out/patients.csv."),
+    model: o.StoredModel = None,
+    manifest: o.Manifest = None,
     with_max: bool = typer.Option(False, "--max", help="Add max-pooled embedding columns to the pooled tables."),
-    allow_missing: bool = typer.Option(False, "--allow-missing", help="Leave out listed slides that have no complete "
-                                       "store (each is listed). Default: such a slide stops the export."),
+    allow_missing: o.AllowMissing = False,
 ):
     """Pooled tables (Parquet, per slide and per patient) and optional HDF5 bags for MIL code."""
     from slide_clip.survival import export_h5, open_cohort, write_pooled_tables
@@ -494,7 +474,7 @@ def _explore_failed(failed) -> int:
 
 @app.command()
 def search(
-    stores: List[Path] = typer.Argument(..., help="An output folder of `embed` (or its stores), then the text "
+    stores: List[o.StorePath] = typer.Argument(..., metavar="STORES", show_default=False, help="An output folder of `embed` (or its stores), then the text "
                                         "queries: slide-clip search OUT \"necrosis\" \"lymphocytes\"."),
     image: List[Path] = typer.Option([], "--image", help="Query with an image file (repeatable; encoded once)."),
     tile: List[str] = typer.Option([], "--tile", help="Query with a stored tile, e.g. slide1:4480:2240 (slide id, then "
@@ -509,11 +489,11 @@ def search(
     build_index: bool = typer.Option(False, "--build-index", help="Build the FAISS index from the stores, then use it."),
     nprobe: int = typer.Option(16, help="Inverted lists visited per query (approximate search)."),
     gallery: bool = typer.Option(True, help="Write gallery PNGs and an HTML page of the hits."),
-    model: Optional[str] = _MODEL_OPT,
-    registry: List[Path] = _REG_OPT,
-    checkpoint: Optional[Path] = _CKPT_OPT,
-    config: Optional[Path] = _CFG_OPT,
-    device: Optional[str] = _DEV_OPT,
+    model: o.StoredModel = None,
+    registry: o.Registry = [],
+    checkpoint: o.StoredCheckpoint = None,
+    config: o.Config = None,
+    device: o.Device = None,
 ):
     """Rank every stored tile by cosine with text, image or tile queries; write a table and galleries.
 
@@ -545,7 +525,7 @@ def search(
 
 @app.command()
 def cluster(
-    stores: List[Path] = _STORES_ARG,
+    stores: o.Stores,
     k: int = typer.Option(12, "--k", "-k", help="Number of clusters."),
     sample: int = typer.Option(20000, help="Tiles the k-means is fitted on (seeded, stratified by slide)."),
     seed: int = typer.Option(0, help="Seed of the sample and of k-means."),
@@ -553,7 +533,7 @@ def cluster(
     per_cluster: int = typer.Option(8, help="Representative tiles per cluster in the gallery."),
     maps: bool = typer.Option(True, help="Draw a cluster map per slide."),
     gallery: bool = typer.Option(True, help="Write the gallery of representative tiles."),
-    model: Optional[str] = _MODEL_OPT,
+    model: o.StoredModel = None,
 ):
     """Cluster tiles across the cohort (k-means); store each slide's clusters; maps, gallery, table."""
     from slide_clip.explore.clusters import cluster as run_cluster
@@ -574,7 +554,7 @@ def cluster(
 
 @app.command(name="map")
 def map_(
-    stores: List[Path] = _STORES_ARG,
+    stores: o.Stores,
     method: str = typer.Option("umap", help="umap, tsne or pca."),
     of: str = typer.Option("tiles", "--of", help="tiles (a sample per slide) or slides (one pooled point each)."),
     per_slide: int = typer.Option(200, help="Tiles sampled per slide (seeded)."),
@@ -584,7 +564,7 @@ def map_(
     mosaic: bool = typer.Option(False, help="Also place tile thumbnails on the map."),
     h5ad: Optional[Path] = typer.Option(None, "--h5ad", help="Also export the sampled tiles (all tiles with "
                                         "--per-slide 0) as AnnData, with the map in obsm."),
-    model: Optional[str] = _MODEL_OPT,
+    model: o.StoredModel = None,
 ):
     """Draw a 2-D map (UMAP, t-SNE or PCA) of tiles or slides; optional mosaic and AnnData export."""
     from slide_clip.explore.maps import embedding_map
@@ -616,16 +596,16 @@ def map_(
 # ----------------------------------------------------------------------------- viewer
 @app.command()
 def view(
-    out: Path = typer.Argument(..., help="An output folder of `embed` (its stores, score sets and cohort tables)."),
+    out: o.OutFolder,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8765, help="Port (0 picks a free one)."),
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a --host other machines can reach "
                                       "(no login: anyone who reaches it sees the slides)."),
-    model: Optional[str] = _MODEL_OPT,
-    registry: List[Path] = _REG_OPT,
-    checkpoint: Optional[Path] = _CKPT_OPT,
-    config: Optional[Path] = _CFG_OPT,
-    device: Optional[str] = _DEV_OPT,
+    model: o.StoredModel = None,
+    registry: o.Registry = [],
+    checkpoint: o.StoredCheckpoint = None,
+    config: o.Config = None,
+    device: o.Device = None,
 ):
     """Serve a local page: the cohort, slides at full resolution with score overlays, tile details,
     search by text or by tile, and labelling tiles to re-score from the stored embeddings.
@@ -644,27 +624,65 @@ def view(
         pass
 
 
-def _plain_metavars(application: typer.Typer) -> None:
-    """``--help`` names repeatable values ``PATH`` or ``TEXT`` (typer would show ``<list[Path]>``)."""
+def _parameter_infos(callback):
+    """(name, annotation, typer OptionInfo/ArgumentInfo) of a command's parameters, either style
+    (``x: T = typer.Option(...)`` or ``x: Annotated[T, typer.Option(...)]``)."""
     import typing
 
-    from typer.models import ArgumentInfo, OptionInfo
+    from typer.models import ParameterInfo
+
+    hints = typing.get_type_hints(callback, include_extras=True)
+    for name, p in inspect.signature(callback).parameters.items():
+        hint = hints.get(name)
+        info = p.default if isinstance(p.default, ParameterInfo) else None
+        if typing.get_origin(hint) is Annotated:
+            hint, *extras = typing.get_args(hint)
+            info = next((e for e in extras if isinstance(e, ParameterInfo)), info)
+        if info is not None:
+            yield name, hint, info
+
+
+def _plain_metavars(application: typer.Typer) -> None:
+    """``--help`` names a repeatable option's values ``PATH`` or ``TEXT`` (typer would show ``<list[Path]>``)."""
+    import typing
+
+    from typer.models import OptionInfo
 
     for cmd in application.registered_commands:
-        hints = typing.get_type_hints(cmd.callback)
-        for name, p in inspect.signature(cmd.callback).parameters.items():
-            info = p.default
-            if isinstance(info, (OptionInfo, ArgumentInfo)) and info.metavar is None and \
-                    typing.get_origin(hints.get(name)) is list:
-                (inner,) = typing.get_args(hints[name])
-                info.metavar = f"{name.upper()}..." if isinstance(info, ArgumentInfo) else \
-                    "PATH" if inner is Path else "TEXT"
+        for name, hint, info in _parameter_infos(cmd.callback):
+            if isinstance(info, OptionInfo) and info.metavar is None and typing.get_origin(hint) is list:
+                (inner,) = typing.get_args(hint)
+                info.metavar = "PATH" if inner is Path else "TEXT"
+
+
+def _plain_argument_types(command) -> None:
+    """``--help`` shows a repeatable argument's type as ``PATH...`` or ``TEXT...``, like the options.
+
+    typer (0.2x) labels it ``<list[Path]>`` and takes no metavar for that column of an argument
+    (fastapi/typer#1410), so the label is set on the command's argument itself."""
+    import typing
+
+    from typer.core import TyperArgument
+
+    for sub in getattr(command, "commands", {}).values():
+        for p in sub.params:
+            if isinstance(p, TyperArgument) and p.nargs != 1 and hasattr(p, "display_type_rich"):
+                annotation = getattr(getattr(p, "type_descriptor", None), "annotation", None)
+                label = ("PATH" if Path in typing.get_args(annotation) else "TEXT") + "..."
+                p.display_type_rich = lambda ctx, label=label: label
+
+
+def cli_command():
+    """The click command behind ``slide-clip``, with its help's type labels made plain."""
+    _plain_metavars(app)
+    command = typer.main.get_command(app)
+    _plain_argument_types(command)
+    return command
 
 
 def main():  # console-script entry point
-    _plain_metavars(app)
     try:
-        app()
+        cli_command()(prog_name="slide-clip")
     except SlideClipError as e:  # pragma: no cover - commands catch their own
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -19,6 +19,22 @@ import re
 
 import numpy as np
 
+def text_font(size: int):
+    """The font of text drawn with Pillow (titles, labels): DejaVu Sans from matplotlib, which
+    has µ and ² (Pillow's default font draws µ as an empty box), else Pillow's default."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), size)
+    except (ImportError, OSError, ValueError):
+        try:
+            return ImageFont.load_default(size=size)
+        except (TypeError, OSError):
+            return ImageFont.load_default()
+
+
 #: The line every picture made from random weights carries.
 RANDOM_WEIGHTS_NOTE = "random weights: not a trained model"
 

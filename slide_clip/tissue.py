@@ -18,6 +18,7 @@ from scipy import ndimage
 from skimage import color, filters, morphology
 
 from slide_clip.config import TissueConfig
+from slide_clip.pictures import text_font
 
 #: The thumbnail's longest side, pixels: a few thousand at most, whatever the slide's size.
 DEFAULT_THUMBNAIL_MAX_SIDE = 2048
@@ -331,29 +332,14 @@ QC_THUMBNAIL_COLOURS = 128
 _QC_TILE_INDEX, _QC_TISSUE_INDEX, _QC_GREY0 = 240, 241, 242
 
 
-def _title_font(size: int):
-    """DejaVu Sans from matplotlib (it has µ and ²), else Pillow's default font."""
-    from PIL import ImageFont
-
-    try:
-        from matplotlib import font_manager
-
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), size)
-    except (ImportError, OSError, ValueError):
-        try:
-            return ImageFont.load_default(size=size)
-        except (TypeError, OSError):
-            return ImageFont.load_default()
-
-
 def _title_band(w: int, title: str) -> Image.Image:
     """A white band ``w`` px wide holding ``title`` in black (font scaled to the width), mode ``L``."""
     size = int(np.clip(w / 60, 10, 28))
-    font = _title_font(size)
+    font = text_font(size)
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
     while size > 8 and probe.textlength(title, font=font) > w - 8:
         size -= 1
-        font = _title_font(size)
+        font = text_font(size)
     band = Image.new("L", (w, int(size * 1.8)), 255)
     ImageDraw.Draw(band).text((4, (band.height - size) // 2), title, fill=0, font=font)
     return band

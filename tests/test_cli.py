@@ -365,3 +365,79 @@ def test_unknown_random_architecture_names_the_lists(tmp_path, make_slide):
         assert text.startswith("error: model 'random:ViT-B-23': unknown architecture 'ViT-B-23'"), text
         assert "did you mean ViT-B-32" in text and "slide-clip models" in text and "list_models()" in text
         assert "--tile-size" not in text and text.count("\n") == 0
+
+
+# ----------------------------------------------------------------------------- options declared once
+def _command():
+    """The whole ``slide-clip`` command (the library's commands and the Prefect ones), as the
+    console script builds it."""
+    import slide_clip_flows.cli  # noqa: F401  (registers run, serve, deploy, doctor)
+    from slide_clip.cli import cli_command
+
+    return cli_command()
+
+
+def test_every_command_help_has_plain_type_labels(capsys, monkeypatch):
+    """Every command's --help parses, and no type shows as <list[...]> (arguments included)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    command = _command()
+    assert {"embed", "run", "serve", "deploy", "zeroshot", "survival", "map"} <= set(command.commands)
+    for name in [None, *command.commands]:
+        args = [name, "--help"] if name else ["--help"]
+        with pytest.raises(SystemExit) as e:
+            command.main(args=args, prog_name="slide-clip")
+        assert e.value.code == 0, name
+        text = capsys.readouterr().out
+        assert "Usage: slide-clip" in text, name
+        assert "<list[" not in text and "list[" not in text, (name, text)
+    command.main(args=["embed", "--help"], prog_name="slide-clip", standalone_mode=False)
+    text = capsys.readouterr().out
+    assert "SLIDES" in text and "PATH..." in text  # the argument's name and its plain type
+
+
+def test_shared_options_are_spelled_the_same_in_every_command():
+    """A parameter of one name has the same flags (long and short) in every command that has
+    it, and a short flag means one long flag everywhere; embed, run and serve share theirs."""
+    from collections import defaultdict
+
+    from typer.core import TyperOption
+
+    flags, shorts = defaultdict(set), defaultdict(set)
+    command = _command()
+    for cmd_name, cmd in command.commands.items():
+        for p in cmd.params:
+            if isinstance(p, TyperOption):
+                flags[p.name].add(tuple(sorted(p.opts + p.secondary_opts)))
+                long = [o for o in p.opts if o.startswith("--")]
+                for o in p.opts:
+                    if not o.startswith("--"):
+                        shorts[o].add(long[0])
+    assert {k: v for k, v in flags.items() if len(v) > 1} == {}
+    assert {k: v for k, v in shorts.items() if len(v) > 1} == {}
+
+    def opts(cmd):
+        return {o for p in command.commands[cmd].params for o in p.opts if isinstance(p, TyperOption)}
+
+    shared = {"--out", "-o", "--config", "-c", "--model", "-m", "--models", "--checkpoint", "--device",
+              "--workers", "--pattern"}
+    for cmd in ("embed", "run", "serve"):
+        assert shared <= opts(cmd), cmd
+    for cmd in ("embed", "run"):
+        assert {"--mpp", "--mpp-csv", "--target-mpp", "--tile-size", "--overlap", "--min-tissue",
+                "--batch-size", "--precision", "--overwrite", "--force"} <= opts(cmd), cmd
+
+
+@pytest.mark.parametrize("cmd", ["embed", "run"])
+def test_force_is_a_hidden_alias_of_overwrite(cmd, capsys, monkeypatch):
+    """--overwrite is the name; --force (run's old name) still works, sets the same value, and is
+    not shown in --help."""
+    monkeypatch.setenv("COLUMNS", "200")
+    command = _command().commands[cmd]
+    base = ["slide.tif", "--out", "out"]
+    for extra, expected in (([], False), (["--overwrite"], True), (["--force"], True),
+                            (["--force", "--overwrite"], True), (["--overwrite", "--force"], True)):
+        assert command.make_context(cmd, base + extra).params["overwrite"] is expected, extra
+    with pytest.raises(SystemExit):
+        command.main(args=["--help"], prog_name=f"slide-clip {cmd}")
+    text = capsys.readouterr().out
+    assert "--overwrite" in text and "--force" not in text

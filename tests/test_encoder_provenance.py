@@ -434,3 +434,23 @@ def test_card_tile_size_then_its_crop_console_and_store_agree(small_slide, cfg, 
     pil = torch.stack([enc.preprocess(read_tile(osr, int(x), int(y), grid)) for x, y in grid.coords])
     osr.close()
     assert np.allclose(st.embeddings("crop-vit"), enc.encode_images(pil), rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_model_is_not_logged_as_randomly_initialised(tiny_registry, caplog):
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" for every model built
+    before its checkpoint is loaded; on `run`'s console (Prefect's logging) that called trained
+    checkpoint weights random. The line is not logged; the checkpoint's weights are in the model."""
+    import logging
+
+    import torch
+
+    from slide_clip.encoders import load_encoder, resolve_model
+
+    with caplog.at_level(logging.INFO):
+        enc = load_encoder(resolve_model("tiny", [tiny_registry]), device="cpu")
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    saved = torch.load(tiny_registry.parent / "tiny.pt", map_location="cpu")
+    model_state = enc.model.state_dict()
+    key = next(k for k in saved if k.startswith("visual.") and saved[k].ndim >= 2)
+    assert torch.equal(model_state[key], saved[key])
+    assert logging.getLogger().filters == []  # the filter is gone once the model is built

@@ -567,3 +567,20 @@ def _delete_artifacts_of(flow_run_id):
         for a in client.read_artifacts(artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))):
             client.delete_artifact(a.id)
+
+
+def test_gallery_text_draws_the_micro_sign(tmp_path):
+    """The gallery's subtitle says its tiles' size in µm: the µ is drawn as µ, not as the empty
+    box of a font without it (Pillow's default font drew "0.5 µm/px" as "0.5 ▯m/px")."""
+    import numpy as np
+    from PIL import Image
+
+    from slide_clip.explore.gallery import gallery_png
+
+    tile = Image.new("RGB", (32, 32), (200, 100, 200))
+    drawn = {}
+    for name, char in (("micro", "µ"), ("missing", "\U000F0000")):  # a private-use code point no font has
+        p = gallery_png([tile], ["a"], tmp_path / f"{name}.png", title=f"t\ntiles at 0.5 {char}m/px")
+        drawn[name] = np.asarray(Image.open(p).convert("L"))
+    assert drawn["micro"].shape == drawn["missing"].shape
+    assert (drawn["micro"] != drawn["missing"]).any()

@@ -22,7 +22,9 @@ Which architecture is built (:func:`build`):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import tempfile
 import threading
@@ -143,7 +145,7 @@ def build(spec: ModelSpec):
     elif kind != "random":  # hub/pretrained weights with an explicit arch config
         return _build_from_network(spec, cfg)
     try:
-        with seeded(spec.seed or 0):
+        with seeded(spec.seed or 0), _no_random_init_warning():
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=None, pretrained_text=False, **kwargs)
     except (ConfigError, WeightsError):
@@ -153,6 +155,26 @@ def build(spec: ModelSpec):
     if state is not None:
         _load_open_clip_state(model, state, spec)
     return model, preprocess, _preprocess_cfg(model), _jsonable(cfg), checkpoint_sha
+
+
+class _RandomInitWarning(logging.Filter):
+    """open_clip's "No pretrained weights loaded ... initialized randomly": said of every model
+    built here before its checkpoint is loaded into it, so it would call trained weights random
+    on a console where logging is on (Prefect's, in ``run``). Whether weights are random is
+    said by the store and the pictures (``random:`` names), not by this line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _no_random_init_warning():
+    root, quiet = logging.getLogger(), _RandomInitWarning()
+    root.addFilter(quiet)  # open_clip logs it with logging.warning(), on the root logger
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _download_transformers_weights(spec: ModelSpec) -> str:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from slide_clip.atomic import replace_file, write_text
 from slide_clip.explore.cohort import Cohort
+from slide_clip.pictures import text_font
 
 PAD = 4
 LABEL_HEIGHT = 30
@@ -44,13 +45,6 @@ def read_tiles(cohort: Cohort, slide_ids, xs, ys) -> list[Image.Image]:
         for j, tile in zip(where, tiles):
             out[j] = tile
     return out  # type: ignore[return-value]
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
 
 
 def gallery_png(tiles: list[Image.Image], labels: list[str], path: str | Path, title: str = "",
@@ -77,10 +71,10 @@ def gallery_png(tiles: list[Image.Image], labels: list[str], path: str | Path, t
     canvas = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     head, _, sub = title.partition("\n")
-    draw.text((PAD, 4), head, fill=(0, 0, 0), font=_font(14))
+    draw.text((PAD, 4), head, fill=(0, 0, 0), font=text_font(14))
     if sub:
-        draw.text((PAD, 24), sub.replace("\n", "; "), fill=(60, 60, 60), font=_font(11))
-    small = _font(11)
+        draw.text((PAD, 24), sub.replace("\n", "; "), fill=(60, 60, 60), font=text_font(11))
+    small = text_font(11)
     for k, (tile, label) in enumerate(zip(tiles, labels)):
         x0, y0 = cell_origin(k, cols, thumb)
         canvas.paste(tile.convert("RGB").resize((thumb, thumb), Image.Resampling.BILINEAR), (x0, y0))
