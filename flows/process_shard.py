@@ -5,8 +5,9 @@ deployment on a work pool. Inside, the library's executor (:class:`slide_clip.ex
 loads the model once and pipelines the shard's slides (the next slides are checked, masked and
 tiled while one encodes); as each slide's embeddings are written, a ``products`` task scores
 it and draws its heatmaps in another thread, so Prefect's bookkeeping stays off the encoder's
-path. Every slide gets its status file (``out/status/<slide_id>.json``) and a row in the
-shard's table artifact; a failing slide fails alone. A shard run killed midway is picked up by
+path. Every slide gets its status file (``out/status/<slide_id>.json``, written as soon as its
+products are done, at the latest when two more slides have encoded) and a row in the shard's
+table artifact; a failing slide fails alone. A shard run killed midway is picked up by
 the next run of the cohort: finished slides are skipped, interrupted ones resume.
 """
 
@@ -35,6 +36,11 @@ from slide_clip_tasks.products import products_task
 #: A worker started for one device (``slide-clip run --devices``) names it here; a shard run
 #: without a ``device`` parameter encodes on it.
 DEVICE_ENV = "SLIDE_CLIP_DEVICE"
+
+
+#: A slide's products (scores, summary, heatmaps) may still run while this many later slides
+#: encode; then the shard waits for them before the next slide encodes.
+PRODUCTS_LAG = 2
 
 
 def _where() -> dict:
@@ -114,9 +120,37 @@ def process_shard(
             SlideRun(cfg, out, overwrite=force) as run:
         pending = []
         by_id = {i.slide_id: i for i in items}
+        order = {i.slide_id: k for k, i in enumerate(items)}
+
+        def settle(r: SlideResult, item: CohortSlide, fut, done_sets: dict) -> None:
+            """Record a slide whose products task has been submitted, once it has ended."""
+            t0 = time.perf_counter() - r.seconds
+            try:
+                scored = fut.result()
+            except SlideClipError as exc:
+                r = _failed_after_embedding(r, str(exc), t0, done_sets)
+            except Exception as exc:  # noqa: BLE001 - one slide's fault fails that slide only
+                r = _failed_after_embedding(r, unexpected_error(r.slide, exc), t0, done_sets)
+            else:
+                if r.status == "skipped" and did_work(scored):
+                    r.status = "ok"
+                r.extra["scores"] = scored
+                r.seconds = round(time.perf_counter() - t0, 3)
+            record(r, item)
+
+        def settle_finished(k: int) -> None:
+            """Record the slides whose products are done, and wait for those of slides more than
+            :data:`PRODUCTS_LAG` behind slide ``k``: status files come as slides are done, not
+            at the shard's end (`run`'s progress reads them), and scoring never falls further
+            behind the encoder than that."""
+            for entry in list(pending):
+                if entry[2].wrapped_future.done() or order[entry[1].slide_id] <= k - PRODUCTS_LAG:
+                    pending.remove(entry)
+                    settle(*entry)
 
         def on_result(r: SlideResult) -> None:
             item = by_id[r.name]
+            settle_finished(order[r.name])
             if r.status == "failed":
                 record(r, item)
                 return
@@ -133,20 +167,8 @@ def process_shard(
             for item in items:
                 if item.slide_id not in records and all(item is not p[1] for p in pending):
                     record(failed_result(item.path, str(exc), time.perf_counter(), name=item.slide_id), item)
-        for r, item, fut, done_sets in pending:
-            t0 = time.perf_counter() - r.seconds
-            try:
-                scored = fut.result()
-            except SlideClipError as exc:
-                r = _failed_after_embedding(r, str(exc), t0, done_sets)
-            except Exception as exc:  # noqa: BLE001 - one slide's fault fails that slide only
-                r = _failed_after_embedding(r, unexpected_error(r.slide, exc), t0, done_sets)
-            else:
-                if r.status == "skipped" and did_work(scored):
-                    r.status = "ok"
-                r.extra["scores"] = scored
-                r.seconds = round(time.perf_counter() - t0, 3)
-            record(r, item)
+        for entry in pending:
+            settle(*entry)
     rows = [{"slide": sid, "status": rec["status"], "tiles": rec.get("n_tiles"), "encoded": rec.get("encoded"),
              "detail": rec.get("error") or ", ".join(f"{k}: {v.get('predicted')}"
                                                      for k, v in (rec["extra"].get("scores") or {}).items())}

@@ -191,3 +191,6 @@ def test_cohort_flow_shares_reader_processes_and_a_slide_failing_mid_read_fails_
     assert len({status[s]["extra"]["flow_run_id"] for s in status}) == 1
     windows = [status[s]["extra"]["encode_window"] for s in ("s0", "s2", "s3")]
     assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:])), windows
+    # a slide's status file is written once it is done, not at the shard's end: s0's at the
+    # latest when s2 (two slides on) has encoded, before s3 starts encoding
+    assert (out / "status" / "s0.json").stat().st_mtime <= windows[-1][0], windows
