@@ -81,16 +81,47 @@ def read_batch(job: TileJob, handles: "collections.OrderedDict") -> tuple[torch.
     return idx, torch.stack([job.preprocess(Image.fromarray(t)) for t in tiles])
 
 
+#: A URL's identity (size, ETag) is asked of the service at most this often per worker, seconds.
+REMOTE_KEY_SECONDS = 5.0
+_remote_keys: dict = {}  # url -> (time asked, key)
+
+
 def _file_key(path: str) -> tuple:
     """A handle's key: the path and the file's identity, so that a pool that outlives one run
-    (a Prefect worker's) never reads a slide replaced at the same path from a stale handle."""
+    (a Prefect worker's) never reads a slide replaced at the same path from a stale handle.
+    A local file's identity is its inode, size and mtime; a URL's its size and ETag (an
+    object store's mtime is the upload's, and a folder of a DICOM series has none)."""
     import os
 
+    from slide_clip.storage.urls import is_url
+
+    if is_url(path):
+        return _url_key(path)
     try:
         st = os.stat(path)
     except OSError:
         return (path,)
     return (path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _url_key(url: str) -> tuple:
+    import time
+
+    from slide_clip.storage.cache import SlideCache, etag_of
+
+    now = time.monotonic()
+    hit = _remote_keys.get(url)
+    if hit is not None and now - hit[0] < REMOTE_KEY_SECONDS:
+        return hit[1]
+    try:
+        files = SlideCache.remote_files(url)
+    except Exception:  # noqa: BLE001 - opening the slide reports what is wrong with it
+        return (url,)
+    key = (url, *sorted((n, int(i.get("size") or 0), etag_of(i)) for n, i in files.items()))
+    if len(_remote_keys) > 256:
+        _remote_keys.clear()
+    _remote_keys[url] = (now, key)
+    return key
 
 
 def _worker_main(tasks, results, idle_close: float = IDLE_CLOSE_SECONDS) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from slide_clip.aggregate import metric_column
-from slide_clip.atomic import replace_file, write_text
+from slide_clip.storage.objects import replace_file, write_text
 from slide_clip.errors import ConfigError, SlideClipError
 from slide_clip.explore.cohort import Cohort
 from slide_clip.explore.search import TopN
