@@ -30,7 +30,7 @@ from pathlib import Path
 from slide_clip.config import PipelineConfig
 from slide_clip.encoders.cache import EncoderCache
 from slide_clip.encoding import Encoding, begin_encoding, run_encoding
-from slide_clip.errors import ConfigError, SlideClipError, WeightsError
+from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, WeightsError
 from slide_clip.manifest import CohortSlide
 from slide_clip.output import output_errors
 from slide_clip.results import SlideResult, failed_result, unexpected_error
@@ -243,6 +243,8 @@ class SlideRun:
                     if isinstance(exc, (WeightsError, ConfigError)):
                         raise  # a problem with the model or config fails every slide: stop now
                     r = failed_result(item.path, str(exc), t0, name=item.slide_id)
+                    if isinstance(exc, StoreBusyError):  # another run's slide: its status is that run's
+                        r.extra["busy"] = True
                 except Exception as exc:  # noqa: BLE001 - one bad slide never loses the others
                     r = failed_result(item.path, unexpected_error(item.path, exc), t0, name=item.slide_id)
                     r.extra["traceback"] = traceback.format_exc()

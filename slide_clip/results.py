@@ -75,7 +75,12 @@ def record_status(out_dir, r: SlideResult) -> None:
     ``extra.seconds_embed`` (seconds from opening the slide to its last embedding written,
     in the run that encoded it) is carried over from the previous record when this run
     encoded nothing (a finished slide skipped, or only re-scored).
+
+    A slide refused because another run holds its store (``extra.busy``: two shards or
+    workers over one cohort) is not recorded: the status is the holder's to write.
     """
+    if r.extra.get("busy"):
+        return
     from slide_clip.output import output_errors
     from slide_clip.storage.urls import absolute, is_url
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from slide_clip.pipeline import embed_slides
+from slide_clip.results import read_status
 from slide_clip.prompts import load_prompts
 from slide_clip.scoring import find_stores, heatmaps, heatmaps_current, summarize, zeroshot
 from slide_clip.storage import objects
@@ -27,12 +28,23 @@ def two_slides(tmp_path_factory):
             for i in range(2)]
 
 
-def test_embed_on_s3_equals_local(s3, cfg, two_slides, tmp_path):
+@pytest.fixture(scope="module")
+def local_run(two_slides, tiny_registry, tmp_path_factory):
+    """The same slides embedded on local disk: what every s3 run must equal."""
+    from slide_clip.config import load_config
+
+    cfg = load_config().with_overrides(encode={"model": "tiny", "registries": (str(tiny_registry),), "batch_size": 16,
+                                               "num_workers": 1, "device": "cpu"})
+    out = tmp_path_factory.mktemp("local") / "out"
+    return out, embed_slides(two_slides, out, cfg, progress=False)
+
+
+def test_embed_on_s3_equals_local(s3, cfg, two_slides, local_run):
     bucket = s3.new_bucket()
     urls = [s3.upload(bucket, f"slides/{p.name}", p) for p in two_slides]
     out = f"s3://{bucket}/out"
     remote = embed_slides(urls, out, cfg, progress=False)
-    local = embed_slides(two_slides, tmp_path / "out", cfg, progress=False)
+    local_out, local = local_run
     assert [r.status for r in remote] == ["ok", "ok"], [r.error for r in remote]
     for r, l in zip(remote, local):
         assert r.store.startswith(f"s3://{bucket}/out/") and r.name == l.name
@@ -41,7 +53,7 @@ def test_embed_on_s3_equals_local(s3, cfg, two_slides, tmp_path):
 
     prompts = load_prompts("tumour")
     rz = zeroshot(find_stores([out]), prompts, cfg)
-    lz = zeroshot(find_stores([tmp_path / "out"]), prompts, cfg)
+    lz = zeroshot(find_stores([local_out]), prompts, cfg)
     assert [s["status"] for s in rz] == ["ok", "ok"], rz
     for a, b in zip(rz, lz):
         assert a["slide_prob"] == b["slide_prob"] and a["mean_prob"] == b["mean_prob"]
@@ -53,10 +65,54 @@ def test_embed_on_s3_equals_local(s3, cfg, two_slides, tmp_path):
         assert hr[-1].read_text() == hl[-1].read_text()  # the GeoJSON of the tiles' scores
         assert heatmaps_current(r.store, "tumour", cfg)
     rdf, rcsv, rpq = summarize(out, set_name="tumour")
-    ldf, _, _ = summarize(tmp_path / "out", set_name="tumour")
+    ldf, _, _ = summarize(local_out, set_name="tumour")
     assert str(rcsv) == f"s3://{bucket}/out/cohort-tumour-tiny.csv"
     assert list(rdf["slide"]) == urls  # the slides' URLs; everything else as the local table
     cols = [c for c in ldf.columns if not c.startswith("seconds") and c not in ("slide", "scores_write_id")]
     pd.testing.assert_frame_equal(rdf[cols], ldf[cols])
     back = pd.read_csv(io.BytesIO(objects.read_bytes(str(rcsv))))
     assert list(back["slide_id"]) == list(ldf["slide_id"])
+
+
+_WORKER = """
+import json, sys
+from slide_clip.config import PipelineConfig
+from slide_clip.pipeline import embed_slides
+from slide_clip.results import read_status
+cfg = PipelineConfig.model_validate_json(sys.argv[1])
+rs = embed_slides(json.loads(sys.argv[2]), sys.argv[3], cfg, progress=False)
+print(json.dumps([{"name": r.name, "status": r.status, "encoded": r.encoded, "error": r.error} for r in rs]))
+"""
+
+
+def test_two_workers_one_s3_cohort_each_slide_encoded_once(s3, cfg, two_slides, local_run):
+    """Two runs in separate processes over one cohort at s3:// (in opposite orders) and one s3
+    output folder: the claims give each slide to one of them; every tile is encoded once in all,
+    a slide the other run holds is its busy line (never a second writer), and the stores equal
+    the local run's."""
+    import json
+    import subprocess
+    import sys
+
+    bucket = s3.new_bucket()
+    urls = [s3.upload(bucket, f"slides/{p.name}", p) for p in two_slides]
+    out = f"s3://{bucket}/out"
+    config = cfg.model_dump_json()
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, config, json.dumps(order), out],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for order in (urls, urls[::-1])]  # the environment carries the endpoint and credentials
+    runs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-2000:]
+        runs.append(json.loads(stdout.strip().splitlines()[-1]))
+    local_out, local = local_run
+    for l in local:
+        mine = [r for run in runs for r in run if r["name"] == l.name]
+        assert sum(r["encoded"] for r in mine) == l.n_tiles  # encoded once, by one run
+        for r in mine:
+            assert r["status"] in ("ok", "skipped") or "is being written by another run" in r["error"], r
+        a, b = SlideStore.open(f"{out}/{l.name}.zarr"), SlideStore.open(l.store)
+        assert a.is_complete("tiny") and np.array_equal(a.embeddings("tiny"), b.embeddings("tiny"))
+        assert read_status(out, l.name)["status"] in ("ok", "skipped")  # the holder's, never the busy line
+        assert np.array_equal(a.coords(), b.coords())
