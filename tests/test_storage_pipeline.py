@@ -116,3 +116,80 @@ def test_two_workers_one_s3_cohort_each_slide_encoded_once(s3, cfg, two_slides, 
         assert a.is_complete("tiny") and np.array_equal(a.embeddings("tiny"), b.embeddings("tiny"))
         assert read_status(out, l.name)["status"] in ("ok", "skipped")  # the holder's, never the busy line
         assert np.array_equal(a.coords(), b.coords())
+
+
+def test_cohort_folder_and_manifest_at_urls(s3, two_slides, tmp_path):
+    """A folder URL is listed through fsspec by the local rules (slides taken, hidden files,
+    stores and other formats skipped with reasons); a manifest CSV at a URL names slides by URL,
+    relative paths being URLs beside it; ids are the slides' names."""
+    from slide_clip.manifest import cohort_scan
+
+    bucket = s3.new_bucket()
+    base = f"s3://{bucket}/cohort"
+    for p in two_slides:
+        s3.upload(bucket, f"cohort/site/{p.name}", p)
+    notes, vsi = tmp_path / "notes.txt", tmp_path / "x.vsi"
+    notes.write_text("not a slide")
+    vsi.write_text("olympus")
+    s3.upload(bucket, "cohort/site/notes.txt", notes)
+    s3.upload(bucket, "cohort/.hidden.svs", notes)
+    s3.upload(bucket, "cohort/x.vsi", vsi)
+    s3.upload(bucket, "cohort/old.zarr/zarr.json", notes)
+    slides, skipped = cohort_scan([base])
+    assert [c.path for c in slides] == [f"{base}/site/{p.name}" for p in two_slides]
+    assert [c.slide_id for c in slides] == [p.stem for p in two_slides]
+    reasons = {s.shown: s.reason for s in skipped}
+    assert reasons[".hidden.svs"] == "hidden file" and reasons["site/notes.txt"] == "not a slide image"
+    assert "Olympus" in reasons["x.vsi"] and "output" in reasons["./"], reasons
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"path,patient_id\nsite/{two_slides[0].name},p1\n{base}/site/{two_slides[1].name},p2\n")
+    url = s3.upload(bucket, "cohort/cohort.csv", manifest)
+    rows, _ = cohort_scan([url])
+    assert [(c.path, c.patient_id) for c in rows] == [(f"{base}/site/{p.name}", f"p{i + 1}")
+                                                      for i, p in enumerate(two_slides)]
+
+
+def test_bad_credentials_and_missing_bucket_are_one_line(s3, cfg, two_slides, monkeypatch, tmp_path):
+    """embed with a slide or an output folder the service refuses: one StorageError line naming the URL."""
+    from slide_clip.errors import StorageError
+
+    bucket = s3.new_bucket()
+    url = s3.upload(bucket, f"slides/{two_slides[0].name}", two_slides[0])
+    with pytest.raises(StorageError) as e:
+        embed_slides([url], f"s3://no-such-bucket-{bucket}/out", cfg, progress=False)
+    assert "bucket does not exist" in str(e.value) and f"s3://no-such-bucket-{bucket}/out" in str(e.value)
+    assert "\n" not in str(e.value)
+    [r] = embed_slides([f"s3://{bucket}/slides/missing.tif"], tmp_path / "out", cfg, progress=False)
+    assert r.status == "failed" and "no such object" in r.error and "missing.tif" in r.error and "\n" not in r.error
+    import os
+
+    from slide_clip.storage.filesystems import filesystem
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    filesystem(url)[0].clear_instance_cache()  # a new client, with the wrong key
+    try:
+        [r] = embed_slides([url], tmp_path / "out2", cfg, progress=False)
+    finally:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        filesystem(url)[0].clear_instance_cache()
+    assert r.status == "failed" and url in r.error and "credentials" in r.error, r.error
+    assert "\n" not in r.error
+
+
+def test_reader_handles_of_a_url_are_keyed_by_its_etag(s3, monkeypatch, tmp_path):
+    """A reader pool outliving a run never reads a slide replaced at the same URL from a stale
+    handle: the handle's key holds the object's ETag (an object store has no inode or mtime)."""
+    import slide_clip.loader as loader
+
+    monkeypatch.setattr(loader, "REMOTE_KEY_SECONDS", 0.0)
+    bucket = s3.new_bucket()
+    f = tmp_path / "a.tif"
+    f.write_bytes(b"II*\x00" + b"a" * 100)
+    url = s3.upload(bucket, "a.tif", f)
+    first = loader._file_key(url)
+    assert first == loader._file_key(url)
+    f.write_bytes(b"II*\x00" + b"b" * 100)  # the same size, other bytes
+    s3.upload(bucket, "a.tif", f)
+    assert loader._file_key(url) != first
