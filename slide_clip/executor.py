@@ -93,6 +93,9 @@ class SlideRun:
     def __init__(self, cfg: PipelineConfig, out_dir: str | Path, *, encoders: EncoderCache | None = None,
                  overwrite: bool = False, progress: bool = False, depth: int = LOOKAHEAD_SLIDES,
                  threads: int = LOOKAHEAD_THREADS):
+        from slide_clip.storage.options import apply
+
+        apply(cfg)  # the config's storage section (endpoint, profile...) before any URL is opened
         self.cfg = cfg
         self.out = upath(out_dir)  # a Path, or a UPath for a URL (never Path(url): s3://x -> s3:/x)
         self.encoders = encoders or EncoderCache(cfg)

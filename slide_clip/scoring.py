@@ -187,6 +187,9 @@ class _Job:
 
 
 def _score_many(stores, model, job: _Job, classifier_for, cfg, on_result=None) -> list[dict]:
+    from slide_clip.storage.options import apply
+
+    apply(cfg)  # the config's storage section, before any store at a URL is opened
     results = []
     for path in stores:
         t0 = time.perf_counter()
@@ -429,6 +432,9 @@ def heatmaps(store_path: Path, set_name: str | None, cfg: PipelineConfig, *, mod
     :data:`LOCK_WAIT_SECONDS` for a writer), so the pictures never mix two versions of a
     score set.
     """
+    from slide_clip.storage.options import apply
+
+    apply(cfg)
     with _locked(store_path):
         return _heatmaps(upath(store_path), set_name, cfg, model=model, classes=classes)
 

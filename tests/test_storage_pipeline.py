@@ -193,3 +193,19 @@ def test_reader_handles_of_a_url_are_keyed_by_its_etag(s3, monkeypatch, tmp_path
     f.write_bytes(b"II*\x00" + b"b" * 100)  # the same size, other bytes
     s3.upload(bucket, "a.tif", f)
     assert loader._file_key(url) != first
+
+
+def test_config_storage_section_reaches_the_urls(s3, cfg, two_slides):
+    """A config whose storage section names the endpoint is enough (no process-wide settings):
+    the library applies it before opening any URL."""
+    from slide_clip.config import StorageConfig
+    from slide_clip.storage import options
+
+    bucket = s3.new_bucket()
+    url = s3.upload(bucket, f"slides/{two_slides[0].name}", two_slides[0])
+    section = options.current()
+    options.configure(StorageConfig())  # the defaults: AWS itself, unreachable here
+    [r] = embed_slides([url], f"s3://{bucket}/out", cfg.with_overrides(storage=section.model_dump()),
+                       progress=False)
+    assert r.status == "ok" and r.store == f"s3://{bucket}/out/s0.zarr", r.error
+    assert options.current().endpoint_url == s3.endpoint
