@@ -195,7 +195,7 @@ class SlideCache:
     def prefetch(self, urls, workers: int = 2) -> list[Future]:
         """Stage each of ``urls`` that needs staging, in background threads; returns their futures
         (a future's exception is the slide's own error, raised again when it is opened)."""
-        from slide_clip.storage.remote_slides import needs_staging
+        from slide_clip.storage.remote_tiff import needs_staging
 
         with self._lock:
             if self._pool is None:
