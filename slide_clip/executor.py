@@ -190,20 +190,22 @@ class SlideRun:
         the following slides) and resumes the rows already written.
         """
         window = None
-        try:
-            with p.hold:
-                try:
-                    encoded = 0
-                    if p.enc is not None:
-                        start = time.time()
-                        encoded = self._encode(p)
-                        window = [start, time.time()]
-                finally:
-                    p.join_background()  # the QC picture, written while the first batches encoded
-        except BaseException:
-            if p.enc is not None:
-                p.enc.cancel()
-            raise
+        with p.hold:
+            try:
+                encoded = 0
+                if p.enc is not None:
+                    start = time.time()
+                    encoded = self._encode(p)
+                    window = [start, time.time()]
+            except BaseException:
+                # what was encoded is written while the store is still this run's (its lock or
+                # claim); the slide's own error is the one raised
+                if p.enc is not None:
+                    with contextlib.suppress(Exception):
+                        p.enc.cancel()
+                raise
+            finally:
+                p.join_background()  # the QC picture, written while the first batches encoded
         seconds = round(time.perf_counter() - p.t0, 3)
         extra = {"seconds_embed": seconds, "encode_window": window, "batch_size": self.batch_size} if encoded else {}
         return SlideResult(slide=p.item.path, name=p.item.slide_id, status="skipped" if p.done else "ok",

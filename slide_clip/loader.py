@@ -124,9 +124,38 @@ def _url_key(url: str) -> tuple:
     return key
 
 
-def _worker_main(tasks, results, idle_close: float = IDLE_CLOSE_SECONDS) -> None:
+#: Environment variables that say how to reach slides at URLs: the storage options
+#: (:mod:`slide_clip.storage.options`) and each service's credential chain.
+STORAGE_ENV_PREFIXES = ("SLIDE_CLIP_STORAGE", "AWS_", "GOOGLE_", "GCE_", "AZURE_", "FSSPEC_")
+
+
+def storage_env() -> dict:
+    """This process's storage environment, handed to each reader process when it starts."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+
+
+def _use_storage_env(env: dict | None) -> None:
+    """Take the pool owner's storage environment: a reader forked from a fork server started
+    earlier inherits the server's (the credentials or endpoint set since would be missing)."""
+    import os
+
+    if env is None:
+        return
+    for k in [k for k in os.environ if k.startswith(STORAGE_ENV_PREFIXES) and k not in env]:
+        del os.environ[k]
+    os.environ.update(env)
+    from slide_clip.storage.options import reload
+
+    reload()  # read again from SLIDE_CLIP_STORAGE_OPTIONS
+
+
+def _worker_main(tasks, results, idle_close: float = IDLE_CLOSE_SECONDS, env: dict | None = None) -> None:
     """A reader process: read jobs from ``tasks`` until None, answer on ``results``; its
-    slide handles are closed after ``idle_close`` seconds without a job."""
+    slide handles are closed after ``idle_close`` seconds without a job. ``env``: the pool
+    owner's storage environment (:func:`storage_env`)."""
+    _use_storage_env(env)
     torch.set_num_threads(1)
     handles: collections.OrderedDict = collections.OrderedDict()
     while True:
@@ -267,8 +296,8 @@ class ReaderPool:
     # -- processes
     def _start_worker(self, slot: int | None = None) -> None:
         tasks = self._ctx.Queue()
-        p = self._ctx.Process(target=_worker_main, args=(tasks, self._results, self._idle_close), daemon=True,
-                              name="slide-clip-reader")
+        p = self._ctx.Process(target=_worker_main, args=(tasks, self._results, self._idle_close, storage_env()),
+                              daemon=True, name="slide-clip-reader")
         p.start()
         if slot is None:
             self._workers.append(p)

@@ -328,21 +328,19 @@ def write_skipped(out_dir: str | Path, skipped: list[Skipped]) -> Path | None:
     from slide_clip.errors import shown_path
     from slide_clip.output import output_errors
 
-    path = Path(out_dir) / SKIPPED_FILE
+    from slide_clip.storage import objects
+    from slide_clip.storage.filesystems import upath
+
+    path = upath(out_dir) / SKIPPED_FILE
     with output_errors(path):
         if not skipped:
-            path.unlink(missing_ok=True)
+            objects.remove(path)
             return None
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["path", "reason"])
-                w.writerows([shown_path(s.path) + ("/" if s.folder else ""),
-                             s.reason if s.label is None else f"{s.label} {s.reason}"] for s in skipped)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with objects.replace_file(path) as tmp, open(tmp, "w", newline="") as f:  # whole, or the old list
+            w = csv.writer(f)
+            w.writerow(["path", "reason"])
+            w.writerows([shown_path(s.path) + ("/" if s.folder else ""),
+                         s.reason if s.label is None else f"{s.label} {s.reason}"] for s in skipped)
     return path
 
 

@@ -73,6 +73,15 @@ def test_embed_on_s3_equals_local(s3, cfg, two_slides, local_run):
     back = pd.read_csv(io.BytesIO(objects.read_bytes(str(rcsv))))
     assert list(back["slide_id"]) == list(ldf["slide_id"])
 
+    # explore: clusters over the URL stores (their claims), written beside them, as locally
+    from slide_clip.explore.clusters import cluster
+
+    rc = cluster([out], k=2, maps=True, gallery=False)
+    lc = cluster([local_out], k=2, maps=True, gallery=False)
+    assert not rc["failed"] and str(rc["table_path"]).startswith(f"s3://{bucket}/out/tables/")
+    pd.testing.assert_frame_equal(rc["table"], lc["table"])
+    assert np.array_equal(rc["centroids"], lc["centroids"]) and all(p.exists() for p in rc["maps"])
+
 
 _WORKER = """
 import json, sys
@@ -141,6 +150,11 @@ def test_cohort_folder_and_manifest_at_urls(s3, two_slides, tmp_path):
     reasons = {s.shown: s.reason for s in skipped}
     assert reasons[".hidden.svs"] == "hidden file" and reasons["site/notes.txt"] == "not a slide image"
     assert "Olympus" in reasons["x.vsi"] and "output" in reasons["./"], reasons
+    from slide_clip.scan import record_skipped
+
+    line, written = record_skipped(f"s3://{bucket}/out", skipped)  # the list beside the stores, at the URL
+    assert str(written) == f"s3://{bucket}/out/skipped-files.csv" and "x.vsi" in line
+    assert f"{base}/x.vsi," in objects.read_text(str(written))
 
     manifest = tmp_path / "cohort.csv"
     manifest.write_text(f"path,patient_id\nsite/{two_slides[0].name},p1\n{base}/site/{two_slides[1].name},p2\n")

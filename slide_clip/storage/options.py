@@ -123,6 +123,13 @@ def apply(config) -> None:
     configure(st)
 
 
+def reload() -> None:
+    """Forget the settings of this process: the next use reads ``SLIDE_CLIP_STORAGE_OPTIONS``
+    again (a reader process given its owner's environment)."""
+    global _current
+    _current = None
+
+
 def current():
     """The process's storage settings: those given to :func:`configure`, else inherited through
     ``SLIDE_CLIP_STORAGE_OPTIONS``, else the defaults."""
