@@ -206,6 +206,7 @@ def _scan_url(url: str, pattern: str | None, out_dir, scan: Scan) -> list[str]:
     fs, root = filesystem(url)
     root = root.rstrip("/")
     with remote_errors(url, "list"):
+        fs.invalidate_cache(root)  # a fresh listing: slides are added by other processes
         if not fs.isdir(root):
             return [url]
         keys = sorted(fs.find(root))

@@ -77,8 +77,13 @@ def read_text(path) -> str:
     return read_bytes(path).decode()
 
 
+def _exists(fs, p) -> bool:
+    fs.invalidate_cache(p)  # asked of the service: another process may have written it since a listing
+    return fs.exists(p)
+
+
 def exists(path) -> bool:
-    return _remote(path, lambda fs, p: fs.exists(p)) if is_url(path) else Path(path).exists()
+    return _remote(path, _exists) if is_url(path) else Path(path).exists()
 
 
 def remove(path) -> None:
