@@ -223,3 +223,23 @@ def test_config_storage_section_reaches_the_urls(s3, cfg, two_slides):
                        progress=False)
     assert r.status == "ok" and r.store == f"s3://{bucket}/out/s0.zarr", r.error
     assert options.current().endpoint_url == s3.endpoint
+
+
+def test_executor_prefetches_the_next_slides_that_need_a_local_copy(s3, cmu_dicom):
+    """While slide i encodes, the executor stages the slides after it that only a whole local
+    copy serves (a DICOM folder at a URL), each once; opening one later is a cache hit."""
+    from slide_clip.executor import Prefetch
+    from slide_clip.storage.cache import default_cache
+
+    bucket = s3.new_bucket()
+    for f in sorted(p for p in cmu_dicom.iterdir() if p.is_file()):
+        s3.upload(bucket, f"dicom/{cmu_dicom.name}/{f.name}", f)
+    url = f"s3://{bucket}/dicom/{cmu_dicom.name}/"
+    cache = default_cache()
+    ahead = Prefetch(["/local/first.svs", url], ahead=2)
+    ahead.after(0)
+    ahead.after(0)  # asked again: nothing more to stage
+    cache.close()  # waits for the background copies
+    assert cache.misses == 1
+    cache.stage(url)
+    assert cache.hits == 1 and cache.misses == 1
