@@ -243,3 +243,23 @@ def test_executor_prefetches_the_next_slides_that_need_a_local_copy(s3, cmu_dico
     assert cache.misses == 1
     cache.stage(url)
     assert cache.hits == 1 and cache.misses == 1
+
+
+def test_a_failed_encode_at_a_url_raises_its_own_error(s3, cfg, two_slides, monkeypatch):
+    """An encode that fails mid-slide writes what it has while the store is still this run's
+    (its claim), and the slide's own error is what is raised, never the lost-claim refusal."""
+    import slide_clip.executor as executor
+    from slide_clip.manifest import CohortSlide
+
+    bucket = s3.new_bucket()
+    url = s3.upload(bucket, f"slides/{two_slides[0].name}", two_slides[0])
+
+    def boom(*a, **k):
+        raise RuntimeError("the device fell over")
+
+    monkeypatch.setattr(executor, "run_encoding", boom)
+    with executor.SlideRun(cfg, f"s3://{bucket}/out") as run:
+        prepared = run.prepare(CohortSlide(url, name="s0"))
+        with pytest.raises(RuntimeError, match="the device fell over"):
+            run.finish(prepared)
+    assert not objects.exists(f"s3://{bucket}/out/s0.zarr.claim")  # released at the end
