@@ -114,10 +114,12 @@ def cohort_table(summaries: list[dict]) -> pd.DataFrame:
 def write_cohort_table(df: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:
     """Write ``<stem>.csv`` and ``<stem>.parquet``, each replaced atomically: both are written
     under temporary names first, then renamed into place (each file is whole, old or new)."""
-    from slide_clip.atomic import replace_file
+    from slide_clip.storage.objects import replace_file
     from slide_clip.faults import kill_point
 
-    stem = Path(stem)
+    from slide_clip.storage.filesystems import upath
+
+    stem = upath(stem)
     csv, parquet = stem.with_suffix(".csv"), stem.with_suffix(".parquet")
     with replace_file(csv) as tmp_csv, replace_file(parquet) as tmp_parquet:
         df.to_csv(tmp_csv, index=False)
@@ -127,4 +129,6 @@ def write_cohort_table(df: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    from slide_clip.storage.filesystems import upath
+
+    return json.loads(upath(path).read_text())

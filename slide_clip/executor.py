@@ -30,19 +30,25 @@ from pathlib import Path
 from slide_clip.config import PipelineConfig
 from slide_clip.encoders.cache import EncoderCache
 from slide_clip.encoding import Encoding, begin_encoding, run_encoding
-from slide_clip.errors import ConfigError, SlideClipError, WeightsError
+from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, WeightsError
 from slide_clip.manifest import CohortSlide
 from slide_clip.output import output_errors
 from slide_clip.results import SlideResult, failed_result, unexpected_error
 from slide_clip.slide import open_slide, resolve_slide_path
 from slide_clip.stages import embeddings_done, finished, tile_slide
-from slide_clip.store import SlideStore, store_lock, store_path
+from slide_clip.storage.filesystems import upath
+from slide_clip.storage.owner import store_owner
+from slide_clip.storage.urls import is_url
+from slide_clip.store import SlideStore, store_path
 
 #: Slides prepared (tissue, grid, tiles queued) ahead of the one encoding, by this many
 #: threads (tissue detection is numpy/scipy work that mostly releases the GIL; with small
 #: slides it, not the encoder, sets the pace).
 LOOKAHEAD_SLIDES = 2
 LOOKAHEAD_THREADS = 2
+#: Slides at URLs that only a whole local copy serves (not TIFF/SVS read by range) are staged
+#: into the local cache (:mod:`slide_clip.storage.cache`) this many slides beyond the look-ahead.
+PREFETCH_SLIDES = 2
 
 
 @dataclass
@@ -88,8 +94,11 @@ class SlideRun:
     def __init__(self, cfg: PipelineConfig, out_dir: str | Path, *, encoders: EncoderCache | None = None,
                  overwrite: bool = False, progress: bool = False, depth: int = LOOKAHEAD_SLIDES,
                  threads: int = LOOKAHEAD_THREADS):
+        from slide_clip.storage.options import apply
+
+        apply(cfg)  # the config's storage section (endpoint, profile...) before any URL is opened
         self.cfg = cfg
-        self.out = Path(out_dir)
+        self.out = upath(out_dir)  # a Path, or a UPath for a URL (never Path(url): s3://x -> s3:/x)
         self.encoders = encoders or EncoderCache(cfg)
         self.overwrite = overwrite
         self.progress = progress
@@ -151,7 +160,7 @@ class SlideRun:
             path = store_path(self.out, info.name)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(output_errors(path))
-                stack.enter_context(store_lock(path))
+                stack.enter_context(store_owner(path))  # flock locally, a claim at a URL
                 checked = self._start_model if self.overwrite or not finished(path, self.spec) else None
                 stack.callback(_join_quietly, background)  # a failure below: never leave a writer behind
                 store = tile_slide(osr, info, self.cfg, path, overwrite=self.overwrite, background=background,
@@ -171,7 +180,7 @@ class SlideRun:
     def _queue(self, store: SlideStore, item: CohortSlide, encoder) -> Encoding | None:
         cfg = self.cfg if self.batch_size == self.cfg.encode.batch_size else \
             self.cfg.with_overrides(encode={"batch_size": self.batch_size})
-        return begin_encoding(store, str(resolve_slide_path(item.path)), encoder, cfg,
+        return begin_encoding(store, _slide_file(item.path), encoder, cfg,
                               pool=self._readers(encoder.device), replace=self.overwrite)
 
     def finish(self, p: Prepared) -> SlideResult:
@@ -183,20 +192,22 @@ class SlideRun:
         the following slides) and resumes the rows already written.
         """
         window = None
-        try:
-            with p.hold:
-                try:
-                    encoded = 0
-                    if p.enc is not None:
-                        start = time.time()
-                        encoded = self._encode(p)
-                        window = [start, time.time()]
-                finally:
-                    p.join_background()  # the QC picture, written while the first batches encoded
-        except BaseException:
-            if p.enc is not None:
-                p.enc.cancel()
-            raise
+        with p.hold:
+            try:
+                encoded = 0
+                if p.enc is not None:
+                    start = time.time()
+                    encoded = self._encode(p)
+                    window = [start, time.time()]
+            except BaseException:
+                # what was encoded is written while the store is still this run's (its lock or
+                # claim); the slide's own error is the one raised
+                if p.enc is not None:
+                    with contextlib.suppress(Exception):
+                        p.enc.cancel()
+                raise
+            finally:
+                p.join_background()  # the QC picture, written while the first batches encoded
         seconds = round(time.perf_counter() - p.t0, 3)
         extra = {"seconds_embed": seconds, "encode_window": window, "ready_at": p.ready_at,
                  "batch_size": self.batch_size} if encoded else {}
@@ -228,16 +239,20 @@ class SlideRun:
         would fail every slide) is raised at once. ``on_result(result)`` is called as each
         slide is done, in the caller's thread."""
         ahead = LookAhead(len(items), lambda i, turn: self.prepare(items[i], turn), self.depth, self.threads)
+        prefetch = Prefetch([it.path for it in items], self.depth + PREFETCH_SLIDES)
         results: list[SlideResult] = []
         try:
             for i, item in enumerate(items):
                 t0 = time.perf_counter()
+                prefetch.after(i)  # the next slides' whole copies are fetched while this one encodes
                 try:
                     r = self.finish(ahead.take(i).result())
                 except SlideClipError as exc:
                     if isinstance(exc, (WeightsError, ConfigError)):
                         raise  # a problem with the model or config fails every slide: stop now
                     r = failed_result(item.path, str(exc), t0, name=item.slide_id)
+                    if isinstance(exc, StoreBusyError):  # another run's slide: its status is that run's
+                        r.extra["busy"] = True
                 except Exception as exc:  # noqa: BLE001 - one bad slide never loses the others
                     r = failed_result(item.path, unexpected_error(item.path, exc), t0, name=item.slide_id)
                     r.extra["traceback"] = traceback.format_exc()
@@ -250,6 +265,29 @@ class SlideRun:
 
 
 # ----------------------------------------------------------------------------- look-ahead
+class Prefetch:
+    """Stage the slides after the current one (URLs that need a whole local copy) into the
+    process's slide cache in the background, each once; local paths and TIFF/SVS read by
+    range need nothing. A failed fetch is the slide's own error when it is opened."""
+
+    def __init__(self, paths: list, ahead: int):
+        self.paths = [str(p) for p in paths]
+        self.ahead = ahead
+        self.done = 0  # slides [0, done) were handed to the cache
+        self.remote = any(is_url(p) for p in self.paths)
+
+    def after(self, i: int) -> None:
+        if not self.remote:
+            return
+        end = min(len(self.paths), i + 1 + self.ahead)
+        start = max(self.done, i + 1)
+        if start < end:
+            from slide_clip.storage.cache import prefetch
+
+            prefetch(self.paths[start:end])
+            self.done = end
+
+
 class Turns:
     """Numbered turns taken in order: turn i starts once every earlier turn is given back
     (used, failed, or never needed), whatever order they are given back in."""
@@ -322,6 +360,11 @@ class LookAhead:
             if f.done() and not f.cancelled() and f.exception() is None:
                 f.result().abandon()
         self._futures.clear()
+
+
+def _slide_file(path) -> str:
+    """What the tile readers open: the resolved local file, or the URL (read by range or from the cache)."""
+    return str(path) if is_url(path) else str(resolve_slide_path(path))
 
 
 def _join_quietly(background: list) -> None:

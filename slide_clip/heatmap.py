@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from slide_clip.atomic import write_text
+from slide_clip.storage.objects import write_text
 
 
 def probability_grid(grid_rc: np.ndarray, values: np.ndarray, grid_shape, overlap: float = 0.0) -> np.ndarray:

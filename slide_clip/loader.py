@@ -81,11 +81,22 @@ def read_batch(job: TileJob, handles: "collections.OrderedDict") -> tuple[torch.
     return idx, torch.stack([job.preprocess(Image.fromarray(t)) for t in tiles])
 
 
+#: A URL's identity (size, ETag) is asked of the service at most this often per worker, seconds.
+REMOTE_KEY_SECONDS = 5.0
+_remote_keys: dict = {}  # url -> (time asked, key)
+
+
 def _file_key(path: str) -> tuple:
     """A handle's key: the path and the file's identity, so that a pool that outlives one run
-    (a Prefect worker's) never reads a slide replaced at the same path from a stale handle."""
+    (a Prefect worker's) never reads a slide replaced at the same path from a stale handle.
+    A local file's identity is its inode, size and mtime; a URL's its size and ETag (an
+    object store's mtime is the upload's, and a folder of a DICOM series has none)."""
     import os
 
+    from slide_clip.storage.urls import is_url
+
+    if is_url(path):
+        return _url_key(path)
     try:
         st = os.stat(path)
     except OSError:
@@ -93,9 +104,58 @@ def _file_key(path: str) -> tuple:
     return (path, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _worker_main(tasks, results, idle_close: float = IDLE_CLOSE_SECONDS) -> None:
+def _url_key(url: str) -> tuple:
+    import time
+
+    from slide_clip.storage.cache import SlideCache, etag_of
+
+    now = time.monotonic()
+    hit = _remote_keys.get(url)
+    if hit is not None and now - hit[0] < REMOTE_KEY_SECONDS:
+        return hit[1]
+    try:
+        files = SlideCache.remote_files(url)
+    except Exception:  # noqa: BLE001 - opening the slide reports what is wrong with it
+        return (url,)
+    key = (url, *sorted((n, int(i.get("size") or 0), etag_of(i)) for n, i in files.items()))
+    if len(_remote_keys) > 256:
+        _remote_keys.clear()
+    _remote_keys[url] = (now, key)
+    return key
+
+
+#: Environment variables that say how to reach slides at URLs: the storage options
+#: (:mod:`slide_clip.storage.options`) and each service's credential chain.
+STORAGE_ENV_PREFIXES = ("SLIDE_CLIP_STORAGE", "AWS_", "GOOGLE_", "GCE_", "AZURE_", "FSSPEC_")
+
+
+def storage_env() -> dict:
+    """This process's storage environment, handed to each reader process when it starts."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+
+
+def _use_storage_env(env: dict | None) -> None:
+    """Take the pool owner's storage environment: a reader forked from a fork server started
+    earlier inherits the server's (the credentials or endpoint set since would be missing)."""
+    import os
+
+    if env is None:
+        return
+    for k in [k for k in os.environ if k.startswith(STORAGE_ENV_PREFIXES) and k not in env]:
+        del os.environ[k]
+    os.environ.update(env)
+    from slide_clip.storage.options import reload
+
+    reload()  # read again from SLIDE_CLIP_STORAGE_OPTIONS
+
+
+def _worker_main(tasks, results, idle_close: float = IDLE_CLOSE_SECONDS, env: dict | None = None) -> None:
     """A reader process: read jobs from ``tasks`` until None, answer on ``results``; its
-    slide handles are closed after ``idle_close`` seconds without a job."""
+    slide handles are closed after ``idle_close`` seconds without a job. ``env``: the pool
+    owner's storage environment (:func:`storage_env`)."""
+    _use_storage_env(env)
     torch.set_num_threads(1)
     handles: collections.OrderedDict = collections.OrderedDict()
     while True:
@@ -236,8 +296,8 @@ class ReaderPool:
     # -- processes
     def _start_worker(self, slot: int | None = None) -> None:
         tasks = self._ctx.Queue()
-        p = self._ctx.Process(target=_worker_main, args=(tasks, self._results, self._idle_close), daemon=True,
-                              name="slide-clip-reader")
+        p = self._ctx.Process(target=_worker_main, args=(tasks, self._results, self._idle_close, storage_env()),
+                              daemon=True, name="slide-clip-reader")
         p.start()
         if slot is None:
             self._workers.append(p)

@@ -35,12 +35,20 @@ class CohortSlide:
 def read_manifest(path: str | Path) -> list[CohortSlide]:
     """A CSV with a ``path`` column and optional ``mpp``, ``patient_id`` and any other columns.
 
-    Relative paths are relative to the CSV's folder; other columns are kept as metadata.
+    Relative paths are relative to the CSV's folder; other columns are kept as metadata. The
+    CSV, and each path in it, may be a URL (``s3://bucket/cohort.csv``; a relative path in a
+    CSV at a URL is a URL beside it).
     """
-    p = Path(path)
-    if not p.is_file():
+    import io
+
+    from slide_clip.storage import objects
+    from slide_clip.storage.urls import is_url, join, parent
+
+    remote = is_url(path)
+    p = str(path) if remote else Path(path)
+    if not objects.exists(p) or (not remote and not p.is_file()):
         raise ConfigError("manifest not found", path=p)
-    with open(p, newline="") as f:
+    with io.StringIO(objects.read_text(p), newline="") as f:
         reader = csv.DictReader(f)
         if "path" not in (reader.fieldnames or []):
             raise ConfigError("manifest needs a 'path' column", path=p,
@@ -50,8 +58,13 @@ def read_manifest(path: str | Path) -> list[CohortSlide]:
             raw = (row.pop("path") or "").strip()
             if not raw:
                 raise ConfigError(f"line {i}: empty path", path=p)
-            sp = Path(raw).expanduser()
-            sp = sp if sp.is_absolute() else p.parent / sp
+            if is_url(raw):
+                sp = raw
+            elif remote and not Path(raw).is_absolute():
+                sp = join(parent(p), raw)
+            else:
+                sp = Path(raw).expanduser()
+                sp = sp if sp.is_absolute() or remote else p.parent / sp
             mpp_text = (row.pop("mpp", None) or "").strip()
             try:
                 mpp = float(mpp_text) if mpp_text else None

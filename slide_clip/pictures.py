@@ -116,9 +116,10 @@ def save_figure(fig, path, dpi: int = 100, title: str | None = None):
 
     import matplotlib.pyplot as plt
 
-    from slide_clip.atomic import replace_file
+    from slide_clip.storage.filesystems import upath
+    from slide_clip.storage.objects import replace_file
 
-    path = Path(path)
+    path = upath(path)
     try:
         with replace_file(path) as tmp:
             fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png",

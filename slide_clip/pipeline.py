@@ -20,6 +20,7 @@ from slide_clip.errors import ConfigError, OutputError
 from slide_clip.executor import SlideRun
 from slide_clip.manifest import CohortSlide
 from slide_clip.results import SlideResult, record_status
+from slide_clip.storage.options import apply as apply_storage
 from slide_clip.stages import (  # noqa: F401 - the stages, re-exported here
     detect_tissue,
     embeddings_done,
@@ -63,6 +64,7 @@ def embed_slide(
     from slide_clip.slide_ids import assign_slide_ids
 
     cfg = cfg or PipelineConfig()
+    apply_storage(cfg)  # the config's storage section before any URL is opened
     mpp = check_mpp_value(mpp)
     out = ensure_out_dir(out_dir)
     slide_id = slide_id or assign_slide_ids([slide], out)[str(slide)]
@@ -103,6 +105,7 @@ def embed_slides(
         raise ConfigError("no slides to process (an empty folder, or a pattern that matches nothing)",
                           hint="Check the input paths and --pattern.")
     cfg = cfg or PipelineConfig()
+    apply_storage(cfg)  # the config's storage section before any URL is opened
     mpp = check_mpp_value(mpp)
     ensure_out_dir(out_dir)
     ids = assign_slide_ids(slides, out_dir)

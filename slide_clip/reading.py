@@ -120,9 +120,10 @@ def open_for_reading(path: str, decoder: str = "auto"):
     source = None
     if is_url(path):
         from slide_clip.jpeg_tiff import RemoteSource
+        from slide_clip.slide import resolve_slide_path
         from slide_clip.storage.remote_slides import open_remote_handle
 
-        osr = open_remote_handle(str(path))
+        osr = open_remote_handle(str(path), resolve_slide_path)
         source = RemoteSource(osr) if hasattr(osr, "mirror") else None
     else:
         osr = openslide.OpenSlide(path)

@@ -54,7 +54,10 @@ def failed_result(slide, message: str, t0: float, name: str | None = None) -> Sl
 
 
 def status_path(out_dir, slide_id: str) -> Path:
-    return Path(out_dir) / "status" / f"{slide_id}.json"
+    """``out/status/<slide_id>.json`` (a UPath for an output folder at a URL)."""
+    from slide_clip.storage.filesystems import upath
+
+    return upath(out_dir) / "status" / f"{slide_id}.json"
 
 
 def read_status(out_dir, slide_id: str) -> dict | None:
@@ -72,17 +75,28 @@ def record_status(out_dir, r: SlideResult) -> None:
     ``extra.seconds_embed`` (seconds from opening the slide to its last embedding written,
     in the run that encoded it) is carried over from the previous record when this run
     encoded nothing (a finished slide skipped, or only re-scored).
+
+    A slide refused because another run holds its store (``extra.busy``: two shards or
+    workers over one cohort) is not recorded: the status is the holder's to write.
     """
+    if r.extra.get("busy"):
+        return
     from slide_clip.output import output_errors
+    from slide_clip.storage.urls import absolute, is_url
 
     data = r.to_dict()
-    data["path"] = str(Path(r.slide).expanduser().resolve())
+    data["path"] = absolute(r.slide)
     data["extra"] = {k: v for k, v in data["extra"].items() if k != "traceback"}
     path = status_path(out_dir, r.name)
     if "seconds_embed" not in data["extra"] and r.status != "failed" and not r.encoded:
         previous = (read_status(out_dir, r.name) or {}).get("extra", {})
         if isinstance(previous, dict) and previous.get("seconds_embed") is not None:
             data["extra"]["seconds_embed"] = previous["seconds_embed"]
+    if is_url(path):  # one PUT: the object appears whole
+        from slide_clip.storage import objects
+
+        objects.write_text(str(path), json.dumps(data, indent=1))
+        return
     with output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # never a half-written status

@@ -103,9 +103,14 @@ def scan_slides(inputs: list[str | Path], pattern: str | None = None, out_dir: s
     from slide_clip.output import OUTPUT_FILES, OUTPUT_FOLDERS, is_output_folder, is_store
     from slide_clip.slide import dicom_series
 
+    from slide_clip.storage.urls import is_url
+
     scan = Scan()
     found: list[Path] = []
     for item in inputs:
+        if is_url(item):
+            found.extend(_scan_url(str(item), pattern, out_dir, scan))
+            continue
         p = Path(item).expanduser()
         if not p.is_dir():
             found.append(p)
@@ -180,11 +185,103 @@ def scan_slides(inputs: list[str | Path], pattern: str | None = None, out_dir: s
             found.extend(sorted(slides))
     seen: set[str] = set()
     for f in found:
-        key = os.path.abspath(f)
+        key = str(f) if is_url(f) else os.path.abspath(f)
         if key not in seen:
             seen.add(key)
             scan.slides.append(f)
     return scan
+
+
+def _scan_url(url: str, pattern: str | None, out_dir, scan: Scan) -> list[str]:
+    """The slides below a folder URL (a prefix of objects, listed through fsspec), by the local
+    rules: slide extensions (a file of another extension by its TIFF signature), hidden entries,
+    stores and slide-clip's output folders skipped, other formats named. A folder of DICOM files
+    and no other slide is one slide (its URL, ending in ``/``); its series are not told apart
+    (the files are not read to list). A URL that is an object is a slide given by name."""
+    from slide_clip.output import OUTPUT_FILES, OUTPUT_FOLDERS
+    from slide_clip.storage.failures import remote_errors
+    from slide_clip.storage.filesystems import filesystem
+    from slide_clip.storage.urls import join
+
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    with remote_errors(url, "list"):
+        fs.invalidate_cache(root)  # a fresh listing: slides are added by other processes
+        if not fs.isdir(root):
+            return [url]
+        keys = sorted(fs.find(root))
+    base = url.rstrip("/")
+    out = str(out_dir).rstrip("/") if out_dir is not None else None
+    rels = [k[len(root) + 1:] for k in keys if k.startswith(root + "/")]
+    # folders holding slide-clip's outputs: a status/*.json or a <slide>.zarr/zarr.json in them
+    output_dirs = {r.rsplit("/", 2)[0] if r.count("/") >= 2 else "" for r in rels
+                   if (r.endswith(".json") and r.rsplit("/", 2)[-2:-1] == ["status"])
+                   or (r.endswith(".zarr/zarr.json") and r.count("/") >= 1)}
+    rel_set = set(rels)
+    skipped_folders: set[str] = set()
+    slides: list[str] = []
+    dicom_dirs: dict[str, list[str]] = {}
+    not_matching = 0
+
+    def skip_folder(rel: str, reason: str) -> None:
+        if rel not in skipped_folders:
+            skipped_folders.add(rel)
+            scan.skipped.append(Skipped(join(base, rel), reason, True, base))
+
+    for rel in rels:
+        parts = rel.split("/")
+        full = join(base, rel)
+        where = "/".join(parts[:-1])
+        if out is not None and (full == out or full.startswith(out + "/")):
+            skip_folder(rel[: len(out) - len(base) - 1] if out != base else rel, "the output folder (--out)")
+            continue
+        owner = next((i for i in range(len(parts)) if "/".join(parts[:i]) in output_dirs
+                      and (_matches(parts[i], OUTPUT_FOLDERS) if i < len(parts) - 1
+                           else _matches(parts[i], OUTPUT_FILES))), None)
+        if owner is not None:
+            skip_folder("/".join(parts[:owner]) or ".", "slide-clip's own output folder")
+            continue
+        hidden = next((i for i, x in enumerate(parts) if x.startswith(".")), None)
+        if hidden is not None:
+            if hidden == len(parts) - 1:
+                scan.skipped.append(Skipped(full, "hidden file", False, base))
+            else:
+                skip_folder("/".join(parts[: hidden + 1]), "hidden folder")
+            continue
+        store = next((i for i, x in enumerate(parts[:-1]) if x.lower().endswith(".zarr")), None)
+        if store is not None:
+            skip_folder("/".join(parts[: store + 1]), "a Zarr folder (a slide-clip store is an output, never an input)")
+            continue
+        name = parts[-1]
+        ext = os.path.splitext(name)[1].lower()
+        if any("/".join([*parts[:i], parts[i] + ".mrxs"]) in rel_set for i in range(len(parts) - 1)):
+            continue  # a MIRAX slide's data folder: part of that slide
+        if pattern and not fnmatch.fnmatchcase(name, pattern):
+            not_matching += 1
+        elif ext in _DICOM:
+            dicom_dirs.setdefault(where, []).append(full)
+        elif pattern or ext in SLIDE_EXTENSIONS:
+            slides.append(full)
+        elif ext in OTHER_FORMATS:
+            scan.skipped.append(Skipped(full, f"{OTHER_FORMATS[ext]}: {_CONVERT}", False, base))
+        else:
+            with remote_errors(full):
+                head = fs.cat_file(keys[rels.index(rel)], start=0, end=4)
+            if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+                slides.append(full)
+            else:
+                scan.skipped.append(Skipped(full, "not a slide image", False, base))
+    if not_matching:
+        scan.skipped.append(Skipped(base, f"not matching --pattern {pattern!r}", False, base, not_matching,
+                                    f"{not_matching} file{'s' * (not_matching != 1)}"))
+    slide_dirs = {s.rsplit("/", 1)[0] for s in slides}
+    for where, files in sorted(dicom_dirs.items()):
+        folder = join(base, where) if where else base
+        if folder in slide_dirs:  # beside other slides: each file is given (OpenSlide finds its series)
+            slides.extend(files)
+        else:
+            slides.append(folder + "/")
+    return sorted(slides)
 
 
 def find_slides(inputs: list[str | Path], pattern: str | None = None, out_dir: str | Path | None = None) -> list[Path]:
@@ -232,21 +329,19 @@ def write_skipped(out_dir: str | Path, skipped: list[Skipped]) -> Path | None:
     from slide_clip.errors import shown_path
     from slide_clip.output import output_errors
 
-    path = Path(out_dir) / SKIPPED_FILE
+    from slide_clip.storage import objects
+    from slide_clip.storage.filesystems import upath
+
+    path = upath(out_dir) / SKIPPED_FILE
     with output_errors(path):
         if not skipped:
-            path.unlink(missing_ok=True)
+            objects.remove(path)
             return None
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["path", "reason"])
-                w.writerows([shown_path(s.path) + ("/" if s.folder else ""),
-                             s.reason if s.label is None else f"{s.label} {s.reason}"] for s in skipped)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with objects.replace_file(path) as tmp, open(tmp, "w", newline="") as f:  # whole, or the old list
+            w = csv.writer(f)
+            w.writerow(["path", "reason"])
+            w.writerows([shown_path(s.path) + ("/" if s.folder else ""),
+                         s.reason if s.label is None else f"{s.label} {s.reason}"] for s in skipped)
     return path
 
 

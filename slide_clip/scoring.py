@@ -30,11 +30,13 @@ from slide_clip.encoders.outputs import text_refusal
 from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, StoreError
 from slide_clip.heatmap import (grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid,
                                 tiles_geojson, value_range)
-from slide_clip.atomic import write_text
+from slide_clip.storage.objects import write_text
 from slide_clip.pictures import random_weights_title, thumbnail_mm_per_px
 from slide_clip.prompts import PromptSet
 from slide_clip.output import BESIDE_STORES, output_errors
-from slide_clip.store import STATUS_TILED, SlideStore, model_key, store_lock
+from slide_clip.storage.filesystems import upath
+from slide_clip.storage.owner import store_owner
+from slide_clip.store import STATUS_TILED, SlideStore, model_key
 from slide_clip.summaries import (read_status, score_set_pairs, store_ref, summarize, summarize_all,  # noqa: F401
                                   summary_path, write_summary)
 from slide_clip.zeroshot import ClassifierCache, prototypes, softmax, text_classifier, tile_logits
@@ -50,9 +52,10 @@ LOCK_WAIT_SECONDS = 120.0
 
 @contextmanager
 def _locked(path: str | Path):
-    """Hold an existing store's lock (waiting for another writer); disk errors as one line."""
+    """Own an existing store (its lock, or its claim at a URL; waiting for another writer);
+    disk and storage errors as one line."""
     SlideStore.open(path)  # not a store: its error, and no lock file is made beside nothing
-    with output_errors(path, BESIDE_STORES), store_lock(path, wait=LOCK_WAIT_SECONDS):
+    with output_errors(path, BESIDE_STORES), store_owner(path, wait=LOCK_WAIT_SECONDS):
         yield
 
 
@@ -63,7 +66,7 @@ def find_stores(inputs: list[str | Path]) -> list[Path]:
     """
     out: list[Path] = []
     for item in inputs:
-        p = Path(item)
+        p = upath(item)
         if p.suffix == ".zarr" or (p / "zarr.json").is_file():
             out.append(p)
         elif p.is_dir():
@@ -184,6 +187,9 @@ class _Job:
 
 
 def _score_many(stores, model, job: _Job, classifier_for, cfg, on_result=None) -> list[dict]:
+    from slide_clip.storage.options import apply
+
+    apply(cfg)  # the config's storage section, before any store at a URL is opened
     results = []
     for path in stores:
         t0 = time.perf_counter()
@@ -196,12 +202,12 @@ def _score_many(stores, model, job: _Job, classifier_for, cfg, on_result=None) -
             if exc.path is None:
                 raise  # not about this store (a model or config problem): stop the run
             # a store busy with another writer keeps that writer's summary
-            r = _failed_summary(Path(path), str(exc), model, job.set_name, job.kind, t0,
+            r = _failed_summary(upath(path), str(exc), model, job.set_name, job.kind, t0,
                                 write=not isinstance(exc, StoreBusyError))
         except Exception as exc:  # noqa: BLE001 - one store's fault never stops the others
             from slide_clip.results import unexpected_error
 
-            r = _failed_summary(Path(path), unexpected_error(path, exc), model, job.set_name, job.kind, t0)
+            r = _failed_summary(upath(path), unexpected_error(path, exc), model, job.set_name, job.kind, t0)
         results.append(r)
         if on_result:
             on_result(r)
@@ -211,7 +217,7 @@ def _score_many(stores, model, job: _Job, classifier_for, cfg, on_result=None) -
 def current_summary(store_path: str | Path, prompts: PromptSet, model: str | None = None) -> dict | None:
     """The slide's summary if its scores for ``prompts`` are up to date (same prompt hash), else None."""
     try:
-        store, name = open_scored_store(Path(store_path), model)
+        store, name = open_scored_store(upath(store_path), model)
         _, _, attrs = store.scores(name, prompts.name)
     except SlideClipError:
         return None
@@ -426,8 +432,11 @@ def heatmaps(store_path: Path, set_name: str | None, cfg: PipelineConfig, *, mod
     :data:`LOCK_WAIT_SECONDS` for a writer), so the pictures never mix two versions of a
     score set.
     """
+    from slide_clip.storage.options import apply
+
+    apply(cfg)
     with _locked(store_path):
-        return _heatmaps(Path(store_path), set_name, cfg, model=model, classes=classes)
+        return _heatmaps(upath(store_path), set_name, cfg, model=model, classes=classes)
 
 
 def _heatmaps(store_path: Path, set_name: str, cfg: PipelineConfig, *, model: str | None,
@@ -480,14 +489,23 @@ def _scale_suffix(scale: str) -> str:
 def heatmap_record(folder: Path, slide: str, scale: str = "fixed") -> Path:
     """``<slide_id>.heatmaps.json`` (``<slide_id>_auto.heatmaps.json`` for the auto scale) beside a
     slide's heatmaps: what they were drawn from."""
-    return Path(folder) / f"{slide}{_scale_suffix(scale)}.heatmaps.json"
+    return upath(folder) / f"{slide}{_scale_suffix(scale)}.heatmaps.json"
+
+
+def _kind(store: SlideStore, model: str, set_name: str) -> str | None:
+    """A score set's kind (``zeroshot``, ``fewshot``, ``clusters``); None for a damaged set (its
+    error comes when it is read). Through the store's pointer: a set at a URL may be stored under
+    another name (docs/FORMAT.md)."""
+    try:
+        return store.score_attrs(model, set_name).get("kind")
+    except StoreError:
+        return None
 
 
 def only_score_set(store: SlideStore, model: str) -> str:
     """The name of the store's one score set of ``model`` (cluster sets left aside), else an error
     naming the sets as ``--set`` takes them."""
-    sets = [sk for _, sk in store.score_sets(model)
-            if store.group[f"scores/{model_key(model)}/{sk}"].attrs.get("kind") != "clusters"]
+    sets = [sk for _, sk in store.score_sets(model) if _kind(store, model, sk) != "clusters"]
     if len(sets) == 1:
         return sets[0]
     if not sets:
@@ -505,7 +523,7 @@ def heatmaps_current(store_path: str | Path, set_name: str, cfg: PipelineConfig,
     a set scored again since: False (draw them again).
     """
     try:
-        store, name = open_scored_store(Path(store_path), model)
+        store, name = open_scored_store(upath(store_path), model)
         attrs = store.score_attrs(name, set_name)
     except SlideClipError:
         return False

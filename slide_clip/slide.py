@@ -203,7 +203,7 @@ def open_slide(
     if is_url(path):
         from slide_clip.storage.remote_slides import open_remote_slide
 
-        return open_remote_slide(str(path), mpp_override)
+        return open_remote_slide(str(path), mpp_override, open_file, resolve_slide_path)
     return open_file(resolve_slide_path(path), path, mpp_override)
 
 
@@ -530,10 +530,3 @@ def _round_up(v: float) -> float:
     """``v`` rounded up to 2 significant digits (a --target-mpp to suggest)."""
     e = 10 ** (math.floor(math.log10(v)) - 1)
     return round(math.ceil(v / e - 1e-9) * e, 10)
-
-
-def find_slides(inputs: list[str | Path], pattern: str | None = None, out_dir: str | Path | None = None) -> list[Path]:
-    """The slides in files and folders: :func:`slide_clip.scan.find_slides` (which see)."""
-    from slide_clip.scan import find_slides as find
-
-    return find(inputs, pattern, out_dir)

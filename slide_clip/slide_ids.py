@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from slide_clip.storage.urls import absolute, is_url
 
 from slide_clip.slide import slide_id
 
@@ -34,7 +36,22 @@ SEPARATOR = "__"
 
 
 def _abs(p: str | Path) -> str:
-    return str(Path(p).expanduser().resolve())
+    return absolute(p)
+
+
+def _as_path(a: str) -> Path | PurePosixPath:
+    """A slide's absolute path or URL as a path for the naming rule: a URL's scheme and bucket
+    are its top folders (``s3://b/x/y.svs`` -> ``/s3:/b/x/y.svs``), so ids are made alike."""
+    if not is_url(a):
+        return Path(a)
+    scheme, _, rest = a.rstrip("/").partition("://")
+    return PurePosixPath("/", f"{scheme}:", *[x for x in rest.split("/") if x])
+
+
+def _exists(a: str) -> bool:
+    from slide_clip.storage.objects import exists
+
+    return exists(a)
 
 
 def _clean(text: str) -> str:
@@ -51,15 +68,17 @@ def _parts(path: Path, root: Path) -> list[str]:
 
 def _common_root(paths: list[Path]) -> Path:
     parents = [str(p.parent) for p in paths]
-    return Path(os.path.commonpath(parents)) if parents else Path("/")
+    return type(paths[0])(os.path.commonpath(parents)) if parents else Path("/")
 
 
 def existing_owners(out_dir: str | Path | None) -> dict[str, str]:
     """``{slide id: absolute path of its slide}`` of the stores (and recorded statuses) in ``out_dir``."""
+    from slide_clip.storage.filesystems import upath
+
     owners: dict[str, str] = {}
-    if out_dir is None or not Path(out_dir).is_dir():
+    if out_dir is None or not upath(out_dir).is_dir():
         return owners
-    out = Path(out_dir)
+    out = upath(out_dir)
     status = out / "status"
     if status.is_dir():
         for f in status.glob("*.json"):
@@ -81,7 +100,8 @@ def assign_slide_ids(slides: list[str | Path], out_dir: str | Path | None = None
 
     See the module docstring for the rule. Deterministic for a given list and output folder.
     """
-    absolute = [Path(_abs(s)) for s in slides]
+    absolute = [_as_path(_abs(s)) for s in slides]
+    text = {a: _abs(s) for s, a in zip(slides, absolute)}  # each path's own text (a URL as given)
     owners = existing_owners(out_dir)
     by_owner = {v: k for k, v in owners.items()}
     taken: dict[str, str] = {}  # id -> absolute slide path, in this run
@@ -92,13 +112,13 @@ def assign_slide_ids(slides: list[str | Path], out_dir: str | Path | None = None
         if candidate in taken and taken[candidate] != me:
             return taken[candidate]
         owner = owners.get(candidate)
-        return owner if owner is not None and owner != me and Path(owner).exists() else None
+        return owner if owner is not None and owner != me and _exists(owner) else None
 
     # slides whose store already exists keep their id
     for given, a in zip(slides, absolute):
-        sid = by_owner.get(str(a))
+        sid = by_owner.get(text[a])
         if sid is not None and sid not in taken:
-            taken[sid] = str(a)
+            taken[sid] = text[a]
             result[str(given)] = sid
     # slides sharing a name in this run are named by their path below their common folder
     names: dict[str, list[Path]] = {}
@@ -116,11 +136,11 @@ def assign_slide_ids(slides: list[str | Path], out_dir: str | Path | None = None
         prefixed = [SEPARATOR.join(list(reversed(above[:k])) + [_clean(slide_id(a))])
                     for k in range(1, len(above) + 1)]
         prefixed = [c for c in prefixed if len(c) > len(first)]
-        other = holder(first, str(a))
-        same_folder = other is not None and Path(other).parent == a.parent
+        other = holder(first, text[a])
+        same_folder = other is not None and _as_path(other).parent == a.parent
         candidates = [first] + ([with_ext] + prefixed if same_folder else prefixed + [with_ext])
-        digest = hashlib.sha1(str(a).encode()).hexdigest()[:8]
-        sid = next((c for c in candidates if holder(c, str(a)) is None), f"{first}-{digest}")
-        taken[sid] = str(a)
+        digest = hashlib.sha1(text[a].encode()).hexdigest()[:8]
+        sid = next((c for c in candidates if holder(c, text[a]) is None), f"{first}-{digest}")
+        taken[sid] = text[a]
         result[str(given)] = sid
     return result

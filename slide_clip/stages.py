@@ -127,7 +127,7 @@ def _reusable(path: Path, info: SlideInfo, cfg: PipelineConfig, mpp_xy, overwrit
     old = store.slide
     if old.get("fingerprint") != info.fingerprint:
         other = str(old.get("path"))
-        if other != info.path and Path(other).exists():  # another file's store: never replaced
+        if other != info.path and _exists(other):  # another file's store: never replaced
             raise StoreError(f"holds the slide {other}, not {info.path}", path=path,
                              hint="Ids are unique per output folder when slides are given together "
                                   "(see docs/FORMAT.md); use another --out for this slide.")
@@ -148,6 +148,13 @@ def _reusable(path: Path, info: SlideInfo, cfg: PipelineConfig, mpp_xy, overwrit
     return store
 
 
+def _exists(slide_path: str) -> bool:
+    """Whether the slide file (a local path or a URL) named in a store still exists."""
+    from slide_clip.storage.objects import exists
+
+    return exists(slide_path)
+
+
 def _check_replaceable(path: Path, info: SlideInfo) -> None:
     """Refuse to replace (--overwrite) a store made from another slide file that still exists."""
     try:
@@ -155,7 +162,7 @@ def _check_replaceable(path: Path, info: SlideInfo) -> None:
     except SlideClipError:
         return  # half-created or foreign: nothing of another slide's to lose
     other = str(old.get("path"))
-    if other != info.path and Path(other).exists() and old.get("fingerprint") != info.fingerprint:
+    if other != info.path and _exists(other) and old.get("fingerprint") != info.fingerprint:
         raise StoreError(f"holds the slide {other}, not {info.path}; --overwrite only replaces a store "
                          "of the same file", path=path, hint="Use another --out for this slide.")
 
@@ -208,8 +215,10 @@ def _read_thumbnail(osr, info: SlideInfo, cfg: PipelineConfig):
 
 
 def qc_path(store_path: str | Path) -> Path:
-    """``<slide_id>_qc.png`` beside the store."""
-    p = Path(store_path)
+    """``<slide_id>_qc.png`` beside the store (a Path, or a UPath beside a store at a URL)."""
+    from slide_clip.storage.filesystems import upath
+
+    p = upath(store_path)
     return p.with_name(p.name[: -len(".zarr")] + "_qc.png")
 
 
@@ -249,7 +258,7 @@ def lay_tiles(store: SlideStore, cfg: PipelineConfig, *, background: list | None
 
 def _write_qc(store: SlideStore, grid: TileGrid, background: list | None, mask=None, thumb=None) -> Path:
     """Draw the QC picture of ``grid`` over the store's thumbnail and write it (atomically)."""
-    from slide_clip.atomic import replace_file
+    from slide_clip.storage.objects import replace_file
 
     tissue = store.group["tissue"].attrs
     downsample = tuple(tissue["downsample"])
@@ -307,7 +316,7 @@ class BackgroundWrite:
             except BaseException as exc:  # noqa: BLE001 - handed to join()
                 self._error = exc
 
-        self._thread = threading.Thread(target=run, name=f"write-{Path(path).name}")
+        self._thread = threading.Thread(target=run, name=f"write-{getattr(path, 'name', path)}")
         self._thread.start()
 
     def join(self) -> None:
@@ -383,7 +392,8 @@ def tissue_stage(slide: str | Path, out_dir: str | Path, cfg: PipelineConfig, *,
     from slide_clip.output import ensure_out_dir, output_errors
     from slide_clip.slide import open_slide
     from slide_clip.slide_ids import assign_slide_ids
-    from slide_clip.store import store_lock, store_path
+    from slide_clip.storage.owner import store_owner
+    from slide_clip.store import store_path
 
     ensure_out_dir(out_dir)
     sid = slide_id or assign_slide_ids([slide], out_dir)[str(slide)]
@@ -391,7 +401,7 @@ def tissue_stage(slide: str | Path, out_dir: str | Path, cfg: PipelineConfig, *,
     info = replace(info, name=sid)
     try:
         path = store_path(out_dir, info.name)
-        with output_errors(path), store_lock(path):
+        with output_errors(path), store_owner(path):
             detect_tissue(osr, info, cfg, path, overwrite=overwrite)
     finally:
         osr.close()
@@ -401,9 +411,9 @@ def tissue_stage(slide: str | Path, out_dir: str | Path, cfg: PipelineConfig, *,
 def tiles_stage(store: str | Path, cfg: PipelineConfig) -> int:
     """Stage 2 alone, for a store: lay the tile grid; returns the number of tiles."""
     from slide_clip.output import output_errors
-    from slide_clip.store import store_lock
+    from slide_clip.storage.owner import store_owner
 
-    with output_errors(store), store_lock(store):
+    with output_errors(store), store_owner(store):
         st = SlideStore.open(store)
         st.check_tissue_algorithm()
         return lay_tiles(st, cfg).n_tiles

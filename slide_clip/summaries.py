@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from slide_clip.aggregate import cohort_table, slide_scores, write_cohort_table
-from slide_clip.atomic import write_text
+from slide_clip.storage.filesystems import upath
+from slide_clip.storage.objects import write_text
 from slide_clip.errors import ConfigError, SlideClipError, StoreError
 from slide_clip.output import BESIDE_STORES, output_errors
 from slide_clip.store import STORE_SUFFIX, SlideStore, model_key
@@ -31,12 +32,12 @@ METRICS = ("mean_prob", "area_fraction", "topk_logit", "slide_prob")
 
 
 def summary_path(out: Path, model: str, set_name: str, slide: str) -> Path:
-    return Path(out) / "summaries" / model_key(model) / model_key(set_name) / f"{slide}.json"
+    return upath(out) / "summaries" / model_key(model) / model_key(set_name) / f"{slide}.json"
 
 
 def store_ref(path: str | Path) -> str:
     """A store's path as summaries and tables record it: relative to the output folder."""
-    return Path(path).name
+    return upath(path).name
 
 
 def write_summary(out: Path, summary: dict) -> Path:
@@ -64,7 +65,7 @@ def check_summary(out: Path, summary: dict, mk: str, sk: str) -> dict:
     does not hold.
     """
     sid = summary["slide_id"]
-    path = Path(out) / f"{sid}{STORE_SUFFIX}"
+    path = upath(out) / f"{sid}{STORE_SUFFIX}"
     if summary.get("status") != "ok":  # a failed slide has a store only if it failed after embedding
         return {**summary, "store": store_ref(summary["store"]) if summary.get("store") else None}
     s = {**summary, "store": store_ref(path)}
@@ -108,7 +109,7 @@ def check_summary(out: Path, summary: dict, mk: str, sk: str) -> dict:
 def score_set_pairs(out_dir: str | Path, *, set_name: str | None = None,
                     model: str | None = None) -> list[tuple[str, str]]:
     """The (model key, score set key) pairs with slide summaries in ``out/summaries/``."""
-    root = Path(out_dir) / "summaries"
+    root = upath(out_dir) / "summaries"
     pairs = sorted({(p.parent.parent.name, p.parent.name) for p in root.glob("*/*/*.json")}) if root.is_dir() else []
     if model:
         pairs = [pr for pr in pairs if pr[0] == model_key(model)]
@@ -127,7 +128,7 @@ def summarize(out_dir: str | Path, *, set_name: str | None = None, model: str | 
     parquet). An output folder with several score sets (or models) needs ``set_name`` (and
     ``model``); :func:`summarize_all` writes one table for each.
     """
-    out = Path(out_dir)
+    out = upath(out_dir)
     pairs = score_set_pairs(out, set_name=set_name, model=model)
     if not pairs:
         raise StoreError("has no slide summaries" + (f" for {set_name!r}" if set_name else ""), path=out,
@@ -144,7 +145,7 @@ def summarize_all(out_dir: str | Path, *, set_name: str | None = None, model: st
 
     Returns a list of (model key, set key, table, csv, parquet).
     """
-    out = Path(out_dir)
+    out = upath(out_dir)
     pairs = score_set_pairs(out, set_name=set_name, model=model)
     if not pairs:
         raise StoreError("has no slide summaries" + (f" for {set_name!r}" if set_name else "")

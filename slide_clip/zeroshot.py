@@ -9,9 +9,8 @@ same way. Tiles are scored as ``logits = logit_scale * cosine`` and
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +66,9 @@ class ClassifierCache:
     """
 
     def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
+        from slide_clip.storage.filesystems import upath
+
+        self.dir = upath(directory)  # beside stores at a URL too
 
     def path(self, model: str, weights_sha256: str, prompts: PromptSet) -> Path:
         return self.dir / model_key(model) / f"{model_key(prompts.name)}-{prompts.hash[:16]}-{weights_sha256[:16]}.npz"
@@ -76,7 +77,7 @@ class ClassifierCache:
         p = self.path(model, weights_sha256, prompts)
         if not p.is_file():
             return None
-        with np.load(p) as z:
+        with np.load(io.BytesIO(p.read_bytes())) as z:
             meta = json.loads(str(z["meta"]))
             if meta.get("prompt_hash") != prompts.hash or meta.get("weights_sha256") != weights_sha256:
                 return None
@@ -84,12 +85,10 @@ class ClassifierCache:
 
     def put(self, model: str, weights_sha256: str, prompts: PromptSet, classifier: np.ndarray) -> Path:
         p = self.path(model, weights_sha256, prompts)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        from slide_clip.storage.objects import replace_file
+
         meta = json.dumps({"model": model, "weights_sha256": weights_sha256, "prompt_set": prompts.name,
                            "prompt_hash": prompts.hash, "classes": prompts.class_names})
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".npz.part")
-        os.close(fd)
-        with open(tmp, "wb") as f:
+        with replace_file(p) as tmp, open(tmp, "wb") as f:  # a reader never sees half a file
             np.savez(f, classifier=np.asarray(classifier, np.float32), meta=np.array(meta))
-        os.replace(tmp, p)  # atomic: a reader never sees half a file
         return p

@@ -119,7 +119,7 @@ def _rerun_in_process(slides, config, out):
     """The same `embed` again, through the library call the command line makes."""
     from slide_clip.config import load_config
     from slide_clip.pipeline import embed_slides
-    from slide_clip.slide import find_slides
+    from slide_clip.scan import find_slides
 
     results = embed_slides(find_slides([slides]), out, load_config(config), progress=False)
     assert all(r.status in ("ok", "skipped") for r in results), [r.error for r in results]
@@ -253,7 +253,7 @@ def _du(path: Path) -> int:
 def test_full_disk_gives_a_clear_error_and_a_clean_rerun(fault_inputs, embed_reference, tmp_path):
     from slide_clip.config import load_config
     from slide_clip.pipeline import embed_slides
-    from slide_clip.slide import find_slides
+    from slide_clip.scan import find_slides
 
     slides, config = fault_inputs
     cfg = load_config(config)
@@ -702,7 +702,7 @@ def _assert_same_arrays_of(ref: Path, out: Path, sid: str):
 def test_embed_redraws_a_lost_qc_picture_without_encoding(fault_inputs, embed_reference, tmp_path):
     from slide_clip.config import load_config
     from slide_clip.pipeline import embed_slides
-    from slide_clip.slide import find_slides
+    from slide_clip.scan import find_slides
 
     slides, config = fault_inputs
     out = tmp_path / "out"

@@ -18,7 +18,8 @@ import pytest
 
 import hostile_inputs as h
 from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, StoreError
-from slide_clip.slide import check_mpp, find_slides, slide_info
+from slide_clip.scan import find_slides
+from slide_clip.slide import check_mpp, slide_info
 from slide_clip.store import SlideStore, store_lock
 
 CMU = "/work/shared/data/slides/CMU-1-Small-Region.svs"

@@ -7,7 +7,8 @@ from PIL import Image
 
 from slide_clip.errors import MppError, SlideError
 from slide_clip.mpp_overrides import read_mpp_csv
-from slide_clip.slide import check_mpp, find_slides, slide_info
+from slide_clip.scan import find_slides
+from slide_clip.slide import check_mpp, slide_info
 
 
 def test_svs_metadata(cmu_svs):

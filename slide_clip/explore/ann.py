@@ -63,7 +63,7 @@ def build_index(cohort: Cohort, nlist: int | None = None, train_size: int = 100_
     for i, start, block in cohort.iter_blocks(rows):
         ids = np.arange(offsets[i] + start, offsets[i] + start + len(block), dtype=np.int64)
         index.add_with_ids(np.ascontiguousarray(block), ids)
-    from slide_clip.atomic import replace_file, write_text
+    from slide_clip.storage.objects import replace_file, write_text
 
     d_out = index_dir(cohort)
     with replace_file(d_out / "ivf.faiss") as tmp:  # each file whole; the manifest last

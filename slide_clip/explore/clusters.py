@@ -29,13 +29,15 @@ import numpy as np
 import pandas as pd
 
 from slide_clip.aggregate import metric_column
-from slide_clip.atomic import replace_file, write_text
+from slide_clip.storage.objects import replace_file, write_text
 from slide_clip.errors import ConfigError, SlideClipError
 from slide_clip.explore.cohort import Cohort
 from slide_clip.explore.search import TopN
 from slide_clip.faults import kill_point
 from slide_clip.output import BESIDE_STORES, output_errors
-from slide_clip.store import model_key, store_lock
+from slide_clip.storage.filesystems import upath
+from slide_clip.storage.owner import store_owner
+from slide_clip.store import model_key
 from slide_clip.text import plural
 
 KIND = "clusters"
@@ -83,7 +85,7 @@ def composition_table(cohort: Cohort, labels: dict[int, np.ndarray], k: int, set
     for path, err in cohort.failed:
         from slide_clip.store import STORE_SUFFIX
 
-        sid = Path(path).name.removesuffix(STORE_SUFFIX)
+        sid = upath(path).name.removesuffix(STORE_SUFFIX)
         rows.append({"slide_id": sid, "status": "failed", "error": err, "model": cohort.model, "set": set_name,
                      "k": k, "n_tiles": None})
     cols = ["slide_id", "status", "error", "model", "set", "k", "n_tiles", *[metric_column("fraction", n) for n in names]]
@@ -149,7 +151,7 @@ def cluster(stores, *, k: int = 12, model: str | None = None, sample: int = 2000
                      "prompt_hash": digest, "centroids_sha256": digest,
                      "weights_sha256": cohort.weights_sha256}
             # the set is swapped in whole (see SlideStore.write_scores); a read-only or full disk: this slide only
-            with output_errors(s.path, BESIDE_STORES), store_lock(s.path):
+            with output_errors(s.path, BESIDE_STORES), store_owner(s.path):
                 s.store.write_scores(cohort.model, set_name, -d2, onehot, centroids, attrs, grid=grid)
             kill_point("clusters-stored")
         except SlideClipError as e:  # a store locked by a writer, a damaged chunk: this slide only
@@ -234,5 +236,5 @@ def cluster_map(cohort: Cohort, slide_index: int, set_name: str, out_dir: str | 
     title = random_weights_title(f"{s.slide_id}: {set_name}, {len(names)} clusters of "
                                  f"{plural(len(lab), 'tile')} [{cohort.model}]", random)
     return render_category_png(s.store.thumbnail(), category_image(mask, lmap, colours),
-                               Path(out_dir) / f"{s.slide_id}.png", title, legend, colours, "cluster",
+                               upath(out_dir) / f"{s.slide_id}.png", title, legend, colours, "cluster",
                                thumbnail_mm_per_px(s.store))

@@ -70,6 +70,7 @@ class Cohort:
         different study) raises the first store's error instead of going on without it.
         """
         from slide_clip.scoring import find_stores, open_scored_store
+        from slide_clip.storage.filesystems import upath
 
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         paths = find_stores(inputs)
@@ -81,7 +82,7 @@ class Cohort:
         seen: dict[str, Path] = {}
         for p in paths:
             try:
-                store, n = open_scored_store(Path(p), model)
+                store, n = open_scored_store(upath(p), model)
                 a = store.embedding_attrs(n)
                 if name is None:
                     name, sha, dim = n, a["weights_sha256"], int(a["embed_dim"])
@@ -94,16 +95,16 @@ class Cohort:
                 if sid in seen:
                     raise StoreError(f"has slide id {sid!r} like {seen[sid]}", path=p,
                                      hint="Give each slide's store once.")
-                seen[sid] = Path(p)
-                slides.append(CohortStore(sid, Path(p), store, store.n_tiles))
+                seen[sid] = upath(p)
+                slides.append(CohortStore(sid, upath(p), store, store.n_tiles))
             except SlideClipError as e:
                 if strict:
                     raise
                 failed.append((str(p), str(e)))
         if not slides:
             raise StoreError("no usable store: " + "; ".join(m for _, m in failed[:3]),
-                             path=Path(paths[0]).parent)
-        o = Path(out) if out is not None else Path(paths[0]).parent
+                             path=upath(paths[0]).parent)
+        o = upath(out) if out is not None else upath(paths[0]).parent
         return cls(slides, name, sha, dim, o, failed)
 
     @property
@@ -128,10 +129,11 @@ class Cohort:
     def index_of(self, slide: str | Path) -> int:
         """Position of a slide given by its id, its slide file or its store path."""
         from slide_clip.slide import slide_id
+        from slide_clip.storage.filesystems import upath
 
         key = str(slide)
         for i, s in enumerate(self.slides):
-            if key in (s.slide_id, str(s.path)) or Path(key).name == s.path.name:
+            if key in (s.slide_id, str(s.path)) or upath(key).name == s.path.name:
                 return i
         sid = slide_id(key)
         for i, s in enumerate(self.slides):

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from slide_clip.atomic import replace_file, write_text
+from slide_clip.storage.objects import replace_file, write_text
 from slide_clip.explore.cohort import Cohort
 from slide_clip.pictures import text_font
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from slide_clip.aggregate import metric_column
-from slide_clip.atomic import replace_file
+from slide_clip.storage.objects import replace_file
 from slide_clip.errors import ConfigError
 from slide_clip.explore.cohort import Cohort
 from slide_clip.output import BESIDE_STORES, output_errors

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from slide_clip.atomic import replace_file, write_text
+from slide_clip.storage.objects import replace_file, write_text
 from slide_clip.explore.cohort import Cohort
 from slide_clip.explore.gallery import table_galleries
 from slide_clip.explore.queries import load_queries

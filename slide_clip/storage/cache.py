@@ -38,7 +38,8 @@ from slide_clip.storage.urls import url_name
 MIN_AGE_S = 60.0
 
 
-def _etag(info: dict) -> str:
+def etag_of(info: dict) -> str:
+    """The version tag of an fsspec info dict: ETag (S3, Azure), md5Hash (GCS), else LastModified."""
     return str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("LastModified") or "")
 
 
@@ -121,7 +122,7 @@ class SlideCache:
             meta = json.loads((entry / "meta.json").read_text())
         except (OSError, ValueError):
             return None
-        want = {n: {"size": int(i["size"]), "etag": _etag(i)} for n, i in files.items()}
+        want = {n: {"size": int(i["size"]), "etag": etag_of(i)} for n, i in files.items()}
         local = self._data_path(entry, url)
         if meta.get("url") != str(url).rstrip("/") or meta.get("files") != want:
             return None
@@ -152,7 +153,7 @@ class SlideCache:
                     self.bytes_fetched += int(info["size"])
             (part / "meta.json").write_text(json.dumps({
                 "url": str(url).rstrip("/"), "fetched": time.time(),
-                "files": {n: {"size": int(i["size"]), "etag": _etag(i)} for n, i in files.items()}}))
+                "files": {n: {"size": int(i["size"]), "etag": etag_of(i)} for n, i in files.items()}}))
             shutil.rmtree(entry, ignore_errors=True)
             os.rename(part, entry)
         finally:
@@ -194,7 +195,7 @@ class SlideCache:
     def prefetch(self, urls, workers: int = 2) -> list[Future]:
         """Stage each of ``urls`` that needs staging, in background threads; returns their futures
         (a future's exception is the slide's own error, raised again when it is opened)."""
-        from slide_clip.storage.remote_slides import needs_staging
+        from slide_clip.storage.remote_tiff import needs_staging
 
         with self._lock:
             if self._pool is None:

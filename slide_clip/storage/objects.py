@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from slide_clip.storage.failures import remote_errors
-from slide_clip.storage.filesystems import filesystem
+from slide_clip.storage.filesystems import filesystem, upath
 from slide_clip.storage.urls import is_url, url_name
 
 
@@ -49,38 +49,41 @@ def replace_file(path):
 
 
 def write_bytes(path, data: bytes):
-    """Write ``data`` to ``path`` (a local path or a URL) whole."""
+    """Write ``data`` to ``path`` (a local path or a URL) whole; returns it as a path object
+    (:func:`~.filesystems.upath`)."""
     with replace_file(path) as tmp:
         Path(tmp).write_bytes(data)
-    return path
+    return upath(path)
 
 
 def write_text(path, text: str):
-    """Write ``text`` to ``path`` (a local path or a URL) whole."""
-    with replace_file(path) as tmp:
-        Path(tmp).write_text(text)
-    return path
+    """Write ``text`` (UTF-8) to ``path`` (a local path or a URL) whole."""
+    return write_bytes(path, text.encode())
+
+
+def _remote(path, call, action: str = "read"):
+    """``call(fs, p)`` on the file system of the URL ``path``, its failures as one line."""
+    fs, p = filesystem(str(path))
+    with remote_errors(str(path), action):
+        return call(fs, p)
 
 
 def read_bytes(path) -> bytes:
     """The bytes of ``path`` (a local path or a URL); a missing object is a one-line StorageError."""
-    if not is_url(path):
-        return Path(path).read_bytes()
-    fs, p = filesystem(str(path))
-    with remote_errors(str(path)):
-        return fs.cat_file(p)
+    return _remote(path, lambda fs, p: fs.cat_file(p)) if is_url(path) else Path(path).read_bytes()
 
 
 def read_text(path) -> str:
     return read_bytes(path).decode()
 
 
+def _exists(fs, p) -> bool:
+    fs.invalidate_cache(p)  # asked of the service: another process may have written it since a listing
+    return fs.exists(p)
+
+
 def exists(path) -> bool:
-    if not is_url(path):
-        return Path(path).exists()
-    fs, p = filesystem(str(path))
-    with remote_errors(str(path)):
-        return fs.exists(p)
+    return _remote(path, _exists) if is_url(path) else Path(path).exists()
 
 
 def remove(path) -> None:
@@ -89,6 +92,5 @@ def remove(path) -> None:
         with contextlib.suppress(FileNotFoundError):
             Path(path).unlink()
         return
-    fs, p = filesystem(str(path))
-    with remote_errors(str(path), "write"), contextlib.suppress(FileNotFoundError):
-        fs.rm_file(p)
+    with contextlib.suppress(FileNotFoundError):
+        _remote(path, lambda fs, p: fs.rm_file(p), "write")

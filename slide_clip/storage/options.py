@@ -106,6 +106,30 @@ def configure(storage) -> None:
     os.environ[ENV] = json.dumps(storage.model_dump())
 
 
+def apply(config) -> None:
+    """Use the ``storage`` section of ``config`` (a :class:`~slide_clip.config.PipelineConfig`)
+    for this process, unless it is the default section (then the process's settings stay:
+    those the command line, a parent process or an earlier :func:`configure` gave).
+
+    Library entry points that take a config call this (the executor, scoring), so a config
+    with a ``storage:`` section reaches its URLs from a notebook too. The command line puts
+    ``--storage-options`` into the config's section first (:func:`merged`), so this keeps them.
+    """
+    from slide_clip.config import StorageConfig
+
+    st = getattr(config, "storage", None)
+    if st is None or st == StorageConfig() or st == current():
+        return
+    configure(st)
+
+
+def reload() -> None:
+    """Forget the settings of this process: the next use reads ``SLIDE_CLIP_STORAGE_OPTIONS``
+    again (a reader process given its owner's environment)."""
+    global _current
+    _current = None
+
+
 def current():
     """The process's storage settings: those given to :func:`configure`, else inherited through
     ``SLIDE_CLIP_STORAGE_OPTIONS``, else the defaults."""

@@ -13,42 +13,21 @@ its ``path``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from slide_clip.storage.mirror import RemoteFile
-from slide_clip.storage.remote_tiff import NotRanged, is_tiff_header, mirror_tiff, mirrored
-
-#: Files that are never read by range: formats whose data is not (only) tiled TIFF directories.
-STAGED_SUFFIXES = (".mrxs", ".vms", ".vmu", ".ndpi", ".scn", ".bif", ".svslide", ".dcm", ".dicom", ".isyntax")
+from slide_clip.storage.remote_tiff import (STAGED_SUFFIXES, NotRanged, mirror_tiff, mirrored,  # noqa: F401
+                                           needs_staging, ranged_candidate, remote_object)
 
 
-def _remote(url: str) -> RemoteFile | None:
-    """The object at ``url``, or None when ``url`` is a folder (a DICOM series)."""
-    try:
-        return RemoteFile(url)
-    except IsADirectoryError:
-        return None
+def open_remote_slide(url: str, mpp_override: float | None, open_file, resolve):
+    """``(handle, SlideInfo)`` of the slide at ``url``: :func:`slide_clip.slide.open_slide` for URLs.
 
-
-def _ranged_candidate(url: str, remote: RemoteFile | None) -> bool:
-    if remote is None or os.path.splitext(url.lower().rstrip("/"))[1] in STAGED_SUFFIXES:
-        return False
-    return remote.size >= 8 and is_tiff_header(remote.pread(8, 0))
-
-
-def needs_staging(url: str) -> bool:
-    """Whether ``url`` is read from a whole local copy (not by range)."""
-    return not _ranged_candidate(url, _remote(url))
-
-
-def open_remote_slide(url: str, mpp_override: float | None = None):
-    """``(handle, SlideInfo)`` of the slide at ``url``: :func:`slide_clip.slide.open_slide` for URLs."""
-    from slide_clip.slide import open_file, resolve_slide_path
+    ``open_file`` and ``resolve`` are :mod:`slide_clip.slide`'s (given by it: this module never
+    imports the slide module, which imports this one)."""
     from slide_clip.storage.cache import default_cache
 
-    remote = _remote(url)
-    if _ranged_candidate(url, remote):
+    remote = remote_object(url)
+    if ranged_candidate(url, remote):
         mirror, tif = mirror_tiff(url, remote)
         try:
             return open_file(Path(mirror.path), url, mpp_override, wrap=lambda osr: mirrored(url, mirror, tif, osr))
@@ -59,20 +38,19 @@ def open_remote_slide(url: str, mpp_override: float | None = None):
                 tif.close()
                 mirror.close()
     local = default_cache().stage(url)
-    return open_file(resolve_slide_path(local), url, mpp_override)
+    return open_file(resolve(local), url, mpp_override)
 
 
-def open_remote_handle(url: str):
+def open_remote_handle(url: str, resolve):
     """An OpenSlide-like handle on ``url`` for a loader (no checks: the slide was opened and checked
     with :func:`open_remote_slide` before): a :class:`~.remote_tiff.MirroredSlide`, or OpenSlide
-    on the cached copy."""
+    on the cached copy (``resolve``: :func:`slide_clip.slide.resolve_slide_path`)."""
     import openslide
 
-    from slide_clip.slide import resolve_slide_path
     from slide_clip.storage.cache import default_cache
 
-    remote = _remote(url)
-    if _ranged_candidate(url, remote):
+    remote = remote_object(url)
+    if ranged_candidate(url, remote):
         mirror, tif = mirror_tiff(url, remote)
         osr = None
         try:
@@ -86,4 +64,4 @@ def open_remote_handle(url: str):
                     osr.close()
                 tif.close()
                 mirror.close()
-    return openslide.OpenSlide(str(resolve_slide_path(default_cache().stage(url))))
+    return openslide.OpenSlide(str(resolve(default_cache().stage(url))))

@@ -24,6 +24,7 @@ are staged whole (:mod:`.cache`).
 from __future__ import annotations
 
 import collections.abc
+import os
 
 from slide_clip.storage.mirror import RemoteFile, SparseMirror, merge_ranges
 
@@ -200,3 +201,26 @@ def mirrored(url: str, mirror: SparseMirror, tif, osr) -> MirroredSlide:
     handle = MirroredSlide(url, mirror, tif, osr, pages)
     mirror.owned = True  # closed with the handle from now on
     return handle
+
+
+#: Files that are never read by range: formats whose data is not (only) tiled TIFF directories.
+STAGED_SUFFIXES = (".mrxs", ".vms", ".vmu", ".ndpi", ".scn", ".bif", ".svslide", ".dcm", ".dicom", ".isyntax")
+
+
+def remote_object(url: str) -> RemoteFile | None:
+    """The object at ``url``, or None when ``url`` is a folder (a DICOM series)."""
+    try:
+        return RemoteFile(url)
+    except IsADirectoryError:
+        return None
+
+
+def ranged_candidate(url: str, remote: RemoteFile | None) -> bool:
+    if remote is None or os.path.splitext(url.lower().rstrip("/"))[1] in STAGED_SUFFIXES:
+        return False
+    return remote.size >= 8 and is_tiff_header(remote.pread(8, 0))
+
+
+def needs_staging(url: str) -> bool:
+    """Whether ``url`` is read from a whole local copy (not by range)."""
+    return not ranged_candidate(url, remote_object(url))

@@ -48,6 +48,16 @@ def local_path(text) -> str:
     return s[len("file://"):] if s.lower().startswith("file://") else s
 
 
+def absolute(path) -> str:
+    """A slide's or store's identity as text: a URL as it is, a local path made absolute
+    (never ``Path(url)``, which turns ``s3://b/k`` into ``s3:/b/k``)."""
+    if is_url(path):
+        return str(path)
+    from pathlib import Path
+
+    return str(Path(local_path(path)).expanduser().resolve())
+
+
 def join(url: str, *parts: str) -> str:
     """``url`` with ``parts`` appended (``/``-separated, never a backslash)."""
     base = str(url).rstrip("/")

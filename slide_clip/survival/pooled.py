@@ -141,7 +141,7 @@ def pooled_tables(cohort: PatientCohort, *, with_max: bool = False, topk: int = 
 def write_pooled_tables(cohort: PatientCohort, folder: str | Path | None = None, **kwargs) -> tuple[Path, Path]:
     """Write ``slides.parquet`` and ``patients.parquet`` into ``folder``
     (default ``out/tables/<model>/``, beside the cluster compositions); returns their paths."""
-    from slide_clip.atomic import replace_file
+    from slide_clip.storage.objects import replace_file
     from slide_clip.output import BESIDE_STORES, output_errors
 
     folder = Path(folder) if folder else cohort.out / "tables" / model_key(cohort.model)

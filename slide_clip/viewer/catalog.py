@@ -166,7 +166,10 @@ def score_sets(store: SlideStore) -> list[dict]:
     """The store's score sets: ``{model, set, kind, classes, created}`` each."""
     out = []
     for mk, sk in store.score_sets():
-        a = dict(store.group[f"scores/{mk}/{sk}"].attrs)
+        try:
+            a = store.score_attrs(mk, sk)  # through the pointer of a store at a URL
+        except StoreError:  # a damaged set: listed, its error shown when it is opened
+            a = {}
         out.append({"model": mk, "set": sk, "kind": a.get("kind"), "classes": list(a.get("classes") or []),
                     "created": a.get("created")})
     return out

@@ -1,0 +1,265 @@
+"""The pipeline on object storage against a real S3 server (moto, tests/s3_server.py): slides
+and stores at s3:// URLs give the same stores, scores, heatmaps and tables as local disks."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slide_clip.pipeline import embed_slides
+from slide_clip.results import read_status
+from slide_clip.prompts import load_prompts
+from slide_clip.scoring import find_stores, heatmaps, heatmaps_current, summarize, zeroshot
+from slide_clip.storage import objects
+from slide_clip.store import SlideStore
+
+
+@pytest.fixture(scope="module")
+def two_slides(tmp_path_factory):
+    from conftest import tissue_scene
+
+    from slide_clip.synthetic import write_slide
+
+    d = tmp_path_factory.mktemp("cohort")
+    return [write_slide(d / f"s{i}.tif", tissue_scene(600 + 100 * i, 500, 0.5), 0.5, levels=2, compression="jpeg")
+            for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def local_run(two_slides, tiny_registry, tmp_path_factory):
+    """The same slides embedded on local disk: what every s3 run must equal."""
+    from slide_clip.config import load_config
+
+    cfg = load_config().with_overrides(encode={"model": "tiny", "registries": (str(tiny_registry),), "batch_size": 16,
+                                               "num_workers": 1, "device": "cpu"})
+    out = tmp_path_factory.mktemp("local") / "out"
+    return out, embed_slides(two_slides, out, cfg, progress=False)
+
+
+def test_embed_on_s3_equals_local(s3, cfg, two_slides, local_run):
+    bucket = s3.new_bucket()
+    urls = [s3.upload(bucket, f"slides/{p.name}", p) for p in two_slides]
+    out = f"s3://{bucket}/out"
+    remote = embed_slides(urls, out, cfg, progress=False)
+    local_out, local = local_run
+    assert [r.status for r in remote] == ["ok", "ok"], [r.error for r in remote]
+    for r, l in zip(remote, local):
+        assert r.store.startswith(f"s3://{bucket}/out/") and r.name == l.name
+        a, b = SlideStore.open(r.store), SlideStore.open(l.store)
+        assert np.array_equal(a.embeddings("tiny"), b.embeddings("tiny"))
+
+    prompts = load_prompts("tumour")
+    rz = zeroshot(find_stores([out]), prompts, cfg)
+    lz = zeroshot(find_stores([local_out]), prompts, cfg)
+    assert [s["status"] for s in rz] == ["ok", "ok"], rz
+    for a, b in zip(rz, lz):
+        assert a["slide_prob"] == b["slide_prob"] and a["mean_prob"] == b["mean_prob"]
+    for r, l in zip(remote, local):
+        hr = heatmaps(r.store, None, cfg)
+        hl = heatmaps(l.store, None, cfg)
+        assert [p.name for p in hr] == [p.name for p in hl]
+        assert all(str(p).startswith(f"s3://{bucket}/out/heatmaps/") for p in hr)
+        assert hr[-1].read_text() == hl[-1].read_text()  # the GeoJSON of the tiles' scores
+        assert heatmaps_current(r.store, "tumour", cfg)
+    rdf, rcsv, rpq = summarize(out, set_name="tumour")
+    ldf, _, _ = summarize(local_out, set_name="tumour")
+    assert str(rcsv) == f"s3://{bucket}/out/cohort-tumour-tiny.csv"
+    assert list(rdf["slide"]) == urls  # the slides' URLs; everything else as the local table
+    cols = [c for c in ldf.columns if not c.startswith("seconds") and c not in ("slide", "scores_write_id")]
+    pd.testing.assert_frame_equal(rdf[cols], ldf[cols])
+    back = pd.read_csv(io.BytesIO(objects.read_bytes(str(rcsv))))
+    assert list(back["slide_id"]) == list(ldf["slide_id"])
+
+    # explore: clusters over the URL stores (their claims), written beside them, as locally
+    from slide_clip.explore.clusters import cluster
+
+    rc = cluster([out], k=2, maps=True, gallery=False)
+    lc = cluster([local_out], k=2, maps=True, gallery=False)
+    assert not rc["failed"] and str(rc["table_path"]).startswith(f"s3://{bucket}/out/tables/")
+    pd.testing.assert_frame_equal(rc["table"], lc["table"])
+    assert np.array_equal(rc["centroids"], lc["centroids"]) and all(p.exists() for p in rc["maps"])
+
+
+_WORKER = """
+import json, sys
+from slide_clip.config import PipelineConfig
+from slide_clip.pipeline import embed_slides
+from slide_clip.results import read_status
+cfg = PipelineConfig.model_validate_json(sys.argv[1])
+rs = embed_slides(json.loads(sys.argv[2]), sys.argv[3], cfg, progress=False)
+print(json.dumps([{"name": r.name, "status": r.status, "encoded": r.encoded, "error": r.error} for r in rs]))
+"""
+
+
+def test_two_workers_one_s3_cohort_each_slide_encoded_once(s3, cfg, two_slides, local_run):
+    """Two runs in separate processes over one cohort at s3:// (in opposite orders) and one s3
+    output folder: the claims give each slide to one of them; every tile is encoded once in all,
+    a slide the other run holds is its busy line (never a second writer), and the stores equal
+    the local run's."""
+    import json
+    import subprocess
+    import sys
+
+    bucket = s3.new_bucket()
+    urls = [s3.upload(bucket, f"slides/{p.name}", p) for p in two_slides]
+    out = f"s3://{bucket}/out"
+    config = cfg.model_dump_json()
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, config, json.dumps(order), out],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for order in (urls, urls[::-1])]  # the environment carries the endpoint and credentials
+    runs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-2000:]
+        runs.append(json.loads(stdout.strip().splitlines()[-1]))
+    local_out, local = local_run
+    for l in local:
+        mine = [r for run in runs for r in run if r["name"] == l.name]
+        assert sum(r["encoded"] for r in mine) == l.n_tiles  # encoded once, by one run
+        for r in mine:
+            assert r["status"] in ("ok", "skipped") or "is being written by another run" in r["error"], r
+        a, b = SlideStore.open(f"{out}/{l.name}.zarr"), SlideStore.open(l.store)
+        assert a.is_complete("tiny") and np.array_equal(a.embeddings("tiny"), b.embeddings("tiny"))
+        assert read_status(out, l.name)["status"] in ("ok", "skipped")  # the holder's, never the busy line
+        assert np.array_equal(a.coords(), b.coords())
+
+
+def test_cohort_folder_and_manifest_at_urls(s3, two_slides, tmp_path):
+    """A folder URL is listed through fsspec by the local rules (slides taken, hidden files,
+    stores and other formats skipped with reasons); a manifest CSV at a URL names slides by URL,
+    relative paths being URLs beside it; ids are the slides' names."""
+    from slide_clip.manifest import cohort_scan
+
+    bucket = s3.new_bucket()
+    base = f"s3://{bucket}/cohort"
+    for p in two_slides:
+        s3.upload(bucket, f"cohort/site/{p.name}", p)
+    notes, vsi = tmp_path / "notes.txt", tmp_path / "x.vsi"
+    notes.write_text("not a slide")
+    vsi.write_text("olympus")
+    s3.upload(bucket, "cohort/site/notes.txt", notes)
+    s3.upload(bucket, "cohort/.hidden.svs", notes)
+    s3.upload(bucket, "cohort/x.vsi", vsi)
+    s3.upload(bucket, "cohort/old.zarr/zarr.json", notes)
+    slides, skipped = cohort_scan([base])
+    assert [c.path for c in slides] == [f"{base}/site/{p.name}" for p in two_slides]
+    assert [c.slide_id for c in slides] == [p.stem for p in two_slides]
+    reasons = {s.shown: s.reason for s in skipped}
+    assert reasons[".hidden.svs"] == "hidden file" and reasons["site/notes.txt"] == "not a slide image"
+    assert "Olympus" in reasons["x.vsi"] and "output" in reasons["./"], reasons
+    from slide_clip.scan import record_skipped
+
+    line, written = record_skipped(f"s3://{bucket}/out", skipped)  # the list beside the stores, at the URL
+    assert str(written) == f"s3://{bucket}/out/skipped-files.csv" and "x.vsi" in line
+    assert f"{base}/x.vsi," in objects.read_text(str(written))
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"path,patient_id\nsite/{two_slides[0].name},p1\n{base}/site/{two_slides[1].name},p2\n")
+    url = s3.upload(bucket, "cohort/cohort.csv", manifest)
+    rows, _ = cohort_scan([url])
+    assert [(c.path, c.patient_id) for c in rows] == [(f"{base}/site/{p.name}", f"p{i + 1}")
+                                                      for i, p in enumerate(two_slides)]
+
+
+def test_bad_credentials_and_missing_bucket_are_one_line(s3, cfg, two_slides, monkeypatch, tmp_path):
+    """embed with a slide or an output folder the service refuses: one StorageError line naming the URL."""
+    from slide_clip.errors import StorageError
+
+    bucket = s3.new_bucket()
+    url = s3.upload(bucket, f"slides/{two_slides[0].name}", two_slides[0])
+    with pytest.raises(StorageError) as e:
+        embed_slides([url], f"s3://no-such-bucket-{bucket}/out", cfg, progress=False)
+    assert "bucket does not exist" in str(e.value) and f"s3://no-such-bucket-{bucket}/out" in str(e.value)
+    assert "\n" not in str(e.value)
+    [r] = embed_slides([f"s3://{bucket}/slides/missing.tif"], tmp_path / "out", cfg, progress=False)
+    assert r.status == "failed" and "no such object" in r.error and "missing.tif" in r.error and "\n" not in r.error
+    import os
+
+    from slide_clip.storage.filesystems import filesystem
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    filesystem(url)[0].clear_instance_cache()  # a new client, with the wrong key
+    try:
+        [r] = embed_slides([url], tmp_path / "out2", cfg, progress=False)
+    finally:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        filesystem(url)[0].clear_instance_cache()
+    assert r.status == "failed" and url in r.error and "credentials" in r.error, r.error
+    assert "\n" not in r.error
+
+
+def test_reader_handles_of_a_url_are_keyed_by_its_etag(s3, monkeypatch, tmp_path):
+    """A reader pool outliving a run never reads a slide replaced at the same URL from a stale
+    handle: the handle's key holds the object's ETag (an object store has no inode or mtime)."""
+    import slide_clip.loader as loader
+
+    monkeypatch.setattr(loader, "REMOTE_KEY_SECONDS", 0.0)
+    bucket = s3.new_bucket()
+    f = tmp_path / "a.tif"
+    f.write_bytes(b"II*\x00" + b"a" * 100)
+    url = s3.upload(bucket, "a.tif", f)
+    first = loader._file_key(url)
+    assert first == loader._file_key(url)
+    f.write_bytes(b"II*\x00" + b"b" * 100)  # the same size, other bytes
+    s3.upload(bucket, "a.tif", f)
+    assert loader._file_key(url) != first
+
+
+def test_config_storage_section_reaches_the_urls(s3, cfg, two_slides):
+    """A config whose storage section names the endpoint is enough (no process-wide settings):
+    the library applies it before opening any URL."""
+    from slide_clip.config import StorageConfig
+    from slide_clip.storage import options
+
+    bucket = s3.new_bucket()
+    url = s3.upload(bucket, f"slides/{two_slides[0].name}", two_slides[0])
+    section = options.current()
+    options.configure(StorageConfig())  # the defaults: AWS itself, unreachable here
+    [r] = embed_slides([url], f"s3://{bucket}/out", cfg.with_overrides(storage=section.model_dump()),
+                       progress=False)
+    assert r.status == "ok" and r.store == f"s3://{bucket}/out/s0.zarr", r.error
+    assert options.current().endpoint_url == s3.endpoint
+
+
+def test_executor_prefetches_the_next_slides_that_need_a_local_copy(s3, cmu_dicom):
+    """While slide i encodes, the executor stages the slides after it that only a whole local
+    copy serves (a DICOM folder at a URL), each once; opening one later is a cache hit."""
+    from slide_clip.executor import Prefetch
+    from slide_clip.storage.cache import default_cache
+
+    bucket = s3.new_bucket()
+    for f in sorted(p for p in cmu_dicom.iterdir() if p.is_file()):
+        s3.upload(bucket, f"dicom/{cmu_dicom.name}/{f.name}", f)
+    url = f"s3://{bucket}/dicom/{cmu_dicom.name}/"
+    cache = default_cache()
+    ahead = Prefetch(["/local/first.svs", url], ahead=2)
+    ahead.after(0)
+    ahead.after(0)  # asked again: nothing more to stage
+    cache.close()  # waits for the background copies
+    assert cache.misses == 1
+    cache.stage(url)
+    assert cache.hits == 1 and cache.misses == 1
+
+
+def test_a_failed_encode_at_a_url_raises_its_own_error(s3, cfg, two_slides, monkeypatch):
+    """An encode that fails mid-slide writes what it has while the store is still this run's
+    (its claim), and the slide's own error is what is raised, never the lost-claim refusal."""
+    import slide_clip.executor as executor
+    from slide_clip.manifest import CohortSlide
+
+    bucket = s3.new_bucket()
+    url = s3.upload(bucket, f"slides/{two_slides[0].name}", two_slides[0])
+
+    def boom(*a, **k):
+        raise RuntimeError("the device fell over")
+
+    monkeypatch.setattr(executor, "run_encoding", boom)
+    with executor.SlideRun(cfg, f"s3://{bucket}/out") as run:
+        prepared = run.prepare(CohortSlide(url, name="s0"))
+        with pytest.raises(RuntimeError, match="the device fell over"):
+            run.finish(prepared)
+    assert not objects.exists(f"s3://{bucket}/out/s0.zarr.claim")  # released at the end
