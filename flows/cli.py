@@ -20,7 +20,9 @@ from slide_clip_tasks import ENCODER_LIMIT
 def _flow_config(config, model, registry, checkpoint, device, workers, batch_size, tiling=None, precision=None):
     from slide_clip.config import load_config
 
-    return load_config(config).with_overrides(
+    from slide_clip.cli import _with_storage_options
+
+    return _with_storage_options(load_config(config)).with_overrides(
         tiling=tiling or {},
         encode={"model": model, "registries": tuple(str(r) for r in registry) or None,
                 "checkpoint": str(checkpoint.resolve()) if checkpoint else None, "device": device,
@@ -117,13 +119,14 @@ def run(
         from slide_clip.output import ensure_out_dir
         from slide_clip.stages import resampling_note
         from slide_clip.scan import SKIPPED_FILE, skipped_line
+        from slide_clip.storage.filesystems import upath
 
         # no slide at all, an --mpp-csv row naming no slide: one line now, before a server starts
         cohort, skipped = cohort_scan(slides, pattern, out)
         if mpp_csv:
             read_mpp_csv(mpp_csv).match([(c.path, c.slide_id) for c in cohort])
         ensure_out_dir(out)
-        skipped_text = skipped_line(skipped, out / SKIPPED_FILE)
+        skipped_text = skipped_line(skipped, upath(out) / SKIPPED_FILE)
 
         note = resampling_note(cfg)  # the same check `embed` makes, said once
         from slide_clip.encoders import resolve_model
@@ -142,6 +145,7 @@ def run(
         typer.echo(note, err=True)
     if skipped_text:  # a cohort never shrinks without a word (the flow writes the full list)
         typer.echo(skipped_text, err=True)
+    from slide_clip.storage.urls import is_url
     from slide_clip.text import plural
     from slide_clip_flows.progress import RunProgress
     from slide_clip_flows.temporary_server import temporary_server
@@ -160,8 +164,9 @@ def run(
                 deployment = stack.enter_context(device_workers(
                     device_list, echo=lambda line: typer.echo(line, err=True)))
                 concurrency = len(device_list)
-            stack.enter_context(RunProgress(out, [c.slide_id for c in cohort], cfg.encode.model,
-                                            echo=lambda line: typer.echo(line, err=True)))
+            if not is_url(out):  # the progress display reads a local output folder (a line per slide at a URL)
+                stack.enter_context(RunProgress(out, [c.slide_id for c in cohort], cfg.encode.model,
+                                                echo=lambda line: typer.echo(line, err=True)))
             state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,
                                    prompts=list(prompts), heatmaps=not no_heatmaps, force=overwrite,
                                    max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
@@ -174,7 +179,7 @@ def run(
             result = state.result()
     except SlideClipError as e:
         _fail(str(e))
-    _report_run(result, out)
+    _report_run(result, upath(out))
     raise typer.Exit(1 if result["failed"] else 0)
 
 
@@ -254,9 +259,10 @@ def serve(
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, None)
     except SlideClipError as e:
         _fail(str(e))
+    from slide_clip.storage.urls import absolute
     from slide_clip_flows.process_cohort import process_cohort
 
-    params = {"slides": [str(watch.resolve())], "out": str(out.resolve()), "pattern": pattern,
+    params = {"slides": [str(watch.resolve())], "out": absolute(out), "pattern": pattern,
               "config": cfg.model_dump(mode="json"), "prompts": list(prompts), "max_concurrency": concurrency,
               "deployment": deployment, "shard_slides": shard_slides, "settle_seconds": settle,
               "allow_empty": True}

@@ -39,6 +39,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of 
     import warnings
 
     _state["debug"] = debug
+    _state["storage_options"] = storage_options
     if storage_options:
         from slide_clip.config import load_config
         from slide_clip.storage.options import configure, merged
@@ -52,6 +53,17 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of 
         root.addHandler(logging.NullHandler())  # so logging.warning() never installs a default handler
         root.setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _with_storage_options(cfg):
+    """``cfg`` with ``--storage-options`` on top of its ``storage`` section (the library applies
+    the section, so the command line wins over a ``--config`` file's)."""
+    text = _state.get("storage_options")
+    if not text:
+        return cfg
+    from slide_clip.storage.options import merged
+
+    return cfg.with_overrides(storage=merged(cfg, text).model_dump())
 
 
 def _fail(message: str, code: int = 2):
@@ -133,8 +145,8 @@ def models(
 
 @app.command()
 def embed(
-    slides: o.Slides,
-    out: o.Out,
+    slides: o.UrlSlides,
+    out: o.UrlOut,
     config: o.Config = None,
     model: o.Model = None,
     checkpoint: o.Checkpoint = None,
@@ -165,7 +177,7 @@ def embed(
     from slide_clip.scan import record_skipped, scan_slides, skipped_line
 
     try:
-        cfg = load_config(config).with_overrides(
+        cfg = _with_storage_options(load_config(config)).with_overrides(
             tiling={"target_mpp": target_mpp, "tile_size": tile_size, "overlap": overlap, "min_tissue": min_tissue},
             encode={"model": model, "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
                     "registries": tuple(str(r) for r in registry) or None, "batch_size": batch_size,
@@ -218,7 +230,7 @@ def embed(
 def _scoring_config(config, registry, checkpoint, device, topk=None, decision=None):
     from slide_clip.config import load_config
 
-    return load_config(config).with_overrides(
+    return _with_storage_options(load_config(config)).with_overrides(
         encode={"registries": tuple(str(r) for r in registry) or None,
                 "checkpoint": str(checkpoint.resolve()) if checkpoint else None, "device": device},
         scoring={"topk": topk, "decision": decision},
@@ -226,6 +238,7 @@ def _scoring_config(config, registry, checkpoint, device, topk=None, decision=No
 
 
 def _report_scores(results, paths) -> None:
+    from slide_clip.storage.filesystems import upath
     from slide_clip.summaries import summary_path
 
     failed = 0
@@ -241,8 +254,8 @@ def _report_scores(results, paths) -> None:
     done = [r for r in results if r["status"] == "ok"]
     if done:
         set_name, model = done[0]["score_set"], done[0]["model"]
-        outs = sorted({str(Path(p).parent) for p in paths})
-        summaries = sorted({str(summary_path(Path(p).parent, model, set_name, "x").parent) for p in paths})
+        outs = sorted({str(upath(p).parent) for p in paths})
+        summaries = sorted({str(summary_path(upath(p).parent, model, set_name, "x").parent) for p in paths})
         typer.echo(f"score set {set_name!r} (model {model}) written into the slide stores in {', '.join(outs)}; "
                    f"slide summaries in {', '.join(summaries)}")
         typer.echo(f"next: slide-clip heatmap {outs[0]} --set {set_name}   |   slide-clip summarize {outs[0]}")
@@ -251,7 +264,7 @@ def _report_scores(results, paths) -> None:
 
 @app.command()
 def zeroshot(
-    stores: o.Stores,
+    stores: o.UrlStores,
     prompts: str = typer.Option(..., "--prompts", "-p", help="Prompt set YAML, or a shipped name (tumour, tissue_types)."),
     model: o.StoredModel = None,
     registry: o.Registry = [],
@@ -280,7 +293,7 @@ def zeroshot(
 
 @app.command()
 def fewshot(
-    stores: o.Stores,
+    stores: o.UrlStores,
     examples: Path = typer.Option(..., "--examples", "-e", help="CSV of labelled tiles: slide,x,y,label (level-0 top-left) or image,label."),
     name: Optional[str] = typer.Option(None, help="Name of the score set (default fewshot-<csv name>)."),
     model: o.StoredModel = None,
@@ -306,7 +319,7 @@ def fewshot(
 
 @app.command()
 def heatmap(
-    stores: o.Stores,
+    stores: o.UrlStores,
     score_set: o.ScoreSet = None,
     model: o.StoredModel = None,
     classes: List[str] = typer.Option([], "--class", help="Only these classes (repeatable; default all)."),
@@ -324,7 +337,8 @@ def heatmap(
     from slide_clip.scoring import find_stores, heatmaps
 
     try:
-        cfg = load_config(config).with_overrides(heatmap={"smoothing_tiles": smooth, "scale": scale})
+        cfg = _with_storage_options(load_config(config)).with_overrides(
+            heatmap={"smoothing_tiles": smooth, "scale": scale})
         paths = find_stores(stores)
     except SlideClipError as e:
         _fail(str(e))
@@ -341,7 +355,7 @@ def heatmap(
 
 @app.command()
 def summarize(
-    out: o.OutFolder,
+    out: o.UrlOutFolder,
     score_set: Annotated[Optional[str], typer.Option("--set", "-s", help="Score set (default: every score set "
                                                      "found in OUT).")] = None,
     model: o.StoredModel = None,
@@ -375,12 +389,12 @@ def _say_embeddings(inputs, model: str | None) -> None:
     from slide_clip.scoring import find_stores, open_scored_store
 
     try:
-        paths = find_stores([Path(p) for p in inputs])
+        paths = find_stores(list(inputs))
     except SlideClipError:
         return
     for p in paths:
         try:
-            store, name = open_scored_store(Path(p), model)
+            store, name = open_scored_store(p, model)
             typer.echo(embeddings_line(name, store.embedding_attrs(name)), err=True)
             return
         except SlideClipError:
@@ -525,7 +539,7 @@ def search(
 
 @app.command()
 def cluster(
-    stores: o.Stores,
+    stores: o.UrlStores,
     k: int = typer.Option(12, "--k", "-k", help="Number of clusters."),
     sample: int = typer.Option(20000, help="Tiles the k-means is fitted on (seeded, stratified by slide)."),
     seed: int = typer.Option(0, help="Seed of the sample and of k-means."),
@@ -668,7 +682,8 @@ def _plain_argument_types(command) -> None:
         for p in sub.params:
             if isinstance(p, TyperArgument) and p.nargs != 1 and hasattr(p, "display_type_rich"):
                 annotation = getattr(getattr(p, "type_descriptor", None), "annotation", None)
-                label = ("PATH" if Path in typing.get_args(annotation) else "TEXT") + "..."
+                path_like = Path in typing.get_args(annotation) or p.name in ("slides", "stores")  # paths or URLs
+                label = ("PATH" if path_like else "TEXT") + "..."
                 p.display_type_rich = lambda ctx, label=label: label
 
 

@@ -24,6 +24,10 @@ from slide_clip import config as _config
 SlidePath = Path
 StorePath = Path
 OutPath = Path
+#: The commands that read and write object storage (embed, run, zeroshot, fewshot, heatmap,
+#: summarize, cluster) take their slides, stores and output folder as text: a path or a URL.
+UrlOrPath = str
+_URLS = " Paths or URLs (s3://, gs://, az://, https://; see --storage-options)."
 
 _PATHS = "PATH"  # metavar of a repeatable path option (typer would show <list[Path]>)
 _TEXTS = "TEXT"
@@ -31,16 +35,27 @@ _TEXTS = "TEXT"
 # ----------------------------------------------------------------------------- inputs and outputs
 Slides = Annotated[List[SlidePath], typer.Argument(
     metavar="SLIDES", help="Slide files or folders of slides (a DICOM series folder counts as one slide).", show_default=False)]
-Cohort = Annotated[List[str], typer.Argument(
-    metavar="SLIDES", help="Slide files, folders of slides, or CSV manifests (path, mpp, patient_id, ...).", show_default=False)]
+UrlSlides = Annotated[List[UrlOrPath], typer.Argument(
+    metavar="SLIDES", help="Slide files or folders of slides (a DICOM series folder counts as one slide)." + _URLS,
+    show_default=False)]
+Cohort = Annotated[List[UrlOrPath], typer.Argument(
+    metavar="SLIDES", help="Slide files, folders of slides, or CSV manifests (path, mpp, patient_id, ...)." + _URLS,
+    show_default=False)]
 Stores = Annotated[List[StorePath], typer.Argument(
     metavar="STORES", help="Slide stores (<slide>.zarr) or output folders of `embed`.", show_default=False)]
+UrlStores = Annotated[List[UrlOrPath], typer.Argument(
+    metavar="STORES", help="Slide stores (<slide>.zarr) or output folders of `embed`." + _URLS, show_default=False)]
+UrlOutFolder = Annotated[UrlOrPath, typer.Argument(
+    metavar="OUT", help="An output folder of `embed`/`run` (its slide stores, score sets and cohort tables)." + _URLS,
+    show_default=False)]
 OutFolder = Annotated[OutPath, typer.Argument(
     metavar="OUT", help="An output folder of `embed`/`run` (its slide stores, score sets and cohort tables).", show_default=False)]
 Out = Annotated[OutPath, typer.Option(
     "--out", "-o", help="Output folder: one <slide>.zarr store per slide.")]
-CohortOut = Annotated[OutPath, typer.Option(
-    "--out", "-o", help="Output folder: stores, heatmaps, summaries, cohort tables.")]
+UrlOut = Annotated[UrlOrPath, typer.Option(
+    "--out", "-o", help="Output folder (a path or a URL): one <slide>.zarr store per slide.")]
+CohortOut = Annotated[UrlOrPath, typer.Option(
+    "--out", "-o", help="Output folder (a path or a URL): stores, heatmaps, summaries, cohort tables.")]
 Pattern = Annotated[Optional[str], typer.Option(
     "--pattern", help="Glob for slides inside folders (default: known slide extensions).")]
 Manifest = Annotated[Optional[Path], typer.Option(

@@ -263,3 +263,47 @@ def test_a_failed_encode_at_a_url_raises_its_own_error(s3, cfg, two_slides, monk
         with pytest.raises(RuntimeError, match="the device fell over"):
             run.finish(prepared)
     assert not objects.exists(f"s3://{bucket}/out/s0.zarr.claim")  # released at the end
+
+
+def test_the_commands_take_urls_and_storage_options(s3, two_slides, local_run, tiny_registry, tmp_path):
+    """`embed`, `zeroshot`, `heatmap` and `summarize` on s3:// URLs from the command line, with the
+    endpoint given by --storage-options over a --config file's storage section (the command line
+    wins); the stores equal the local run's."""
+    import os
+    import subprocess
+    import sys
+
+    from slide_clip.storage import options
+
+    bucket = s3.new_bucket()
+    for p in two_slides:
+        s3.upload(bucket, f"cli/slides/{p.name}", p)
+    out = f"s3://{bucket}/cli/out"
+    cfg_file = tmp_path / "config.yaml"  # a wrong endpoint in the file: --storage-options must win
+    cfg_file.write_text("storage:\n  endpoint_url: http://127.0.0.1:9\n")
+    env = {k: v for k, v in os.environ.items() if k != options.ENV}  # only the command line names the server
+    env.update({**s3.credentials(), "AWS_DEFAULT_REGION": "us-east-1", "HF_HUB_OFFLINE": "1"})
+    so = ["--storage-options", f"endpoint_url={s3.endpoint}"]
+    common = ["--models", str(tiny_registry), "--config", str(cfg_file)]
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "slide_clip.cli", *so, *args], capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    r = cli("embed", f"s3://{bucket}/cli/slides", "--out", out, *common, "--model", "tiny", "--workers", "1",
+            "--device", "cpu", "--batch-size", "16", "--no-progress")
+    assert f"2 of 2 slides done, 0 failed; stores in {out}" in r.stdout
+    local_out, local = local_run
+    for l in local:
+        a = SlideStore.open(f"{out}/{l.name}.zarr")
+        assert np.array_equal(a.embeddings("tiny"), SlideStore.open(l.store).embeddings("tiny"))
+    r = cli("zeroshot", out, "--prompts", "tumour", *common)
+    assert "2 of 2 slides scored" in r.stdout and f"written into the slide stores in {out}" in r.stdout
+    r = cli("heatmap", out, "--config", str(cfg_file))
+    written = r.stdout.split()
+    assert written and all(w.startswith(f"{out}/heatmaps/") for w in written)
+    cli("summarize", out)
+    df = pd.read_csv(io.BytesIO(objects.read_bytes(f"{out}/cohort-tumour-tiny.csv")))
+    assert sorted(df["slide_id"]) == sorted(l.name for l in local)
