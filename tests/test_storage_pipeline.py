@@ -307,3 +307,36 @@ def test_the_commands_take_urls_and_storage_options(s3, two_slides, local_run, t
     cli("summarize", out)
     df = pd.read_csv(io.BytesIO(objects.read_bytes(f"{out}/cohort-tumour-tiny.csv")))
     assert sorted(df["slide_id"]) == sorted(l.name for l in local)
+
+
+def test_run_on_s3_equals_local(s3, two_slides, local_run, tiny_registry, tmp_path):
+    """`slide-clip run` (the cohort flow, its shard run and products, on a temporary Prefect
+    server) with slides and output folder at s3:// URLs: stores equal to the local run's, status
+    files, summaries and the cohort table beside them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from slide_clip.storage import options
+
+    bucket = s3.new_bucket()
+    for p in two_slides:
+        s3.upload(bucket, f"run/slides/{p.name}", p)
+    out = f"s3://{bucket}/run/out"
+    env = {k: v for k, v in os.environ.items() if k not in (options.ENV, "PREFECT_API_URL")}
+    env.update({**s3.credentials(), "AWS_DEFAULT_REGION": "us-east-1", "HF_HUB_OFFLINE": "1",
+                "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    r = subprocess.run([sys.executable, "-m", "slide_clip_flows.cli", "--storage-options",
+                        f"endpoint_url={s3.endpoint}", "run", f"s3://{bucket}/run/slides", "--out", out,
+                        "--models", str(tiny_registry), "--model", "tiny", "--workers", "1", "--device", "cpu",
+                        "--batch-size", "16", "--no-heatmaps"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    _, local = local_run
+    for l in local:
+        a = SlideStore.open(f"{out}/{l.name}.zarr")
+        assert np.array_equal(a.embeddings("tiny"), SlideStore.open(l.store).embeddings("tiny"))
+        status = json.loads(objects.read_bytes(f"{out}/status/{l.name}.json"))
+        assert status["status"] == "ok" and status["store"] == f"{out}/{l.name}.zarr"
+    df = pd.read_csv(io.BytesIO(objects.read_bytes(f"{out}/cohort-tumour-tiny.csv")))
+    assert sorted(df["slide_id"]) == sorted(l.name for l in local)
