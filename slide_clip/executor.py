@@ -188,8 +188,9 @@ class SlideRun:
 
         ``extra.encode_window`` is the wall-clock [start, end] (epoch seconds) in which the
         slide held the device, ``extra.ready_at`` when its preparation had ended (a gap before
-        a window that starts long after ``ready_at`` is the executor's own hand-off time). A CUDA out-of-memory error halves the batch size (for this and
-        the following slides) and resumes the rows already written.
+        a window that starts long after ``ready_at`` is the executor's own hand-off time). A
+        CUDA out-of-memory error halves the batch size (for this and the following slides) and
+        resumes the rows already written.
         """
         window = None
         with p.hold:
