@@ -212,7 +212,8 @@ def _scan_url(url: str, pattern: str | None, out_dir, scan: Scan) -> list[str]:
         keys = sorted(fs.find(root))
     base = url.rstrip("/")
     out = str(out_dir).rstrip("/") if out_dir is not None else None
-    rels = [k[len(root) + 1:] for k in keys if k.startswith(root + "/")]
+    key_of = {k[len(root) + 1:]: k for k in keys if k.startswith(root + "/")}  # relative name -> object key
+    rels = list(key_of)
     # folders holding slide-clip's outputs: a status/*.json or a <slide>.zarr/zarr.json in them
     output_dirs = {r.rsplit("/", 2)[0] if r.count("/") >= 2 else "" for r in rels
                    if (r.endswith(".json") and r.rsplit("/", 2)[-2:-1] == ["status"])
@@ -266,7 +267,7 @@ def _scan_url(url: str, pattern: str | None, out_dir, scan: Scan) -> list[str]:
             scan.skipped.append(Skipped(full, f"{OTHER_FORMATS[ext]}: {_CONVERT}", False, base))
         else:
             with remote_errors(full):
-                head = fs.cat_file(keys[rels.index(rel)], start=0, end=4)
+                head = fs.cat_file(key_of[rel], start=0, end=4)
             if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
                 slides.append(full)
             else:
