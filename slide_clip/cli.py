@@ -488,8 +488,8 @@ def _explore_failed(failed) -> int:
 
 @app.command()
 def search(
-    stores: List[o.StorePath] = typer.Argument(..., metavar="STORES", show_default=False, help="An output folder of `embed` (or its stores), then the text "
-                                        "queries: slide-clip search OUT \"necrosis\" \"lymphocytes\"."),
+    stores: List[o.UrlOrPath] = typer.Argument(..., metavar="STORES", show_default=False, help="An output folder of `embed` (or its stores; a path or a "
+                                        "URL), then the text queries: slide-clip search OUT \"necrosis\" \"lymphocytes\"."),
     image: List[Path] = typer.Option([], "--image", help="Query with an image file (repeatable; encoded once)."),
     tile: List[str] = typer.Option([], "--tile", help="Query with a stored tile, e.g. slide1:4480:2240 (slide id, then "
                                    "level-0 x and y; repeatable; its stored embedding, never re-encoded)."),
@@ -568,7 +568,7 @@ def cluster(
 
 @app.command(name="map")
 def map_(
-    stores: o.Stores,
+    stores: o.UrlStores,
     method: str = typer.Option("umap", help="umap, tsne or pca."),
     of: str = typer.Option("tiles", "--of", help="tiles (a sample per slide) or slides (one pooled point each)."),
     per_slide: int = typer.Option(200, help="Tiles sampled per slide (seeded)."),

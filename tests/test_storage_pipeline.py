@@ -265,8 +265,8 @@ def test_a_failed_encode_at_a_url_raises_its_own_error(s3, cfg, two_slides, monk
     assert not objects.exists(f"s3://{bucket}/out/s0.zarr.claim")  # released at the end
 
 
-def test_the_commands_take_urls_and_storage_options(s3, two_slides, local_run, tiny_registry, tmp_path):
-    """`embed`, `zeroshot`, `heatmap` and `summarize` on s3:// URLs from the command line, with the
+def test_the_commands_take_urls_and_storage_options(s3, cfg, two_slides, local_run, tiny_registry, tmp_path):
+    """`embed`, `zeroshot`, `heatmap`, `summarize`, `search` and `map` on s3:// URLs from the command line, with the
     endpoint given by --storage-options over a --config file's storage section (the command line
     wins); the stores equal the local run's."""
     import os
@@ -308,6 +308,18 @@ def test_the_commands_take_urls_and_storage_options(s3, two_slides, local_run, t
     df = pd.read_csv(io.BytesIO(objects.read_bytes(f"{out}/cohort-tumour-tiny.csv")))
     assert sorted(df["slide_id"]) == sorted(l.name for l in local)
 
+    from slide_clip.explore.retrieval import read_hits, search
+
+    x, y = SlideStore.open(local[0].store).coords()[0]
+    tile = f"{local[0].name}:{x}:{y}"
+    r = cli("search", out, "--tile", tile, "--top", "5", "--name", "q", "--no-gallery")
+    assert f"{out}/explore/search/q/hits.csv" in r.stdout.split()
+    lr = search([local_out], cfg, tiles=[tile], top=5, name="q", gallery=False)
+    pd.testing.assert_frame_equal(read_hits(f"{out}/explore/search/q/hits.parquet"), lr["table"])
+    r = cli("map", out, "--method", "pca", "--per-slide", "20")
+    assert f"{out}/explore/maps/tiny/tiles-pca.csv" in r.stdout.split()
+    assert objects.exists(f"{out}/explore/maps/tiny/tiles-pca-slide.png")
+
 
 def test_run_on_s3_equals_local(s3, two_slides, local_run, tiny_registry, tmp_path):
     """`slide-clip run` (the cohort flow, its shard run and products, on a temporary Prefect
@@ -340,3 +352,43 @@ def test_run_on_s3_equals_local(s3, two_slides, local_run, tiny_registry, tmp_pa
         assert status["status"] == "ok" and status["store"] == f"{out}/{l.name}.zarr"
     df = pd.read_csv(io.BytesIO(objects.read_bytes(f"{out}/cohort-tumour-tiny.csv")))
     assert sorted(df["slide_id"]) == sorted(l.name for l in local)
+
+
+def _copy_stores(s3, local_out, bucket: str, prefix: str = "copy") -> str:
+    """The local run's output folder copied object by object to ``s3://bucket/prefix`` (its stores
+    as they are, so the remote cohort is the local one by construction); returns the URL."""
+    for f in sorted(local_out.rglob("*")):
+        if f.is_file() and not f.name.endswith(".lock"):
+            s3.upload(bucket, f"{prefix}/{f.relative_to(local_out).as_posix()}", f)
+    return f"s3://{bucket}/{prefix}"
+
+
+def test_search_and_map_on_s3_equal_local(s3, cfg, local_run):
+    """search (a stored tile's query, exact and with the FAISS index) and map over stores at an
+    s3:// URL: tables, galleries, index and pictures written beside the stores, results equal to
+    the same calls on the local stores."""
+    from slide_clip.explore.maps import embedding_map
+    from slide_clip.explore.retrieval import read_hits, search
+
+    local_out, local = local_run
+    bucket = s3.new_bucket()
+    out = _copy_stores(s3, local_out, bucket)
+    x, y = SlideStore.open(local[0].store).coords()[0]
+    q = f"{local[0].name}:{x}:{y}"
+    for kw in ({}, {"build_index": True}):
+        r = search([out], cfg, tiles=[q], top=5, name="q", html_page=True, **kw)
+        lr = search([local_out], cfg, tiles=[q], top=5, name="q", html_page=True, **kw)
+        assert not r["failed"] and str(r["dir"]) == f"{out}/explore/search/q"
+        pd.testing.assert_frame_equal(r["table"], lr["table"])
+        assert [str(f).removeprefix(out) for f in r["files"]] == [str(f).removeprefix(str(local_out))
+                                                                 for f in lr["files"]]
+        assert all(objects.exists(str(f)) for f in r["files"])
+        pd.testing.assert_frame_equal(read_hits(f"{out}/explore/search/q/hits.parquet"), lr["table"])
+        pd.testing.assert_frame_equal(read_hits(f"{out}/explore/search/q/hits.csv"), read_hits(lr["files"][0]))
+    m = embedding_map([out], method="pca", colour_by=("slide",), mosaic=True, per_slide=20)
+    lm = embedding_map([local_out], method="pca", colour_by=("slide",), mosaic=True, per_slide=20)
+    pd.testing.assert_frame_equal(m["points"], lm["points"])
+    assert [str(f).removeprefix(out) for f in m["files"]] == [str(f).removeprefix(str(local_out)) for f in lm["files"]]
+    assert all(objects.exists(str(f)) for f in m["files"])
+    back = pd.read_csv(io.BytesIO(objects.read_bytes(str(m["files"][-1]))))
+    pd.testing.assert_frame_equal(back, pd.read_csv(lm["files"][-1]))
