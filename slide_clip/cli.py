@@ -294,7 +294,8 @@ def zeroshot(
 @app.command()
 def fewshot(
     stores: o.UrlStores,
-    examples: Path = typer.Option(..., "--examples", "-e", help="CSV of labelled tiles: slide,x,y,label (level-0 top-left) or image,label."),
+    examples: o.UrlOrPath = typer.Option(..., "--examples", "-e", help="CSV of labelled tiles: slide,x,y,label (level-0 "
+                                         "top-left) or image,label. A path or a URL."),
     name: Optional[str] = typer.Option(None, help="Name of the score set (default fewshot-<csv name>)."),
     model: o.StoredModel = None,
     registry: o.Registry = [],

@@ -392,3 +392,32 @@ def test_search_and_map_on_s3_equal_local(s3, cfg, local_run):
     assert all(objects.exists(str(f)) for f in m["files"])
     back = pd.read_csv(io.BytesIO(objects.read_bytes(str(m["files"][-1]))))
     pd.testing.assert_frame_equal(back, pd.read_csv(lm["files"][-1]))
+
+
+def test_fewshot_on_s3_equals_local(s3, cfg, local_run, tmp_path):
+    """fewshot over stores at an s3:// URL, with the examples CSV local and at a URL (its image
+    row a relative name, read beside it at the URL): the same scores as over the local stores."""
+    from PIL import Image
+
+    from slide_clip.scoring import fewshot, read_examples
+
+    local_out, local = local_run
+    bucket = s3.new_bucket()
+    out = _copy_stores(s3, local_out, bucket)
+    (x0, y0), (x1, y1) = (SlideStore.open(l.store).coords()[0] for l in local)
+    patch = tmp_path / "patch.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(patch)
+    csv = tmp_path / "examples.csv"
+    csv.write_text(f"slide,x,y,label,image\n{local[0].name},{x0},{y0},a,\n{local[1].name},{x1},{y1},b,\n,,,b,patch.png\n")
+    url = s3.upload(bucket, "ex/examples.csv", csv)
+    s3.upload(bucket, "ex/patch.png", patch)
+    assert read_examples(url)[2].image == f"s3://{bucket}/ex/patch.png"
+    want = fewshot(find_stores([local_out]), csv, cfg, name="fs")
+    for examples in (csv, url):
+        got = fewshot(find_stores([out]), examples, cfg, name="fs")
+        assert [g["status"] for g in got] == ["ok", "ok"], got
+        for a, b in zip(got, want):
+            assert a["slide_prob"] == b["slide_prob"] and a["mean_prob"] == b["mean_prob"]
+        for l in local:  # the score sets written into the stores at the URL
+            a, b = SlideStore.open(f"{out}/{l.name}.zarr"), SlideStore.open(l.store)
+            assert np.array_equal(a.scores("tiny", "fs")[0], b.scores("tiny", "fs")[0])
