@@ -421,3 +421,38 @@ def test_fewshot_on_s3_equals_local(s3, cfg, local_run, tmp_path):
         for l in local:  # the score sets written into the stores at the URL
             a, b = SlideStore.open(f"{out}/{l.name}.zarr"), SlideStore.open(l.store)
             assert np.array_equal(a.scores("tiny", "fs")[0], b.scores("tiny", "fs")[0])
+
+
+def test_bags_on_s3_equal_local(s3, local_run, tmp_path):
+    """The survival cohort (stores, patients.csv written and read at the URL), its pooled tables
+    and HDF5 bags with the output folder (and the bags' folder) at s3:// URLs: the same as over
+    a local copy of the stores."""
+    import shutil
+
+    import h5py
+
+    from slide_clip.manifest import CohortSlide, read_patients, record_patients
+    from slide_clip.survival import export_h5, open_cohort, write_pooled_tables
+
+    local_out, local = local_run
+    bucket = s3.new_bucket()
+    out = _copy_stores(s3, local_out, bucket)
+    here = tmp_path / "out"
+    shutil.copytree(local_out, here, ignore=shutil.ignore_patterns("*.lock"))
+    slides = [CohortSlide(str(l.slide), patient_id="p1", name=l.name) for l in local]
+    assert str(record_patients(out, slides)) == f"{out}/patients.csv"
+    record_patients(here, slides)
+    assert read_patients(out) == read_patients(here) == {l.name: "p1" for l in local}
+    rc, lc = open_cohort(out), open_cohort(here)
+    assert rc.patients == lc.patients == {"p1": sorted(l.name for l in local)}
+    rt, lt = write_pooled_tables(rc), write_pooled_tables(lc)
+    assert [str(p) for p in rt] == [f"{out}/tables/tiny/slides.parquet", f"{out}/tables/tiny/patients.parquet"]
+    for r, l in zip(rt, lt):
+        pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(objects.read_bytes(str(r)))), pd.read_parquet(l))
+    rb = export_h5(rc, f"s3://{bucket}/bags", "patient")
+    lb = export_h5(lc, tmp_path / "bags", "patient")
+    assert [str(p) for p in rb] == [f"s3://{bucket}/bags/p1.h5"]
+    with h5py.File(io.BytesIO(objects.read_bytes(str(rb[0]))), "r") as a, h5py.File(lb[0], "r") as b:
+        for k in ("features", "coords", "slide_index"):
+            assert np.array_equal(a[k][:], b[k][:])
+        assert dict(a.attrs)["id"] == "p1" and list(a.attrs["slide_ids"]) == list(b.attrs["slide_ids"])
