@@ -405,7 +405,7 @@ def _say_embeddings(inputs, model: str | None) -> None:
 # ----------------------------------------------------------------------------- survival
 @app.command()
 def survival(
-    out: o.OutFolder,
+    out: o.UrlOutFolder,
     clinical: o.Clinical,
     time: o.TimeColumn,
     event: o.EventColumn,
@@ -453,8 +453,9 @@ def survival(
 
 @app.command()
 def bags(
-    out: o.OutFolder,
-    h5: Optional[Path] = typer.Option(None, "--h5", help="Write one HDF5 bag per slide or patient into this folder."),
+    out: o.UrlOutFolder,
+    h5: Optional[o.UrlOrPath] = typer.Option(None, "--h5", help="Write one HDF5 bag per slide or patient into this "
+                                             "folder (a path or a URL)."),
     level: str = typer.Option("slide", help="slide or patient bags (HDF5)."),
     model: o.StoredModel = None,
     manifest: o.Manifest = None,
