@@ -456,3 +456,41 @@ def test_bags_on_s3_equal_local(s3, local_run, tmp_path):
         for k in ("features", "coords", "slide_index"):
             assert np.array_equal(a[k][:], b[k][:])
         assert dict(a.attrs)["id"] == "p1" and list(a.attrs["slide_ids"]) == list(b.attrs["slide_ids"])
+
+
+def test_survival_run_folder_at_a_url_is_uploaded_whole(s3):
+    """A survival run folder at an s3:// URL: written locally, uploaded at commit with report.json
+    last; the previous run's objects that the new run lacks are gone; a run that fails before its
+    commit leaves the previous run's objects as they were."""
+    from slide_clip.storage.filesystems import filesystem
+    from slide_clip.survival.rundir import run_folder
+
+    bucket = s3.new_bucket()
+    final = f"s3://{bucket}/out/survival/coxnet/run"
+    fs, root = filesystem(final)
+
+    def write(rf, files):
+        for rel, text in files.items():
+            (rf.path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (rf.path / rel).write_text(text)
+
+    with run_folder(final) as rf:
+        write(rf, {"report.json": "1", "risk.csv": "1", "models/fold0.json": "1"})
+        assert not fs.exists(root) and rf.path.name.startswith(".run.partial-")
+        assert str(rf.commit()) == final
+    assert not rf.path.exists()
+    with pytest.raises(RuntimeError):
+        with run_folder(final) as rf:
+            write(rf, {"report.json": "2", "risk.csv": "2"})
+            raise RuntimeError("the training failed")
+    fs.invalidate_cache()
+    assert sorted(fs.find(root)) == [f"{root}/models/fold0.json", f"{root}/report.json", f"{root}/risk.csv"]
+    assert objects.read_text(f"{final}/report.json") == "1"
+    with run_folder(final) as rf:
+        write(rf, {"report.json": "3", "risk.csv": "3", "km.png": "3"})
+        rf.commit()
+    fs.invalidate_cache()
+    assert sorted(fs.find(root)) == [f"{root}/km.png", f"{root}/report.json", f"{root}/risk.csv"]
+    assert all(objects.read_text(f"{final}/{n}") == "3" for n in ("report.json", "risk.csv", "km.png"))
+    puts = [r[1] for r in s3.proxy.requests("PUT") if "/survival/coxnet/run/" in r[1]]
+    assert puts[-1].split("?")[0].endswith("/run/report.json") and len(puts) == 6  # the marker last, each run

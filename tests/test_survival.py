@@ -893,39 +893,3 @@ def test_km_plot_has_a_numbers_at_risk_table_and_the_random_weights_note(tmp_pat
     r = km_plot(t, e, high, tmp_path / "km2.png", "test", "os_months")
     assert RANDOM_WEIGHTS_NOTE not in png_title(tmp_path / "km2.png")
 
-
-def test_cli_survival_and_bags_with_out_at_s3_equal_local(surv, s3, tmp_path):
-    """`survival` and `bags` with OUT (and --h5) at an s3:// URL (the stores, patients.csv and
-    status files copied there): the run folder uploaded whole beside the stores, report.json last,
-    with the local run's c-indices and risks; the pooled tables and one HDF5 bag per patient there."""
-    import io
-
-    from typer.testing import CliRunner
-
-    from slide_clip.cli import app
-    from slide_clip.storage import objects
-    from slide_clip.storage.filesystems import filesystem
-
-    bucket = s3.new_bucket()
-    url = f"s3://{bucket}/out"
-    files = [f for f in sorted(surv.out.rglob("*")) if f.is_file() and not f.name.endswith(".lock")
-             and f.relative_to(surv.out).parts[0].endswith((".zarr", "status", "patients.csv"))]
-    fs, root = filesystem(url)
-    fs.put([str(f) for f in files], [f"{root}/{f.relative_to(surv.out).as_posix()}" for f in files])
-    runner = CliRunner()
-    args = ["--clinical", str(surv.clinical), "--time", "os_months", "--event", "dead", "--baseline", "coxnet",
-            "--folds", "3", "--bootstrap", "20", "--name", "s3", "--covariate", "age"]
-    for where in (url, str(surv.out)):
-        r = runner.invoke(app, ["survival", where, *args])
-        assert r.exit_code == 0, r.output
-    remote = json.loads(objects.read_text(f"{url}/survival/coxnet/s3/report.json"))
-    local = json.loads((surv.out / "survival" / "coxnet" / "s3" / "report.json").read_text())
-    assert remote["headline"] == local["headline"] and remote["folds"] == local["folds"]
-    assert remote["data"]["out"] == url
-    pd.testing.assert_frame_equal(pd.read_csv(io.BytesIO(objects.read_bytes(f"{url}/survival/coxnet/s3/risk.csv"))),
-                                  pd.read_csv(surv.out / "survival" / "coxnet" / "s3" / "risk.csv"))
-    assert objects.exists(f"{url}/survival/coxnet/s3/km.png") and not fs.glob(f"{root}/survival/coxnet/.s3*")
-    r = runner.invoke(app, ["bags", url, "--h5", f"s3://{bucket}/bags", "--level", "patient"])
-    assert r.exit_code == 0, r.output
-    assert len(fs.glob(f"{bucket}/bags/*.h5")) == N_PATIENTS
-    assert f"{url}/tables/tiny/patients.parquet" in r.output.split()
