@@ -294,7 +294,8 @@ def zeroshot(
 @app.command()
 def fewshot(
     stores: o.UrlStores,
-    examples: Path = typer.Option(..., "--examples", "-e", help="CSV of labelled tiles: slide,x,y,label (level-0 top-left) or image,label."),
+    examples: o.UrlOrPath = typer.Option(..., "--examples", "-e", help="CSV of labelled tiles: slide,x,y,label (level-0 "
+                                         "top-left) or image,label. A path or a URL."),
     name: Optional[str] = typer.Option(None, help="Name of the score set (default fewshot-<csv name>)."),
     model: o.StoredModel = None,
     registry: o.Registry = [],
@@ -404,7 +405,7 @@ def _say_embeddings(inputs, model: str | None) -> None:
 # ----------------------------------------------------------------------------- survival
 @app.command()
 def survival(
-    out: o.OutFolder,
+    out: o.UrlOutFolder,
     clinical: o.Clinical,
     time: o.TimeColumn,
     event: o.EventColumn,
@@ -452,8 +453,9 @@ def survival(
 
 @app.command()
 def bags(
-    out: o.OutFolder,
-    h5: Optional[Path] = typer.Option(None, "--h5", help="Write one HDF5 bag per slide or patient into this folder."),
+    out: o.UrlOutFolder,
+    h5: Optional[o.UrlOrPath] = typer.Option(None, "--h5", help="Write one HDF5 bag per slide or patient into this "
+                                             "folder (a path or a URL)."),
     level: str = typer.Option("slide", help="slide or patient bags (HDF5)."),
     model: o.StoredModel = None,
     manifest: o.Manifest = None,
@@ -488,8 +490,8 @@ def _explore_failed(failed) -> int:
 
 @app.command()
 def search(
-    stores: List[o.StorePath] = typer.Argument(..., metavar="STORES", show_default=False, help="An output folder of `embed` (or its stores), then the text "
-                                        "queries: slide-clip search OUT \"necrosis\" \"lymphocytes\"."),
+    stores: List[o.UrlOrPath] = typer.Argument(..., metavar="STORES", show_default=False, help="An output folder of `embed` (or its stores; a path or a "
+                                        "URL), then the text queries: slide-clip search OUT \"necrosis\" \"lymphocytes\"."),
     image: List[Path] = typer.Option([], "--image", help="Query with an image file (repeatable; encoded once)."),
     tile: List[str] = typer.Option([], "--tile", help="Query with a stored tile, e.g. slide1:4480:2240 (slide id, then "
                                    "level-0 x and y; repeatable; its stored embedding, never re-encoded)."),
@@ -568,7 +570,7 @@ def cluster(
 
 @app.command(name="map")
 def map_(
-    stores: o.Stores,
+    stores: o.UrlStores,
     method: str = typer.Option("umap", help="umap, tsne or pca."),
     of: str = typer.Option("tiles", "--of", help="tiles (a sample per slide) or slides (one pooled point each)."),
     per_slide: int = typer.Option(200, help="Tiles sampled per slide (seeded)."),

@@ -175,8 +175,20 @@ def record_patients(out_dir: str | Path, slides: list[CohortSlide]) -> Path | No
     given = {s.slide_id: s.patient_id for s in slides if s.patient_id is not None}
     if not given:
         return None
-    path = Path(out_dir) / PATIENTS_FILE
     merged = {**read_patients(out_dir), **given}
+    from slide_clip.storage.urls import is_url, join
+
+    if is_url(out_dir):  # a URL: the table written whole beside the stores (never Path(url), which folds s3://)
+        import io
+
+        from slide_clip.storage.objects import write_text
+
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["slide_id", "patient_id"])
+        w.writerows(sorted(merged.items()))
+        return write_text(join(str(out_dir), PATIENTS_FILE), buf.getvalue())
+    path = Path(out_dir) / PATIENTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.part")
     with open(tmp, "w", newline="") as f:
@@ -189,10 +201,16 @@ def record_patients(out_dir: str | Path, slides: list[CohortSlide]) -> Path | No
 
 def read_patients(out_dir: str | Path) -> dict[str, str]:
     """Slide id -> patient id from ``out/patients.csv`` (empty when there is none)."""
-    path = Path(out_dir) / PATIENTS_FILE
-    if not path.is_file():
+    from slide_clip.storage import objects
+    from slide_clip.storage.urls import is_url, join
+
+    remote = is_url(out_dir)
+    path = join(str(out_dir), PATIENTS_FILE) if remote else Path(out_dir) / PATIENTS_FILE
+    if not (objects.exists(path) if remote else path.is_file()):
         return {}
-    with open(path, newline="") as f:
+    import io
+
+    with (io.StringIO(objects.read_text(path), newline="") if remote else open(path, newline="")) as f:
         reader = csv.DictReader(f)
         if not {"slide_id", "patient_id"} <= set(reader.fieldnames or []):
             raise ConfigError("needs columns slide_id,patient_id", path=path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import time
 from contextlib import contextmanager
@@ -277,12 +278,16 @@ def read_examples(path: str | Path) -> list[Example]:
     """Labelled example tiles from a CSV: ``slide,x,y,label`` (level-0 top-left) or ``image,label``.
 
     Relative slide and image paths are relative to the CSV's folder. A tile (or image)
-    listed twice, under the same label or another, is an error naming both lines.
+    listed twice, under the same label or another, is an error naming both lines. The CSV, its
+    slides and images may be URLs (``s3://...``); relative names in a CSV at a URL are URLs beside it.
     """
-    p = Path(path)
-    if not p.is_file():
+    from slide_clip.storage import objects, urls
+
+    remote = urls.is_url(path)
+    p = str(path) if remote else Path(path)
+    if not (objects.exists(p) if remote else p.is_file()):
         raise ConfigError("examples CSV not found", path=p)
-    with open(p, newline="") as f:
+    with (io.StringIO(objects.read_text(p), newline="") if remote else open(p, newline="")) as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or [])
         if "label" not in cols or not ({"slide", "x", "y"} <= cols or "image" in cols):
@@ -293,10 +298,13 @@ def read_examples(path: str | Path) -> list[Example]:
             label = (row.get("label") or "").strip()
             if not label:
                 raise ConfigError(f"line {i}: empty label", path=p)
-            if row.get("image"):
+            if row.get("image") and (remote or urls.is_url(row["image"])):
+                ex = Example(label, image=_beside_csv(p, row["image"].strip()), line=i)
+                key: tuple = ("image", ex.image)
+            elif row.get("image"):
                 img = Path(row["image"])
                 ex = Example(label, image=str(img if img.is_absolute() else p.parent / img), line=i)
-                key: tuple = ("image", str(Path(ex.image).expanduser().resolve()))
+                key = ("image", str(Path(ex.image).expanduser().resolve()))
             else:
                 try:
                     x, y = int(float(row["x"])), int(float(row["y"]))
@@ -304,11 +312,16 @@ def read_examples(path: str | Path) -> list[Example]:
                     raise ConfigError(f"line {i}: x and y must be level-0 pixel numbers", path=p) from None
                 if not (row.get("slide") or "").strip():
                     raise ConfigError(f"line {i}: no slide (or image) given", path=p)
-                s = Path(row["slide"].strip())
-                slide = str(s if s.is_absolute() or not (p.parent / s).exists() else p.parent / s)
-                ex = Example(label, slide=slide, x=x, y=y, line=i)
-                where = Path(slide).expanduser()
-                key = ("tile", str(where.resolve()) if where.exists() else slide, x, y)
+                if remote or urls.is_url(row["slide"].strip()):
+                    slide = _beside_csv(p, row["slide"].strip(), must_exist=True)
+                    ex = Example(label, slide=slide, x=x, y=y, line=i)
+                    key = ("tile", slide, x, y)
+                else:
+                    s = Path(row["slide"].strip())
+                    slide = str(s if s.is_absolute() or not (p.parent / s).exists() else p.parent / s)
+                    ex = Example(label, slide=slide, x=x, y=y, line=i)
+                    where = Path(slide).expanduser()
+                    key = ("tile", str(where.resolve()) if where.exists() else slide, x, y)
             if key in seen:
                 first, first_label = seen[key]
                 what = f"image {ex.image}" if ex.image else f"tile ({ex.slide}, {ex.x}, {ex.y})"
@@ -326,6 +339,18 @@ def read_examples(path: str | Path) -> list[Example]:
     return out
 
 
+def _beside_csv(csv, name: str, must_exist: bool = False) -> str:
+    """A slide or image named in an examples CSV at a URL (or a URL named in a local CSV): a URL
+    or an absolute path as it is; a relative name beside the CSV (a slide only when that object
+    exists; else the name as it is, e.g. a slide id)."""
+    from slide_clip.storage import objects, urls
+
+    if urls.is_url(name) or not urls.is_url(csv) or Path(name).is_absolute():
+        return name
+    there = urls.join(urls.parent(str(csv)), name)
+    return there if not must_exist or objects.exists(there) else name
+
+
 def example_features(examples: list[Example], stores: dict[str, SlideStore], model: str, weights_sha256: str,
                      encoders: EncoderCache, where: Path) -> np.ndarray:
     """Embeddings of the example tiles: the stored row where the tile is in a store, else encoded."""
@@ -334,6 +359,8 @@ def example_features(examples: list[Example], stores: dict[str, SlideStore], mod
 
     from slide_clip.stages import grid_from_store
     from slide_clip.slide import slide_id
+    from slide_clip.storage import objects
+    from slide_clip.storage.urls import absolute, is_url, url_name
     from slide_clip.tiling import read_tile
 
     feats: list[np.ndarray | None] = [None] * len(examples)
@@ -341,13 +368,14 @@ def example_features(examples: list[Example], stores: dict[str, SlideStore], mod
     for i, ex in enumerate(examples):
         if ex.image:
             try:
-                todo.append((i, Image.open(ex.image).convert("RGB")))
+                src = io.BytesIO(objects.read_bytes(ex.image)) if is_url(ex.image) else ex.image
+                todo.append((i, Image.open(src).convert("RGB")))
             except OSError as e:
                 raise ConfigError(f"example image cannot be read ({e})", path=ex.image) from None
             continue
-        here = str(Path(ex.slide).expanduser().resolve())
+        here = absolute(ex.slide)
         store = next((st for st in stores.values() if st.slide.get("path") == here), None) \
-            or stores.get(slide_id(ex.slide)) or stores.get(Path(ex.slide).name)
+            or stores.get(slide_id(ex.slide)) or stores.get(url_name(ex.slide) if is_url(ex.slide) else Path(ex.slide).name)
         if store is None:
             raise ConfigError(f"example slide {ex.slide!r} has no store among those given", path=where,
                               hint="Embed that slide into the same --out folder, or give its store.")
@@ -357,8 +385,13 @@ def example_features(examples: list[Example], stores: dict[str, SlideStore], mod
             feats[i] = store.embedding_rows(model, hit[:1], unit=True)[0]  # cosines, also for unnormalised features
             continue
         _check_inside(ex, store, where)
-        slide_file = ex.slide if Path(ex.slide).exists() else store.slide["path"]
-        osr = openslide.OpenSlide(str(slide_file))
+        slide_file = ex.slide if is_url(ex.slide) or Path(ex.slide).exists() else store.slide["path"]
+        if is_url(slide_file):
+            from slide_clip.slide import open_slide
+
+            osr, _ = open_slide(slide_file)
+        else:
+            osr = openslide.OpenSlide(str(slide_file))
         try:
             todo.append((i, read_tile(osr, ex.x, ex.y, grid_from_store(store))))
         finally:
@@ -403,9 +436,10 @@ def fewshot(stores: list[Path], examples_csv: str | Path, cfg: PipelineConfig, *
     first = next(iter(opened.values()))
     mname = model or next(iter(first.embedding_attrs(k)["name"] for k in first.models()))
     sha = first.embedding_attrs(mname)["weights_sha256"]
-    feats = example_features(examples, opened, mname, sha, encoders or EncoderCache(cfg), Path(examples_csv))
+    where = upath(examples_csv)  # never Path(url): s3://b/k would become s3:/b/k
+    feats = example_features(examples, opened, mname, sha, encoders or EncoderCache(cfg), where)
     protos = prototypes(feats, [e.label for e in examples], class_names)
-    set_name = name or f"fewshot-{Path(examples_csv).stem}"
+    set_name = name or f"fewshot-{where.stem}"
     digest = hashlib.sha256(protos.tobytes()).hexdigest()
     counts = {c: sum(e.label == c for e in examples) for c in class_names}
 

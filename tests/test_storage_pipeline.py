@@ -265,8 +265,8 @@ def test_a_failed_encode_at_a_url_raises_its_own_error(s3, cfg, two_slides, monk
     assert not objects.exists(f"s3://{bucket}/out/s0.zarr.claim")  # released at the end
 
 
-def test_the_commands_take_urls_and_storage_options(s3, two_slides, local_run, tiny_registry, tmp_path):
-    """`embed`, `zeroshot`, `heatmap` and `summarize` on s3:// URLs from the command line, with the
+def test_the_commands_take_urls_and_storage_options(s3, cfg, two_slides, local_run, tiny_registry, tmp_path):
+    """`embed`, `zeroshot`, `heatmap`, `summarize`, `search` and `map` on s3:// URLs from the command line, with the
     endpoint given by --storage-options over a --config file's storage section (the command line
     wins); the stores equal the local run's."""
     import os
@@ -308,6 +308,18 @@ def test_the_commands_take_urls_and_storage_options(s3, two_slides, local_run, t
     df = pd.read_csv(io.BytesIO(objects.read_bytes(f"{out}/cohort-tumour-tiny.csv")))
     assert sorted(df["slide_id"]) == sorted(l.name for l in local)
 
+    from slide_clip.explore.retrieval import read_hits, search
+
+    x, y = SlideStore.open(local[0].store).coords()[0]
+    tile = f"{local[0].name}:{x}:{y}"
+    r = cli("search", out, "--tile", tile, "--top", "5", "--name", "q", "--no-gallery")
+    assert f"{out}/explore/search/q/hits.csv" in r.stdout.split()
+    lr = search([local_out], cfg, tiles=[tile], top=5, name="q", gallery=False)
+    pd.testing.assert_frame_equal(read_hits(f"{out}/explore/search/q/hits.parquet"), lr["table"])
+    r = cli("map", out, "--method", "pca", "--per-slide", "20")
+    assert f"{out}/explore/maps/tiny/tiles-pca.csv" in r.stdout.split()
+    assert objects.exists(f"{out}/explore/maps/tiny/tiles-pca-slide.png")
+
 
 def test_run_on_s3_equals_local(s3, two_slides, local_run, tiny_registry, tmp_path):
     """`slide-clip run` (the cohort flow, its shard run and products, on a temporary Prefect
@@ -340,3 +352,145 @@ def test_run_on_s3_equals_local(s3, two_slides, local_run, tiny_registry, tmp_pa
         assert status["status"] == "ok" and status["store"] == f"{out}/{l.name}.zarr"
     df = pd.read_csv(io.BytesIO(objects.read_bytes(f"{out}/cohort-tumour-tiny.csv")))
     assert sorted(df["slide_id"]) == sorted(l.name for l in local)
+
+
+def _copy_stores(s3, local_out, bucket: str, prefix: str = "copy") -> str:
+    """The local run's output folder copied object by object to ``s3://bucket/prefix`` (its stores
+    as they are, so the remote cohort is the local one by construction); returns the URL."""
+    for f in sorted(local_out.rglob("*")):
+        if f.is_file() and not f.name.endswith(".lock"):
+            s3.upload(bucket, f"{prefix}/{f.relative_to(local_out).as_posix()}", f)
+    return f"s3://{bucket}/{prefix}"
+
+
+def test_search_and_map_on_s3_equal_local(s3, cfg, local_run):
+    """search (a stored tile's query, exact and with the FAISS index) and map over stores at an
+    s3:// URL: tables, galleries, index and pictures written beside the stores, results equal to
+    the same calls on the local stores."""
+    from slide_clip.explore.maps import embedding_map
+    from slide_clip.explore.retrieval import read_hits, search
+
+    local_out, local = local_run
+    bucket = s3.new_bucket()
+    out = _copy_stores(s3, local_out, bucket)
+    x, y = SlideStore.open(local[0].store).coords()[0]
+    q = f"{local[0].name}:{x}:{y}"
+    for kw in ({}, {"build_index": True}):
+        r = search([out], cfg, tiles=[q], top=5, name="q", html_page=True, **kw)
+        lr = search([local_out], cfg, tiles=[q], top=5, name="q", html_page=True, **kw)
+        assert not r["failed"] and str(r["dir"]) == f"{out}/explore/search/q"
+        pd.testing.assert_frame_equal(r["table"], lr["table"])
+        assert [str(f).removeprefix(out) for f in r["files"]] == [str(f).removeprefix(str(local_out))
+                                                                 for f in lr["files"]]
+        assert all(objects.exists(str(f)) for f in r["files"])
+        pd.testing.assert_frame_equal(read_hits(f"{out}/explore/search/q/hits.parquet"), lr["table"])
+        pd.testing.assert_frame_equal(read_hits(f"{out}/explore/search/q/hits.csv"), read_hits(lr["files"][0]))
+    m = embedding_map([out], method="pca", colour_by=("slide",), mosaic=True, per_slide=20)
+    lm = embedding_map([local_out], method="pca", colour_by=("slide",), mosaic=True, per_slide=20)
+    pd.testing.assert_frame_equal(m["points"], lm["points"])
+    assert [str(f).removeprefix(out) for f in m["files"]] == [str(f).removeprefix(str(local_out)) for f in lm["files"]]
+    assert all(objects.exists(str(f)) for f in m["files"])
+    back = pd.read_csv(io.BytesIO(objects.read_bytes(str(m["files"][-1]))))
+    pd.testing.assert_frame_equal(back, pd.read_csv(lm["files"][-1]))
+
+
+def test_fewshot_on_s3_equals_local(s3, cfg, local_run, tmp_path):
+    """fewshot over stores at an s3:// URL, with the examples CSV local and at a URL (its image
+    row a relative name, read beside it at the URL): the same scores as over the local stores."""
+    from PIL import Image
+
+    from slide_clip.scoring import fewshot, read_examples
+
+    local_out, local = local_run
+    bucket = s3.new_bucket()
+    out = _copy_stores(s3, local_out, bucket)
+    (x0, y0), (x1, y1) = (SlideStore.open(l.store).coords()[0] for l in local)
+    patch = tmp_path / "patch.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(patch)
+    csv = tmp_path / "examples.csv"
+    csv.write_text(f"slide,x,y,label,image\n{local[0].name},{x0},{y0},a,\n{local[1].name},{x1},{y1},b,\n,,,b,patch.png\n")
+    url = s3.upload(bucket, "ex/examples.csv", csv)
+    s3.upload(bucket, "ex/patch.png", patch)
+    assert read_examples(url)[2].image == f"s3://{bucket}/ex/patch.png"
+    want = fewshot(find_stores([local_out]), csv, cfg, name="fs")
+    for examples in (csv, url):
+        got = fewshot(find_stores([out]), examples, cfg, name="fs")
+        assert [g["status"] for g in got] == ["ok", "ok"], got
+        for a, b in zip(got, want):
+            assert a["slide_prob"] == b["slide_prob"] and a["mean_prob"] == b["mean_prob"]
+        for l in local:  # the score sets written into the stores at the URL
+            a, b = SlideStore.open(f"{out}/{l.name}.zarr"), SlideStore.open(l.store)
+            assert np.array_equal(a.scores("tiny", "fs")[0], b.scores("tiny", "fs")[0])
+
+
+def test_bags_on_s3_equal_local(s3, local_run, tmp_path):
+    """The survival cohort (stores, patients.csv written and read at the URL), its pooled tables
+    and HDF5 bags with the output folder (and the bags' folder) at s3:// URLs: the same as over
+    a local copy of the stores."""
+    import shutil
+
+    import h5py
+
+    from slide_clip.manifest import CohortSlide, read_patients, record_patients
+    from slide_clip.survival import export_h5, open_cohort, write_pooled_tables
+
+    local_out, local = local_run
+    bucket = s3.new_bucket()
+    out = _copy_stores(s3, local_out, bucket)
+    here = tmp_path / "out"
+    shutil.copytree(local_out, here, ignore=shutil.ignore_patterns("*.lock"))
+    slides = [CohortSlide(str(l.slide), patient_id="p1", name=l.name) for l in local]
+    assert str(record_patients(out, slides)) == f"{out}/patients.csv"
+    record_patients(here, slides)
+    assert read_patients(out) == read_patients(here) == {l.name: "p1" for l in local}
+    rc, lc = open_cohort(out), open_cohort(here)
+    assert rc.patients == lc.patients == {"p1": sorted(l.name for l in local)}
+    rt, lt = write_pooled_tables(rc), write_pooled_tables(lc)
+    assert [str(p) for p in rt] == [f"{out}/tables/tiny/slides.parquet", f"{out}/tables/tiny/patients.parquet"]
+    for r, l in zip(rt, lt):
+        pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(objects.read_bytes(str(r)))), pd.read_parquet(l))
+    rb = export_h5(rc, f"s3://{bucket}/bags", "patient")
+    lb = export_h5(lc, tmp_path / "bags", "patient")
+    assert [str(p) for p in rb] == [f"s3://{bucket}/bags/p1.h5"]
+    with h5py.File(io.BytesIO(objects.read_bytes(str(rb[0]))), "r") as a, h5py.File(lb[0], "r") as b:
+        for k in ("features", "coords", "slide_index"):
+            assert np.array_equal(a[k][:], b[k][:])
+        assert dict(a.attrs)["id"] == "p1" and list(a.attrs["slide_ids"]) == list(b.attrs["slide_ids"])
+
+
+def test_survival_run_folder_at_a_url_is_uploaded_whole(s3):
+    """A survival run folder at an s3:// URL: written locally, uploaded at commit with report.json
+    last; the previous run's objects that the new run lacks are gone; a run that fails before its
+    commit leaves the previous run's objects as they were."""
+    from slide_clip.storage.filesystems import filesystem
+    from slide_clip.survival.rundir import run_folder
+
+    bucket = s3.new_bucket()
+    final = f"s3://{bucket}/out/survival/coxnet/run"
+    fs, root = filesystem(final)
+
+    def write(rf, files):
+        for rel, text in files.items():
+            (rf.path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (rf.path / rel).write_text(text)
+
+    with run_folder(final) as rf:
+        write(rf, {"report.json": "1", "risk.csv": "1", "models/fold0.json": "1"})
+        assert not fs.exists(root) and rf.path.name.startswith(".run.partial-")
+        assert str(rf.commit()) == final
+    assert not rf.path.exists()
+    with pytest.raises(RuntimeError):
+        with run_folder(final) as rf:
+            write(rf, {"report.json": "2", "risk.csv": "2"})
+            raise RuntimeError("the training failed")
+    fs.invalidate_cache()
+    assert sorted(fs.find(root)) == [f"{root}/models/fold0.json", f"{root}/report.json", f"{root}/risk.csv"]
+    assert objects.read_text(f"{final}/report.json") == "1"
+    with run_folder(final) as rf:
+        write(rf, {"report.json": "3", "risk.csv": "3", "km.png": "3"})
+        rf.commit()
+    fs.invalidate_cache()
+    assert sorted(fs.find(root)) == [f"{root}/km.png", f"{root}/report.json", f"{root}/risk.csv"]
+    assert all(objects.read_text(f"{final}/{n}") == "3" for n in ("report.json", "risk.csv", "km.png"))
+    puts = [r[1] for r in s3.proxy.requests("PUT") if "/survival/coxnet/run/" in r[1]]
+    assert puts[-1].split("?")[0].endswith("/run/report.json") and len(puts) == 6  # the marker last, each run

@@ -892,3 +892,4 @@ def test_km_plot_has_a_numbers_at_risk_table_and_the_random_weights_note(tmp_pat
     assert h > 500  # the table is under the curves
     r = km_plot(t, e, high, tmp_path / "km2.png", "test", "os_months")
     assert RANDOM_WEIGHTS_NOTE not in png_title(tmp_path / "km2.png")
+

@@ -84,7 +84,12 @@ def load_index(cohort: Cohort):
     if {k: m.get(k) for k in now} != now:
         raise StoreError("is out of date: the stores changed since it was built", path=d,
                          hint="Rebuild it with --build-index.")
-    return faiss.read_index(str(d / "ivf.faiss"))
+    from slide_clip.storage.objects import read_bytes
+    from slide_clip.storage.urls import is_url
+
+    if not is_url(d):
+        return faiss.read_index(str(d / "ivf.faiss"))
+    return faiss.deserialize_index(np.frombuffer(read_bytes(d / "ivf.faiss"), np.uint8))  # faiss reads local files only
 
 
 def search_index(cohort: Cohort, index, queries: np.ndarray, top: int = 20, nprobe: int = 16):

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from slide_clip.storage.filesystems import upath
 from slide_clip.storage.objects import replace_file, write_text
 from slide_clip.explore.cohort import Cohort
 from slide_clip.pictures import text_font
@@ -83,7 +84,7 @@ def gallery_png(tiles: list[Image.Image], labels: list[str], path: str | Path, t
 
     info = PngInfo()
     info.add_itxt("Title", title)
-    path = Path(path)
+    path = upath(path)
     with replace_file(path) as tmp:
         canvas.save(tmp, format="PNG", optimize=True, pnginfo=info)
     return path
@@ -136,7 +137,7 @@ def table_galleries(cohort: Cohort, table: pd.DataFrame, group: str, out_dir: st
     """
     from slide_clip.pictures import random_weights_title
 
-    out_dir = Path(out_dir)
+    out_dir = upath(out_dir)
     tiles = read_tiles(cohort, table["slide_id"], table["x"], table["y"]) if len(table) else []
     written, sections = [], []
     keys = list(dict.fromkeys(table[group])) if len(table) else []

@@ -87,6 +87,10 @@ def search(stores, cfg, *, texts=(), images=(), tiles=(), prompts=None, raw: boo
 
 
 def read_hits(path: str | Path) -> pd.DataFrame:
-    """Read a ``hits.parquet`` (or ``.csv``) written by :func:`search`."""
-    p = Path(path)
-    return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    """Read a ``hits.parquet`` (or ``.csv``) written by :func:`search` (a local path or a URL)."""
+    import io
+
+    from slide_clip.storage.objects import read_bytes
+
+    data = io.BytesIO(read_bytes(path))
+    return pd.read_parquet(data) if str(path).endswith(".parquet") else pd.read_csv(data)

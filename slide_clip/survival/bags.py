@@ -15,6 +15,7 @@ chunk by chunk when asked for, never all at once::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 from slide_clip.errors import StoreError
 from slide_clip.explore.cohort import Cohort
 from slide_clip.scoring import find_stores
+from slide_clip.storage.filesystems import upath
 from slide_clip.store import STATUS_TILED, SlideStore, model_key
 
 
@@ -127,7 +129,7 @@ def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Pa
     """
     from slide_clip.survival.patients import list_slides, missing_error
 
-    out = Path(out)
+    out = upath(out)  # a Path, or a UPath for a URL (never Path(url), which folds s3:// into s3:/)
     paths = find_stores(stores or [out])
     if not paths:
         raise StoreError("holds no slide stores", path=out, hint="Run `slide-clip embed` or `slide-clip run` first.")
@@ -136,7 +138,7 @@ def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Pa
         sid = _folder_id(p)
         if sid in by_id:
             raise StoreError(f"holds slide {sid!r}, as does {by_id[sid]}", path=p)
-        by_id[sid] = Path(p)
+        by_id[sid] = upath(p)
     listing = list_slides(out, by_id, manifest)
     dropped = list(listing.dropped)
     if dropped and not allow_missing:
@@ -165,7 +167,7 @@ def open_cohort(out: str | Path, model: str | None = None, *, manifest: str | Pa
 
 
 def _folder_id(path: Path) -> str:
-    name = Path(path).name
+    name = upath(path).name
     return name[: -len(".zarr")] if name.endswith(".zarr") else name
 
 
@@ -269,13 +271,33 @@ def export_h5(cohort: PatientCohort, folder: str | Path, level: str = "slide") -
     from slide_clip.output import output_errors
 
     with output_errors(folder, "--h5"):
-        return _export_h5(cohort, Path(folder), level)
+        return _export_h5(cohort, upath(folder), level)
+
+
+@contextlib.contextmanager
+def _h5_target(path):
+    """A local file to write ``path``'s HDF5 into, swapped in (local: renamed from ``.h5.part``;
+    a URL: uploaded whole, h5py writing local files only) when the block ends without error."""
+    from slide_clip.storage.urls import is_url
+
+    if is_url(path):
+        from slide_clip.storage.objects import replace_file
+
+        with replace_file(path) as tmp:
+            yield tmp
+        return
+    tmp = path.with_suffix(".h5.part")
+    yield tmp
+    tmp.replace(path)
 
 
 def _export_h5(cohort: PatientCohort, folder: Path, level: str) -> list[Path]:
     import h5py
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from slide_clip.storage.urls import is_url
+
+    if not is_url(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     ds = BagDataset(cohort, level, as_torch=False)
     written = []
     for i, bag in enumerate(ds.ids):
@@ -286,8 +308,7 @@ def _export_h5(cohort: PatientCohort, folder: Path, level: str) -> list[Path]:
         tile_px = {int(s.tiling["tile_size"]) for s in stores}
         target = {float(s.tiling["target_mpp"]) for s in stores}
         path = folder / f"{bag}.h5"
-        tmp = path.with_suffix(".h5.part")
-        with h5py.File(tmp, "w") as f:
+        with _h5_target(path) as tmp, h5py.File(tmp, "w") as f:
             fe = f.create_dataset("features", shape=(n, cohort.embed_dim), dtype="float32")
             co = f.create_dataset("coords", shape=(n, 2), dtype="int64")
             si = f.create_dataset("slide_index", shape=(n,), dtype="int64") if level == "patient" else None
@@ -311,6 +332,5 @@ def _export_h5(cohort: PatientCohort, folder: Path, level: str) -> list[Path]:
                 obj.attrs.update(attrs)
             f.attrs.update({"model": cohort.model, "weights_sha256": cohort.weights_sha256, "id": bag,
                             "level": level, "slide_ids": np.asarray(sids, dtype=h5py.string_dtype())})
-        tmp.replace(path)
         written.append(path)
     return written

@@ -31,13 +31,14 @@ import pandas as pd
 
 from slide_clip.encoders.outputs import embeddings_line
 from slide_clip.errors import ConfigError, OutputError, SlideClipError, SlideError
+from slide_clip.storage.filesystems import upath
 from slide_clip.store import model_key
 from slide_clip.survival.bags import BagDataset, PatientCohort, open_cohort
 from slide_clip.survival.clinical import Clinical, check_outcomes, join_cohort, read_clinical
 from slide_clip.survival.folds import patient_folds
 from slide_clip.survival.metrics import harrell_c, km_plot
 from slide_clip.survival.report import console_lines
-from slide_clip.survival.rundir import RunFolder
+from slide_clip.survival.rundir import run_folder
 from slide_clip.survival.validation import FoldData, cv_concordance, permutation_p, small_cohort
 from slide_clip.text import plural
 
@@ -165,6 +166,15 @@ def _writing(where: Path):
 
 def _probe(folder: Path) -> None:
     """Fail now, not after the training, when the results cannot be written."""
+    from slide_clip.storage.urls import is_url
+
+    if is_url(folder):
+        from slide_clip.storage import objects
+
+        p = f"{str(folder).rstrip('/')}/.write-test-{id(folder)}"
+        objects.write_bytes(p, b"x")
+        objects.remove(p)
+        return
     with _writing(folder):
         folder.mkdir(parents=True, exist_ok=True)
         p = folder / f".write-test-{id(folder)}"
@@ -444,7 +454,7 @@ def run_survival(out: str | Path, clinical: str | Path, time: str, event: str, *
     """
     s = settings or SurvivalSettings()
     _check_settings(s)
-    out = Path(out)
+    out = upath(out)  # a Path, or a UPath for a URL (never Path(url), which folds s3:// into s3:/)
     cl = read_clinical(clinical, time, event)
     _check_covariates(cl, s.covariates)
     cohort = open_cohort(out, model, manifest=manifest, allow_missing=s.allow_missing)
@@ -467,7 +477,7 @@ def run_survival(out: str | Path, clinical: str | Path, time: str, event: str, *
     reports = {}
     for b in s.baselines:
         final = out / "survival" / b / name
-        with _writing(final), RunFolder(final) as rf:
+        with _writing(final), run_folder(final) as rf:
             run = run_coxnet if b == "coxnet" else run_abmil
             rep = run(cohort, cl, folds, s, rf.path, log, dropped_patients)
             rf.commit()

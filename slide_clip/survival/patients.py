@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slide_clip.errors import ConfigError, SlideClipError
+from slide_clip.storage import objects
+from slide_clip.storage.filesystems import upath
+from slide_clip.storage.urls import absolute, is_url
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class Listing:
 
 
 def _abs(p: str | Path) -> str:
-    return str(Path(p).expanduser().resolve())
+    return absolute(p)
 
 
 def _store_header(path: Path) -> dict:
@@ -99,7 +102,7 @@ def _same_slide(row: Listed, store: Path) -> str | None:
     recorded = str(rec.get("path") or "")
     if recorded and _abs(recorded) == _abs(row.given):
         return None
-    if not Path(row.given).exists():
+    if not (objects.exists(row.given) if is_url(row.given) else Path(row.given).exists()):
         return (f"store {store.name} was made from {recorded or 'an unrecorded file'}, and {row.given} is not there "
                 "to compare fingerprints")
     try:
@@ -120,8 +123,8 @@ def list_slides(out: str | Path, stores: dict[str, Path], manifest: str | Path |
     """
     from slide_clip.manifest import read_patients
 
-    out = Path(out)
-    listed = _manifest_rows(out, Path(manifest)) if manifest else _recorded_rows(out)
+    out = upath(out)  # a Path, or a UPath for a URL (never Path(url))
+    listed = _manifest_rows(out, upath(manifest)) if manifest else _recorded_rows(out)
     result = Listing(listed)
     seen: dict[str, Listed] = {}
     for row in listed:

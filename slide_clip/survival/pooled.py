@@ -19,6 +19,7 @@ import pandas as pd
 
 from slide_clip.aggregate import metric_column, slide_scores
 from slide_clip.errors import StoreError
+from slide_clip.storage.filesystems import upath
 from slide_clip.store import SlideStore, model_key
 from slide_clip.survival.bags import PatientCohort
 
@@ -144,7 +145,7 @@ def write_pooled_tables(cohort: PatientCohort, folder: str | Path | None = None,
     from slide_clip.storage.objects import replace_file
     from slide_clip.output import BESIDE_STORES, output_errors
 
-    folder = Path(folder) if folder else cohort.out / "tables" / model_key(cohort.model)
+    folder = upath(folder) if folder else cohort.out / "tables" / model_key(cohort.model)
     slides, patients = pooled_tables(cohort, **kwargs)
     sp, pp = folder / "slides.parquet", folder / "patients.parquet"
     with output_errors(folder, BESIDE_STORES), replace_file(sp) as ts, replace_file(pp) as tp:

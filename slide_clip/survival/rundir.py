@@ -6,6 +6,11 @@ renamed aside (``.<run>.old-<pid>``), the new one renamed into place, and the pr
 deleted. A run that fails or is killed leaves the previous folder as it was (its partial
 folder is removed by the next run of that name). Were a run killed between the two
 renames, the next run of the name puts the previous folder back first.
+
+At a URL (``s3://...``; an object store has no rename) the run is written into a local
+temporary folder and uploaded when complete (:class:`RemoteRunFolder`): the previous run's
+``report.json`` is deleted first, then its other objects, the new files are uploaded and the
+new ``report.json`` last, so a folder holding a ``report.json`` holds that one whole run.
 """
 
 from __future__ import annotations
@@ -72,3 +77,59 @@ class RunFolder:
     def __exit__(self, *exc) -> None:
         if not self.committed:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+class RemoteRunFolder:
+    """:class:`RunFolder` for a URL ``final``: ``path`` is a local temporary folder, uploaded by
+    :meth:`commit` (``report.json`` last); a run that fails before leaves the objects as they were."""
+
+    MARKER = "report.json"
+
+    def __init__(self, final):
+        import tempfile
+
+        from slide_clip.storage.urls import url_name
+
+        self.final = final
+        self._tmp = Path(tempfile.mkdtemp(prefix="slide-clip-run-"))
+        self.path = self._tmp / f".{url_name(str(final))}.partial-{os.getpid()}"
+        self.committed = False
+
+    def __enter__(self) -> "RemoteRunFolder":
+        self.path.mkdir()
+        return self
+
+    def commit(self):
+        """Replace the objects under ``final`` with the finished folder; returns ``final``."""
+        from slide_clip.storage import objects
+        from slide_clip.storage.failures import remote_errors
+        from slide_clip.storage.filesystems import filesystem
+        from slide_clip.storage.urls import join
+
+        url = str(self.final)
+        files = sorted(p for p in self.path.rglob("*") if p.is_file())
+        names = {p.relative_to(self.path).as_posix() for p in files}
+        fs, root = filesystem(url)
+        with remote_errors(url, "write"):
+            fs.invalidate_cache(root)
+            old = fs.find(root) if fs.exists(root) else []
+        objects.remove(join(url, self.MARKER))  # from now on the folder is no complete run until the new marker
+        for o in old:
+            rel = o[len(root):].lstrip("/")
+            if rel != self.MARKER and rel not in names:
+                objects.remove(join(url, rel))
+        for p in sorted(files, key=lambda p: p.relative_to(self.path).as_posix() == self.MARKER):
+            with objects.replace_file(join(url, p.relative_to(self.path).as_posix())) as tmp:
+                shutil.copyfile(p, tmp)
+        self.committed = True
+        return self.final
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def run_folder(final):
+    """The run folder for ``final``: :class:`RunFolder` for a local path, :class:`RemoteRunFolder` for a URL."""
+    from slide_clip.storage.urls import is_url
+
+    return RemoteRunFolder(final) if is_url(final) else RunFolder(final)
