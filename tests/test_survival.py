@@ -435,6 +435,7 @@ def test_cli_survival_and_bags(surv, tmp_path):
                             "--name", "cli", "--covariate", "age"])
     assert r.exit_code == 0, r.output
     rep = json.loads((surv.out / "survival" / "coxnet" / "cli" / "report.json").read_text())
+    assert rep["run"] == "cli"  # the run's name, not the partial folder it was written in
     assert rep["settings"]["folds"] == 3 and rep["settings"]["covariates"] == ["age"]
     assert rep["features"]["columns"] == [f"emb_mean_{j}" for j in range(32)] + ["age"]
     r = runner.invoke(app, ["survival", str(surv.out), "--clinical", str(surv.clinical), "--time", "months",

@@ -38,7 +38,7 @@ from slide_clip.survival.clinical import Clinical, check_outcomes, join_cohort, 
 from slide_clip.survival.folds import patient_folds
 from slide_clip.survival.metrics import harrell_c, km_plot
 from slide_clip.survival.report import console_lines
-from slide_clip.survival.rundir import run_folder
+from slide_clip.survival.rundir import run_folder, run_name
 from slide_clip.survival.validation import FoldData, cv_concordance, permutation_p, small_cohort
 from slide_clip.text import plural
 
@@ -282,7 +282,7 @@ def _finish(run_dir: Path, baseline: str, pids: list[str], folds: np.ndarray, cv
     events_per_fold = [f["events"] for f in metrics["folds"]]
     report = {
         "baseline": baseline,
-        "run": run_dir.name,
+        "run": run_name(run_dir),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": None,
         "settings": settings.to_dict(),

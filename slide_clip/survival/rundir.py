@@ -16,6 +16,7 @@ new ``report.json`` last, so a folder holding a ``report.json`` holds that one w
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -126,6 +127,12 @@ class RemoteRunFolder:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def run_name(path) -> str:
+    """The run's name from the folder it is being written in (``.<run>.partial-<pid>``)."""
+    m = re.fullmatch(r"\.(.+)\.partial-\d+", Path(str(path)).name)
+    return m.group(1) if m else Path(str(path)).name
 
 
 def run_folder(final):
