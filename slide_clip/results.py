@@ -99,7 +99,9 @@ def record_status(out_dir, r: SlideResult) -> None:
         return
     with output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # never a half-written status
+        # never a half-written status; the temporary name ends in .tmp so that readers listing
+        # status/*.json (run's progress, slide ids) never see it (atomic.replace_file keeps .json)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(data, indent=1))
             os.replace(tmp, path)

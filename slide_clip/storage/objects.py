@@ -61,6 +61,11 @@ def write_text(path, text: str):
     return write_bytes(path, text.encode())
 
 
+def upload(local, url) -> None:
+    """Put the local file ``local`` at ``url`` whole, in one PUT (a failed upload leaves the old object)."""
+    _remote(url, lambda fs, p: fs.put_file(str(local), p), "write")
+
+
 def _remote(path, call, action: str = "read"):
     """``call(fs, p)`` on the file system of the URL ``path``, its failures as one line."""
     fs, p = filesystem(str(path))

@@ -120,8 +120,7 @@ class RemoteRunFolder:
             if rel != self.MARKER and rel not in names:
                 objects.remove(join(url, rel))
         for p in sorted(files, key=lambda p: p.relative_to(self.path).as_posix() == self.MARKER):
-            with objects.replace_file(join(url, p.relative_to(self.path).as_posix())) as tmp:
-                shutil.copyfile(p, tmp)
+            objects.upload(p, join(url, p.relative_to(self.path).as_posix()))
         self.committed = True
         return self.final
 
