@@ -27,6 +27,7 @@ import ctypes
 import errno
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -119,11 +120,13 @@ def replace_file(path: str | Path):
     """Yield a temporary path beside ``path``; when the block ends without error, rename it over ``path``.
 
     A crash or a full disk leaves the old file (or none) and at most a hidden
-    ``.<stem>.<pid>.tmp<suffix>`` beside it, never a half-written ``path``.
+    ``.<stem>.<pid>-<thread>.tmp<suffix>`` beside it, never a half-written ``path``; two threads
+    writing one file (the viewer's requests) each write their own.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix tells writers the format
+    # the suffix tells writers the format
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

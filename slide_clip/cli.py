@@ -612,7 +612,7 @@ def map_(
 # ----------------------------------------------------------------------------- viewer
 @app.command()
 def view(
-    out: o.OutFolder,
+    out: o.UrlOutFolder,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8765, help="Port (0 picks a free one)."),
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a --host other machines can reach "

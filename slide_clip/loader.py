@@ -64,7 +64,7 @@ def read_batch(job: TileJob, handles: "collections.OrderedDict") -> tuple[torch.
     """
     from slide_clip.reading import open_for_reading, read_tiles
 
-    key = _file_key(job.slide_file)
+    key = file_key(job.slide_file)
     osr = handles.pop(key, None)
     if osr is None:
         osr = open_for_reading(job.slide_file)
@@ -86,7 +86,7 @@ REMOTE_KEY_SECONDS = 5.0
 _remote_keys: dict = {}  # url -> (time asked, key)
 
 
-def _file_key(path: str) -> tuple:
+def file_key(path: str) -> tuple:
     """A handle's key: the path and the file's identity, so that a pool that outlives one run
     (a Prefect worker's) never reads a slide replaced at the same path from a stale handle.
     A local file's identity is its inode, size and mtime; a URL's its size and ETag (an

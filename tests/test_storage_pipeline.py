@@ -202,11 +202,11 @@ def test_reader_handles_of_a_url_are_keyed_by_its_etag(s3, monkeypatch, tmp_path
     f = tmp_path / "a.tif"
     f.write_bytes(b"II*\x00" + b"a" * 100)
     url = s3.upload(bucket, "a.tif", f)
-    first = loader._file_key(url)
-    assert first == loader._file_key(url)
+    first = loader.file_key(url)
+    assert first == loader.file_key(url)
     f.write_bytes(b"II*\x00" + b"b" * 100)  # the same size, other bytes
     s3.upload(bucket, "a.tif", f)
-    assert loader._file_key(url) != first
+    assert loader.file_key(url) != first
 
 
 def test_config_storage_section_reaches_the_urls(s3, cfg, two_slides):

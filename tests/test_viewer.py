@@ -192,19 +192,22 @@ def test_open_a_slide_and_zoom(browser):
     timing = browser.execute_script("return window.viewerTiming")
     assert timing["fullyLoaded"] > 0
 
-    def deepest():
-        return browser.execute_script("""
-            return Math.max(...performance.getEntriesByType('resource').map(e => e.name)
-                .filter(n => n.includes('/api/slide/dz/') && n.includes('slide=slide_a'))
-                .map(n => parseInt(n.split('/api/slide/dz/')[1])));""")
+    deepest = """Math.max(...performance.getEntriesByType('resource').map(e => e.name)
+        .filter(n => n.includes('/api/slide/dz/') && n.includes('slide=slide_a'))
+        .map(n => parseInt(n.split('/api/slide/dz/')[1])))"""
 
-    zoom0, level0 = browser.execute_script("return viewer.viewport.getZoom()"), deepest()
+    zoom0, level0 = browser.execute_script(f"return [viewer.viewport.getZoom(), {deepest}]")
     browser.find_element("css selector", "div[title='Zoom in']").click()
-    wait(browser, f"viewer.viewport.getZoom() > {zoom0} * 1.5")
-    wait(browser, "viewer.world.getItemAt(0).getFullyLoaded()")
-    assert deepest() > level0   # sharper Deep Zoom tiles were fetched for the closer view
-    browser.execute_script("viewer.viewport.goHome(true);")
-    settle(browser)
+    try:
+        wait(browser, f"viewer.viewport.getZoom() > {zoom0} * 1.5")
+        # sharper Deep Zoom tiles are fetched for the closer view (during the zoom's animation: the
+        # old level stays "fully loaded" until the animation needs the next one)
+        wait(browser, f"{deepest} > {level0}", timeout=30)
+        wait(browser, "viewer.world.getItemAt(0).getFullyLoaded()")
+        assert browser.execute_script(f"return {deepest}") == level0 + 1
+    finally:  # the next tests start from the whole slide in view
+        browser.execute_script("viewer.viewport.goHome(true);")
+        settle(browser)
 
 
 def test_heatmap_toggles_and_draws_the_tile_probability(browser, cohort):

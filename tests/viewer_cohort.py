@@ -120,10 +120,12 @@ class ThreadServer:
 
 
 class CliServer:
-    """`slide-clip view OUT --port 0` as a process; its address read from what it prints."""
+    """`slide-clip view OUT --port 0` as a process; its address read from what it prints.
+    ``before``: options before the command (``--storage-options``)."""
 
-    def __init__(self, out: Path, *args: str, env=None):
-        self.proc = subprocess.Popen([sys.executable, "-m", "slide_clip.cli", "view", str(out), "--port", "0", *args],
+    def __init__(self, out: Path, *args: str, env=None, before=()):
+        self.proc = subprocess.Popen([sys.executable, "-m", "slide_clip.cli", *before, "view", str(out), "--port", "0",
+                                      *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         self.line = self.proc.stdout.readline()

@@ -52,6 +52,9 @@ def create_app(out: str | Path, cfg, *, model: str | None = None, allowed_hosts:
     ``model``: the stored model to search and re-score with (needed when stores hold several).
     ``allowed_hosts``: ``Host`` header names accepted (default: loopback names).
     """
+    from slide_clip.storage.options import apply
+
+    apply(cfg)  # the config's storage section (endpoint, profile...), before the folder is listed
     catalog = Catalog(out)
     osd = openseadragon_dir()
     threading.Thread(target=_warm_imports, daemon=True).start()
@@ -236,7 +239,12 @@ def create_app(out: str | Path, cfg, *, model: str | None = None, allowed_hosts:
     @app.get("/files/{path:path}")
     def files(path: str):
         target = served_file(catalog.out, path)
-        return FileResponse(target)
+        if isinstance(target, Path):
+            return FileResponse(target)
+        import mimetypes
+
+        kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        return Response(target.read_bytes(), media_type=kind)
 
     return app
 
@@ -259,7 +267,8 @@ def served_file(out: Path, rel: str) -> Path:
     """The file ``rel`` under ``out`` if it is one the page may fetch, else :class:`UnknownSlideError` (404).
 
     Refused: absolute paths, any ``..``, anything whose real path (symlinks resolved) leaves
-    ``out``, folders, and suffixes other than :data:`SERVED_SUFFIXES`.
+    ``out``, folders, and suffixes other than :data:`SERVED_SUFFIXES`. An output folder at a URL
+    (a UPath) gives the object under it (an object store has no links).
     """
     bad = UnknownSlideError("no such file in the output folder")
     if not rel or rel.startswith(("/", "\\")) or "\\" in rel or "\x00" in rel:
@@ -267,6 +276,11 @@ def served_file(out: Path, rel: str) -> Path:
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise bad
+    if not isinstance(out, Path):
+        target = out.joinpath(*parts)
+        if target.suffix.lower() not in SERVED_SUFFIXES or not target.is_file():
+            raise bad
+        return target
     root = Path(os.path.realpath(out))
     target = Path(os.path.realpath(root.joinpath(*parts)))
     if os.path.commonpath([root, target]) != str(root) or not target.is_file() \

@@ -4,10 +4,14 @@ Only reads: stores are opened for each request (a score set written since is see
 and never written here; the cohort tables are the files `summarize` writes
 (``cohort-<set>-<model>.parquet``, see docs/FORMAT.md). A slide is addressed by its slide id;
 the only slide files the viewer opens are those its stores name (``slide.path``).
+
+The output folder may be a URL (``s3://bucket/out``): it is then a :func:`~slide_clip.storage.
+filesystems.upath` path object, read through fsspec like every other command's.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import threading
@@ -18,6 +22,8 @@ import numpy as np
 
 from slide_clip.aggregate import metric_column
 from slide_clip.errors import ConfigError, SlideClipError, StoreError
+from slide_clip.storage.filesystems import upath
+from slide_clip.storage.urls import absolute, is_url
 from slide_clip.store import SlideStore
 
 
@@ -30,7 +36,7 @@ class SlideEntry:
     """One store of the output folder."""
 
     slide_id: str
-    store: Path
+    store: Path  # or a UPath of a store at a URL
     slide_path: str
     status: str
 
@@ -50,9 +56,10 @@ class Catalog:
     """The stores of one output folder, found when opened (and again by :meth:`refresh`)."""
 
     def __init__(self, out: str | Path):
-        self.out = Path(out).resolve()
+        self.out = upath(absolute(out))
         if not self.out.is_dir():
-            raise StoreError("is not a folder", path=out, hint="Give an output folder of `slide-clip embed`.")
+            raise StoreError("is not a folder" + (" (no objects under this prefix)" if is_url(out) else ""),
+                             path=out, hint="Give an output folder of `slide-clip embed`.")
         self._lock = threading.Lock()
         self.slides: dict[str, SlideEntry] = {}
         self.failed: list[tuple[str, str]] = []
@@ -64,6 +71,8 @@ class Catalog:
         """Find the stores again (slides embedded since the viewer started)."""
         from slide_clip.scoring import find_stores
 
+        if is_url(self.out):  # fsspec keeps listings: ask the service again
+            self.out.fs.invalidate_cache()
         slides, failed = {}, []
         for p in find_stores([self.out]):
             try:
@@ -71,7 +80,7 @@ class Catalog:
                 sid = str(st.slide["name"])
                 if sid in slides:
                     raise StoreError(f"has slide id {sid!r} like {slides[sid].store}", path=p)
-                slides[sid] = SlideEntry(sid, Path(p), str(st.slide.get("path", "")), st.status)
+                slides[sid] = SlideEntry(sid, p, str(st.slide.get("path", "")), st.status)
             except (SlideClipError, KeyError) as e:
                 failed.append((str(p), str(e)))
         with self._lock:
@@ -102,19 +111,19 @@ class Catalog:
 
         out = []
         for mk, sk in score_set_pairs(self.out):
-            stem = self.out / f"cohort-{sk}-{mk}"
+            parquet, csv = (self.out / f"cohort-{sk}-{mk}{ext}" for ext in (".parquet", ".csv"))
             entry = {"key": f"{mk}/{sk}", "set": sk, "model": mk, "classes": [], "rows": {}, "missing": False}
-            try:
-                if stem.with_suffix(".parquet").is_file():
-                    df = pd.read_parquet(stem.with_suffix(".parquet"))
-                elif stem.with_suffix(".csv").is_file():
-                    df = pd.read_csv(stem.with_suffix(".csv"))
+            try:  # read whole first: pandas alone would not take a URL's storage options
+                if parquet.is_file():
+                    df = pd.read_parquet(io.BytesIO(parquet.read_bytes()))
+                elif csv.is_file():
+                    df = pd.read_csv(io.BytesIO(csv.read_bytes()))
                 else:
                     entry["missing"] = True
                     out.append(entry)
                     continue
             except Exception as e:  # noqa: BLE001 - a damaged table: say so, list the others
-                entry.update(missing=True, error=f"{stem}.parquet cannot be read ({type(e).__name__})")
+                entry.update(missing=True, error=f"{parquet} cannot be read ({type(e).__name__})")
                 out.append(entry)
                 continue
             classes = _table_classes(df)

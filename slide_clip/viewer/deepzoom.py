@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import threading
 from pathlib import Path
 
@@ -25,8 +24,10 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from slide_clip.errors import SlideClipError, SlideError
+from slide_clip.loader import file_key
 from slide_clip.reading import open_for_reading
 from slide_clip.slide import resolve_slide_path
+from slide_clip.storage.urls import is_url
 
 #: Deep Zoom tile side and overlap, pixels (254 + 2 x 1 = 256, OpenSlide's defaults).
 TILE_SIZE = 254
@@ -53,9 +54,10 @@ class DeepZoomSlide:
     """
 
     def __init__(self, path: str | Path, tile_size: int = TILE_SIZE, overlap: int = OVERLAP):
-        file = resolve_slide_path(path)
+        # a URL is read as the encoder's loader reads it (by byte range, or from the local cache)
+        file = str(path) if is_url(path) else str(resolve_slide_path(path))
         try:
-            self.reader = open_for_reading(str(file))
+            self.reader = open_for_reading(file)
         except openslide.OpenSlideError as e:
             raise SlideError(f"cannot be opened to view ({e})", path=path) from None
         self.dz = DeepZoomGenerator(self.reader, tile_size, overlap, limit_bounds=False)
@@ -101,8 +103,9 @@ def encode_jpeg(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
 class SlidePool:
     """Open :class:`DeepZoomSlide` handles (an LRU of :data:`OPEN_SLIDES`) and an LRU of encoded tiles.
 
-    Handles are keyed by path and file identity (size, mtime), so a replaced file is reopened.
-    Safe to use from several threads (the server's worker threads).
+    Handles are keyed by path and file identity (the loader's :func:`~slide_clip.loader.file_key`:
+    a local file's inode, size and mtime, a URL's size and ETag), so a replaced file is reopened. Safe to use from several threads
+    (the server's worker threads).
     """
 
     def __init__(self, open_slides: int = OPEN_SLIDES, cache_bytes: int = TILE_CACHE_BYTES):
@@ -114,11 +117,7 @@ class SlidePool:
 
     @staticmethod
     def _key(path: str) -> tuple:
-        try:
-            st = os.stat(path)
-            return (path, st.st_size, st.st_mtime_ns)
-        except OSError:
-            return (path, None, None)
+        return file_key(path)
 
     def slide(self, path: str) -> DeepZoomSlide:
         key = self._key(path)

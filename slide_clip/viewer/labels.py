@@ -3,7 +3,8 @@
 A label set ``NAME`` is ``<out>/labels/NAME.csv`` with the columns `slide-clip fewshot`
 reads, ``slide,x,y,label`` (the slide file the store names, and the stored tile's level-0
 top-left, so `fewshot` takes the stored embedding and re-encodes nothing), plus ``slide_id``.
-Files are replaced atomically (written beside, then renamed). Re-scoring runs the library's
+Files are replaced atomically (written beside, then renamed; at a URL, uploaded whole:
+:func:`slide_clip.storage.objects.replace_file`). Re-scoring runs the library's
 own :func:`slide_clip.scoring.fewshot` on every store of the folder into the score set
 ``fewshot-NAME`` and writes that set's cohort table with
 :func:`slide_clip.scoring.summarize_all`.
@@ -17,15 +18,15 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from slide_clip.errors import ConfigError
 from slide_clip.output import output_errors
+from slide_clip.storage import objects
+from slide_clip.storage.filesystems import upath
 from slide_clip.viewer.catalog import Catalog, tile_row
 
 LABELS_DIR = "labels"
@@ -54,7 +55,8 @@ def check_label(label) -> str:
 
 
 def label_path(out: Path, name: str) -> Path:
-    return Path(out) / LABELS_DIR / f"{check_name(name)}.csv"
+    """``<out>/labels/<name>.csv`` (a UPath when ``out`` is a URL)."""
+    return upath(out) / LABELS_DIR / f"{check_name(name)}.csv"
 
 
 def score_set_name(name: str) -> str:
@@ -63,7 +65,7 @@ def score_set_name(name: str) -> str:
 
 
 def list_sets(out: Path) -> list[str]:
-    d = Path(out) / LABELS_DIR
+    d = upath(out) / LABELS_DIR
     return sorted(p.stem for p in d.glob("*.csv") if NAME_RE.match(p.stem)) if d.is_dir() else []
 
 
@@ -72,7 +74,7 @@ def read_labels(out: Path, name: str) -> list[dict]:
     p = label_path(out, name)
     if not p.is_file():
         return []
-    with open(p, newline="") as f:
+    with io.StringIO(p.read_text(), newline="") as f:
         rows = []
         for i, r in enumerate(csv.DictReader(f), start=2):
             try:
@@ -115,15 +117,7 @@ def write_labels(catalog: Catalog, name: str, rows) -> list[dict]:
     for r in rows:
         w.writerow({**r, "slide": catalog.entry(r["slide_id"]).slide_path})
     with output_errors(p):
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        objects.write_text(str(p), buf.getvalue())
     return rows
 
 
@@ -139,7 +133,7 @@ def rescore(catalog: Catalog, name: str, cfg, model: str | None) -> dict:
     if not p.is_file():
         raise LabelError(f"label set {name!r} has no labels yet", hint="Label tiles of at least two labels first.")
     set_name = score_set_name(name)
-    results = fewshot(find_stores([catalog.out]), p, cfg, model=model, name=set_name)
+    results = fewshot(find_stores([catalog.out]), str(p), cfg, model=model, name=set_name)
     used = next((r["model"] for r in results if r.get("model")), model)
     summarize_all(catalog.out, set_name=set_name, model=used)
     return {"set": model_key(set_name), "model": model_key(used) if used else None,

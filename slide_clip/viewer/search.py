@@ -21,8 +21,8 @@ from slide_clip.explore.cohort import Cohort
 class Searcher:
     """Exact cohort search for the viewer; the cohort is opened on first use."""
 
-    def __init__(self, out: Path, cfg, model: str | None = None):
-        self.out, self.cfg, self.model = Path(out), cfg, model
+    def __init__(self, out, cfg, model: str | None = None):
+        self.out, self.cfg, self.model = out, cfg, model  # a Path, or a UPath of a URL
         self._cohort: Cohort | None = None
         self._pool = None
         self._lock = threading.Lock()

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 from slide_clip.errors import ConfigError
+from slide_clip.storage.urls import absolute
 
 #: Default port; 0 asks the system for a free one.
 DEFAULT_PORT = 8765
@@ -64,8 +65,8 @@ def serve(out: str | Path, cfg, *, host: str = "127.0.0.1", port: int = DEFAULT_
     sock = bind(host, port)
     url = url_of(sock, host)
     if remote:
-        echo(REMOTE_WARNING.format(url=url, out=Path(out).resolve()))
-    echo(f"slide-clip viewer of {Path(out).resolve()}: {url}  (Ctrl-C stops it)")
+        echo(REMOTE_WARNING.format(url=url, out=absolute(out)))
+    echo(f"slide-clip viewer of {absolute(out)}: {url}  (Ctrl-C stops it)")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     try:
