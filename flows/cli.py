@@ -15,6 +15,7 @@ import typer
 from slide_clip.cli import _fail, app
 from slide_clip import cli_options as o
 from slide_clip.errors import ConfigError, SlideClipError
+from slide_clip.storage.urls import absolute
 from slide_clip_tasks import ENCODER_LIMIT
 
 def _flow_config(config, model, registry, checkpoint, device, workers, batch_size, tiling=None, precision=None):
@@ -78,9 +79,9 @@ def run(
     deployment: o.Deployment = None,
     encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit a shard holds "
                                                 "while it runs ({host}: the machine's name)."),
-    clinical: Annotated[Optional[Path], typer.Option(
-        "--clinical", help="Clinical table (patient_id, time, event): then also run the survival baselines "
-                           "(see `slide-clip survival`).")] = None,
+    clinical: Annotated[Optional[o.UrlOrPath], typer.Option(
+        "--clinical", help="Clinical table (patient_id, time, event), a path or a URL: then also run the survival "
+                           "baselines (see `slide-clip survival`).")] = None,
     time: o.TimeColumn = None,
     event: o.EventColumn = None,
     clusters: Optional[int] = typer.Option(None, "--clusters", help="Then cluster the cohort's tiles into K "
@@ -108,7 +109,7 @@ def run(
             _fail(f"{flag} {v}: give 1 or more")
     if shard_slides is not None and shard_tiles is not None:
         _fail("give --shard-slides or --shard-tiles, not both")
-    survival = {"clinical": str(clinical.resolve()), "time": time, "event": event} if clinical else None
+    survival = {"clinical": absolute(clinical), "time": time, "event": event} if clinical else None
     try:
         tiling = {"target_mpp": target_mpp, "tile_size": tile_size, "overlap": overlap, "min_tissue": min_tissue}
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, batch_size, tiling, precision)
@@ -145,7 +146,6 @@ def run(
         typer.echo(note, err=True)
     if skipped_text:  # a cohort never shrinks without a word (the flow writes the full list)
         typer.echo(skipped_text, err=True)
-    from slide_clip.storage.urls import is_url
     from slide_clip.text import plural
     from slide_clip_flows.progress import RunProgress
     from slide_clip_flows.temporary_server import temporary_server
@@ -164,9 +164,8 @@ def run(
                 deployment = stack.enter_context(device_workers(
                     device_list, echo=lambda line: typer.echo(line, err=True)))
                 concurrency = len(device_list)
-            if not is_url(out):  # the progress display reads a local output folder (a line per slide at a URL)
-                stack.enter_context(RunProgress(out, [c.slide_id for c in cohort], cfg.encode.model,
-                                                echo=lambda line: typer.echo(line, err=True)))
+            stack.enter_context(RunProgress(out, [c.slide_id for c in cohort], cfg.encode.model,
+                                            echo=lambda line: typer.echo(line, err=True)))
             state = process_cohort(slides=[str(s) for s in slides], out=str(out), pattern=pattern, config=cfg,
                                    prompts=list(prompts), heatmaps=not no_heatmaps, force=overwrite,
                                    max_concurrency=concurrency, deployment=deployment, encoder_limit=encoder_limit,
@@ -259,7 +258,6 @@ def serve(
         cfg = _flow_config(config, model, registry, checkpoint, device, workers, None)
     except SlideClipError as e:
         _fail(str(e))
-    from slide_clip.storage.urls import absolute
     from slide_clip_flows.process_cohort import process_cohort
 
     params = {"slides": [str(watch.resolve())], "out": absolute(out), "pattern": pattern,

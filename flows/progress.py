@@ -8,6 +8,11 @@ or machine ran it) and the ``rows_written`` of the embeddings group being filled
 (``out/<slide_id>.zarr/embeddings/<model>/zarr.json``). So it shows the same progress for
 shards run in this process, on ``--devices`` workers or on a work pool's machines. A
 display only: nothing it reads or fails to read changes a result.
+
+An output folder at a URL is read the same way through fsspec (a listing of the folder and
+of ``status/`` a look, asked of the service each time); a status object is new when its
+version (ETag, size) differs from the one listed when the run began, so no clock of the
+storage service is compared with this machine's.
 """
 
 from __future__ import annotations
@@ -38,6 +43,63 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+class _LocalFolder:
+    """A local output folder: its stores, and the status files written since ``t0`` (mtime)."""
+
+    def __init__(self, out, t0: float):
+        self.out, self.t0 = Path(out), t0
+
+    def listing(self) -> tuple[set[str], set[str]]:
+        """(slide ids with a store, slide ids with a status file written in this run)."""
+        stores = {n[:-5] for n in os.listdir(self.out) if n.endswith(".zarr")}
+        try:
+            fresh = {e.name[:-5] for e in os.scandir(self.out / "status")
+                     if e.name.endswith(".json") and e.stat().st_mtime >= self.t0 - 1}
+        except FileNotFoundError:  # status/ is made with the first finished slide
+            fresh = set()
+        return stores, fresh
+
+    def read_text(self, rel: str) -> str:
+        return (self.out / rel).read_text()
+
+
+class _RemoteFolder:
+    """An output folder at a URL: as :class:`_LocalFolder`, through fsspec; a status is new when
+    its version differs from the one listed when the run began."""
+
+    def __init__(self, out: str):
+        from slide_clip.storage.filesystems import filesystem
+
+        self.fs, self.root = filesystem(out)
+        self.root = self.root.rstrip("/")
+        try:
+            self.before = self._statuses()
+        except Exception:  # noqa: BLE001 - a display: the run reports the folder's own errors
+            self.before = {}
+
+    def _ls(self, path: str) -> list[dict]:
+        self.fs.invalidate_cache(path)  # fsspec keeps listings: ask the service again
+        try:
+            return self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+
+    def _statuses(self) -> dict[str, tuple]:
+        from slide_clip.storage.cache import etag_of
+
+        return {e["name"].rsplit("/", 1)[-1]: (e.get("size"), etag_of(e)) for e in self._ls(f"{self.root}/status")
+                if e["name"].endswith(".json")}
+
+    def listing(self) -> tuple[set[str], set[str]]:
+        stores = {e["name"].rstrip("/").rsplit("/", 1)[-1][:-5] for e in self._ls(self.root)
+                  if e["name"].rstrip("/").endswith(".zarr")}
+        fresh = {n[:-5] for n, v in self._statuses().items() if self.before.get(n) != v}
+        return stores, fresh
+
+    def read_text(self, rel: str) -> str:
+        return self.fs.cat_file(f"{self.root}/{rel}").decode()
+
+
 class RunProgress:
     """Watch ``out`` for the slides ``slide_ids`` (embedded with ``model``) from now on, and
     call ``echo(line)`` as they progress. A context manager: started on enter, stopped (after
@@ -45,12 +107,15 @@ class RunProgress:
 
     def __init__(self, out: str | Path, slide_ids: list[str], model: str, echo, *,
                  poll: float = POLL_SECONDS, every: float = ENCODING_EVERY):
-        self.out = Path(out)
+        from slide_clip.storage.urls import is_url
+
+        self.out = out
+        self.t0 = time.time()
+        self.folder = _RemoteFolder(str(out)) if is_url(out) else _LocalFolder(out, self.t0)
         self.ids = list(slide_ids)
         self.model = model_key(model)
         self.echo = echo
         self.poll, self.every = poll, every
-        self.t0 = time.time()
         self.done: dict[str, str] = {}  # slide id -> status, for slides finished in this run
         self.tiles = 0  # tiles encoded by this run, in finished slides
         self._seen: dict[str, int] = {}  # slide id -> rows written when first seen encoding
@@ -62,18 +127,16 @@ class RunProgress:
 
     # ---------------------------------------------------------------- reading the folder
     def _status(self, sid: str) -> dict | None:
-        p = self.out / "status" / f"{sid}.json"
+        """The slide's status written in this run (the listing said it is new), or None."""
         try:
-            if p.stat().st_mtime < self.t0 - 1:
-                return None  # from an earlier run
-            st = json.loads(p.read_text())
+            st = json.loads(self.folder.read_text(f"status/{sid}.json"))
         except (OSError, ValueError):
             return None
         return st if isinstance(st, dict) else None
 
     def _rows_written(self, sid: str) -> tuple[int, int] | None:
         try:
-            attrs = json.loads((self.out / f"{sid}.zarr" / "embeddings" / self.model / "zarr.json").read_text())
+            attrs = json.loads(self.folder.read_text(f"{sid}.zarr/embeddings/{self.model}/zarr.json"))
             a = attrs.get("attributes") or {}
             if a.get("status") == "complete":
                 return None
@@ -101,12 +164,7 @@ class RunProgress:
         now = time.time()
         encoding_tiles = 0
         try:  # one listing a look, not a file probe per slide of the cohort
-            stores = {n[:-5] for n in os.listdir(self.out) if n.endswith(".zarr")}
-            try:
-                fresh = {e.name[:-5] for e in os.scandir(self.out / "status")
-                         if e.name.endswith(".json") and e.stat().st_mtime >= self.t0 - 1}
-            except FileNotFoundError:  # status/ is made with the first finished slide
-                fresh = set()
+            stores, fresh = self.folder.listing()
         except OSError:
             return
         probed = 0

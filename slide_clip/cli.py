@@ -492,7 +492,8 @@ def _explore_failed(failed) -> int:
 def search(
     stores: List[o.UrlOrPath] = typer.Argument(..., metavar="STORES", show_default=False, help="An output folder of `embed` (or its stores; a path or a "
                                         "URL), then the text queries: slide-clip search OUT \"necrosis\" \"lymphocytes\"."),
-    image: List[Path] = typer.Option([], "--image", help="Query with an image file (repeatable; encoded once)."),
+    image: List[str] = typer.Option([], "--image", help="Query with an image file, a path or a URL (repeatable; "
+                                    "encoded once)."),
     tile: List[str] = typer.Option([], "--tile", help="Query with a stored tile, e.g. slide1:4480:2240 (slide id, then "
                                    "level-0 x and y; repeatable; its stored embedding, never re-encoded)."),
     prompts: Optional[str] = typer.Option(None, "--prompts", "-p", help="Prompt set whose templates phrase the "
@@ -578,8 +579,8 @@ def map_(
     colour_by: List[str] = typer.Option(["slide"], "--color-by", "--colour-by",
                                         help="slide, a score set (top class) or a clusters set (repeatable)."),
     mosaic: bool = typer.Option(False, help="Also place tile thumbnails on the map."),
-    h5ad: Optional[Path] = typer.Option(None, "--h5ad", help="Also export the sampled tiles (all tiles with "
-                                        "--per-slide 0) as AnnData, with the map in obsm."),
+    h5ad: Optional[str] = typer.Option(None, "--h5ad", help="Also export the sampled tiles (all tiles with "
+                                       "--per-slide 0) as AnnData, with the map in obsm (a path or a URL)."),
     model: o.StoredModel = None,
 ):
     """Draw a 2-D map (UMAP, t-SNE or PCA) of tiles or slides; optional mosaic and AnnData export."""

@@ -58,9 +58,9 @@ CohortOut = Annotated[UrlOrPath, typer.Option(
     "--out", "-o", help="Output folder (a path or a URL): stores, heatmaps, summaries, cohort tables.")]
 Pattern = Annotated[Optional[str], typer.Option(
     "--pattern", help="Glob for slides inside folders (default: known slide extensions).")]
-Manifest = Annotated[Optional[Path], typer.Option(
+Manifest = Annotated[Optional[UrlOrPath], typer.Option(
     "--manifest", help="Cohort CSV (path, patient_id) giving slides their patients (default: OUT/patients.csv from "
-         "`slide-clip run`; else one patient per slide).")]
+         "`slide-clip run`; else one patient per slide). A path or a URL.")]
 AllowMissing = Annotated[bool, typer.Option(
     "--allow-missing", help="Leave out listed slides that have no complete store (and patients left without "
                             "a slide); each is listed. Default: such a slide is an error.")]
@@ -130,8 +130,8 @@ ScoreSet = Annotated[Optional[str], typer.Option(
                         "Default: the stores' only score set (cluster sets aside).")]
 
 # ----------------------------------------------------------------------------- survival
-Clinical = Annotated[Path, typer.Option(
-    "--clinical", help="Clinical table (CSV or Parquet): patient_id, time, event, ...")]
+Clinical = Annotated[UrlOrPath, typer.Option(
+    "--clinical", help="Clinical table (CSV or Parquet): patient_id, time, event, ... A path or a URL.")]
 TimeColumn = Annotated[str, typer.Option("--time", help="Column of follow-up times (in --clinical).")]
 EventColumn = Annotated[str, typer.Option(
     "--event", help="Column of event indicators in --clinical (1/true = event, 0/false = censored).")]

@@ -352,6 +352,10 @@ def test_run_on_s3_equals_local(s3, two_slides, local_run, tiny_registry, tmp_pa
         assert status["status"] == "ok" and status["store"] == f"{out}/{l.name}.zarr"
     df = pd.read_csv(io.BytesIO(objects.read_bytes(f"{out}/cohort-tumour-tiny.csv")))
     assert sorted(df["slide_id"]) == sorted(l.name for l in local)
+    # the live progress read the s3 folder: a line per slide as it finished
+    done = [ln.split() for ln in r.stderr.splitlines() if ln.startswith("[") and "/2]" in ln]
+    assert sorted((d[1], d[2]) for d in done) == [("ok", l.name) for l in sorted(local, key=lambda l: l.name)], \
+        r.stderr[-3000:]
 
 
 def _copy_stores(s3, local_out, bucket: str, prefix: str = "copy") -> str:
@@ -363,10 +367,10 @@ def _copy_stores(s3, local_out, bucket: str, prefix: str = "copy") -> str:
     return f"s3://{bucket}/{prefix}"
 
 
-def test_search_and_map_on_s3_equal_local(s3, cfg, local_run):
-    """search (a stored tile's query, exact and with the FAISS index) and map over stores at an
-    s3:// URL: tables, galleries, index and pictures written beside the stores, results equal to
-    the same calls on the local stores."""
+def test_search_and_map_on_s3_equal_local(s3, cfg, local_run, tmp_path):
+    """search (a stored tile's query, exact and with the FAISS index; an image query at a URL) and
+    map over stores at an s3:// URL: tables, galleries, index, pictures and the AnnData export
+    written beside the stores, results equal to the same calls on the local stores."""
     from slide_clip.explore.maps import embedding_map
     from slide_clip.explore.retrieval import read_hits, search
 
@@ -392,6 +396,29 @@ def test_search_and_map_on_s3_equal_local(s3, cfg, local_run):
     assert all(objects.exists(str(f)) for f in m["files"])
     back = pd.read_csv(io.BytesIO(objects.read_bytes(str(m["files"][-1]))))
     pd.testing.assert_frame_equal(back, pd.read_csv(lm["files"][-1]))
+
+    # an image query read from a URL; the AnnData export written to one
+    import anndata
+
+    from slide_clip.explore.h5ad import export_h5ad
+    from PIL import Image
+
+    img = tmp_path / "query.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(img)
+    url = s3.upload(bucket, "queries/query.png", img)
+    r = search([out], cfg, images=[url], top=5, gallery=False)
+    lr = search([local_out], cfg, images=[img], top=5, gallery=False)
+    pd.testing.assert_frame_equal(r["table"], lr["table"])
+    from slide_clip.errors import SlideClipError
+
+    with pytest.raises(SlideClipError) as e:
+        search([out], cfg, images=[f"s3://{bucket}/queries/none.png"], top=5, gallery=False)
+    assert f"s3://{bucket}/queries/none.png" in str(e.value) and "\n" not in str(e.value)
+    h = export_h5ad([out], f"{out}/tiles.h5ad", per_slide=20)
+    lh = export_h5ad([local_out], tmp_path / "tiles.h5ad", per_slide=20)
+    (tmp_path / "back.h5ad").write_bytes(objects.read_bytes(f"{out}/tiles.h5ad"))
+    a, b = anndata.read_h5ad(tmp_path / "back.h5ad"), anndata.read_h5ad(lh["path"])
+    assert str(h["path"]) == f"{out}/tiles.h5ad" and np.array_equal(a.X, b.X) and list(a.obs_names) == list(b.obs_names)
 
 
 def test_fewshot_on_s3_equals_local(s3, cfg, local_run, tmp_path):
@@ -449,6 +476,26 @@ def test_bags_on_s3_equal_local(s3, local_run, tmp_path):
     assert [str(p) for p in rt] == [f"{out}/tables/tiny/slides.parquet", f"{out}/tables/tiny/patients.parquet"]
     for r, l in zip(rt, lt):
         pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(objects.read_bytes(str(r)))), pd.read_parquet(l))
+    # a manifest at a URL gives the slides their patients
+    objects.write_text(f"s3://{bucket}/cohort.csv",
+                       "path,patient_id\n" + "".join(f"{l.slide},p{i}\n" for i, l in enumerate(local)))
+    assert open_cohort(out, manifest=f"s3://{bucket}/cohort.csv").patients == \
+        {f"p{i}": [l.name] for i, l in enumerate(local)}
+    # a clinical table at a URL reads as the local file does (CSV and Parquet); a missing one is one line
+    from slide_clip.errors import ConfigError
+    from slide_clip.survival.clinical import read_clinical
+
+    clin = pd.DataFrame({"patient_id": ["p0", "p1", "p2"], "months": [12.5, 30.0, 7.0], "dead": [1, 0, 1]})
+    clin.to_csv(tmp_path / "clinical.csv", index=False)
+    clin.to_parquet(tmp_path / "clinical.parquet", index=False)
+    for name in ("clinical.csv", "clinical.parquet"):
+        url = s3.upload(bucket, f"clinical/{name}", tmp_path / name)
+        a, b = read_clinical(url, "months", "dead"), read_clinical(tmp_path / name, "months", "dead")
+        pd.testing.assert_frame_equal(a.table, b.table)
+        assert a.source == url
+    with pytest.raises(ConfigError, match=f"s3://{bucket}/clinical/none.csv: clinical table not found"):
+        read_clinical(f"s3://{bucket}/clinical/none.csv", "months", "dead")
+
     rb = export_h5(rc, f"s3://{bucket}/bags", "patient")
     lb = export_h5(lc, tmp_path / "bags", "patient")
     assert [str(p) for p in rb] == [f"s3://{bucket}/bags/p1.h5"]
@@ -494,3 +541,39 @@ def test_survival_run_folder_at_a_url_is_uploaded_whole(s3):
     assert all(objects.read_text(f"{final}/{n}") == "3" for n in ("report.json", "risk.csv", "km.png"))
     puts = [r[1] for r in s3.proxy.requests("PUT") if "/survival/coxnet/run/" in r[1]]
     assert puts[-1].split("?")[0].endswith("/run/report.json") and len(puts) == 6  # the marker last, each run
+
+
+def test_run_progress_reads_an_output_folder_at_a_url(s3):
+    """`run`'s progress over an s3:// output folder: a slide encoding from its store's rows written, a
+    slide finished in this run from its status object; a status left by an earlier run is not
+    news (versions listed at the start, no clock of the service compared)."""
+    import json
+
+    from slide_clip.storage.filesystems import upath
+    from slide_clip_flows.progress import RunProgress
+    from test_run_progress import D, N, _store_being_encoded
+
+    from slide_clip.storage.owner import store_owner
+
+    bucket = s3.new_bucket()
+    out = f"s3://{bucket}/out"
+    objects.write_text(f"{out}/status/old.json", json.dumps({"name": "old", "status": "ok", "n_tiles": 5}))
+    feats = np.random.default_rng(1).standard_normal((N, D)).astype(np.float32)
+    lines = []
+    with store_owner(f"{out}/s1.zarr"):  # the writer's claim, as a run's
+        w = _store_being_encoded(upath(out), "s1")
+        w.append(feats[:64])
+        w.flush()
+        progress = RunProgress(out, ["old", "s1"], "tiny", lines.append, every=0.0)
+        progress.look()
+        assert lines == ["encoding s1: 300 tiles, 64 already written"]
+        w.append(feats[64:128])
+        w.flush()
+        progress.look()
+        assert lines[1] == "encoding s1: 128 of 300 tiles", lines
+    objects.write_text(f"{out}/status/s1.json", json.dumps({"name": "s1", "status": "ok", "n_tiles": N,
+                                                            "encoded": N}))
+    objects.write_text(f"{out}/status/old.json", json.dumps({"name": "old", "status": "skipped", "n_tiles": 5}))
+    progress.look()
+    assert [ln for ln in lines if ln.startswith("[")] == ["[1/2] skipped old  5 tiles, 0 encoded",
+                                                          "[2/2] ok      s1  300 tiles, 300 encoded"], lines

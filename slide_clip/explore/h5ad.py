@@ -71,7 +71,9 @@ def export_h5ad(stores, path: str | Path, *, model: str | None = None, per_slide
     from slide_clip.storage.objects import replace_file
     from slide_clip.output import output_errors
 
-    p = Path(path)
+    from slide_clip.storage.urls import is_url
+
+    p = str(path) if is_url(path) else Path(path)  # a URL: written locally, then uploaded whole
     with output_errors(p, "--h5ad"), replace_file(p) as tmp:
         adata.write_h5ad(tmp)
     return {"path": p, "n_obs": int(adata.n_obs), "failed": cohort.failed}

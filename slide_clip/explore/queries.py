@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,17 +167,21 @@ def image_queries(cohort: Cohort, images: list[str | Path], cfg) -> list[Query]:
     import torch
     from PIL import Image, UnidentifiedImageError
 
+    from slide_clip.storage import objects
+    from slide_clip.storage.urls import is_url, url_name
+
     pics = []
     for p in images:
-        try:
-            with Image.open(p) as im:
+        try:  # a URL's bytes read whole (a tile): a missing object is its one-line StorageError
+            with Image.open(io.BytesIO(objects.read_bytes(p)) if is_url(p) else p) as im:
                 pics.append(im.convert("RGB"))
         except (OSError, UnidentifiedImageError) as e:
             raise ConfigError(f"query image cannot be read ({type(e).__name__})", path=p,
                               hint="Give a PNG, JPEG or TIFF tile.") from None
     enc = _encoder(cohort, cfg)
     feats = enc.encode_images(torch.stack([enc.preprocess(im) for im in pics]))
-    return [Query(Path(p).name, "image", normalize(f), {"image": str(p)}) for p, f in zip(images, feats)]
+    return [Query(url_name(p) if is_url(p) else Path(p).name, "image", normalize(f), {"image": str(p)})
+            for p, f in zip(images, feats)]
 
 
 def load_queries(cohort: Cohort, cfg, *, texts=(), images=(), tiles=(), prompts=None, raw=False) -> list[Query]:

@@ -8,6 +8,7 @@ through :mod:`slide_clip.survival.patients` (the manifest's ``patient_id``, or
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from slide_clip.errors import ConfigError
+from slide_clip.storage.filesystems import upath
 
 _TRUE = {"1", "1.0", "true", "yes"}
 _FALSE = {"0", "0.0", "false", "no"}
@@ -56,13 +58,14 @@ def _read_table(p: Path) -> pd.DataFrame:
     if not p.is_file():
         raise ConfigError("clinical table not found", path=p, hint="Give a CSV or Parquet file with patient_id, "
                           "a time and an event column.")
+    data = io.BytesIO(p.read_bytes())  # read whole: a URL too (pandas alone would not take its storage options)
     if p.suffix.lower() in (".parquet", ".pq"):
         try:
-            return pd.read_parquet(p)
+            return pd.read_parquet(data)
         except Exception as e:  # noqa: BLE001 - any parser error is the user's file
             raise ConfigError(f"cannot be read as Parquet ({type(e).__name__}: {e})", path=p) from None
     try:
-        df = pd.read_csv(p, dtype={"patient_id": str}, keep_default_na=True, encoding="utf-8")
+        df = pd.read_csv(data, dtype={"patient_id": str}, keep_default_na=True, encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}; Latin-1 or "
                           "another legacy encoding?)", path=p,
@@ -115,7 +118,7 @@ def read_clinical(path: str | Path, time: str, event: str) -> Clinical:
         A missing column, a duplicated or empty patient id, a missing or negative time, an
         event value other than 0/1 or a boolean, or no event at all: one line naming the file.
     """
-    p = Path(path)
+    p = upath(path)  # a Path, or a UPath of a URL
     df = _read_table(p)
     if df.empty:
         raise ConfigError(f"has no rows (only the header: {', '.join(map(str, df.columns))})", path=p,
