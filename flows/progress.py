@@ -78,8 +78,7 @@ class _RemoteFolder:
             self.before = {}
 
     def _ls(self, path: str) -> list[dict]:
-        self.fs.invalidate_cache(path)  # fsspec keeps listings: ask the service again
-        try:
+        try:  # a listing asked of the service each time (storage.options: no listings cache)
             return self.fs.ls(path, detail=True)
         except FileNotFoundError:
             return []

@@ -182,6 +182,55 @@ def test_two_workers_share_a_cohort_in_shards_each_slide_once(server, tmp_path, 
             f.close()
 
 
+def test_two_workers_run_an_s3_cohort_from_the_shard_deployment(server, s3, tmp_path, make_slide, tiny_registry):
+    """`run --deployment` with slides and output folder at s3:// URLs (the S3 server of
+    tests/s3_server.py) on a process pool of two workers that share no folder with the run and
+    hold only the credentials in their environment: the endpoint reaches the shard runs in the
+    run's config (--storage-options); each worker takes a shard, every slide is encoded once
+    into its store at the URL, and the run's progress lines come from the s3 folder."""
+    from slide_clip.storage import objects, options
+
+    env = {k: v for k, v in server.items() if k != options.ENV}
+    env.update({**s3.credentials(), "AWS_DEFAULT_REGION": "us-east-1"})
+    r = subprocess.run([PY, "-m", "slide_clip_flows.cli", "deploy", "--pool", "s3-pool", "--name", "shards-s3"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout
+    workers, logs = [], []
+    for i in range(2):
+        logs.append(open(tmp_path / f"worker{i}.log", "w"))
+        workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "s3-pool", "--limit", "1",
+                                         "--name", f"s3-worker-{i}"], env=env, cwd=tmp_path, stdout=logs[-1],
+                                        stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        src, _ = make_slide("tissue_0.5", mpp=0.5)
+        bucket = s3.new_bucket()
+        for i in range(2):
+            s3.upload(bucket, f"slides/s{i}.tif", src)
+        out = f"s3://{bucket}/out"
+        r = subprocess.run([PY, "-m", "slide_clip_flows.cli", "--storage-options", f"endpoint_url={s3.endpoint}",
+                            "run", f"s3://{bucket}/slides", "--out", out, "--deployment", "process-shard/shards-s3",
+                            "--shard-slides", "1", "--concurrency", "2", "--models", str(tiny_registry),
+                            "--model", "tiny", "--workers", "0", "--device", "cpu", "--no-heatmaps"],
+                           env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        statuses = [json.loads(objects.read_bytes(f"{out}/status/s{i}.json")) for i in range(2)]
+        assert [s["status"] for s in statuses] == ["ok", "ok"], statuses
+        assert [s["store"] for s in statuses] == [f"{out}/s{i}.zarr" for i in range(2)]
+        assert {s["extra"]["parent_pid"] for s in statuses} == {w.pid for w in workers}
+        for i, s in enumerate(statuses):
+            st = SlideStore.open(f"{out}/s{i}.zarr")
+            assert st.is_complete("tiny") and s["encoded"] == st.n_tiles > 0
+            assert st.slide["path"] == f"s3://{bucket}/slides/s{i}.tif"
+        assert not list(tmp_path.glob("**/*.zarr"))  # nothing written on the workers' disk as a store
+        done = sorted(ln.split()[1:3] for ln in r.stderr.splitlines() if ln.startswith("[") and "/2]" in ln)
+        assert done == [["ok", "s0"], ["ok", "s1"]], r.stderr[-3000:]
+    finally:
+        for w in workers:
+            _stop(w)
+        for f in logs:
+            f.close()
+
+
 def _get(env, path):
     with urllib.request.urlopen(env["PREFECT_API_URL"] + path, timeout=10) as r:
         return json.loads(r.read())

@@ -577,3 +577,25 @@ def test_run_progress_reads_an_output_folder_at_a_url(s3):
     progress.look()
     assert [ln for ln in lines if ln.startswith("[")] == ["[1/2] skipped old  5 tiles, 0 encoded",
                                                           "[2/2] ok      s1  300 tiles, 300 encoded"], lines
+
+
+def test_an_object_written_by_another_process_is_seen_after_a_listing(s3, tmp_path):
+    """A long-lived process (the cohort flow waiting for a worker's shard) lists a folder, then
+    another process writes a slide's status into it: reading it must find it. (fsspec kept the
+    listing and answered "absent" from it: `run --deployment` at s3 reported a slide the worker
+    had finished as not processed.)"""
+    import json
+
+    from slide_clip.results import read_status
+    from slide_clip.storage.filesystems import upath
+
+    bucket = s3.new_bucket()
+    out = f"s3://{bucket}/out"
+    objects.write_text(f"{out}/status/a.json", json.dumps({"name": "a", "status": "ok"}))
+    assert [p.name for p in (upath(out) / "status").glob("*.json")] == ["a.json"]  # listed, as a display does
+    assert read_status(out, "b") is None
+    (tmp_path / "b.json").write_text(json.dumps({"name": "b", "status": "ok"}))
+    s3.upload(bucket, "out/status/b.json", tmp_path / "b.json")  # another client, as another process
+    assert read_status(out, "b") == {"name": "b", "status": "ok"}
+    assert sorted(p.name for p in (upath(out) / "status").glob("*.json")) == ["a.json", "b.json"]
+    assert objects.exists(f"{out}/status/b.json")

@@ -146,6 +146,12 @@ def fsspec_options(protocol: str, storage=None) -> dict[str, Any]:
     """The keyword arguments of the fsspec file system for ``protocol`` from ``storage``'s settings."""
     st = storage or current()
     out: dict[str, Any] = {}
+    if protocol not in ("http", "https"):
+        # fsspec would keep a folder's listing for the life of the process and answer later
+        # exists/info/open calls from it: a long-lived process (the cohort flow, a worker, the
+        # viewer) would then miss an object another process wrote since (a slide's status
+        # read as absent). Every call asks the service.
+        out["use_listings_cache"] = False
     if protocol in ("s3", "s3a"):
         if st.endpoint_url:
             out["endpoint_url"] = st.endpoint_url

@@ -71,8 +71,6 @@ class Catalog:
         """Find the stores again (slides embedded since the viewer started)."""
         from slide_clip.scoring import find_stores
 
-        if is_url(self.out):  # fsspec keeps listings: ask the service again
-            self.out.fs.invalidate_cache()
         slides, failed = {}, []
         for p in find_stores([self.out]):
             try:
