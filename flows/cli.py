@@ -224,8 +224,8 @@ def _report_run(result: dict, out: Path) -> None:
 
 @app.command()
 def serve(
-    watch: Annotated[o.SlidePath, typer.Option(
-        "--watch", help="Folder to watch: each scheduled run processes slides added to it.")],
+    watch: Annotated[o.UrlOrPath, typer.Option(
+        "--watch", help="Folder to watch (a path or a URL): each scheduled run processes slides added to it.")],
     out: o.CohortOut,
     cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 2 * * *" for 02:00 nightly.'),
     interval: Optional[float] = typer.Option(None, help="Or: seconds between runs."),
@@ -260,7 +260,7 @@ def serve(
         _fail(str(e))
     from slide_clip_flows.process_cohort import process_cohort
 
-    params = {"slides": [str(watch.resolve())], "out": absolute(out), "pattern": pattern,
+    params = {"slides": [absolute(watch)], "out": absolute(out), "pattern": pattern,
               "config": cfg.model_dump(mode="json"), "prompts": list(prompts), "max_concurrency": concurrency,
               "deployment": deployment, "shard_slides": shard_slides, "settle_seconds": settle,
               "allow_empty": True}

@@ -138,7 +138,16 @@ def _check_unique(rows: list[CohortSlide], where) -> None:
 
 def last_modified(path: str | Path) -> float:
     """Newest modification time (epoch s) of a slide's files: the file, a DICOM folder's
-    files, and a MIRAX slide's companion folder (``slide.mrxs`` + ``slide/``)."""
+    files, and a MIRAX slide's companion folder (``slide.mrxs`` + ``slide/``). A URL's: its
+    object's, or the newest of a folder's objects (the storage service's clock)."""
+    from slide_clip.storage.urls import is_url
+
+    if is_url(path):
+        from slide_clip.storage.cache import SlideCache
+        from slide_clip.storage.filesystems import modified_epoch
+
+        times = [t for i in SlideCache.remote_files(str(path)).values() if (t := modified_epoch(i)) is not None]
+        return max(times) if times else 0.0
     p = Path(path)
     files = [p]
     for d in (p, p.with_suffix("")):

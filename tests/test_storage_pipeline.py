@@ -599,3 +599,26 @@ def test_an_object_written_by_another_process_is_seen_after_a_listing(s3, tmp_pa
     assert read_status(out, "b") == {"name": "b", "status": "ok"}
     assert sorted(p.name for p in (upath(out) / "status").glob("*.json")) == ["a.json", "b.json"]
     assert objects.exists(f"{out}/status/b.json")
+
+
+def test_a_watched_slide_at_a_url_settles_by_its_objects_time(s3, two_slides, tmp_path):
+    """`serve --watch s3://...`: a slide is left for the next run while its objects are younger than
+    --settle (the storage service's LastModified); a folder's newest object counts."""
+    import time
+
+    from slide_clip.manifest import CohortSlide, last_modified, split_settled
+
+    bucket = s3.new_bucket()
+    url = s3.upload(bucket, "watch/s0.tif", two_slides[0])
+    t = last_modified(url)
+    assert abs(t - time.time()) < 120
+    ready, waiting = split_settled([CohortSlide(url)], 60)
+    assert (ready, [w.path for w in waiting]) == ([], [url])
+    ready, waiting = split_settled([CohortSlide(url)], 60, now=t + 61)
+    assert ([r.path for r in ready], waiting) == ([url], [])
+    s3.upload(bucket, "watch/series/a.dcm", two_slides[0])
+    time.sleep(1.1)
+    s3.upload(bucket, "watch/series/b.dcm", two_slides[1])
+    newest = last_modified(f"s3://{bucket}/watch/series")
+    assert newest >= last_modified(f"s3://{bucket}/watch/series/a.dcm") + 1
+    assert newest == last_modified(f"s3://{bucket}/watch/series/b.dcm")

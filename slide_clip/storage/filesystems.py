@@ -77,3 +77,24 @@ def remove_tree(path) -> None:
         fs.invalidate_cache(p)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def modified_epoch(info: dict) -> float | None:
+    """When an object was last written (epoch seconds) from its fsspec info: ``LastModified``
+    (S3), ``last_modified`` (Azure), ``updated`` (GCS), ``mtime`` (local); None if none is given."""
+    import datetime as dt
+
+    for key in ("LastModified", "last_modified", "updated", "mtime"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, str):
+            try:
+                v = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(v, dt.datetime):
+            return (v if v.tzinfo else v.replace(tzinfo=dt.timezone.utc)).timestamp()
+    return None
