@@ -306,7 +306,8 @@ def fewshot(
     decision: o.Decision = None,
 ):
     """Score every tile against prototypes of a few labelled example tiles per class."""
-    from slide_clip.scoring import find_stores, fewshot as run_fewshot, read_examples
+    from slide_clip.examples import read_examples
+    from slide_clip.scoring import find_stores, fewshot as run_fewshot
 
     try:
         cfg = _scoring_config(config, registry, checkpoint, device, topk, decision)

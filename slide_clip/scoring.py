@@ -13,9 +13,7 @@ files live beside the stores (``out`` is a store's folder)::
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import time
 from contextlib import contextmanager
@@ -29,6 +27,7 @@ from slide_clip.config import PipelineConfig
 from slide_clip.encoders.cache import EncoderCache
 from slide_clip.encoders.outputs import text_refusal
 from slide_clip.errors import ConfigError, SlideClipError, StoreBusyError, StoreError
+from slide_clip.examples import example_features, read_examples
 from slide_clip.heatmap import (grid_to_thumbnail, overlay, probability_grid, render_png, smooth_grid,
                                 tiles_geojson, value_range)
 from slide_clip.storage.objects import write_text
@@ -264,161 +263,6 @@ def zeroshot(stores: list[Path], prompts: PromptSet, cfg: PipelineConfig, *, mod
 
 
 # ----------------------------------------------------------------------------- few-shot
-@dataclass(frozen=True)
-class Example:
-    label: str
-    slide: str | None = None
-    x: int | None = None
-    y: int | None = None
-    image: str | None = None
-    line: int | None = None  # in the examples CSV, for errors
-
-
-def read_examples(path: str | Path) -> list[Example]:
-    """Labelled example tiles from a CSV: ``slide,x,y,label`` (level-0 top-left) or ``image,label``.
-
-    Relative slide and image paths are relative to the CSV's folder. A tile (or image)
-    listed twice, under the same label or another, is an error naming both lines. The CSV, its
-    slides and images may be URLs (``s3://...``); relative names in a CSV at a URL are URLs beside it.
-    """
-    from slide_clip.storage import objects, urls
-
-    remote = urls.is_url(path)
-    p = str(path) if remote else Path(path)
-    if not (objects.exists(p) if remote else p.is_file()):
-        raise ConfigError("examples CSV not found", path=p)
-    with (io.StringIO(objects.read_text(p), newline="") if remote else open(p, newline="")) as f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        if "label" not in cols or not ({"slide", "x", "y"} <= cols or "image" in cols):
-            raise ConfigError("examples CSV needs columns slide,x,y,label or image,label", path=p)
-        out = []
-        seen: dict[tuple, tuple[int, str]] = {}
-        for i, row in enumerate(reader, start=2):
-            label = (row.get("label") or "").strip()
-            if not label:
-                raise ConfigError(f"line {i}: empty label", path=p)
-            if row.get("image") and (remote or urls.is_url(row["image"])):
-                ex = Example(label, image=_beside_csv(p, row["image"].strip()), line=i)
-                key: tuple = ("image", ex.image)
-            elif row.get("image"):
-                img = Path(row["image"])
-                ex = Example(label, image=str(img if img.is_absolute() else p.parent / img), line=i)
-                key = ("image", str(Path(ex.image).expanduser().resolve()))
-            else:
-                try:
-                    x, y = int(float(row["x"])), int(float(row["y"]))
-                except (TypeError, ValueError, OverflowError):
-                    raise ConfigError(f"line {i}: x and y must be level-0 pixel numbers", path=p) from None
-                if not (row.get("slide") or "").strip():
-                    raise ConfigError(f"line {i}: no slide (or image) given", path=p)
-                if remote or urls.is_url(row["slide"].strip()):
-                    slide = _beside_csv(p, row["slide"].strip(), must_exist=True)
-                    ex = Example(label, slide=slide, x=x, y=y, line=i)
-                    key = ("tile", slide, x, y)
-                else:
-                    s = Path(row["slide"].strip())
-                    slide = str(s if s.is_absolute() or not (p.parent / s).exists() else p.parent / s)
-                    ex = Example(label, slide=slide, x=x, y=y, line=i)
-                    where = Path(slide).expanduser()
-                    key = ("tile", str(where.resolve()) if where.exists() else slide, x, y)
-            if key in seen:
-                first, first_label = seen[key]
-                what = f"image {ex.image}" if ex.image else f"tile ({ex.slide}, {ex.x}, {ex.y})"
-                same = "also" if first_label == label else f"there as {first_label!r}, here as"
-                raise ConfigError(f"line {i}: the {what} is labelled on line {first} already ({same} "
-                                  f"{label!r})", path=p, hint="Label each tile once.")
-            seen[key] = (i, label)
-            out.append(ex)
-    labels = {e.label for e in out}
-    from slide_clip.aggregate import check_column_keys
-
-    check_column_keys(sorted(labels), "labels", path=p)  # each label gets its own table columns
-    if len(labels) < 2:
-        raise ConfigError(f"examples CSV needs at least two classes (has {sorted(labels)})", path=p)
-    return out
-
-
-def _beside_csv(csv, name: str, must_exist: bool = False) -> str:
-    """A slide or image named in an examples CSV at a URL (or a URL named in a local CSV): a URL
-    or an absolute path as it is; a relative name beside the CSV (a slide only when that object
-    exists; else the name as it is, e.g. a slide id)."""
-    from slide_clip.storage import objects, urls
-
-    if urls.is_url(name) or not urls.is_url(csv) or Path(name).is_absolute():
-        return name
-    there = urls.join(urls.parent(str(csv)), name)
-    return there if not must_exist or objects.exists(there) else name
-
-
-def example_features(examples: list[Example], stores: dict[str, SlideStore], model: str, weights_sha256: str,
-                     encoders: EncoderCache, where: Path) -> np.ndarray:
-    """Embeddings of the example tiles: the stored row where the tile is in a store, else encoded."""
-    import openslide
-    from PIL import Image
-
-    from slide_clip.stages import grid_from_store
-    from slide_clip.slide import slide_id
-    from slide_clip.storage import objects
-    from slide_clip.storage.urls import absolute, is_url, url_name
-    from slide_clip.tiling import read_tile
-
-    feats: list[np.ndarray | None] = [None] * len(examples)
-    todo: list[tuple[int, Image.Image]] = []
-    for i, ex in enumerate(examples):
-        if ex.image:
-            try:
-                src = io.BytesIO(objects.read_bytes(ex.image)) if is_url(ex.image) else ex.image
-                todo.append((i, Image.open(src).convert("RGB")))
-            except OSError as e:
-                raise ConfigError(f"example image cannot be read ({e})", path=ex.image) from None
-            continue
-        here = absolute(ex.slide)
-        store = next((st for st in stores.values() if st.slide.get("path") == here), None) \
-            or stores.get(slide_id(ex.slide)) or stores.get(url_name(ex.slide) if is_url(ex.slide) else Path(ex.slide).name)
-        if store is None:
-            raise ConfigError(f"example slide {ex.slide!r} has no store among those given", path=where,
-                              hint="Embed that slide into the same --out folder, or give its store.")
-        coords = store.coords()
-        hit = np.flatnonzero((coords[:, 0] == ex.x) & (coords[:, 1] == ex.y))
-        if hit.size:
-            feats[i] = store.embedding_rows(model, hit[:1], unit=True)[0]  # cosines, also for unnormalised features
-            continue
-        _check_inside(ex, store, where)
-        slide_file = ex.slide if is_url(ex.slide) or Path(ex.slide).exists() else store.slide["path"]
-        if is_url(slide_file):
-            from slide_clip.slide import open_slide
-
-            osr, _ = open_slide(slide_file)
-        else:
-            osr = openslide.OpenSlide(str(slide_file))
-        try:
-            todo.append((i, read_tile(osr, ex.x, ex.y, grid_from_store(store))))
-        finally:
-            osr.close()
-    if todo:
-        import torch
-
-        first = next(iter(stores.values()), None)
-        enc = encoders.for_store(model, weights_sha256, where, first.embedding_attrs(model) if first is not None else None)
-        batch = torch.stack([enc.preprocess(img) for _, img in todo])
-        encoded = enc.encode_images(batch)
-        for (i, _), f in zip(todo, encoded):
-            feats[i] = f
-    return np.stack(feats).astype(np.float32)
-
-
-def _check_inside(ex: Example, store: SlideStore, where: Path) -> None:
-    """An example tile that is not a stored tile must lie inside its slide (never a blank tile)."""
-    sl = store.slide
-    w, h = int(sl["width"]), int(sl["height"])
-    ew, eh = (float(v) for v in store.tiling["tile_extent_level0"])
-    if ex.x < 0 or ex.y < 0 or ex.x + ew > w or ex.y + eh > h:
-        raise ConfigError(f"line {ex.line}: the example tile at level-0 ({ex.x}, {ex.y}) lies outside slide "
-                          f"{sl['name']!r} ({w} x {h} level-0 pixels; a tile spans {ew:.0f} x {eh:.0f})",
-                          path=where, hint="Give the level-0 top-left corner of a tile inside the slide.")
-
-
 def fewshot(stores: list[Path], examples_csv: str | Path, cfg: PipelineConfig, *, model: str | None = None,
             name: str | None = None, on_result=None, encoders: EncoderCache | None = None) -> list[dict]:
     """Score stores with prototypes built from labelled example tiles (one prototype per label)."""

@@ -542,7 +542,8 @@ def test_fewshot_examples_outside_the_slide_or_labelled_twice_are_errors(scored_
     """A tile outside the slide would be encoded as a blank tile (a silent wrong prototype); the
     same tile labelled twice would count twice, or for two classes: both are errors naming
     the CSV's line, before any model is loaded."""
-    from slide_clip.scoring import fewshot, read_examples
+    from slide_clip.examples import read_examples
+    from slide_clip.scoring import fewshot
 
     out, store = scored_copy
     st = SlideStore.open(store)

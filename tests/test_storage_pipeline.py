@@ -426,7 +426,8 @@ def test_fewshot_on_s3_equals_local(s3, cfg, local_run, tmp_path):
     row a relative name, read beside it at the URL): the same scores as over the local stores."""
     from PIL import Image
 
-    from slide_clip.scoring import fewshot, read_examples
+    from slide_clip.examples import read_examples
+    from slide_clip.scoring import fewshot
 
     local_out, local = local_run
     bucket = s3.new_bucket()

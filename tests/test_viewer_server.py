@@ -258,7 +258,7 @@ def _put(srv, name, rows):
 def test_labels_are_a_fewshot_csv_and_rescoring_uses_stored_embeddings(served):
     import zarr
 
-    from slide_clip.scoring import read_examples
+    from slide_clip.examples import read_examples
 
     srv, out, cfg, _ = served
     g = zarr.open_group(str(out / "slide_a.zarr"), mode="r")

@@ -349,7 +349,7 @@ def test_table_columns_are_safe_names_and_never_shared(tmp_path):
     would share a column are refused where they are named (prompt set, examples CSV)."""
     from slide_clip.aggregate import summary_row
     from slide_clip.errors import ConfigError
-    from slide_clip.scoring import read_examples
+    from slide_clip.examples import read_examples
 
     row = summary_row({"slide_id": "s", "classes": ["normal epithelium", "non-tumour"],
                        "mean_prob": {"normal epithelium": 0.25, "non-tumour": 0.75},
