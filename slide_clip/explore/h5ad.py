@@ -68,9 +68,8 @@ def export_h5ad(stores, path: str | Path, *, model: str | None = None, per_slide
                                "per_slide": -1 if per_slide is None else int(per_slide), "seed": seed}
     for k, v in (obsm or {}).items():
         adata.obsm[k] = np.asarray(v)
-    from slide_clip.storage.objects import replace_file
     from slide_clip.output import output_errors
-
+    from slide_clip.storage.objects import replace_file
     from slide_clip.storage.urls import is_url
 
     p = str(path) if is_url(path) else Path(path)  # a URL: written locally, then uploaded whole

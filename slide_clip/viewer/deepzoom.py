@@ -104,8 +104,8 @@ class SlidePool:
     """Open :class:`DeepZoomSlide` handles (an LRU of :data:`OPEN_SLIDES`) and an LRU of encoded tiles.
 
     Handles are keyed by path and file identity (the loader's :func:`~slide_clip.loader.file_key`:
-    a local file's inode, size and mtime, a URL's size and ETag), so a replaced file is reopened. Safe to use from several threads
-    (the server's worker threads).
+    a local file's inode, size and mtime, a URL's size and ETag), so a replaced file is reopened.
+    Safe to use from several threads (the server's worker threads).
     """
 
     def __init__(self, open_slides: int = OPEN_SLIDES, cache_bytes: int = TILE_CACHE_BYTES):
