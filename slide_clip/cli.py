@@ -417,9 +417,10 @@ def survival(
     seed: int = typer.Option(0, help="Seed of the folds, the bootstrap and the training."),
     name: Optional[str] = typer.Option(None, help="Run name (default <model>-<folds>fold-seed<seed>)."),
     manifest: o.Manifest = None,
-    scores: List[str] = typer.Option([], "--scores", help="Score set whose per-class summaries (slide_prob, mean_prob, "
-                                     "area_fraction) join the Cox model's inputs (repeatable; default none: the mean "
-                                     "embedding only). Every slide must have it."),
+    score_set: List[str] = typer.Option([], "--set", "-s", help="Score set whose per-class summaries (slide_prob, "
+                                        "mean_prob, area_fraction) join the Cox model's inputs (repeatable; default "
+                                        "none: the mean embedding only). Every slide must have it."),
+    scores: List[str] = typer.Option([], "--scores", hidden=True, help="Old name of --set."),
     covariate: List[str] = typer.Option([], "--covariate", help="Numeric clinical column added to the Cox model (repeatable)."),
     epochs: Optional[int] = typer.Option(None, help="ABMIL training epochs (default 40)."),
     device: o.Device = None,
@@ -443,8 +444,8 @@ def survival(
               "install them with `pip install scikit-survival h5py`")
     abmil = {k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None}
     settings = SurvivalSettings(baselines=tuple(baseline), folds=folds, seed=seed, name=name, n_boot=bootstrap,
-                                score_sets=tuple(scores), covariates=tuple(covariate), heatmaps=heatmaps,
-                                abmil=abmil, allow_missing=allow_missing, permutations=permutations)
+                                score_sets=tuple(score_set) + tuple(scores), covariates=tuple(covariate),
+                                heatmaps=heatmaps, abmil=abmil, allow_missing=allow_missing, permutations=permutations)
     try:
         run_survival(out, clinical, time, event, model=model, manifest=manifest, settings=settings,
                      log=lambda m: typer.echo(m, err=True))

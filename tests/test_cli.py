@@ -441,3 +441,17 @@ def test_force_is_a_hidden_alias_of_overwrite(cmd, capsys, monkeypatch):
         command.main(args=["--help"], prog_name=f"slide-clip {cmd}")
     text = capsys.readouterr().out
     assert "--overwrite" in text and "--force" not in text
+
+
+def test_survival_names_its_score_sets_with_set_like_the_scoring_commands(capsys, monkeypatch):
+    """`survival --set NAME` (repeatable, `-s`), as `heatmap`, `summarize` and `cluster` name a score
+    set; the old `--scores` still parses but is not shown."""
+    monkeypatch.setenv("COLUMNS", "200")
+    surv = _command().commands["survival"]
+    ctx = surv.make_context("survival", ["out", "--clinical", "c.csv", "--time", "t", "--event", "e",
+                                         "--set", "tumour", "-s", "clusters-k3", "--scores", "old"])
+    assert ctx.params["score_set"] == ["tumour", "clusters-k3"] and ctx.params["scores"] == ["old"]
+    with pytest.raises(SystemExit):
+        surv.main(args=["--help"], prog_name="slide-clip survival")
+    text = capsys.readouterr().out
+    assert "--set" in text and "--scores" not in text

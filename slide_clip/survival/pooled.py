@@ -100,7 +100,7 @@ def _named_score_sets(cohort: PatientCohort, names) -> list[str]:
                 raise StoreError(f"has no score set {name!r} of model {cohort.model!r} (it has: "
                                  f"{', '.join(sorted(have)) or 'none'})", path=st.path,
                                  hint="Score every slide with that set first (`slide-clip zeroshot`, `fewshot` or "
-                                      "`cluster`), or leave it out of --scores.")
+                                      "`cluster`), or leave it out of --set.")
     return keys
 
 
