@@ -121,6 +121,7 @@ class RunProgress:
         self._rows: dict[str, tuple[float, int]] = {}  # slide id -> (when, rows) its rate is timed from
         self._timed: set[str] = set()  # slides whose rate is timed from their first rows seen written
         self._said: dict[str, float] = {}  # slide id -> when its last encoding line was shown
+        self._shown: dict[str, int] = {}  # slide id -> rows written that line showed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="run-progress", daemon=True)
 
@@ -197,13 +198,16 @@ class RunProgress:
                 self._timed.add(sid)
                 self._rows[sid] = first = (now, written)
             encoding_tiles += written - seen
-            if now - self._said.get(sid, self.t0) >= self.every and written > seen:
+            # a line when rows were written since the last one (they reach the store in steps: never
+            # the same counts again every few seconds)
+            if now - self._said.get(sid, self.t0) >= self.every and written > max(seen, self._shown.get(sid, 0)):
                 self._said[sid] = now
+                self._shown[sid] = written
                 rate = (written - first[1]) / max(1e-6, now - first[0])
                 tail = f" ({rate:.1f} tiles/s, this slide about {_duration((total - written) / rate)} left)" \
                     if rate > 0 else ""
                 self.echo(f"encoding {sid}: {written} of {plural(total, 'tile')}{tail}")
-        if encoding_tiles and now - max(self._said.values(), default=0) < self.poll:
+        if encoding_tiles and any(t == now for t in self._said.values()):  # under this look's lines
             self.echo("  " + self._counts(encoding_tiles))
 
     def _loop(self) -> None:

@@ -38,6 +38,13 @@ def test_a_slide_encoding_is_shown_before_any_slide_has_finished(tmp_path):
     w.flush()
     progress.look()
     assert lines[1] == "encoding s1: 128 of 300 tiles", lines  # its rate is timed from here
+    shown = len(lines)
+    progress.look()  # no rows written since: nothing new to say (it repeated the same counts)
+    assert len(lines) == shown, lines[shown:]
+    w.append(feats[128:192])
+    w.flush()
+    progress.look()
+    assert lines[shown].startswith("encoding s1: 192 of 300 tiles ("), lines[shown:]
 
 
 def test_a_slide_begun_early_gets_its_rate_from_its_first_rows(tmp_path, monkeypatch):
