@@ -57,12 +57,18 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
 
 
+#: The text side's version in a cached classifier: raised when slide-clip's text encoding of
+#: one model changes (2: CONCH's own attention mask for prompts holding ``<pad>``), so a matrix
+#: computed by an older slide-clip is computed again.
+CLASSIFIER_VERSION = 2
+
+
 class ClassifierCache:
     """Text classifiers on disk, one per (model weights, prompt set): computed once, reused.
 
     Files are ``<dir>/<model>/<set>-<prompt hash>-<weights hash>.npz``, keyed by the
     weights' sha256 and the prompt set's hash, so neither a changed prompt nor changed
-    weights can reuse a stale matrix.
+    weights can reuse a stale matrix; one of another :data:`CLASSIFIER_VERSION` is not used.
     """
 
     def __init__(self, directory: str | Path):
@@ -79,7 +85,8 @@ class ClassifierCache:
             return None
         with np.load(io.BytesIO(p.read_bytes())) as z:
             meta = json.loads(str(z["meta"]))
-            if meta.get("prompt_hash") != prompts.hash or meta.get("weights_sha256") != weights_sha256:
+            if meta.get("prompt_hash") != prompts.hash or meta.get("weights_sha256") != weights_sha256 \
+                    or meta.get("version") != CLASSIFIER_VERSION:
                 return None
             return z["classifier"].astype(np.float32)
 
@@ -88,7 +95,8 @@ class ClassifierCache:
         from slide_clip.storage.objects import replace_file
 
         meta = json.dumps({"model": model, "weights_sha256": weights_sha256, "prompt_set": prompts.name,
-                           "prompt_hash": prompts.hash, "classes": prompts.class_names})
+                           "prompt_hash": prompts.hash, "classes": prompts.class_names,
+                           "version": CLASSIFIER_VERSION})
         with replace_file(p) as tmp, open(tmp, "wb") as f:  # a reader never sees half a file
             np.savez(f, classifier=np.asarray(classifier, np.float32), meta=np.array(meta))
         return p

@@ -368,3 +368,23 @@ def test_table_columns_are_safe_names_and_never_shared(tmp_path):
     csv.write_text("image,label\nx.png,a b\ny.png,a/b\n")
     with pytest.raises(ConfigError, match="labels 'a b' and 'a/b' would share the table column name 'a_b'"):
         read_examples(csv)
+
+
+def test_a_classifier_cached_by_an_older_text_encoding_is_computed_again(tmp_path):
+    """A cached classifier whose meta lacks this slide-clip's text version (written before CONCH's own
+    mask was used for prompts holding <pad>) is not used; one of this version is."""
+    import json
+
+    from slide_clip.zeroshot import CLASSIFIER_VERSION, ClassifierCache
+
+    cache, ps, w = ClassifierCache(tmp_path / "classifiers"), load_prompts("tumour"), "ab" * 32
+    clf = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    p = cache.put("tiny", w, ps, clf)
+    assert np.array_equal(cache.get("tiny", w, ps), clf)
+    with np.load(p) as z:
+        meta = json.loads(str(z["meta"]))
+    assert meta["version"] == CLASSIFIER_VERSION
+    del meta["version"]
+    with open(p, "wb") as f:  # as an older slide-clip wrote it
+        np.savez(f, classifier=clf, meta=np.array(json.dumps(meta)))
+    assert cache.get("tiny", w, ps) is None
