@@ -80,7 +80,7 @@ def run(
     encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit a shard holds "
                                                 "while it runs ({host}: the machine's name)."),
     clinical: Annotated[Optional[o.UrlOrPath], typer.Option(
-        "--clinical", help="Clinical table (patient_id, time, event), a path or a URL: then also run the survival "
+        "--clinical", metavar="PATH|URL", help="Clinical table (patient_id, time, event), a path or a URL: then also run the survival "
                            "baselines (see `slide-clip survival`).")] = None,
     time: o.TimeColumn = None,
     event: o.EventColumn = None,
@@ -225,7 +225,7 @@ def _report_run(result: dict, out: Path) -> None:
 @app.command()
 def serve(
     watch: Annotated[o.UrlOrPath, typer.Option(
-        "--watch", help="Folder to watch (a path or a URL): each scheduled run processes slides added to it.")],
+        "--watch", metavar="PATH|URL", help="Folder to watch (a path or a URL): each scheduled run processes slides added to it.")],
     out: o.CohortOut,
     cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 2 * * *" for 02:00 nightly.'),
     interval: Optional[float] = typer.Option(None, help="Or: seconds between runs."),

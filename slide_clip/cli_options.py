@@ -28,6 +28,7 @@ OutPath = Path
 #: summarize, cluster) take their slides, stores and output folder as text: a path or a URL.
 UrlOrPath = str
 _URLS = " Paths or URLs (s3://, gs://, az://, https://; see --storage-options)."
+_PATH_OR_URL = "PATH|URL"  # metavar of an option that takes a path or a URL (typer would show <str>)
 
 _PATHS = "PATH"  # metavar of a repeatable path option (typer would show <list[Path]>)
 _TEXTS = "TEXT"
@@ -53,13 +54,13 @@ OutFolder = Annotated[OutPath, typer.Argument(
 Out = Annotated[OutPath, typer.Option(
     "--out", "-o", help="Output folder: one <slide>.zarr store per slide.")]
 UrlOut = Annotated[UrlOrPath, typer.Option(
-    "--out", "-o", help="Output folder (a path or a URL): one <slide>.zarr store per slide.")]
+    "--out", "-o", metavar=_PATH_OR_URL, help="Output folder (a path or a URL): one <slide>.zarr store per slide.")]
 CohortOut = Annotated[UrlOrPath, typer.Option(
-    "--out", "-o", help="Output folder (a path or a URL): stores, heatmaps, summaries, cohort tables.")]
+    "--out", "-o", metavar=_PATH_OR_URL, help="Output folder (a path or a URL): stores, heatmaps, summaries, cohort tables.")]
 Pattern = Annotated[Optional[str], typer.Option(
     "--pattern", help="Glob for slides inside folders (default: known slide extensions).")]
 Manifest = Annotated[Optional[UrlOrPath], typer.Option(
-    "--manifest", help="Cohort CSV (path, patient_id) giving slides their patients (default: OUT/patients.csv from "
+    "--manifest", metavar=_PATH_OR_URL, help="Cohort CSV (path, patient_id) giving slides their patients (default: OUT/patients.csv from "
          "`slide-clip run`; else one patient per slide). A path or a URL.")]
 AllowMissing = Annotated[bool, typer.Option(
     "--allow-missing", help="Leave out listed slides that have no complete store (and patients left without "
@@ -131,7 +132,7 @@ ScoreSet = Annotated[Optional[str], typer.Option(
 
 # ----------------------------------------------------------------------------- survival
 Clinical = Annotated[UrlOrPath, typer.Option(
-    "--clinical", help="Clinical table (CSV or Parquet): patient_id, time, event, ... A path or a URL.")]
+    "--clinical", metavar=_PATH_OR_URL, help="Clinical table (CSV or Parquet): patient_id, time, event, ... A path or a URL.")]
 TimeColumn = Annotated[str, typer.Option("--time", help="Column of follow-up times (in --clinical).")]
 EventColumn = Annotated[str, typer.Option(
     "--event", help="Column of event indicators in --clinical (1/true = event, 0/false = censored).")]
