@@ -275,8 +275,13 @@ def test_storage_options_parsing():
 
     st = merged(StorageConfig(), "endpoint=http://h:9000,anonymous=true,region=eu-west-1")
     assert fsspec_options("s3", st) == {"endpoint_url": "http://h:9000", "anon": True,
-                                        "client_kwargs": {"region_name": "eu-west-1"}}
+                                        "client_kwargs": {"region_name": "eu-west-1"},
+                                        "use_listings_cache": False}  # every listing asks the service
     assert fsspec_options("gs", st)["token"] == "anon"
+    assert fsspec_options("az", st)["use_listings_cache"] is False
+    assert "use_listings_cache" not in fsspec_options("https", st)
+    # a user's own options win
+    assert fsspec_options("s3", merged(StorageConfig(), "use_listings_cache=true"))["use_listings_cache"] is True
 
 
 def test_missing_extra_is_one_line():
