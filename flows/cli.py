@@ -80,8 +80,8 @@ def run(
     encoder_limit: Optional[str] = typer.Option(None, help="Prefect global concurrency limit a shard holds "
                                                 "while it runs ({host}: the machine's name)."),
     clinical: Annotated[Optional[o.UrlOrPath], typer.Option(
-        "--clinical", metavar="PATH|URL", help="Clinical table (patient_id, time, event), a path or a URL: then also run the survival "
-                           "baselines (see `slide-clip survival`).")] = None,
+        "--clinical", metavar="PATH|URL", help="Clinical table (patient_id, time, event), a path or a URL: then "
+                                                 "also run the survival baselines (see `slide-clip survival`).")] = None,
     time: o.TimeColumn = None,
     event: o.EventColumn = None,
     clusters: Optional[int] = typer.Option(None, "--clusters", help="Then cluster the cohort's tiles into K "
@@ -225,7 +225,8 @@ def _report_run(result: dict, out: Path) -> None:
 @app.command()
 def serve(
     watch: Annotated[o.UrlOrPath, typer.Option(
-        "--watch", metavar="PATH|URL", help="Folder to watch (a path or a URL): each scheduled run processes slides added to it.")],
+        "--watch", metavar="PATH|URL", help="Folder to watch (a path or a URL): each scheduled run processes "
+                                              "slides added to it.")],
     out: o.CohortOut,
     cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 2 * * *" for 02:00 nightly.'),
     interval: Optional[float] = typer.Option(None, help="Or: seconds between runs."),

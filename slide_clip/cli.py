@@ -294,8 +294,9 @@ def zeroshot(
 @app.command()
 def fewshot(
     stores: o.UrlStores,
-    examples: o.UrlOrPath = typer.Option(..., "--examples", "-e", metavar="PATH|URL", help="CSV of labelled tiles: slide,x,y,label (level-0 "
-                                         "top-left) or image,label. A path or a URL."),
+    examples: o.UrlOrPath = typer.Option(..., "--examples", "-e", metavar="PATH|URL",
+                                         help="CSV of labelled tiles: slide,x,y,label (level-0 top-left) or "
+                                              "image,label. A path or a URL."),
     name: Optional[str] = typer.Option(None, help="Name of the score set (default fewshot-<csv name>)."),
     model: o.StoredModel = None,
     registry: o.Registry = [],
@@ -456,8 +457,9 @@ def survival(
 @app.command()
 def bags(
     out: o.UrlOutFolder,
-    h5: Optional[o.UrlOrPath] = typer.Option(None, "--h5", metavar="PATH|URL", help="Write one HDF5 bag per slide or patient into this "
-                                             "folder (a path or a URL)."),
+    h5: Optional[o.UrlOrPath] = typer.Option(None, "--h5", metavar="PATH|URL",
+                                             help="Write one HDF5 bag per slide or patient into this folder (a "
+                                                  "path or a URL)."),
     level: str = typer.Option("slide", help="slide or patient bags (HDF5)."),
     model: o.StoredModel = None,
     manifest: o.Manifest = None,
@@ -494,8 +496,8 @@ def _explore_failed(failed) -> int:
 def search(
     stores: List[o.UrlOrPath] = typer.Argument(..., metavar="STORES", show_default=False, help="An output folder of `embed` (or its stores; a path or a "
                                         "URL), then the text queries: slide-clip search OUT \"necrosis\" \"lymphocytes\"."),
-    image: List[str] = typer.Option([], "--image", metavar="PATH|URL", help="Query with an image file, a path or a URL (repeatable; "
-                                    "encoded once)."),
+    image: List[str] = typer.Option([], "--image", metavar="PATH|URL",
+                                    help="Query with an image file, a path or a URL (repeatable; encoded once)."),
     tile: List[str] = typer.Option([], "--tile", help="Query with a stored tile, e.g. slide1:4480:2240 (slide id, then "
                                    "level-0 x and y; repeatable; its stored embedding, never re-encoded)."),
     prompts: Optional[str] = typer.Option(None, "--prompts", "-p", help="Prompt set whose templates phrase the "
@@ -581,8 +583,9 @@ def map_(
     colour_by: List[str] = typer.Option(["slide"], "--color-by", "--colour-by",
                                         help="slide, a score set (top class) or a clusters set (repeatable)."),
     mosaic: bool = typer.Option(False, help="Also place tile thumbnails on the map."),
-    h5ad: Optional[str] = typer.Option(None, "--h5ad", metavar="PATH|URL", help="Also export the sampled tiles (all tiles with "
-                                       "--per-slide 0) as AnnData, with the map in obsm (a path or a URL)."),
+    h5ad: Optional[str] = typer.Option(None, "--h5ad", metavar="PATH|URL",
+                                       help="Also export the sampled tiles (all tiles with --per-slide 0) as "
+                                            "AnnData, with the map in obsm (a path or a URL)."),
     model: o.StoredModel = None,
 ):
     """Draw a 2-D map (UMAP, t-SNE or PCA) of tiles or slides; optional mosaic and AnnData export."""

@@ -56,11 +56,13 @@ Out = Annotated[OutPath, typer.Option(
 UrlOut = Annotated[UrlOrPath, typer.Option(
     "--out", "-o", metavar=_PATH_OR_URL, help="Output folder (a path or a URL): one <slide>.zarr store per slide.")]
 CohortOut = Annotated[UrlOrPath, typer.Option(
-    "--out", "-o", metavar=_PATH_OR_URL, help="Output folder (a path or a URL): stores, heatmaps, summaries, cohort tables.")]
+    "--out", "-o", metavar=_PATH_OR_URL,
+    help="Output folder (a path or a URL): stores, heatmaps, summaries, cohort tables.")]
 Pattern = Annotated[Optional[str], typer.Option(
     "--pattern", help="Glob for slides inside folders (default: known slide extensions).")]
 Manifest = Annotated[Optional[UrlOrPath], typer.Option(
-    "--manifest", metavar=_PATH_OR_URL, help="Cohort CSV (path, patient_id) giving slides their patients (default: OUT/patients.csv from "
+    "--manifest", metavar=_PATH_OR_URL,
+    help="Cohort CSV (path, patient_id) giving slides their patients (default: OUT/patients.csv from "
          "`slide-clip run`; else one patient per slide). A path or a URL.")]
 AllowMissing = Annotated[bool, typer.Option(
     "--allow-missing", help="Leave out listed slides that have no complete store (and patients left without "
@@ -132,7 +134,8 @@ ScoreSet = Annotated[Optional[str], typer.Option(
 
 # ----------------------------------------------------------------------------- survival
 Clinical = Annotated[UrlOrPath, typer.Option(
-    "--clinical", metavar=_PATH_OR_URL, help="Clinical table (CSV or Parquet): patient_id, time, event, ... A path or a URL.")]
+    "--clinical", metavar=_PATH_OR_URL,
+    help="Clinical table (CSV or Parquet): patient_id, time, event, ... A path or a URL.")]
 TimeColumn = Annotated[str, typer.Option("--time", help="Column of follow-up times (in --clinical).")]
 EventColumn = Annotated[str, typer.Option(
     "--event", help="Column of event indicators in --clinical (1/true = event, 0/false = censored).")]
