@@ -263,8 +263,9 @@ def _cohort_model(searcher: Searcher) -> str:
     return searcher.cohort().model
 
 
-def served_file(out: Path, rel: str) -> Path:
-    """The file ``rel`` under ``out`` if it is one the page may fetch, else :class:`UnknownSlideError` (404).
+def served_file(out, rel: str):
+    """The file ``rel`` under ``out`` (a Path, or a UPath of a URL; the same kind is returned) if it is
+    one the page may fetch, else :class:`UnknownSlideError` (404).
 
     Refused: absolute paths, any ``..``, anything whose real path (symlinks resolved) leaves
     ``out``, folders, and suffixes other than :data:`SERVED_SUFFIXES`. An output folder at a URL
